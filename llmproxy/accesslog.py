@@ -1,0 +1,68 @@
+"""JSON access log: one line per request, written once when the request ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import orjson
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+
+
+class AccessLog:
+    """Writes JSON lines to stdout, stderr or a file; `off` disables it."""
+
+    def __init__(self, target: str) -> None:
+        self._fd: int | None
+        self._owned = False
+        if target == "off":
+            self._fd = None
+        elif target == "stdout":
+            self._fd = sys.stdout.fileno()
+        elif target == "stderr":
+            self._fd = sys.stderr.fileno()
+        else:
+            self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._owned = True
+
+    @property
+    def enabled(self) -> bool:
+        return self._fd is not None
+
+    def write(self, ctx: RequestContext, duration: float, ttft: float | None) -> None:
+        if self._fd is None:
+            return
+        record = {
+            "ts": _rfc3339(time.time() - duration),
+            "request_id": ctx.request_id,
+            "client": ctx.conn.peer,
+            "method": ctx.head.method.decode("latin-1"),
+            "path": ctx.head.target.decode("latin-1"),
+            "model": ctx.model,
+            "stream": ctx.is_stream,
+            "backend": ctx.backend or None,
+            "status": ctx.status,
+            "termination": ctx.termination,
+            "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
+            "duration_ms": round(duration * 1000.0, 3),
+            "bytes_out": ctx.bytes_out,
+        }
+        if ctx.error_message:
+            record["error"] = ctx.error_message
+        # One write() per line: lines from concurrent requests never interleave.
+        os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+
+    def close(self) -> None:
+        if self._owned and self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")

@@ -1,0 +1,90 @@
+"""The resolved configuration: plain dataclasses, every field with its default.
+
+`llmproxy.config` turns YAML into these (validating every key); the rest of the proxy only reads them.
+Durations are seconds (float), sizes are bytes (int).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based")
+BACKEND_TYPES = ("auto", "vllm", "tgi", "ollama", "openai")
+
+
+@dataclass(slots=True)
+class Timeouts:
+    request_head: float = 10.0  # absolute deadline to receive a request head (slowloris)
+    keepalive: float = 75.0  # idle client connection between requests
+    body: float = 30.0  # request body: longest pause without progress
+    write: float = 60.0  # client not draining a response: longest pause without progress
+    connect: float = 5.0  # TCP (+TLS) connect to a backend
+    first_byte: float = 300.0  # request sent -> first response byte (long prompts are slow)
+    stream_idle: float = 300.0  # longest pause between two response chunks
+
+
+@dataclass(slots=True)
+class BackendTimeouts:
+    """Per-backend overrides; None means "use server.timeouts"."""
+
+    connect: float | None = None
+    first_byte: float | None = None
+    stream_idle: float | None = None
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_connections: int = 10000
+    max_header_size: int = 32 * 1024  # whole request head -> 431
+    max_request_line: int = 8 * 1024  # request target -> 414
+    max_body_size: int = 10 * 1024 * 1024  # -> 413, judged from Content-Length first
+    shutdown_timeout: float = 30.0
+    trusted_proxies: list[str] = field(default_factory=list)  # IPs or CIDRs
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(slots=True)
+class BackendConfig:
+    url: str  # scheme://host[:port][/base-path]
+    name: str = ""  # defaults to host:port
+    weight: int = 1
+    type: str = "auto"
+    api_key: str | None = None  # sent upstream as "Authorization: Bearer <key>"
+    max_connections: int = 1024  # pool cap (in use + idle)
+    max_idle: int = 256  # idle connections kept
+    idle_timeout: float = 4.0  # below vLLM's (uvicorn) 5 s keep-alive
+    max_waiters: int = 1024  # requests queued for a connection when the cap is reached
+    tls_verify: bool = True
+    timeouts: BackendTimeouts = field(default_factory=BackendTimeouts)
+    # Derived from url by the loader:
+    scheme: str = "http"
+    host: str = ""
+    port: int = 80
+    base_path: str = ""  # prefix added to every forwarded path, without a trailing slash
+
+
+@dataclass(slots=True)
+class RoutingConfig:
+    load_balance: str = "round_robin"
+
+
+@dataclass(slots=True)
+class LoggingConfig:
+    level: str = "info"  # debug | info | warning | error
+    access_log: str = "stdout"  # stdout | stderr | off | a file path
+
+
+@dataclass(slots=True)
+class MetricsConfig:
+    enabled: bool = True
+
+
+@dataclass(slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    backends: list[BackendConfig] = field(default_factory=list)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -1,0 +1,258 @@
+"""The client side: one asyncio.Protocol per TCP connection.
+
+It owns bytes, timers and flow control; requests are handled one at a time, in order (pipelined ones
+wait in `_pending`, and reading pauses while any do). Timers are `loop.call_later` handles:
+- keep-alive: an idle connection between requests is closed;
+- request head: an absolute deadline from the first byte of a head (trickling bytes does not extend it);
+- body: the longest pause without body progress, armed only while the pipeline waits for the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .context import RequestContext
+from .errors import ProxyError, error_body
+from .http11.request import ProtocolError, RequestCodec, RequestHead
+from .http11.wire import status_line
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = ("_body_timer", "_codec", "_current", "_head_timer", "_idle_timer", "_loop", "_parsing",
+                 "_pending", "_reading_paused", "closed", "peer", "server", "transport", "writing_paused")
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self._loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._codec = RequestCodec(self, server.codec_limits)
+        self._current: RequestContext | None = None  # the request being answered
+        self._parsing: RequestContext | None = None  # the request whose body is arriving
+        self._pending: deque[RequestContext | ProtocolError] = deque()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self.writing_paused = False
+        self.closed = False
+
+    # asyncio.Protocol -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        if len(server.connections) >= server.config.server.max_connections or server.draining:
+            transport.abort()  # refuse cheaply; the connections already served are untouched
+            self.closed = True
+            return
+        server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        try:
+            self._codec.feed(data)
+        except ProtocolError as error:
+            self._protocol_error(error)
+            return
+        if self._codec.in_head and self._head_timer is None:
+            self._head_timer = self._loop.call_later(self.server.timeouts.request_head, self._head_timeout)
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still read the response (e.g. `nc -q`), but keeping such
+        # connections open invites abuse; we close once the current response is done.
+        if self._current is None:
+            return False
+        self._current.keep_alive = False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        self._cancel_timers()
+        current = self._current
+        if current is not None:
+            if current.exchange is not None:
+                current.exchange.client_lost()
+            elif current.task is not None and not current.response_started:
+                current.termination = "CR" if not current.body_done else "CH"
+                current.task.cancel()
+            if not current.body_done:
+                current.body_finished(ProxyError("bad_request", "client closed the connection"))
+        self._pending.clear()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        current = self._current
+        if current is not None and current.exchange is not None:
+            current.exchange.client_paused()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        current = self._current
+        if current is not None and current.exchange is not None:
+            current.exchange.client_resumed()
+
+    # RequestSink: called by the codec -------------------------------------------------------------
+
+    def on_request_head(self, head: RequestHead) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        ctx = self.server.new_context(self, head)
+        self._parsing = ctx if head.has_body else None
+        if not head.has_body:
+            ctx.body_done = True
+        if self._current is None:
+            self._start(ctx)
+        else:
+            self._pending.append(ctx)
+            self._pause_reading()
+
+    def on_request_body(self, data: bytes) -> None:
+        self._parsing.body_received(data)
+
+    def on_request_complete(self) -> None:
+        parsing = self._parsing
+        if parsing is not None:
+            self._parsing = None
+            self._cancel_body_timer()
+            parsing.body_finished()
+
+    # Used by the pipeline -------------------------------------------------------------------------
+
+    def request_finished(self, ctx: RequestContext) -> None:
+        """The response to `ctx` is complete: go on with the next request, or close."""
+        self._current = None
+        if self.closed:
+            return
+        if not ctx.keep_alive or not ctx.body_done or self.server.draining:
+            # An unread request body would be parsed as the next request: close instead.
+            self.transport.close()
+            self.closed = True
+            return
+        if self._pending:
+            item = self._pending.popleft()
+            if isinstance(item, ProtocolError):
+                self._reply_error_and_close(item)
+                return
+            self._start(item)
+        if not self._pending:
+            self._resume_reading()
+        if self._current is None and not self._codec.in_head:
+            self._arm_idle_timer()
+
+    def arm_body_timer(self) -> None:
+        if self._body_timer is None and self._parsing is not None:
+            self._body_timer = self._loop.call_later(self.server.timeouts.body, self._body_tick,
+                                                     len(self._parsing.body_parts))
+
+    def abort(self) -> None:
+        """Drop the connection without finishing the response (the client sees a truncation)."""
+        self.closed = True
+        self.transport.abort()
+
+    def close_if_idle(self) -> None:
+        """Close now if no request is in progress (used by graceful shutdown)."""
+        if self._current is None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    # internals ------------------------------------------------------------------------------------
+
+    def _start(self, ctx: RequestContext) -> None:
+        self._current = ctx
+        ctx.task = self._loop.create_task(self.server.handle(ctx))
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        parsing = self._parsing
+        if parsing is not None and not parsing.body_done:
+            # The error is in the body of a request already started: that request answers it.
+            self._parsing = None
+            parsing.keep_alive = False
+            parsing.body_finished(error)
+        elif self._current is None:
+            self._reply_error_and_close(error)
+        else:
+            self._pending.append(error)  # answered in order, after the requests before it
+        self._pause_reading()
+
+    def _reply_error_and_close(self, error: ProtocolError) -> None:
+        """Answer a request that never became a RequestContext (bad head) and close."""
+        self.server.log_protocol_error(self, error)
+        spec = error.spec
+        body = error_body(spec, error.message)
+        self.transport.write(status_line(spec.status) + b"content-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
+        self.transport.close()
+        self.closed = True
+        self._cancel_timers()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _arm_idle_timer(self) -> None:
+        self._idle_timer = self._loop.call_later(self.server.timeouts.keepalive, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        if self._current is None and not self._codec.in_head and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.closed:
+            return
+        error = ProtocolError("request_timeout", "request head not received in time")
+        if self._current is None:
+            self._reply_error_and_close(error)
+        else:
+            self.abort()
+
+    def _body_tick(self, seen_parts: int) -> None:
+        self._body_timer = None
+        parsing = self._parsing
+        if parsing is None or parsing.body_done:
+            return
+        if len(parsing.body_parts) == seen_parts:
+            self._parsing = None
+            parsing.keep_alive = False
+            parsing.body_finished(ProtocolError("request_timeout", "request body not received in time"))
+            return
+        self.arm_body_timer()
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._head_timer = self._body_timer = None

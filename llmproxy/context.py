@@ -1,0 +1,89 @@
+"""Per-request state, created when a request head arrives and dropped when its response ends."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import ProxyError
+from .http11.request import RequestHead
+from .http11.wire import CONTINUE_100, status_line
+
+if TYPE_CHECKING:
+    from .connection import ClientConnection
+    from .relay import Exchange
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    conn: ClientConnection
+    head: RequestHead
+    request_id: str
+    t_start: float
+    keep_alive: bool
+    path: str = ""  # decoded path without the query
+    # Request body, filled by the connection as it arrives.
+    body_parts: list[bytes] = field(default_factory=list)
+    body_done: bool = False
+    body_error: ProxyError | None = None
+    body_waiter: asyncio.Future[None] | None = None
+    # Facts read from a JSON body (for logs now; routing and metering later).
+    model: str | None = None
+    is_stream: bool = False
+    # Outcome.
+    backend: str = ""
+    status: int = 0
+    termination: str = "--"
+    error_message: str = ""
+    response_started: bool = False
+    bytes_out: int = 0
+    t_first_byte: float = 0.0
+    exchange: Exchange | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def request_id_bytes(self) -> bytes:
+        return self.request_id.encode()
+
+    async def read_body(self) -> bytes:
+        """Return the whole request body; raises ProxyError if the client sent a bad or oversize one."""
+        if not self.body_done and self.body_error is None:
+            if self.head.expect_continue and not self.body_parts:
+                self.conn.transport.write(CONTINUE_100)
+            self.body_waiter = asyncio.get_running_loop().create_future()
+            self.conn.arm_body_timer()
+            await self.body_waiter
+        if self.body_error is not None:
+            raise self.body_error
+        parts = self.body_parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def body_received(self, data: bytes) -> None:
+        self.body_parts.append(data)
+
+    def body_finished(self, error: ProxyError | None = None) -> None:
+        self.body_done = True
+        self.body_error = error
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def send_response(self, status: int, body: bytes, content_type: bytes = b"application/json",
+                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Write a complete local response (not relayed from a backend)."""
+        self.status = status
+        self.response_started = True
+        parts = [status_line(status), b"content-type: ", content_type, b"\r\ncontent-length: %d\r\n" % len(body),
+                 b"x-request-id: ", self.request_id_bytes, b"\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.head.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if self.head.method != b"HEAD":
+            parts.append(body)
+        self.bytes_out += len(body)
+        self.conn.transport.write(b"".join(parts))

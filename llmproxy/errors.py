@@ -1,0 +1,72 @@
+"""One table of every error the proxy itself answers with.
+
+Each kind maps to the HTTP status, the OpenAI-style error `type` and `code`, and the termination code
+written to the access log. Phases raise `ProxyError(kind, message)`; one place (`pipeline.finish`)
+turns it into a reply, so every locally generated error has the same shape:
+``{"error": {"message": ..., "type": ..., "param": null, "code": ...}}``.
+
+Termination codes follow HAProxy's two letters: who ended the request, then in which phase.
+Who: ``C`` client, ``S`` server (backend), ``P`` proxy (a limit or internal error), ``L`` local reply
+(the proxy answered by design, e.g. 404). Lower case ``c``/``s`` mean a timeout on that side.
+Phase: ``R`` request (head/body), ``Q`` queued for a pooled connection, ``C`` connecting upstream,
+``H`` waiting for the response head, ``D`` streaming data. ``--`` is a normal end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    status: int
+    type: str
+    code: str
+    termination: str
+    close: bool = False  # the connection cannot be reused after this reply (framing unknown or unread)
+
+
+ERRORS: dict[str, ErrorSpec] = {
+    # Client side: malformed or over-limit requests. The connection is closed: its framing is suspect.
+    "bad_request": ErrorSpec(400, "invalid_request_error", "bad_request", "CR", close=True),
+    "header_too_large": ErrorSpec(431, "invalid_request_error", "request_header_too_large", "CR", close=True),
+    "uri_too_long": ErrorSpec(414, "invalid_request_error", "uri_too_long", "CR", close=True),
+    "body_too_large": ErrorSpec(413, "invalid_request_error", "request_too_large", "CR", close=True),
+    "not_implemented": ErrorSpec(501, "invalid_request_error", "not_implemented", "CR", close=True),
+    "version_not_supported": ErrorSpec(505, "invalid_request_error", "http_version_not_supported", "CR",
+                                       close=True),
+    "request_timeout": ErrorSpec(408, "invalid_request_error", "request_timeout", "cR", close=True),
+    "invalid_json": ErrorSpec(400, "invalid_request_error", "invalid_json", "LR"),
+    # Local replies by design.
+    "not_found": ErrorSpec(404, "invalid_request_error", "not_found", "LR"),
+    "method_not_allowed": ErrorSpec(405, "invalid_request_error", "method_not_allowed", "LR"),
+    # Upstream side: nothing reached the client yet, so these are clean replies.
+    "no_backend": ErrorSpec(503, "service_unavailable", "no_backend_available", "PC"),
+    "pool_exhausted": ErrorSpec(503, "service_unavailable", "upstream_pool_exhausted", "PQ"),
+    "connect_failed": ErrorSpec(502, "api_error", "upstream_connect_failed", "SC"),
+    "connect_timeout": ErrorSpec(504, "api_error", "upstream_connect_timeout", "sC"),
+    "upstream_failed": ErrorSpec(502, "api_error", "upstream_failed", "SH"),
+    "first_byte_timeout": ErrorSpec(504, "api_error", "upstream_first_byte_timeout", "sH"),
+    "bad_upstream_response": ErrorSpec(502, "api_error", "bad_upstream_response", "SH"),
+    "shutting_down": ErrorSpec(503, "service_unavailable", "shutting_down", "PR", close=True),
+    "internal_error": ErrorSpec(500, "api_error", "internal_error", "PR", close=True),
+}
+
+
+class ProxyError(Exception):
+    """Raised by any phase to end a request with a local error reply (or an abort once bytes were sent)."""
+
+    __slots__ = ("kind", "message", "spec")
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.spec = ERRORS[kind]
+
+
+def error_body(spec: ErrorSpec, message: str) -> bytes:
+    """Return the OpenAI-shaped JSON body for a local error."""
+    return orjson.dumps({"error": {"message": message, "type": spec.type, "param": None, "code": spec.code}})

@@ -1,0 +1,103 @@
+"""Prometheus metrics, written once per request when it ends (never per chunk).
+
+Live gauges (in-flight requests, client connections, pool state) are read from the proxy's own
+counters at scrape time by a collector, so the request path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_MS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
+TTFT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, live_gauges: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_LiveCollector(live_gauges))
+        self.requests_total = Counter(
+            "llmproxy_requests_total", "Requests handled, by backend and status code.",
+            ["backend", "status"], registry=self.registry)
+        self.latency_ms = Histogram(
+            "llmproxy_latency_ms", "Request latency in milliseconds, from request head to response end.",
+            ["backend"], buckets=LATENCY_MS_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "llmproxy_time_to_first_token_seconds",
+            "Time from the request head to the first response body byte sent to the client.",
+            ["backend"], buckets=TTFT_BUCKETS, registry=self.registry)
+        self.duration = Histogram(
+            "llmproxy_request_duration_seconds", "Request duration from request head to response end.",
+            ["backend"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.terminations = Counter(
+            "llmproxy_terminations_total", "Requests by termination code (see README: termination codes).",
+            ["termination"], registry=self.registry)
+        # Label children are looked up once per label set, then reused.
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._backend_children: dict[str, tuple[Any, Any, Any]] = {}
+        self._termination_children: dict[str, Any] = {}
+
+    def observe_request(self, backend: str, status: int, termination: str, duration: float,
+                        ttft: float | None) -> None:
+        """Record one finished request."""
+        key = (backend, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests_total.labels(backend, str(status))
+        counter.inc()
+        children = self._backend_children.get(backend)
+        if children is None:
+            children = self._backend_children[backend] = (
+                self.latency_ms.labels(backend), self.duration.labels(backend), self.ttft.labels(backend))
+        latency_ms, duration_s, ttft_s = children
+        latency_ms.observe(duration * 1000.0)
+        duration_s.observe(duration)
+        if ttft is not None:
+            ttft_s.observe(ttft)
+        if termination != "--":
+            term = self._termination_children.get(termination)
+            if term is None:
+                term = self._termination_children[termination] = self.terminations.labels(termination)
+            term.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """Gauges computed at scrape time from the server's counters."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._read()
+        yield GaugeMetricFamily("llmproxy_inflight_requests", "Requests in progress.",
+                                value=state["inflight"])
+        yield GaugeMetricFamily("llmproxy_client_connections", "Open client connections.",
+                                value=state["connections"])
+        checked_out = GaugeMetricFamily("llmproxy_upstream_connections_checked_out",
+                                        "Upstream connections in use by a request.", labels=["backend"])
+        idle = GaugeMetricFamily("llmproxy_upstream_connections_idle", "Idle pooled upstream connections.",
+                                 labels=["backend"])
+        backend_inflight = GaugeMetricFamily("llmproxy_backend_inflight_requests",
+                                             "Requests in progress per backend.", labels=["backend"])
+        for name, pool_state in state["backends"].items():
+            checked_out.add_metric([name], pool_state["checked_out"])
+            idle.add_metric([name], pool_state["idle"])
+            backend_inflight.add_metric([name], pool_state["inflight"])
+        yield checked_out
+        yield idle
+        yield backend_inflight

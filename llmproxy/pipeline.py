@@ -1,0 +1,117 @@
+"""handle_request: the phases of one request, in order, and nothing else.
+
+    local route? -> read body -> choose backend -> acquire connection -> relay -> finish
+
+`finish` runs in a `finally` whatever happened, and is the only place that records the request
+(metrics, access log) and hands the connection back to the client protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import orjson
+
+from .errors import ProxyError, error_body
+from .relay import Exchange
+from .routes import match_local
+from .upstream_request import build_upstream_request
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+    from .server import Backend, ProxyServer
+
+log = logging.getLogger("llmproxy")
+
+
+async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
+    server.inflight += 1
+    try:
+        local = match_local(ctx)
+        if local is not None:
+            local(server, ctx)
+            return
+        body = await ctx.read_body()
+        read_body_facts(ctx, body)
+        backend = server.balancer.choose()
+        await forward(ctx, backend, body)
+    except ProxyError as error:
+        reply_error(ctx, error)
+    except asyncio.CancelledError:
+        pass  # the client went away; its termination code is already set
+    except Exception as exc:  # a bug: answer 500 rather than hang the client
+        log.exception("internal error handling request %s", ctx.request_id)
+        reply_error(ctx, ProxyError("internal_error", f"internal error: {type(exc).__name__}"))
+    finally:
+        server.inflight -= 1
+        finish(server, ctx)
+
+
+def read_body_facts(ctx: RequestContext, body: bytes) -> None:
+    """Read `model` and `stream` from a JSON body (for logs and routing); never fails the request."""
+    if not body.startswith(b"{"):
+        return
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return  # the backend answers malformed JSON in its own words
+    if isinstance(data, dict):
+        model = data.get("model")
+        ctx.model = model if isinstance(model, str) else None
+        ctx.is_stream = data.get("stream") is True
+
+
+async def forward(ctx: RequestContext, backend: Backend, body: bytes) -> None:
+    """Send the request to `backend` and relay the response; raises ProxyError before any byte is sent."""
+    ctx.backend = backend.name
+    backend.in_flight += 1
+    try:
+        request = build_upstream_request(ctx, backend, body)
+        pool = backend.pool
+        for attempt in (1, 2):
+            conn = await pool.acquire()
+            exchange = Exchange(ctx, conn, backend.first_byte_timeout, backend.stream_idle_timeout)
+            try:
+                exchange.start(request)
+                await exchange.done
+                return
+            except ProxyError as error:
+                # A pooled connection the backend closed while idle fails before any response byte:
+                # the backend never saw the request, so one retry on a fresh connection is safe.
+                if attempt == 1 and conn.reused and not conn.received_any and error.kind == "upstream_failed":
+                    continue
+                raise
+            finally:
+                pool.release(conn, conn.reusable())
+    finally:
+        backend.in_flight -= 1
+
+
+def reply_error(ctx: RequestContext, error: ProxyError) -> None:
+    """Answer a local error, or abort the connection if the response has already started."""
+    ctx.termination = error.spec.termination
+    ctx.error_message = error.message
+    if ctx.conn.closed:
+        return
+    if ctx.response_started:
+        ctx.conn.abort()
+        return
+    if error.spec.close:
+        ctx.keep_alive = False
+    ctx.send_response(error.spec.status, error_body(error.spec, error.message))
+
+
+def finish(server: ProxyServer, ctx: RequestContext) -> None:
+    """Record the request exactly once and let the connection go on."""
+    now = perf_counter()
+    duration = now - ctx.t_start
+    ttft = ctx.t_first_byte - ctx.t_start if ctx.t_first_byte else None
+    if not ctx.response_started:
+        ctx.status = 499  # the client left before any response (nginx's convention)
+    if server.metrics is not None:
+        server.metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
+    server.access_log.write(ctx, duration, ttft)
+    ctx.conn.request_finished(ctx)

@@ -1,0 +1,206 @@
+"""The relay: one upstream exchange streamed to the client as it arrives.
+
+Every upstream body chunk is written to the client transport inside the very callback that parsed it:
+no queue, no task hop, no coalescing. Backpressure is symmetric and cheap: when the client's transport
+goes over its high-water mark the upstream socket stops being read, and resumes on drain, so memory per
+stream stays bounded by the two socket buffers however slow the client is.
+
+Before the response head reached the client any failure is reported to the pipeline as a ProxyError
+(it may retry or answer 502/504). After that, a failure aborts the client connection without the
+terminating chunk, so the client sees a truncated response instead of a fake clean end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from .errors import ProxyError
+from .http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
+from .upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+
+STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
+IDLE_TICKS = 4  # the stream idle timeout is checked every timeout/4: it fires within 1.25x the setting
+
+
+class Exchange:
+    """Implements the upstream ResponseSink for one request and writes the client side directly."""
+
+    __slots__ = ("_chunked", "_first_byte_timer", "_idle_ticks", "_idle_timer", "_last_progress", "_loop",
+                 "_progress", "_stream_idle", "_write", "_write_timer", "ctx", "done", "upstream")
+
+    def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, first_byte: float,
+                 stream_idle: float) -> None:
+        self.ctx = ctx
+        self.upstream = upstream
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self._write = ctx.conn.transport.write
+        self._chunked = False
+        self._progress = 0
+        self._last_progress = -1
+        self._idle_ticks = 0
+        self._stream_idle = stream_idle
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._first_byte_timer = self._loop.call_later(first_byte, self._first_byte_timeout)
+
+    def start(self, request: bytes) -> None:
+        self.ctx.exchange = self
+        self.upstream.begin(self, request, self.ctx.head.method == b"HEAD")
+
+    # ResponseSink: called from the upstream protocol's data_received ------------------------------
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self._first_byte_timer.cancel()
+        ctx = self.ctx
+        ctx.status = status
+        self._chunked = framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.1"
+        if framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.0":
+            ctx.keep_alive = False  # an HTTP/1.0 client can only see the end of this body as a close
+        self._write(self._response_head(status, headers, framing))
+        ctx.response_started = True
+        self._arm_idle_timer()
+        if ctx.conn.writing_paused:
+            self.client_paused()
+
+    def on_response_body(self, data: bytes) -> None:
+        ctx = self.ctx
+        if not ctx.t_first_byte:
+            ctx.t_first_byte = perf_counter()
+        self._write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        ctx.bytes_out += len(data)
+        self._progress += 1
+
+    def on_response_complete(self) -> None:
+        if self._chunked:
+            self._write(LAST_CHUNK)
+        self._end()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_upstream_lost(self, reason: str) -> None:
+        self._end()
+        if self.ctx.response_started:
+            self._abort_client("SD", reason)
+        elif not self.done.done():
+            self.done.set_exception(ProxyError("upstream_failed", reason))
+
+    # Client-side events, from the client connection ------------------------------------------------
+
+    def client_paused(self) -> None:
+        if not self.upstream.closed:
+            self.upstream.transport.pause_reading()
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(self.ctx.conn.server.timeouts.write, self._write_timeout)
+
+    def client_resumed(self) -> None:
+        if not self.upstream.closed:
+            self.upstream.transport.resume_reading()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def client_lost(self) -> None:
+        """The client went away: close the upstream at once so the backend stops generating."""
+        self.upstream.detach()
+        self.upstream.abort()
+        self._end()
+        if not self.done.done():
+            self.ctx.termination = "CD" if self.ctx.response_started else "CH"
+            self.done.set_result(None)
+
+    # internals ------------------------------------------------------------------------------------
+
+    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> bytes:
+        ctx = self.ctx
+        extra_hop = connection_tokens(headers)
+        parts = [status_line(status)]
+        has_request_id = False
+        streaming = False
+        cache_control = accel = False
+        for name, value in headers:
+            if name in HOP_BY_HOP or name in extra_hop:
+                continue
+            if name == b"x-request-id":
+                has_request_id = True
+            elif name == b"content-type":
+                streaming = value.startswith(STREAMING_TYPES)
+            elif name == b"cache-control":
+                cache_control = True
+            elif name == b"x-accel-buffering":
+                accel = True
+            parts += (name, b": ", value, CRLF)
+        if not has_request_id:
+            parts += (b"x-request-id: ", ctx.request_id_bytes, CRLF)
+        if streaming:
+            # Tell any buffering layer in front of us (nginx, CDNs) to pass events through at once.
+            if not cache_control:
+                parts.append(b"cache-control: no-cache\r\n")
+            if not accel:
+                parts.append(b"x-accel-buffering: no\r\n")
+        if self._chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if not ctx.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif ctx.head.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(CRLF)
+        return b"".join(parts)
+
+    def _end(self) -> None:
+        self._first_byte_timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self.ctx.exchange is self:
+            self.ctx.exchange = None
+
+    def _abort_client(self, termination: str, reason: str) -> None:
+        ctx = self.ctx
+        ctx.termination = termination
+        ctx.error_message = reason
+        ctx.keep_alive = False
+        ctx.conn.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _first_byte_timeout(self) -> None:
+        self.upstream.detach()
+        self.upstream.abort()
+        self._end()
+        if not self.done.done():
+            self.done.set_exception(ProxyError("first_byte_timeout", "backend sent no response in time"))
+
+    def _arm_idle_timer(self) -> None:
+        self._idle_timer = self._loop.call_later(self._stream_idle / IDLE_TICKS, self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        # A progress counter instead of re-arming a timer per chunk keeps the hot path free of timer work.
+        if self._progress != self._last_progress or self.ctx.conn.writing_paused:
+            self._last_progress = self._progress
+            self._idle_ticks = 0
+        else:
+            self._idle_ticks += 1
+            if self._idle_ticks >= IDLE_TICKS:
+                self._idle_timer = None
+                self.upstream.detach()
+                self.upstream.abort()
+                self._end()
+                self._abort_client("sD", "backend stream idle timeout")
+                return
+        self._arm_idle_timer()
+
+    def _write_timeout(self) -> None:
+        self._write_timer = None
+        self.upstream.detach()
+        self.upstream.abort()
+        self._end()
+        self._abort_client("cD", "client did not read the response in time")

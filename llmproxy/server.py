@@ -1,0 +1,164 @@
+"""The proxy server: long-lived singletons, the listening socket, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import signal
+from dataclasses import dataclass
+from functools import lru_cache
+from time import perf_counter
+
+from .accesslog import AccessLog
+from .balancer import Balancer
+from .config_model import BackendConfig, Config
+from .connection import ClientConnection
+from .context import RequestContext
+from .http11.request import CodecLimits, ProtocolError, RequestHead
+from .metrics import Metrics
+from .pipeline import handle_request
+from .upstream.pool import UpstreamPool
+
+log = logging.getLogger("llmproxy")
+
+_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """A configured backend with its pool and live counters."""
+
+    config: BackendConfig
+    pool: UpstreamPool
+    name: str
+    host_header: bytes
+    base_path: bytes
+    authorization: bytes | None
+    first_byte_timeout: float
+    stream_idle_timeout: float
+    in_flight: int = 0
+
+    @classmethod
+    def create(cls, config: BackendConfig, server: Config) -> Backend:
+        timeouts = server.server.timeouts
+        default_port = 443 if config.scheme == "https" else 80
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        host_header = host if config.port == default_port else f"{host}:{config.port}"
+        return cls(
+            config=config,
+            pool=UpstreamPool(config, config.timeouts.connect or timeouts.connect),
+            name=config.name,
+            host_header=host_header.encode(),
+            base_path=config.base_path.encode(),
+            authorization=f"Bearer {config.api_key}".encode() if config.api_key else None,
+            first_byte_timeout=config.timeouts.first_byte or timeouts.first_byte,
+            stream_idle_timeout=config.timeouts.stream_idle or timeouts.stream_idle,
+        )
+
+
+class ProxyServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.timeouts = config.server.timeouts
+        self.codec_limits = CodecLimits(
+            max_header_size=config.server.max_header_size,
+            max_request_line=config.server.max_request_line,
+            max_body_size=config.server.max_body_size,
+        )
+        self.backends = [Backend.create(b, config) for b in config.backends]
+        self.balancer = Balancer(self.backends, config.routing.load_balance)
+        self.metrics = Metrics(self._live_state) if config.metrics.enabled else None
+        self.access_log = AccessLog(config.logging.access_log)
+        self.connections: set[ClientConnection] = set()
+        self.inflight = 0
+        self.draining = False
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies]
+        self._id_prefix = os.urandom(6).hex()
+        self._id_counter = 0
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    # Lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await self.loop.create_server(
+            lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain in-flight requests (up to shutdown_timeout)."""
+        stop = self.loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        await stop
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish, then close everything."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        deadline = self.loop.time() + self.config.server.shutdown_timeout
+        while self.inflight and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        for backend in self.backends:
+            backend.pool.close()
+        self.access_log.close()
+
+    # Per request ----------------------------------------------------------------------------------
+
+    def new_context(self, conn: ClientConnection, head: RequestHead) -> RequestContext:
+        return RequestContext(
+            conn=conn,
+            head=head,
+            request_id=self._request_id(head),
+            t_start=perf_counter(),
+            keep_alive=head.keep_alive and not self.draining,
+        )
+
+    def handle(self, ctx: RequestContext):
+        return handle_request(self, ctx)
+
+    def is_trusted_proxy(self, peer: str) -> bool:
+        return bool(self._trusted) and _in_networks(peer, tuple(self._trusted))
+
+    def log_protocol_error(self, conn: ClientConnection, error: ProtocolError) -> None:
+        """Record a request rejected before it had a context (malformed head)."""
+        log.info("rejected request from %s: %s %s", conn.peer, error.spec.status, error.message)
+        if self.metrics is not None:
+            self.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
+
+    def _request_id(self, head: RequestHead) -> str:
+        supplied = head.header(b"x-request-id")
+        if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied):
+            return supplied.decode("ascii")
+        # Unique per process and upstream call (vLLM uses it as its own request id), and cheap.
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:08x}"
+
+    def _live_state(self) -> dict:
+        return {
+            "inflight": self.inflight,
+            "connections": len(self.connections),
+            "backends": {
+                b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight}
+                for b in self.backends
+            },
+        }
+
+
+@lru_cache(maxsize=4096)
+def _in_networks(peer: str, networks: tuple) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

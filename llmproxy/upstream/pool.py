@@ -1,0 +1,155 @@
+"""Connection pool for one backend: a LIFO idle deque, a cap on open connections, bounded waiters.
+
+A connection goes back to the pool only after a clean end of both request and response; anything else
+(client gone, error, timeout, close-delimited body) closes it. The most recently used idle connection
+is reused first (warm, least likely to have hit the backend's keep-alive timeout), and connections idle
+longer than `idle_timeout` are closed before the backend closes them (vLLM's uvicorn closes at 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+from ..config_model import BackendConfig
+from ..errors import ProxyError
+from .connection import UpstreamConnection
+
+SWEEP_INTERVAL = 1.0
+
+
+class UpstreamPool:
+    __slots__ = ("_idle", "_loop", "_ssl", "_sweeper", "_waiters", "backend", "checked_out", "connect_timeout",
+                 "open_count")
+
+    def __init__(self, backend: BackendConfig, connect_timeout: float) -> None:
+        self.backend = backend
+        self.connect_timeout = connect_timeout
+        self._loop = asyncio.get_running_loop()
+        self._idle: deque[UpstreamConnection] = deque()
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self.open_count = 0  # idle + checked out + connecting
+        self.checked_out = 0
+        self._ssl = _ssl_context(backend) if backend.scheme == "https" else None
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self) -> UpstreamConnection:
+        """Return a connection checked out for one exchange; raises ProxyError on failure or overload."""
+        conn = self._pop_idle()
+        if conn is None:
+            if self.open_count >= self.backend.max_connections:
+                conn = await self._wait_for_release()
+            if conn is None:
+                conn = await self._connect()
+        self.checked_out += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Give back a checked-out connection; it is kept only if `reusable`."""
+        self.checked_out -= 1
+        conn.detach()
+        if reusable and not conn.closed:
+            conn.reused = True
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(conn)  # handed over: the waiter counts it when acquire() returns
+                    return
+            if len(self._idle) < self.backend.max_idle:
+                conn.idle_since = self._loop.time()
+                self._idle.append(conn)
+                return
+        self._close(conn)
+
+    def close(self) -> None:
+        """Close idle connections and stop the sweeper (checked-out ones close when released)."""
+        self._sweeper.cancel()
+        while self._idle:
+            self._close(self._idle.pop())
+
+    # internals ------------------------------------------------------------------------------------
+
+    def _pop_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        if not idle:
+            return None
+        deadline = self._loop.time() - self.backend.idle_timeout
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.idle_since > deadline:
+                return conn
+            self._close(conn)
+        return None
+
+    def _close(self, conn: UpstreamConnection) -> None:
+        self.open_count -= 1
+        conn.abort()  # never a graceful close: a half-read response must stop the backend now
+        # A slot opened up: let one waiter connect instead of waiting for a release.
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _wait_for_release(self) -> UpstreamConnection | None:
+        if len(self._waiters) >= self.backend.max_waiters:
+            raise ProxyError("pool_exhausted", f"backend {self.backend.name}: too many requests waiting")
+        waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ProxyError("pool_exhausted", f"backend {self.backend.name}: no connection free") from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self.checked_out += 1
+                self.release(waiter.result(), True)  # hand it on rather than leak it
+            raise
+
+    async def _connect(self) -> UpstreamConnection:
+        backend = self.backend
+        self.open_count += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                self._loop.create_connection(
+                    UpstreamConnection, backend.host, backend.port, ssl=self._ssl,
+                    server_hostname=backend.host if self._ssl else None),
+                self.connect_timeout)
+        except asyncio.TimeoutError:
+            self._connect_failed()
+            raise ProxyError("connect_timeout", f"backend {backend.name}: connect timed out") from None
+        except OSError as exc:
+            self._connect_failed()
+            raise ProxyError("connect_failed", f"backend {backend.name}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._connect_failed()
+            raise
+        return conn
+
+    def _connect_failed(self) -> None:
+        self.open_count -= 1
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _sweep(self) -> None:
+        deadline = self._loop.time() - self.backend.idle_timeout
+        idle = self._idle
+        # Oldest first: the left end of the deque has been idle the longest.
+        while idle and (idle[0].closed or idle[0].idle_since <= deadline):
+            self._close(idle.popleft())
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+
+def _ssl_context(backend: BackendConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if not backend.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
