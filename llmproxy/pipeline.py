@@ -28,16 +28,12 @@ log = logging.getLogger("llmproxy")
 
 
 async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
-    server.inflight += 1
     try:
         local = match_local(ctx)
         if local is not None:
             local(server, ctx)
-            return
-        body = await ctx.read_body()
-        read_body_facts(ctx, body)
-        backend = server.balancer.choose()
-        await forward(ctx, backend, body)
+        else:
+            await proxy_request(server, ctx)
     except ProxyError as error:
         reply_error(ctx, error)
     except asyncio.CancelledError:
@@ -46,8 +42,19 @@ async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
         log.exception("internal error handling request %s", ctx.request_id)
         reply_error(ctx, ProxyError("internal_error", f"internal error: {type(exc).__name__}"))
     finally:
-        server.inflight -= 1
         finish(server, ctx)
+
+
+async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
+    """read body -> choose backend -> acquire connection and relay."""
+    server.inflight += 1  # requests in progress, the proxy's own endpoints excepted
+    try:
+        body = await ctx.read_body()
+        read_body_facts(ctx, body)
+        backend = server.balancer.choose()
+        await forward(ctx, backend, body)
+    finally:
+        server.inflight -= 1
 
 
 def read_body_facts(ctx: RequestContext, body: bytes) -> None:

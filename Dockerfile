@@ -1,0 +1,22 @@
+# llmproxy: zero-buffer streaming proxy for LLM inference servers.
+#   docker build -t llmproxy .
+#   docker run -p 8000:8000 -v $(pwd)/config.yaml:/home/llmproxy/config.yaml llmproxy
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+
+RUN useradd --create-home --uid 10001 llmproxy
+WORKDIR /home/llmproxy
+
+COPY pyproject.toml README.md /src/
+COPY llmproxy /src/llmproxy
+RUN pip install /src && rm -rf /src
+
+USER llmproxy
+EXPOSE 8000
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status == 200 else 1)"
+
+ENTRYPOINT ["llmproxy"]
+CMD ["serve", "--config", "/home/llmproxy/config.yaml"]

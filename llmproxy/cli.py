@@ -1,0 +1,127 @@
+"""Command line: `llmproxy serve | demo | check-config | mock-backend`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from .config import ConfigError, dump_config, load_config, parse_listen
+from .config_model import Config
+
+log = logging.getLogger("llmproxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "mock-backend":
+        from .mockbackend import main as mock_main
+
+        return mock_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    return args.func(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmproxy", description="Zero-buffer streaming proxy for LLM servers.")
+    parser.add_argument("--version", action="version", version=f"llmproxy {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, help="path to config.yaml")
+    serve.add_argument("--listen", help="HOST:PORT, overrides server.listen (port 0 picks a free port)")
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="run the proxy with a built-in demo backend")
+    demo.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
+    demo.set_defaults(func=_cmd_demo)
+
+    check = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    check.add_argument("path")
+    check.set_defaults(func=_cmd_check_config)
+
+    sub.add_parser("mock-backend", help="run a deterministic vLLM/TGI/Ollama mock (see --help)")
+    return parser
+
+
+def _setup_logging(level: str = "info") -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(f"llmproxy: invalid config {path}: {error}", file=sys.stderr)
+        return None
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.path)
+    if config is None:
+        return 1
+    sys.stdout.write(dump_config(config))
+    print(f"# {args.path}: OK", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    if args.listen:
+        try:
+            config.server.host, config.server.port = parse_listen(args.listen, "--listen")
+        except ConfigError as error:
+            print(f"llmproxy: {error}", file=sys.stderr)
+            return 1
+    _setup_logging(config.logging.level)
+    _install_uvloop()
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: Config, banner: str = "") -> int:
+    from .server import ProxyServer
+
+    server = ProxyServer(config)
+    try:
+        await server.start(config.server.host, config.server.port)
+    except OSError as error:
+        print(f"llmproxy: cannot listen on {config.server.host}:{config.server.port}: {error.strerror}",
+              file=sys.stderr)
+        return 1
+    host = config.server.host
+    shown = f"[{host}]" if ":" in host else host
+    print(f"llmproxy {__version__} listening on http://{shown}:{server.port}", flush=True)
+    if banner:
+        print(banner.replace("{port}", str(server.port)), flush=True)
+    await server.run_until_signalled()
+    log.info("stopped")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        host, port = parse_listen(args.listen, "--listen")
+    except ConfigError as error:
+        print(f"llmproxy: {error}", file=sys.stderr)
+        return 1
+    _setup_logging("info")
+    _install_uvloop()
+    return asyncio.run(run_demo(host, port, _serve))

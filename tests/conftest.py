@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.support import Proc, start_mock
+
+
+@pytest.fixture(scope="module")
+def mock_vllm():
+    proc = start_mock("vllm")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def mock_tgi():
+    proc = start_mock("tgi")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def mock_ollama():
+    proc = start_mock("ollama")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts itself; all are stopped at the end of the test, whatever happened."""
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,270 @@
+"""End-to-end: the real proxy process relaying real mock backends of each dialect."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.support import (
+    FIXTURES,
+    ResponseReader,
+    assert_idle,
+    http_post,
+    metric_value,
+    mock_stats,
+    post_request,
+    raw_connect,
+    recv_until_closed,
+    rss_kib,
+    sha256,
+    start_proxy,
+    wait_for,
+)
+
+CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.fixture(scope="module")
+def proxy(mock_vllm, tmp_path_factory):
+    proc = start_proxy(tmp_path_factory.mktemp("proxy"), [{"url": mock_vllm.url, "name": "vllm"}])
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _invariants(request):
+    yield
+    if "proxy" in request.fixturenames:
+        assert_idle(request.getfixturevalue("proxy"))
+
+
+def _fixture_dialect(name: str) -> str:
+    return json.loads((FIXTURES / name).with_suffix(".json").read_text())["backend"]
+
+
+FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*") if p.suffix in (".sse", ".ndjson"))
+
+
+@pytest.mark.parametrize("fixture", FIXTURE_FILES)
+def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mock_ollama, tmp_path, procs):
+    mock = {"vllm": mock_vllm, "tgi": mock_tgi, "ollama": mock_ollama}[_fixture_dialect(fixture)]
+    proxy = start_proxy(tmp_path, [{"url": mock.url}])
+    procs.append(proxy)
+    expected = (FIXTURES / fixture).read_bytes()
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-fixture": fixture}))
+        reader = ResponseReader(sock).read_head()
+        body, complete = reader.read_body()
+    assert reader.status == 200
+    assert complete
+    assert sha256(body) == sha256(expected)
+    # ...and it is what the backend says it sent.
+    sent = wait_for(lambda: [r for r in mock_stats(mock)["requests"]
+                             if r.get("response_body_sha256") == sha256(expected)])
+    assert sent
+
+
+def test_no_buffering_event_two_is_sent_only_after_client_holds_event_one(proxy, mock_vllm):
+    gate = f"gate-{time.monotonic_ns()}"
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-gate": gate, "x-mock-tokens": "3"}))
+        reader = ResponseReader(sock).read_head()
+        seen = []
+        # Each event must reach us while the backend is still blocked on the gate for the next one:
+        # had the proxy buffered anything, read_chunk would hang (socket timeout) and fail the test.
+        while True:
+            chunk = reader.read_chunk()
+            assert chunk is not None, "stream truncated"
+            if chunk == b"":
+                break
+            seen.append(chunk)
+            http_post(f"{mock_vllm.url}/_mock/release/{gate}")
+    events = b"".join(seen).split(b"\n\n")
+    assert events[-2] == b"data: [DONE]"
+    assert len([e for e in events if e.startswith(b"data: {")]) >= 3
+
+
+def test_client_disconnect_mid_stream_closes_upstream_within_one_second(proxy, mock_vllm):
+    before = mock_stats(mock_vllm)["client_disconnects_midstream"]
+    sock = raw_connect(proxy.port)
+    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000", "x-mock-delay-ms": "50"}))
+    reader = ResponseReader(sock).read_head()
+    assert reader.read_chunk()
+    sock.close()
+    closed_at = time.monotonic()
+    stats = wait_for(lambda: (s := mock_stats(mock_vllm))["client_disconnects_midstream"] > before and s,
+                     timeout=1.0)
+    assert stats["last_disconnect_monotonic"] - closed_at < 1.0
+
+
+def test_backend_reset_mid_stream_reaches_client_as_truncation(proxy):
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT,
+                                  {"x-mock-tokens": "50", "x-mock-reset-after-bytes": "600"}))
+        reader = ResponseReader(sock).read_head()
+        assert reader.status == 200
+        body, complete = reader.read_body()
+    assert not complete, "a reset backend must not look like a clean end of stream"
+    assert body.startswith(b"data: ")
+    assert b"[DONE]" not in body
+
+
+def test_slow_client_keeps_proxy_memory_bounded(proxy):
+    rss_before = rss_kib(proxy.pid)
+    sock = raw_connect(proxy.port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    # ~200 MB offered: 1.3M events of ~150 bytes, sent as fast as the backend can.
+    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1300000"}))
+    time.sleep(3.0)  # the backend pushes as hard as it can while we read nothing
+    growth_mib = (rss_kib(proxy.pid) - rss_before) / 1024
+    sock.close()
+    assert growth_mib < 50, f"proxy RSS grew {growth_mib:.1f} MiB while the client did not read"
+
+
+def test_openai_sdk_streaming_and_plain_chat(proxy):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    stream = client.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "hi"}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0
+    completion = client.completions.create(model="m", prompt="Once upon", max_tokens=5)
+    assert completion.choices[0].text
+    embedding = client.embeddings.create(model="m", input=["a", "b"])
+    assert len(embedding.data) == 2 and embedding.data[0].embedding
+    models = client.models.list()
+    assert models.data
+
+
+def test_openai_sdk_error_shape_when_no_backend_answers(tmp_path, procs):
+    openai = pytest.importorskip("openai")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead_port = free.getsockname()[1]
+    proxy = start_proxy(tmp_path, [{"url": f"http://127.0.0.1:{dead_port}"}])
+    procs.append(proxy)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.status_code == 502
+    assert raised.value.body["type"] == "api_error"
+    assert raised.value.body["code"] == "upstream_connect_failed"
+    assert raised.value.request_id
+
+
+@pytest.mark.parametrize(("dialect", "path", "body"), [
+    ("tgi", "/generate_stream", {"inputs": "What is AI?", "parameters": {"max_new_tokens": 5, "details": True}}),
+    ("ollama", "/api/chat", {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}),
+    ("ollama", "/api/generate", {"model": "llama3.2", "prompt": "hi"}),
+])
+def test_native_streaming_paths_are_relayed(dialect, path, body, mock_tgi, mock_ollama, tmp_path, procs):
+    mock = {"tgi": mock_tgi, "ollama": mock_ollama}[dialect]
+    proxy = start_proxy(tmp_path, [{"url": mock.url}])
+    procs.append(proxy)
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request(path, json.dumps(body).encode()))
+        reader = ResponseReader(sock).read_head()
+        streamed, complete = reader.read_body()
+    assert reader.status == 200 and complete
+    last = streamed.strip().splitlines()[-1]
+    assert b'"details"' in last or b'"done":true' in last
+
+
+def test_upstream_connections_are_reused_and_metrics_count_requests(proxy):
+    before = metric_value(proxy, "llmproxy_requests_total", 'status="200"')
+    with raw_connect(proxy.port) as sock:
+        for _ in range(5):
+            sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "2"}))
+            reader = ResponseReader(sock).read_head()
+            _, complete = reader.read_body()
+            assert complete
+            sock_buffer_left = reader.buffer
+            assert sock_buffer_left == b""
+    assert metric_value(proxy, "llmproxy_requests_total", 'status="200"') == before + 5
+    assert metric_value(proxy, "llmproxy_upstream_connections_idle") >= 1
+
+
+def test_close_delimited_backend_body_is_rechunked_for_the_client(proxy):
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-close-delimited": "1", "x-mock-tokens": "4"}))
+        reader = ResponseReader(sock).read_head()
+        assert reader.headers.get("transfer-encoding") == "chunked"
+        body, complete = reader.read_body()
+    assert complete and body.endswith(b"data: [DONE]\n\n")
+
+
+def test_http10_client_gets_a_close_delimited_stream(proxy):
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"}, version="1.0"))
+        raw = recv_until_closed(sock)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_pipelined_requests_are_answered_in_order(proxy):
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + post_request("/v1/chat/completions", CHAT)
+                     + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = ResponseReader(sock)
+        statuses = []
+        for _ in range(3):
+            reader.read_head()
+            body, complete = reader.read_body()
+            assert complete
+            statuses.append((reader.status, reader.headers.get("content-type", "")))
+    assert [s for s, _ in statuses] == [200, 200, 200]
+    assert statuses[1][1].startswith("text/event-stream")
+
+
+def test_expect_100_continue_is_honoured(proxy):
+    with raw_connect(proxy.port) as sock:
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(CHAT)}\r\n"
+                "Expect: 100-continue\r\n\r\n").encode()
+        sock.sendall(head)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(CHAT)
+        reader = ResponseReader(sock).read_head()
+        _, complete = reader.read_body()
+    assert reader.status == 200 and complete
+
+
+def test_first_byte_timeout_answers_504(mock_vllm, tmp_path, procs):
+    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url, "timeouts": {"first_byte": "300ms"}}])
+    procs.append(proxy)
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-first-byte-delay-ms": "3000"}))
+        reader = ResponseReader(sock).read_head()
+        body, _ = reader.read_body()
+    assert reader.status == 504
+    assert json.loads(body)["error"]["code"] == "upstream_first_byte_timeout"
+    assert_idle(proxy)
+
+
+def test_stream_idle_timeout_truncates(mock_vllm, tmp_path, procs):
+    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}],
+                        server={"listen": "127.0.0.1:0", "timeouts": {"stream_idle": "400ms"}})
+    procs.append(proxy)
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-stall-after": "2"}))
+        reader = ResponseReader(sock).read_head()
+        body, complete = reader.read_body()
+    assert reader.status == 200 and not complete
+    assert_idle(proxy)
+    log = (tmp_path / "access.log").read_text()
+    assert '"termination":"sD"' in log
+
+
+def test_backend_error_status_is_passed_through(proxy):
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-status": "503", "x-mock-retry-after": "2"}))
+        reader = ResponseReader(sock).read_head()
+        body, complete = reader.read_body()
+    assert reader.status == 503 and complete
+    assert reader.headers["retry-after"] == "2"

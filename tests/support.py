@@ -1,0 +1,251 @@
+"""Helpers for tests that run the real processes on 127.0.0.1 ephemeral ports.
+
+Every wait is bounded: process start-up, reads and polls all take a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("LLMPROXY_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "streams"))
+LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
+START_TIMEOUT = 15.0
+
+
+class Proc:
+    """A child process started with `python -m llmproxy ...`, whose output is drained in a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.output: deque[str] = deque(maxlen=5000)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "llmproxy", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+        self._listening = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.popen.stdout:
+            self.output.append(line.rstrip("\n"))
+            match = LISTENING.search(line)
+            if match and not self._listening.is_set():
+                self.port = int(match.group(2))
+                self._listening.set()
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> Proc:
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.05):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.args} did not start (rc={self.popen.poll()}):\n" + self.text())
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        return "\n".join(self.output)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def start_mock(dialect: str, *extra: str) -> Proc:
+    return Proc(["mock-backend", "--dialect", dialect, "--listen", "127.0.0.1:0", *extra]).wait_listening()
+
+
+def write_config(tmp_path: Path, backends: list[dict], **sections: dict) -> Path:
+    config = {"server": {"listen": "127.0.0.1:0"}, "backends": backends, **sections}
+    config.setdefault("logging", {"access_log": str(tmp_path / "access.log")})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_proxy(tmp_path: Path, backends: list[dict], **sections: dict) -> Proc:
+    path = write_config(tmp_path, backends, **sections)
+    return Proc(["serve", "--config", str(path)]).wait_listening()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def http_post(url: str, body: bytes = b"", timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def mock_stats(mock: Proc) -> dict:
+    return json.loads(http_get(mock.url + "/_mock/stats")[1])
+
+
+def metric_value(proxy: Proc, name: str, labels: str = "") -> float:
+    """Sum of the samples of `name` (optionally only those whose label text contains `labels`)."""
+    _, text = http_get(proxy.url + "/metrics")
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):  # noqa: ANN001, ANN201
+    """Poll `predicate` until it returns a truthy value; raise AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def assert_idle(proxy: Proc) -> None:
+    """The invariants after every test: nothing in flight, no pooled connection checked out."""
+    wait_for(lambda: metric_value(proxy, "llmproxy_inflight_requests") == 0
+             and metric_value(proxy, "llmproxy_upstream_connections_checked_out") == 0, timeout=5.0)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# Raw HTTP over a socket ------------------------------------------------------------------------
+
+def raw_connect(port: int, timeout: float = 5.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_until_closed(sock: socket.socket, limit: int = 50_000_000) -> bytes:
+    chunks = []
+    size = 0
+    with contextlib.suppress(ConnectionResetError):
+        while size < limit:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+    return b"".join(chunks)
+
+
+class ResponseReader:
+    """Reads one HTTP/1.1 response from a socket incrementally: head, then body (chunked or not)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buffer += data
+        return True
+
+    def read_head(self) -> ResponseReader:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise EOFError("connection closed before the response head")
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split(" ")[1])
+        self.headers = {}
+        for line in lines[1:]:
+            name, value = line.split(":", 1)
+            self.headers[name.strip().lower()] = value.strip()
+        return self
+
+    def read_chunk(self) -> bytes | None:
+        """Return the next chunk's payload, b"" for the last chunk; None if the connection ended first."""
+        while b"\r\n" not in self.buffer:
+            if not self._fill():
+                return None
+        size_line, rest = self.buffer.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0], 16)
+        while len(rest) < size + 2:
+            if not self._fill():
+                return None
+            size_line, rest = self.buffer.split(b"\r\n", 1)
+        self.buffer = rest[size + 2:]
+        return rest[:size]
+
+    def read_body(self) -> tuple[bytes, bool]:
+        """Return (body, complete). complete is False if the body was truncated."""
+        if self.headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                chunk = self.read_chunk()
+                if chunk is None:
+                    return b"".join(parts), False
+                if chunk == b"":
+                    return b"".join(parts), True
+                parts.append(chunk)
+        length = self.headers.get("content-length")
+        if length is not None:
+            while len(self.buffer) < int(length):
+                if not self._fill():
+                    return self.buffer, False
+            body, self.buffer = self.buffer[:int(length)], self.buffer[int(length):]
+            return body, True
+        while self._fill():
+            pass
+        return self.buffer, True
+
+
+def post_request(path: str, body: bytes, headers: dict[str, str] | None = None, version: str = "1.1") -> bytes:
+    lines = [f"POST {path} HTTP/{version}", "Host: test", "Content-Type: application/json",
+             f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
