@@ -116,10 +116,12 @@ def test_slow_client_keeps_proxy_memory_bounded(proxy):
     rss_before = rss_kib(proxy.pid)
     sock = raw_connect(proxy.port)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    # ~200 MB offered: 1.3M events of ~150 bytes, sent as fast as the backend can.
-    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1300000"}))
+    # ~200 MB offered: 1M events of ~200 bytes, sent as fast as the backend can.
+    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000000"}))
     time.sleep(3.0)  # the backend pushes as hard as it can while we read nothing
     growth_mib = (rss_kib(proxy.pid) - rss_before) / 1024
+    reader = ResponseReader(sock).read_head()
+    assert reader.status == 200 and reader.read_chunk(), "the backend must really be streaming"
     sock.close()
     assert growth_mib < 50, f"proxy RSS grew {growth_mib:.1f} MiB while the client did not read"
 
@@ -176,7 +178,7 @@ def test_native_streaming_paths_are_relayed(dialect, path, body, mock_tgi, mock_
 
 
 def test_upstream_connections_are_reused_and_metrics_count_requests(proxy):
-    before = metric_value(proxy, "llmproxy_requests_total", 'status="200"')
+    before = metric_value(proxy, "llmproxy_requests_total", 'backend="vllm",status="200"')
     with raw_connect(proxy.port) as sock:
         for _ in range(5):
             sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "2"}))
@@ -185,7 +187,7 @@ def test_upstream_connections_are_reused_and_metrics_count_requests(proxy):
             assert complete
             sock_buffer_left = reader.buffer
             assert sock_buffer_left == b""
-    assert metric_value(proxy, "llmproxy_requests_total", 'status="200"') == before + 5
+    assert metric_value(proxy, "llmproxy_requests_total", 'backend="vllm",status="200"') == before + 5
     assert metric_value(proxy, "llmproxy_upstream_connections_idle") >= 1
 
 

@@ -1,0 +1,530 @@
+"""The mock backend: byte-faithful replays, SDK-parsable generated streams, fault knobs and stats.
+
+The backend runs in-process on its own event loop thread (one per dialect per module), so the tests
+can use blocking clients: the real openai SDK, and a small h11-based client that sees HTTP chunks.
+Every socket read has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import h11
+import openai
+import pytest
+import uvloop
+
+from llmproxy.mockbackend import MockOptions, completion_text, prompt_tokens, start_mock_backend
+from llmproxy.mockbackend.fixtures import default_fixtures_dir, split_events
+
+TIMEOUT = 5.0
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = default_fixtures_dir()
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+class Backend:
+    """A mock backend serving from a daemon thread's event loop (uvloop, as in production)."""
+
+    def __init__(self, options: MockOptions) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.backend = asyncio.run_coroutine_threadsafe(start_mock_backend(options), self.loop).result(TIMEOUT)
+        self.port = self.backend.port
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.backend.close(), self.loop).result(TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+    def stats(self) -> dict:
+        return json.loads(request(self.port, "GET", "/_mock/stats").body)
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0,
+                             timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[dict[str, Backend]]:
+    started = {d: Backend(MockOptions(dialect=d)) for d in ("vllm", "tgi", "ollama")}
+    yield started
+    for backend in started.values():
+        backend.close()
+
+
+@pytest.fixture
+def vllm(backends: dict[str, Backend]) -> Backend:
+    return backends["vllm"]
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], chunks: list[bytes]) -> None:
+        self.status, self.headers, self.chunks = status, headers, chunks
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class Client:
+    """One HTTP/1.1 connection parsed by h11, the strict reference peer; exposes chunk boundaries."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.h11 = h11.Connection(h11.CLIENT)
+        self._chunked = False
+
+    def send(self, method: str, path: str, body: bytes | dict | None = None,
+             headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body or b""
+        fields = [("host", "mock"), ("content-length", str(len(data))), *(headers or {}).items()]
+        out = self.h11.send(h11.Request(method=method, target=path, headers=fields))
+        self.sock.sendall(out + self.h11.send(h11.Data(data=data)) + self.h11.send(h11.EndOfMessage()))
+
+    def _event(self) -> object:
+        while (event := self.h11.next_event()) is h11.NEED_DATA:
+            self.h11.receive_data(self.sock.recv(65536))
+        return event
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        event = self._event()
+        assert isinstance(event, h11.Response), event
+        return event.status_code, {k.decode(): v.decode() for k, v in event.headers}
+
+    def chunk(self) -> bytes | None:
+        """The next whole HTTP chunk (any body piece if not chunked); None at the end of the message."""
+        piece = b""
+        while not isinstance(event := self._event(), h11.EndOfMessage):
+            assert isinstance(event, h11.Data), event
+            piece += event.data
+            if event.chunk_end or not self._chunked:
+                return piece
+        return piece or None
+
+    def response(self) -> Response:
+        status, headers = self.head()
+        self._chunked = headers.get("transfer-encoding") == "chunked"
+        chunks = []
+        while (piece := self.chunk()) is not None:
+            chunks.append(piece)
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        return Response(status, headers, chunks)
+
+    def start_stream(self) -> tuple[int, dict[str, str]]:
+        status, headers = self.head()
+        self._chunked = headers.get("transfer-encoding") == "chunked"
+        return status, headers
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request(port: int, method: str, path: str, body: bytes | dict | None = None,
+            headers: dict[str, str] | None = None) -> Response:
+    client = Client(port)
+    try:
+        client.send(method, path, body, headers)
+        return client.response()
+    finally:
+        client.close()
+
+
+def sse_payloads(body: bytes) -> list[str]:
+    return [e[len("data: "):] for e in body.decode().split("\n\n") if e.startswith("data: ")]
+
+
+# --- fixtures replay ------------------------------------------------------------------------------
+
+FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("*") if p.suffix in (".sse", ".ndjson"))
+
+
+@pytest.mark.skipif(not FIXTURE_NAMES, reason=f"no fixtures in {FIXTURES}")
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_replay_is_byte_identical_with_one_chunk_per_event(vllm: Backend, name: str) -> None:
+    recorded = (FIXTURES / name).read_bytes()
+    meta = json.loads((FIXTURES / name).with_suffix(".json").read_text())["http"]
+    resp = request(vllm.port, "POST", "/anything", b"{}", {"x-mock-fixture": name})
+    assert resp.status == meta["status"]
+    assert resp.headers["content-type"] == meta["headers"]["content-type"]
+    assert resp.headers["transfer-encoding"] == "chunked"
+    assert resp.body == recorded
+    assert resp.chunks == split_events(recorded, name)
+    assert len(resp.chunks) > 3
+
+
+@pytest.mark.parametrize("name", ["../PROTOCOLS.md", "a/b.sse", "..", "missing.sse"])
+def test_bad_fixture_names_are_refused(vllm: Backend, name: str) -> None:
+    resp = request(vllm.port, "POST", "/v1/chat/completions", CHAT, {"x-mock-fixture": name})
+    assert resp.status in (400, 404)
+    assert "fixture" in json.loads(resp.body)["error"]["message"]
+
+
+# --- generated responses through the real openai SDK -----------------------------------------------
+
+@pytest.mark.parametrize("dialect", ["vllm", "tgi", "ollama"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_sdk_parses_chat_stream_and_usage_chunk_only_when_asked(backends: dict[str, Backend], dialect: str,
+                                                                 include_usage: bool) -> None:
+    client = backends[dialect].openai()
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = list(client.chat.completions.create(model="m", messages=CHAT["messages"], stream=True,
+                                                 extra_headers={"x-mock-tokens": "5"}, **extra))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == completion_text(5)
+    usage_chunks = [c for c in chunks if not c.choices]
+    if include_usage:
+        assert len(usage_chunks) == 1 and chunks[-1] is usage_chunks[0]
+        assert usage_chunks[0].usage.completion_tokens == 5
+        assert usage_chunks[0].usage.prompt_tokens == prompt_tokens(CHAT)
+    else:
+        assert usage_chunks == []
+        assert all(c.usage is None for c in chunks)
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "tgi", "ollama"])
+def test_sdk_parses_non_streaming_chat_completions_and_models(backends: dict[str, Backend],
+                                                               dialect: str) -> None:
+    client = backends[dialect].openai()
+    chat = client.chat.completions.create(model="m", messages=CHAT["messages"], max_tokens=7)
+    assert chat.choices[0].message.content == completion_text(7)
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (prompt_tokens(CHAT), 7)
+    text = client.completions.create(model="m", prompt="The capital of France is")
+    assert text.choices[0].text == completion_text(16)
+    assert text.usage.prompt_tokens == prompt_tokens({"prompt": "The capital of France is"})
+    stream = list(client.completions.create(model="m", prompt="x", stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == completion_text(16)
+    assert stream[-1].usage.completion_tokens == 16
+    assert len(client.models.list().data) == 1
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "ollama"])
+def test_sdk_parses_embeddings_in_float_and_base64(backends: dict[str, Backend], dialect: str) -> None:
+    client = backends[dialect].openai()
+    default = client.embeddings.create(model="m", input=["a", "b"])  # the SDK asks for base64
+    floats = client.embeddings.create(model="m", input=["a", "b"], encoding_format="float")
+    assert [e.embedding for e in default.data] == [e.embedding for e in floats.data]
+    assert len(floats.data) == 2 and len(floats.data[0].embedding) == 8
+    assert floats.data[0].embedding != floats.data[1].embedding
+
+
+def test_vllm_models_report_max_model_len(vllm: Backend) -> None:
+    card = json.loads(request(vllm.port, "GET", "/v1/models").body)["data"][0]
+    assert card["id"] == "Qwen/Qwen2.5-7B-Instruct" and card["max_model_len"] > 0
+
+
+def test_vllm_continuous_usage_is_cumulative_on_every_chunk(vllm: Backend) -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    payloads = sse_payloads(request(vllm.port, "POST", "/v1/chat/completions", body,
+                                    {"x-mock-tokens": "3"}).body)
+    assert payloads[-1] == "[DONE]"
+    completions = [json.loads(p)["usage"]["completion_tokens"] for p in payloads[:-1]]
+    assert completions == [0, 1, 2, 3, 3]
+
+
+def test_vllm_rejects_stream_options_without_stream(vllm: Backend) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        vllm.openai().chat.completions.create(model="m", messages=CHAT["messages"],
+                                              stream_options={"include_usage": True})
+    assert info.value.body["code"] == 400 and "stream=True" in info.value.body["message"]
+
+
+def test_vllm_tokenize_health_version_and_request_id(vllm: Backend) -> None:
+    tokens = json.loads(request(vllm.port, "POST", "/tokenize", CHAT).body)
+    assert tokens["count"] == prompt_tokens(CHAT) == len(tokens["tokens"])
+    health = request(vllm.port, "GET", "/health")
+    assert (health.status, health.body) == (200, b"")
+    assert "version" in json.loads(request(vllm.port, "GET", "/version").body)
+    resp = request(vllm.port, "POST", "/v1/chat/completions", CHAT, {"x-request-id": "req-42"})
+    assert resp.headers["x-request-id"] == "req-42"
+    assert json.loads(resp.body)["id"] == "chatcmpl-req-42"
+
+
+# --- dialect specifics ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,field", [("/api/chat", "message"), ("/api/generate", "response")])
+def test_ollama_ndjson_ends_with_done_line_carrying_counts(backends: dict[str, Backend], path: str,
+                                                           field: str) -> None:
+    port = backends["ollama"].port
+    body = {"model": "llama3.2", "prompt": "Why is the sky blue?", "messages": CHAT["messages"]}
+    resp = request(port, "POST", path, body, {"x-mock-tokens": "4"})
+    assert resp.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in resp.body.decode().splitlines()]
+    assert len(resp.chunks) == len(lines) == 5
+    assert [line["done"] for line in lines] == [False] * 4 + [True]
+    done = lines[-1]
+    assert (done["prompt_eval_count"], done["eval_count"]) == (prompt_tokens(body), 4)
+    assert done["model"] == "llama3.2"
+    single = json.loads(request(port, "POST", path, {**body, "stream": False}).body)
+    assert single["done"] is True and single["eval_count"] == 16
+    text = single[field]["content"] if field == "message" else single[field]
+    assert text == completion_text(16)
+
+
+def test_ollama_misc_endpoints_and_error_shapes(backends: dict[str, Backend]) -> None:
+    port = backends["ollama"].port
+    assert request(port, "GET", "/").body == b"Ollama is running"
+    assert json.loads(request(port, "GET", "/api/tags").body)["models"][0]["name"] == "llama3.2:latest"
+    assert "version" in json.loads(request(port, "GET", "/api/version").body)
+    assert "details" in json.loads(request(port, "POST", "/api/show", {"model": "x"}).body)
+    assert len(json.loads(request(port, "POST", "/api/embed", {"input": ["a"]}).body)["embeddings"]) == 1
+    native = request(port, "POST", "/api/chat", CHAT, {"x-mock-status": "503"})
+    assert native.status == 503 and isinstance(json.loads(native.body)["error"], str)
+    compat = json.loads(request(port, "POST", "/v1/chat/completions", CHAT, {"x-mock-status": "500"}).body)
+    assert compat["error"]["type"] == "api_error" and compat["error"]["code"] is None
+
+
+@pytest.mark.parametrize("details", [False, True])
+def test_tgi_generate_stream_has_details_only_when_asked(backends: dict[str, Backend], details: bool) -> None:
+    body = {"inputs": "What is Deep Learning?", "parameters": {"max_new_tokens": 3, "details": details}}
+    resp = request(backends["tgi"].port, "POST", "/generate_stream", body)
+    assert resp.headers["x-accel-buffering"] == "no"
+    events = [json.loads(p) for p in sse_payloads(resp.body)]  # no [DONE] on the native route
+    assert [e["index"] for e in events] == [1, 2, 3]
+    assert all(e["details"] is None and e["generated_text"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == completion_text(3)
+    if details:
+        assert events[-1]["details"] == {"finish_reason": "length", "generated_tokens": 3, "seed": None,
+                                         "input_length": prompt_tokens(body)}
+    else:
+        assert events[-1]["details"] is None
+
+
+def test_tgi_chat_chunk_shape_and_generate(backends: dict[str, Backend]) -> None:
+    port = backends["tgi"].port
+    body = {**CHAT, "model": "tgi", "stream": True}
+    chunks = [json.loads(p) for p in sse_payloads(request(port, "POST", "/v1/chat/completions", body).body)[:-1]]
+    assert all(list(c)[:2] == ["object", "id"] and c["id"] == "" and c["usage"] is None for c in chunks)
+    assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks)
+    assert chunks[0]["model"] == "HuggingFaceH4/zephyr-7b-beta"
+    generated = request(port, "POST", "/generate", {"inputs": "hi", "parameters": {"details": True}})
+    assert json.loads(generated.body)["details"]["generated_tokens"] == 16
+    assert generated.headers["x-generated-tokens"] == "16"
+    assert json.loads(request(port, "GET", "/info").body)["model_id"] == "HuggingFaceH4/zephyr-7b-beta"
+    assert len(json.loads(request(port, "POST", "/tokenize", {"inputs": "abcdefgh"}).body)) == 2
+
+
+@pytest.mark.parametrize("dialect,shape", [("vllm", dict), ("tgi", str), ("ollama", str)])
+def test_unknown_path_is_404_in_dialect_error_shape(backends: dict[str, Backend], dialect: str,
+                                                    shape: type) -> None:
+    resp = request(backends[dialect].port, "GET", "/nope")
+    assert resp.status == 404
+    assert isinstance(json.loads(resp.body)["error"], shape)
+
+
+# --- fault knobs ----------------------------------------------------------------------------------
+
+STREAM = {**CHAT, "stream": True}
+
+
+def test_status_knob_answers_error_with_retry_after_before_any_body(vllm: Backend) -> None:
+    resp = request(vllm.port, "POST", "/v1/chat/completions", STREAM,
+                   {"x-mock-status": "503", "x-mock-retry-after": "2"})
+    assert (resp.status, resp.headers["retry-after"]) == (503, "2")
+    assert json.loads(resp.body)["error"]["code"] == 503
+    with pytest.raises(openai.RateLimitError):
+        vllm.openai().chat.completions.create(model="m", messages=CHAT["messages"],
+                                              extra_headers={"x-mock-status": "429"})
+
+
+def test_stall_sends_n_events_then_nothing_and_counts_the_client_disconnect(vllm: Backend) -> None:
+    before = vllm.stats()["client_disconnects_midstream"]
+    client = Client(vllm.port)
+    client.send("POST", "/v1/chat/completions", STREAM, {"x-mock-stall-after": "2"})
+    assert client.start_stream()[0] == 200
+    assert b"assistant" in client.chunk() and b"tok0" in client.chunk()
+    client.sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        client.chunk()
+    assert vllm.stats()["requests_running"] >= 1
+    t_close = time.monotonic()
+    client.close()
+    deadline = time.monotonic() + TIMEOUT
+    while (stats := vllm.stats())["client_disconnects_midstream"] == before:
+        assert time.monotonic() < deadline, "disconnect never noticed"
+        time.sleep(0.01)
+    assert stats["last_disconnect_monotonic"] >= t_close - 0.001
+    # control endpoints are not logged, so the stalled request is still the last entry
+    assert stats["requests"][-1]["outcome"] == "client_disconnect"
+
+
+@pytest.mark.parametrize("stream,limit", [(True, 700), (False, 100), (True, 0)])
+def test_reset_after_bytes_delivers_exactly_n_body_bytes_then_rst(vllm: Backend, stream: bool,
+                                                                  limit: int) -> None:
+    client = Client(vllm.port)
+    client.send("POST", "/v1/chat/completions", {**CHAT, "stream": stream},
+                {"x-mock-reset-after-bytes": str(limit)})
+    client.start_stream()
+    received = b""
+    with pytest.raises(ConnectionResetError):
+        while (piece := client.chunk()) is not None:
+            received += piece
+    client.close()
+    assert len(received) == limit
+    full = request(vllm.port, "POST", "/v1/chat/completions", {**CHAT, "stream": stream}).body
+    assert full.startswith(received) and len(full) > limit
+
+
+def test_close_delimited_body_has_no_length_and_ends_with_close(vllm: Backend) -> None:
+    normal = request(vllm.port, "POST", "/v1/chat/completions", STREAM)
+    resp = request(vllm.port, "POST", "/v1/chat/completions", STREAM, {"x-mock-close-delimited": "1"})
+    assert "content-length" not in resp.headers and "transfer-encoding" not in resp.headers
+    assert resp.headers["connection"] == "close"
+    assert resp.body == normal.body
+
+
+def test_gate_holds_each_event_until_released_and_counts_early_releases(vllm: Backend) -> None:
+    token = uuid.uuid4().hex
+    client = Client(vllm.port)
+    client.send("POST", "/v1/chat/completions", STREAM, {"x-mock-gate": token, "x-mock-tokens": "3"})
+    client.start_stream()
+    assert b'"role":"assistant"' in client.chunk()  # the first event is never gated
+    client.sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        client.chunk()
+    client.sock.settimeout(TIMEOUT)
+    request(vllm.port, "POST", f"/_mock/release/{token}")
+    assert b"tok0" in client.chunk()
+    for _ in range(10):  # releases made before the stream waits are kept, not lost
+        request(vllm.port, "POST", f"/_mock/release/{token}")
+    rest = []
+    while (piece := client.chunk()) is not None:
+        rest.append(piece)
+    assert [b"tok1" in rest[0], b"tok2" in rest[1], rest[-1]] == [True, True, b"data: [DONE]\n\n"]
+    client.close()
+
+
+def test_delays_pace_the_head_and_each_event(vllm: Backend) -> None:
+    client = Client(vllm.port)
+    start = time.monotonic()
+    client.send("POST", "/v1/chat/completions", STREAM,
+                {"x-mock-first-byte-delay-ms": "150", "x-mock-delay-ms": "40", "x-mock-tokens": "2"})
+    client.start_stream()
+    client.chunk()
+    first = time.monotonic() - start
+    arrivals = []
+    while client.chunk() is not None:
+        arrivals.append(time.monotonic() - start)
+    client.close()
+    assert 0.14 <= first < 1.0
+    # role, tok0, tok1, [DONE]: three paced gaps after the first event
+    assert arrivals[-1] - first >= 3 * 0.04 - 0.005
+    assert all(b - a >= 0.03 for a, b in zip([first, *arrivals], arrivals, strict=False))
+
+
+def test_metrics_gauges_follow_live_requests(vllm: Backend) -> None:
+    def gauge(name: str) -> float:
+        text = request(vllm.port, "GET", "/metrics").body.decode()
+        return float(re.search(rf"^vllm:{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+    waiting, running = Client(vllm.port), Client(vllm.port)
+    waiting.send("POST", "/v1/chat/completions", STREAM, {"x-mock-first-byte-delay-ms": "60000"})
+    running.send("POST", "/v1/chat/completions", STREAM, {"x-mock-stall-after": "1"})
+    running.start_stream()
+    assert (gauge("num_requests_waiting"), gauge("num_requests_running")) == (1.0, 1.0)
+    waiting.close()
+    running.close()
+    deadline = time.monotonic() + TIMEOUT
+    while gauge("num_requests_waiting") + gauge("num_requests_running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert vllm.stats()["client_disconnects_before_response"] >= 1
+
+
+# --- connection handling and stats ----------------------------------------------------------------
+
+def test_keep_alive_pipelining_and_connection_close(vllm: Backend) -> None:
+    client = Client(vllm.port)
+    raw = (b"GET /health HTTP/1.1\r\nhost: m\r\n\r\n"
+           b"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\ncontent-length: %d\r\n\r\n%b"
+           b"GET /v1/models HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n"
+           b"GET /health HTTP/1.1\r\nhost: m\r\n\r\n") % (len(json.dumps(CHAT)), json.dumps(CHAT).encode())
+    client.sock.sendall(raw)
+    data = b""
+    while chunk := client.sock.recv(65536):  # the server closes after the third response
+        data += chunk
+    client.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 3
+    assert data.index(b"content-length: 0") < data.index(b"chat.completion") < data.index(b"max_model_len")
+    assert data.rstrip().endswith(b"}]}]}")
+
+
+def test_stats_log_requests_with_body_and_response_hashes(backends: dict[str, Backend]) -> None:
+    backend = backends["tgi"]
+    request(backend.port, "POST", "/_mock/reset-stats")
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 2}}
+    resp = request(backend.port, "POST", "/generate", body, {"x-custom": "Value"})
+    request(backend.port, "GET", "/info")
+    stats = backend.stats()
+    assert stats["requests_total"] == 2 and stats["connections_total"] >= 2
+    entry = stats["requests"][0]
+    assert (entry["method"], entry["path"], entry["status"], entry["outcome"]) == ("POST", "/generate", 200,
+                                                                                  "complete")
+    assert ["x-custom", "Value"] in entry["headers"]
+    assert entry["body"] == json.dumps(body)
+    assert entry["body_sha256"] == hashlib.sha256(json.dumps(body).encode()).hexdigest()
+    assert entry["response_body_sha256"] == hashlib.sha256(resp.body).hexdigest()
+    request(backend.port, "POST", "/_mock/reset-stats")
+    assert backend.stats()["requests_total"] == 0
+
+
+def test_many_concurrent_slow_streams_are_paced_by_timers(vllm: Backend) -> None:
+    async def one(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps(STREAM).encode()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\nconnection: close\r\n"
+                     b"x-mock-delay-ms: 20\r\nx-mock-tokens: 10\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+        data = await reader.read()
+        writer.close()
+        return data
+
+    async def many() -> list[bytes]:
+        return await asyncio.wait_for(asyncio.gather(*(one(vllm.port) for _ in range(300))), 20)
+
+    start = time.monotonic()
+    results = asyncio.run(many())
+    assert all(r.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") for r in results)
+    assert time.monotonic() - start < 5  # 12 paced gaps of 20 ms each, run side by side
+
+
+# --- the process --------------------------------------------------------------------------------
+
+def test_module_entry_point_prints_listening_line_and_exits_0_on_sigterm() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmproxy.mockbackend", "--dialect", "ollama", "--listen", "127.0.0.1:0",
+         "--tokens", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        assert ready, "no listening line"
+        line = proc.stdout.readline().decode()
+        match = re.fullmatch(r"mock-backend \(ollama\) listening on http://127\.0\.0\.1:(\d+)\n", line)
+        assert match, line
+        port = int(match.group(1))
+        assert request(port, "GET", "/").body == b"Ollama is running"
+        lines = request(port, "POST", "/api/generate", {"prompt": "x"}).body.splitlines()
+        assert json.loads(lines[-1])["eval_count"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
