@@ -121,13 +121,12 @@ def metric_value(proxy: Proc, name: str, labels: str = "") -> float:
     _, text = http_get(proxy.url + "/metrics")
     total = 0.0
     for line in text.decode().splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if labels in line:
-                total += float(line.rsplit(" ", 1)[1])
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
     """Poll `predicate` until it returns a truthy value; raise AssertionError after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

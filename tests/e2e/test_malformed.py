@@ -3,6 +3,7 @@ receives nothing. Every payload is sent whole and one byte at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -45,7 +46,8 @@ BAD_REQUESTS = [
     ("oversized_content_length", 413, b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n"),
     ("upgrade_with_body", 501, b"POST /v1/x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
                                b"Content-Length: 2\r\n\r\n{}"),
-    ("bad_then_pipelined", 400, b"GET /v1/models HTTP/1.1\r\nHost : a\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n"),
+    ("bad_then_pipelined", 400, b"GET /v1/models HTTP/1.1\r\nHost : a\r\n\r\n"
+                                b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n"),
 ]
 
 
@@ -65,10 +67,8 @@ def _send(port: int, payload: bytes, bytewise: bool) -> bytes:
                 except (BrokenPipeError, ConnectionResetError):
                     break  # the proxy answered and closed before the end: that is fine
         else:
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
         return recv_until_closed(sock)  # returns only once the proxy closes the connection
 
 

@@ -218,7 +218,7 @@ def test_pipelined_requests_are_answered_in_order(proxy):
         statuses = []
         for _ in range(3):
             reader.read_head()
-            body, complete = reader.read_body()
+            _body, complete = reader.read_body()
             assert complete
             statuses.append((reader.status, reader.headers.get("content-type", "")))
     assert [s for s, _ in statuses] == [200, 200, 200]
@@ -256,7 +256,7 @@ def test_stream_idle_timeout_truncates(mock_vllm, tmp_path, procs):
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-stall-after": "2"}))
         reader = ResponseReader(sock).read_head()
-        body, complete = reader.read_body()
+        _body, complete = reader.read_body()
     assert reader.status == 200 and not complete
     assert_idle(proxy)
     log = (tmp_path / "access.log").read_text()
@@ -267,6 +267,6 @@ def test_backend_error_status_is_passed_through(proxy):
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-status": "503", "x-mock-retry-after": "2"}))
         reader = ResponseReader(sock).read_head()
-        body, complete = reader.read_body()
+        _body, complete = reader.read_body()
     assert reader.status == 503 and complete
     assert reader.headers["retry-after"] == "2"
