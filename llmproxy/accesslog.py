@@ -57,6 +57,14 @@ class AccessLog:
         # One write() per line: lines from concurrent requests never interleave.
         os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
+    def write_rejected(self, peer: str, status: int, termination: str, message: str) -> None:
+        """Log a request rejected before it could be parsed (malformed or over-limit head)."""
+        if self._fd is None:
+            return
+        record = {"ts": _rfc3339(time.time()), "request_id": None, "client": peer, "method": None, "path": None,
+                  "status": status, "termination": termination, "error": message}
+        os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+
     def close(self) -> None:
         if self._owned and self._fd is not None:
             os.close(self._fd)

@@ -76,12 +76,10 @@ class ClientConnection(asyncio.Protocol):
             self._head_timer = self._loop.call_later(self.server.timeouts.request_head, self._head_timeout)
 
     def eof_received(self) -> bool:
-        # A half-closed client may still read the response (e.g. `nc -q`), but keeping such
-        # connections open invites abuse; we close once the current response is done.
-        if self._current is None:
-            return False
-        self._current.keep_alive = False
-        return True
+        # EOF from the client is treated as a disconnect, as nginx does by default: an HTTP client that
+        # closes its side is gone, and the backend must stop generating now, not at the next chunk
+        # (which may be minutes away during a long prefill). Returning False closes the transport.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

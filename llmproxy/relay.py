@@ -60,6 +60,8 @@ class Exchange:
         ctx = self.ctx
         ctx.status = status
         self._chunked = framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.1"
+        if ctx.conn.server.draining:
+            ctx.keep_alive = False  # shutting down: tell the client this connection ends with the response
         if framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.0":
             ctx.keep_alive = False  # an HTTP/1.0 client can only see the end of this body as a close
         self._write(self._response_head(status, headers, framing))

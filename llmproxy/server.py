@@ -132,7 +132,7 @@ class ProxyServer:
 
     def log_protocol_error(self, conn: ClientConnection, error: ProtocolError) -> None:
         """Record a request rejected before it had a context (malformed head)."""
-        log.info("rejected request from %s: %s %s", conn.peer, error.spec.status, error.message)
+        self.access_log.write_rejected(conn.peer, error.spec.status, error.spec.termination, error.message)
         if self.metrics is not None:
             self.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
 

@@ -104,6 +104,8 @@ class UpstreamConnection(asyncio.Protocol):
         return self._headers is None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers is None:
+            return  # a trailer field after a chunked body: not forwarded
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:

@@ -100,6 +100,21 @@ def test_client_disconnect_mid_stream_closes_upstream_within_one_second(proxy, m
     assert stats["last_disconnect_monotonic"] - closed_at < 1.0
 
 
+def test_client_disconnect_during_a_long_prefill_closes_upstream_within_one_second(proxy, mock_vllm):
+    marker = f"prefill-{time.monotonic_ns()}"
+    sock = raw_connect(proxy.port)
+    sock.sendall(post_request("/v1/chat/completions", CHAT,
+                              {"x-mock-first-byte-delay-ms": "30000", "x-marker": marker}))
+    wait_for(lambda: [r for r in mock_stats(mock_vllm)["requests"] if ["x-marker", marker] in r["headers"]])
+    sock.close()  # the backend has sent nothing yet: only the client's EOF can tell the proxy
+    closed_at = time.monotonic()
+    record = wait_for(lambda: [r for r in mock_stats(mock_vllm)["requests"]
+                               if ["x-marker", marker] in r["headers"] and r["outcome"] == "client_disconnect"],
+                      timeout=1.0)
+    assert record
+    assert mock_stats(mock_vllm)["last_disconnect_monotonic"] - closed_at < 1.0
+
+
 def test_backend_reset_mid_stream_reaches_client_as_truncation(proxy):
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/chat/completions", CHAT,
