@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmproxy.config import (
@@ -117,9 +117,7 @@ def test_parse_size_good(value: Any, size: int) -> None:
     assert parse_size(value, "x") == size
 
 
-@pytest.mark.parametrize(
-    "value", [-1, "-1KiB", "", "abc", "KiB", "10XB", "10K", "1e3", 1.5, True, None, {"a": 1}]
-)
+@pytest.mark.parametrize("value", [-1, "-1KiB", "", "abc", "KiB", "10XB", "10K", "1e3", 1.5, True, None, {"a": 1}])
 def test_parse_size_bad(value: Any) -> None:
     with pytest.raises(ConfigError) as info:
         parse_size(value, "server.max_body_size")
@@ -283,9 +281,7 @@ def test_every_key_is_applied() -> None:
         ("http://vllm_a:8000", "http", "vllm_a", 8000, "", "vllm_a:8000"),
     ],
 )
-def test_backend_url_derived_fields(
-    url: str, scheme: str, host: str, port: int, base_path: str, name: str
-) -> None:
+def test_backend_url_derived_fields(url: str, scheme: str, host: str, port: int, base_path: str, name: str) -> None:
     [b] = parse_config({"backends": [{"url": url}]}).backends
     assert (b.scheme, b.host, b.port, b.base_path, b.name) == (scheme, host, port, base_path, name)
 
@@ -433,7 +429,8 @@ def test_bad_values(data: Any, message: str) -> None:
         ("http://a:0", "invalid port"),
         ("http://a:70000", "invalid port"),
         ("http://a:port", "invalid port"),
-        ("http://a b:80", "must not contain whitespace"),
+        ("http://a b:80", "must be printable ASCII"),
+        ("http://a/caf\u00e9", "must be printable ASCII"),
         ("http://[::1", "invalid URL"),
         ("http://[zz]:80", "invalid"),  # urlsplit or our own IPv6 check
         ("http://bad!host", "invalid host name"),
@@ -447,9 +444,7 @@ def test_bad_backend_urls(url: Any, reason: str) -> None:
     assert err.reason.startswith(reason)
 
 
-@pytest.mark.parametrize(
-    "url", ["http://user:hunter2@vllm:8000", "http://hunter2@vllm/v1", "http://u:hunter2@[::1"]
-)
+@pytest.mark.parametrize("url", ["http://user:hunter2@vllm:8000", "http://hunter2@vllm/v1", "http://u:hunter2@[::1"])
 def test_url_credentials_are_refused_without_echoing_them(url: str) -> None:
     err = error_of({"backends": [{"url": url}]})
     assert err.path == "backends[0].url"
@@ -457,7 +452,7 @@ def test_url_credentials_are_refused_without_echoing_them(url: str) -> None:
     assert "hunter2" not in str(err)
 
 
-@pytest.mark.parametrize("api_key", [123, "sk-1\r\nX-Evil: 1", "sk 1"])
+@pytest.mark.parametrize("api_key", [123, "sk-1\r\nX-Evil: 1", "sk 1", "sk-\u00e9"])
 def test_bad_api_key_is_refused_without_echoing_it(api_key: Any) -> None:
     err = error_of({"backends": [{"url": "http://a", "api_key": api_key}]})
     assert err.path == "backends[0].api_key"
@@ -696,11 +691,12 @@ def test_dump_masks_url_credentials_of_configs_built_in_code() -> None:
     assert "http://***@a:1/v1" in text
 
 
-durations = st.floats(min_value=1e-6, max_value=1e7, allow_nan=False, allow_infinity=False) | st.integers(
-    1, 10**6
-).map(float)
+durations = st.floats(min_value=1e-6, max_value=1e7, allow_nan=False, allow_infinity=False) | st.integers(1, 10**6).map(
+    float
+)
 
 
+@settings(deadline=None)  # timing varies on loaded CI machines; correctness is what is tested
 @given(connect=durations, idle=durations, first_byte=durations, size=st.integers(1024, 2**40))
 def test_dump_round_trips_any_values(connect: float, idle: float, first_byte: float, size: int) -> None:
     cfg = Config(
@@ -727,14 +723,11 @@ yaml_values = st.recursive(
     ),
     max_leaves=10,
 )
-known_keys = st.sampled_from(
-    ["server", "backends", "routing", "logging", "metrics", "url", "weight", "listen"]
-)
+known_keys = st.sampled_from(["server", "backends", "routing", "logging", "metrics", "url", "weight", "listen"])
 
 
-@given(
-    st.dictionaries(known_keys, yaml_values | st.lists(st.dictionaries(known_keys, yaml_values), max_size=2))
-)
+@settings(deadline=None)
+@given(st.dictionaries(known_keys, yaml_values | st.lists(st.dictionaries(known_keys, yaml_values), max_size=2)))
 def test_any_document_gives_a_config_or_a_config_error(data: dict[str, Any]) -> None:
     try:
         parse_config(data)
