@@ -44,7 +44,8 @@ class Backend:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.backend = asyncio.run_coroutine_threadsafe(start_mock_backend(options), self.loop).result(TIMEOUT)
+        started = asyncio.run_coroutine_threadsafe(start_mock_backend(options), self.loop)
+        self.backend = started.result(TIMEOUT)
         self.port = self.backend.port
 
     def close(self) -> None:
@@ -106,7 +107,9 @@ class Client:
     def head(self) -> tuple[int, dict[str, str]]:
         event = self._event()
         assert isinstance(event, h11.Response), event
-        return event.status_code, {k.decode(): v.decode() for k, v in event.headers}
+        headers = {k.decode(): v.decode() for k, v in event.headers}
+        self._chunked = headers.get("transfer-encoding") == "chunked"
+        return event.status_code, headers
 
     def chunk(self) -> bytes | None:
         """The next whole HTTP chunk (any body piece if not chunked); None at the end of the message."""
@@ -120,18 +123,10 @@ class Client:
 
     def response(self) -> Response:
         status, headers = self.head()
-        self._chunked = headers.get("transfer-encoding") == "chunked"
         chunks = []
         while (piece := self.chunk()) is not None:
             chunks.append(piece)
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
         return Response(status, headers, chunks)
-
-    def start_stream(self) -> tuple[int, dict[str, str]]:
-        status, headers = self.head()
-        self._chunked = headers.get("transfer-encoding") == "chunked"
-        return status, headers
 
     def close(self) -> None:
         self.sock.close()
@@ -282,6 +277,8 @@ def test_ollama_ndjson_ends_with_done_line_carrying_counts(backends: dict[str, B
 def test_ollama_misc_endpoints_and_error_shapes(backends: dict[str, Backend]) -> None:
     port = backends["ollama"].port
     assert request(port, "GET", "/").body == b"Ollama is running"
+    head = request(port, "HEAD", "/")  # the Go client's heartbeat
+    assert (head.status, head.body, head.headers["content-length"]) == (200, b"", "17")
     assert json.loads(request(port, "GET", "/api/tags").body)["models"][0]["name"] == "llama3.2:latest"
     assert "version" in json.loads(request(port, "GET", "/api/version").body)
     assert "details" in json.loads(request(port, "POST", "/api/show", {"model": "x"}).body)
@@ -311,7 +308,9 @@ def test_tgi_generate_stream_has_details_only_when_asked(backends: dict[str, Bac
 def test_tgi_chat_chunk_shape_and_generate(backends: dict[str, Backend]) -> None:
     port = backends["tgi"].port
     body = {**CHAT, "model": "tgi", "stream": True}
-    chunks = [json.loads(p) for p in sse_payloads(request(port, "POST", "/v1/chat/completions", body).body)[:-1]]
+    payloads = sse_payloads(request(port, "POST", "/v1/chat/completions", body).body)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
     assert all(list(c)[:2] == ["object", "id"] and c["id"] == "" and c["usage"] is None for c in chunks)
     assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks)
     assert chunks[0]["model"] == "HuggingFaceH4/zephyr-7b-beta"
@@ -349,7 +348,7 @@ def test_stall_sends_n_events_then_nothing_and_counts_the_client_disconnect(vllm
     before = vllm.stats()["client_disconnects_midstream"]
     client = Client(vllm.port)
     client.send("POST", "/v1/chat/completions", STREAM, {"x-mock-stall-after": "2"})
-    assert client.start_stream()[0] == 200
+    assert client.head()[0] == 200
     assert b"assistant" in client.chunk() and b"tok0" in client.chunk()
     client.sock.settimeout(0.3)
     with pytest.raises(TimeoutError):
@@ -372,7 +371,7 @@ def test_reset_after_bytes_delivers_exactly_n_body_bytes_then_rst(vllm: Backend,
     client = Client(vllm.port)
     client.send("POST", "/v1/chat/completions", {**CHAT, "stream": stream},
                 {"x-mock-reset-after-bytes": str(limit)})
-    client.start_stream()
+    client.head()
     received = b""
     with pytest.raises(ConnectionResetError):
         while (piece := client.chunk()) is not None:
@@ -395,7 +394,7 @@ def test_gate_holds_each_event_until_released_and_counts_early_releases(vllm: Ba
     token = uuid.uuid4().hex
     client = Client(vllm.port)
     client.send("POST", "/v1/chat/completions", STREAM, {"x-mock-gate": token, "x-mock-tokens": "3"})
-    client.start_stream()
+    client.head()
     assert b'"role":"assistant"' in client.chunk()  # the first event is never gated
     client.sock.settimeout(0.2)
     with pytest.raises(TimeoutError):
@@ -412,22 +411,33 @@ def test_gate_holds_each_event_until_released_and_counts_early_releases(vllm: Ba
     client.close()
 
 
+def test_gate_releases_made_before_the_request_are_counted(vllm: Backend) -> None:
+    token = uuid.uuid4().hex
+    for _ in range(2):
+        request(vllm.port, "POST", f"/_mock/release/{token}")
+    resp = request(vllm.port, "POST", "/v1/chat/completions", STREAM,
+                   {"x-mock-gate": token, "x-mock-tokens": "1"})
+    assert len(resp.chunks) == 3  # role, tok0 (release 1), [DONE] (release 2)
+
+
 def test_delays_pace_the_head_and_each_event(vllm: Backend) -> None:
     client = Client(vllm.port)
     start = time.monotonic()
     client.send("POST", "/v1/chat/completions", STREAM,
                 {"x-mock-first-byte-delay-ms": "150", "x-mock-delay-ms": "40", "x-mock-tokens": "2"})
-    client.start_stream()
+    client.head()
     client.chunk()
     first = time.monotonic() - start
     arrivals = []
     while client.chunk() is not None:
         arrivals.append(time.monotonic() - start)
+    end = time.monotonic() - start
     client.close()
     assert 0.14 <= first < 1.0
     # role, tok0, tok1, [DONE]: three paced gaps after the first event
-    assert arrivals[-1] - first >= 3 * 0.04 - 0.005
+    assert len(arrivals) == 3 and arrivals[-1] - first >= 3 * 0.04 - 0.005
     assert all(b - a >= 0.03 for a, b in zip([first, *arrivals], arrivals, strict=False))
+    assert end - arrivals[-1] < 0.03  # the end of the body is not paced like an event
 
 
 def test_metrics_gauges_follow_live_requests(vllm: Backend) -> None:
@@ -438,7 +448,7 @@ def test_metrics_gauges_follow_live_requests(vllm: Backend) -> None:
     waiting, running = Client(vllm.port), Client(vllm.port)
     waiting.send("POST", "/v1/chat/completions", STREAM, {"x-mock-first-byte-delay-ms": "60000"})
     running.send("POST", "/v1/chat/completions", STREAM, {"x-mock-stall-after": "1"})
-    running.start_stream()
+    running.head()
     assert (gauge("num_requests_waiting"), gauge("num_requests_running")) == (1.0, 1.0)
     waiting.close()
     running.close()
@@ -491,7 +501,8 @@ def test_many_concurrent_slow_streams_are_paced_by_timers(vllm: Backend) -> None
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = json.dumps(STREAM).encode()
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\nconnection: close\r\n"
-                     b"x-mock-delay-ms: 20\r\nx-mock-tokens: 10\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+                     b"x-mock-delay-ms: 20\r\nx-mock-tokens: 10\r\n"
+                     b"content-length: %d\r\n\r\n%b" % (len(body), body))
         data = await reader.read()
         writer.close()
         return data

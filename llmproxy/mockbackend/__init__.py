@@ -1,0 +1,45 @@
+"""A deterministic, fast fake of vLLM, TGI and Ollama for the proxy's tests, benchmarks and demo.
+
+Embed it in a running loop with `await start_mock_backend(MockOptions(...))`, or run it as a
+process with `llmproxy mock-backend` / `python -m llmproxy.mockbackend` (prints one line,
+"mock-backend (<dialect>) listening on http://HOST:PORT", and exits 0 on SIGTERM/SIGINT).
+
+Completions are `tokens` tokens long (capped by the request's max_tokens / max_new_tokens /
+options.num_predict); token i is `word(i)` = " tok<i>", finish_reason is "length", and
+prompt_tokens is `prompt_tokens(body)` = ceil(len(prompt text) / 4).
+
+Request headers steer one request (each overrides the CLI default):
+  x-mock-tokens: N                  completion length
+  x-mock-delay-ms: D                pause between two events
+  x-mock-first-byte-delay-ms: D     pause before the response head (and first event)
+  x-mock-status: S                  answer S with the dialect's JSON error instead
+  x-mock-retry-after: V             add Retry-After: V
+  x-mock-stall-after: N             send N events, then nothing, connection left open
+  x-mock-reset-after-bytes: N       send N body (payload) bytes, then a TCP RST
+  x-mock-close-delimited: 1         no Content-Length/chunking: Connection: close, body ends at EOF
+  x-mock-fixture: NAME              replay a recorded stream from the fixtures directory verbatim
+  x-mock-gate: TOKEN                each event after the first waits for POST /_mock/release/TOKEN
+Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
+POST /_mock/reset-stats.
+"""
+
+from __future__ import annotations
+
+from llmproxy.mockbackend.cli import main
+from llmproxy.mockbackend.options import DEFAULT_MODELS, MockOptions
+from llmproxy.mockbackend.server import MockBackend, start_mock_backend
+from llmproxy.mockbackend.stats import MockStats
+from llmproxy.mockbackend.textgen import completion_text, count_tokens, prompt_tokens, word
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MockBackend",
+    "MockOptions",
+    "MockStats",
+    "completion_text",
+    "count_tokens",
+    "main",
+    "prompt_tokens",
+    "start_mock_backend",
+    "word",
+]

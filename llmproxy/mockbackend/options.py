@@ -1,0 +1,110 @@
+"""Server-wide options of the mock backend and the per-request knobs that override them.
+
+Knobs arrive as `x-mock-*` request headers because the proxy under test forwards headers untouched:
+a test can steer one request through the proxy without reconfiguring anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DIALECTS = ("vllm", "tgi", "ollama")
+
+# The model each real server would report when the request does not name one.
+DEFAULT_MODELS = {
+    "vllm": "Qwen/Qwen2.5-7B-Instruct",
+    "tgi": "HuggingFaceH4/zephyr-7b-beta",
+    "ollama": "llama3.2:latest",
+}
+
+# A backend must never be asked to hold more than this many events in one response: it bounds the
+# work a typo in a header (x-mock-tokens: 10000000000) can cause.
+MAX_TOKENS = 1_000_000
+
+
+class BadRequest(Exception):
+    """A request the mock refuses; answered with `status` in the dialect's error shape."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class MockOptions:
+    dialect: str = "vllm"
+    tokens: int = 16
+    delay_ms: float = 0.0  # between two events of a stream
+    first_byte_delay_ms: float = 0.0  # before the response head (and the first event)
+    model: str | None = None  # None: the dialect's default (DEFAULT_MODELS)
+    fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/../shared/fixtures/streams
+
+    def __post_init__(self) -> None:
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {self.dialect!r}; expected one of {', '.join(DIALECTS)}")
+        if self.tokens < 0 or self.delay_ms < 0 or self.first_byte_delay_ms < 0:
+            raise ValueError("tokens and delays must not be negative")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODELS[self.dialect]
+
+
+@dataclass(slots=True)
+class Knobs:
+    """What one request asked of the mock, CLI defaults already applied. Delays are in seconds."""
+
+    tokens: int
+    delay: float
+    first_byte_delay: float
+    status: int | None = None
+    retry_after: str | None = None
+    stall_after: int | None = None
+    reset_after_bytes: int | None = None
+    close_delimited: bool = False
+    fixture: str | None = None
+    gate: str | None = None
+
+
+def _int(headers: dict[str, str], name: str, low: int, high: int) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _ms(headers: dict[str, str], name: str, default_ms: float) -> float:
+    raw = headers.get(name)
+    if raw is None:
+        return default_ms / 1000.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number of milliseconds, got {raw!r}") from None
+    if not 0 <= value <= 3_600_000:
+        raise BadRequest(f"{name} must be between 0 and 3600000, got {raw}")
+    return value / 1000.0
+
+
+def parse_knobs(headers: dict[str, str], options: MockOptions) -> Knobs:
+    """Return the knobs of one request (header names lower-case). Raises BadRequest on a bad value."""
+    tokens = _int(headers, "x-mock-tokens", 0, MAX_TOKENS)
+    return Knobs(
+        tokens=options.tokens if tokens is None else tokens,
+        delay=_ms(headers, "x-mock-delay-ms", options.delay_ms),
+        first_byte_delay=_ms(headers, "x-mock-first-byte-delay-ms", options.first_byte_delay_ms),
+        status=_int(headers, "x-mock-status", 100, 599),
+        retry_after=headers.get("x-mock-retry-after"),
+        stall_after=_int(headers, "x-mock-stall-after", 0, MAX_TOKENS),
+        reset_after_bytes=_int(headers, "x-mock-reset-after-bytes", 0, 1 << 40),
+        close_delimited=headers.get("x-mock-close-delimited", "0").strip().lower() in ("1", "true", "yes"),
+        fixture=headers.get("x-mock-fixture"),
+        gate=headers.get("x-mock-gate"),
+    )

@@ -1,0 +1,161 @@
+"""The mock backend's server: routing, control endpoints (/_mock/*) and the embeddable handle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from http import HTTPStatus
+from types import ModuleType
+from typing import Any
+
+from llmproxy.mockbackend import ollama, tgi, vllm
+from llmproxy.mockbackend.connection import MockConnection, ParsedRequest
+from llmproxy.mockbackend.fixtures import FixtureStore
+from llmproxy.mockbackend.options import BadRequest, Knobs, MockOptions, parse_knobs
+from llmproxy.mockbackend.reply import Call, Reply, json_reply
+from llmproxy.mockbackend.stats import Gate, MockStats
+from llmproxy.mockbackend.writer import ResponseWriter
+
+DIALECT_MODULES: dict[str, ModuleType] = {"vllm": vllm, "tgi": tgi, "ollama": ollama}
+CONTROL_PREFIX = "/_mock/"
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"status {status}"
+
+
+class MockState:
+    """Everything shared by the connections of one mock backend."""
+
+    def __init__(self, options: MockOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self.options = options
+        self.loop = loop
+        self.dialect = DIALECT_MODULES[options.dialect]
+        self.stats = MockStats()
+        self.gates: dict[str, Gate] = {}
+        self.fixtures = FixtureStore(options.fixtures_dir)
+        self.connections: set[MockConnection] = set()
+
+    def connection_opened(self, conn: MockConnection) -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+        self.stats.open_connections += 1
+
+    def connection_closed(self, conn: MockConnection) -> None:
+        self.connections.discard(conn)
+        self.stats.open_connections -= 1
+
+    def default_knobs(self) -> Knobs:
+        opts = self.options
+        return Knobs(tokens=opts.tokens, delay=opts.delay_ms / 1000.0,
+                     first_byte_delay=opts.first_byte_delay_ms / 1000.0)
+
+    def respond(self, conn: MockConnection, request: ParsedRequest) -> ResponseWriter:
+        """Build the response to `request` and the writer that will send it."""
+        path = request.target.partition("?")[0]
+        headers = dict(request.headers)
+        options = {"keep_alive": request.keep_alive, "http10": request.http10,
+                   "request_id": headers.get("x-request-id"), "head_only": request.method == "HEAD"}
+        if path.startswith(CONTROL_PREFIX):
+            reply = self._control(request.method, path)
+            return ResponseWriter(conn, reply, self.default_knobs(), None, gate=None, **options)
+        record = self.stats.record_request(request.method, request.target, request.headers, request.body)
+        knobs = self.default_knobs()
+        try:
+            knobs = parse_knobs(headers, self.options)
+            reply = self._route(request, path, headers, knobs)
+        except BadRequest as exc:
+            reply = self.dialect.error(exc.status, exc.message, path)
+        except Exception as exc:  # a request shape the handlers did not foresee must not kill the mock
+            reply = self.dialect.error(500, f"mock backend failed: {exc!r}", path)
+        if knobs.retry_after is not None:
+            reply.headers.append((b"retry-after", knobs.retry_after.encode("latin-1", "replace")))
+        record.status = reply.status
+        self.stats.prompt_tokens_total += reply.prompt_tokens
+        self.stats.generation_tokens_total += reply.completion_tokens
+        gate = self._gate(knobs.gate) if knobs.gate else None
+        return ResponseWriter(conn, reply, knobs, record, gate=gate, **options)
+
+    def _route(self, request: ParsedRequest, path: str, headers: dict[str, str], knobs: Knobs) -> Reply:
+        if knobs.status is not None:
+            return self.dialect.error(knobs.status, f"{_phrase(knobs.status)} (x-mock-status)", path)
+        if knobs.fixture is not None:
+            return self.fixtures.get(knobs.fixture).reply()
+        route = self.dialect.ROUTES.get(path)
+        if route is None:
+            raise BadRequest("Not Found", 404)
+        method, handler = route
+        if request.method != method and not (request.method == "HEAD" and method == "GET"):
+            raise BadRequest("Method Not Allowed", 405)
+        call = Call(method=method, path=path, headers=headers, body=request.body,
+                    tokens=knobs.tokens, model=self.options.model_name, gauges=self.stats.gauges)
+        return handler(call)
+
+    def _gate(self, token: str) -> Gate:
+        gate = self.gates.get(token)
+        if gate is None:
+            gate = self.gates[token] = Gate()
+        return gate
+
+    def _control(self, method: str, path: str) -> Reply:
+        action = path[len(CONTROL_PREFIX):]
+        if method in ("GET", "HEAD") and action == "stats":
+            return json_reply(self.stats.as_dict())
+        if method == "POST" and action.startswith("release/") and len(action) > len("release/"):
+            gate = self._gate(action[len("release/"):])
+            wake = gate.release()
+            if wake is not None:
+                self.loop.call_soon(wake)
+            return json_reply({"released": gate.released, "woke": wake is not None})
+        if method == "POST" and action == "reset-stats":
+            self.stats.reset()
+            # gates nobody waits on are forgotten too; a waiting stream keeps its gate
+            self.gates = {token: gate for token, gate in self.gates.items() if gate.waiters}
+            return json_reply({"reset": True})
+        return json_reply({"error": f"unknown control endpoint {method} {path}"}, 404)
+
+
+class MockBackend:
+    """A running mock backend. Close it with `await backend.close()` or `async with`."""
+
+    def __init__(self, server: asyncio.Server, state: MockState) -> None:
+        self._server = server
+        self._state = state
+        sockname = server.sockets[0].getsockname()
+        self.host: str = sockname[0]
+        self.port: int = sockname[1]
+
+    @property
+    def stats(self) -> MockStats:
+        return self._state.stats
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection, stalled streams included."""
+        self._server.close()
+        for conn in list(self._state.connections):
+            conn.close_by_server()
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> MockBackend:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+async def start_mock_backend(options: MockOptions, host: str = "127.0.0.1", port: int = 0) -> MockBackend:
+    """Start listening on host:port (0: any free port) in the running loop and return the handle."""
+    loop = asyncio.get_running_loop()
+    state = MockState(options, loop)
+    factory: Callable[[], MockConnection] = lambda: MockConnection(state, loop)  # noqa: E731
+    # a deep backlog: benchmarks open thousands of connections at once
+    server = await loop.create_server(factory, host, port, backlog=4096)
+    return MockBackend(server, state)

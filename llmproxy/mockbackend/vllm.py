@@ -1,0 +1,221 @@
+"""vLLM's OpenAI-compatible server (PROTOCOLS.md §2): routes, chunk shapes and error shape.
+
+Every generation stops at the token budget, so finish_reason is always "length" and sits on the
+last content chunk, as vLLM does when max_tokens is reached (no separate EOS chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from http import HTTPStatus
+from typing import Any
+
+from llmproxy.mockbackend.options import BadRequest
+from llmproxy.mockbackend.reply import (
+    CREATED,
+    DONE,
+    SLOT,
+    Call,
+    Reply,
+    Template,
+    dumps,
+    empty_reply,
+    generated,
+    json_reply,
+    prometheus_reply,
+    sse,
+    stream_reply,
+)
+from llmproxy.mockbackend.textgen import (
+    capped,
+    completion_text,
+    embedding_inputs,
+    encoded_embedding,
+    prompt_pieces,
+    prompt_tokens,
+    token_id,
+    tokenize,
+    word,
+)
+
+VERSION = "0.21.0"
+FINGERPRINT = "vllm-0.21.0-6d6f636b"
+MAX_MODEL_LEN = 32768
+EVENT_STREAM = b"text/event-stream; charset=utf-8"  # Starlette appends the charset to text/*
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
+                501: "NotImplementedError"}
+
+
+def error(status: int, message: str, path: str) -> Reply:
+    """vLLM's ErrorResponse: `code` is the integer status; unmapped statuses use the reason phrase."""
+    etype = _ERROR_TYPES.get(status)
+    if etype is None:
+        try:
+            etype = HTTPStatus(status).phrase
+        except ValueError:
+            etype = "Error"
+    return json_reply({"error": {"message": message, "type": etype, "param": None, "code": status}}, status)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    # pydantic class order, which is also the wire order (PROTOCOLS §2.4)
+    return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+
+
+def _stream_flags(req: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """Return (stream, include_usage, continuous_usage_stats) the way vLLM's validators read them."""
+    stream = bool(req.get("stream"))
+    options = req.get("stream_options")
+    if options and not stream:
+        raise BadRequest("Stream options can only be defined when `stream=True`.")
+    options = options if isinstance(options, dict) else {}
+    include = bool(options.get("include_usage"))
+    return stream, include, include and bool(options.get("continuous_usage_stats"))
+
+
+def _request_id(call: Call, prefix: str) -> str:
+    # vLLM builds the id from the incoming X-Request-Id when there is one (engine/serving.py).
+    return prefix + (call.request_id or call.digest())
+
+
+def chat(call: Call) -> Reply:
+    req = call.json()
+    stream, include, continuous = _stream_flags(req)
+    n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
+    p = prompt_tokens(req)
+    base = {"id": _request_id(call, "chatcmpl-"), "object": "chat.completion.chunk", "created": CREATED,
+            "model": call.request_model()}
+    if stream:
+        events = _chat_events(base, n, p, include, continuous)
+        return stream_reply(events, EVENT_STREAM, prompt_tokens=p, completion_tokens=n)
+    message = {"role": "assistant", "content": completion_text(n), "refusal": None, "annotations": None,
+               "audio": None, "function_call": None, "tool_calls": [], "reasoning": None}
+    body = {**base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "length",
+                         "stop_reason": None, "token_ids": None}],
+            "service_tier": None, "system_fingerprint": FINGERPRINT,
+            "usage": {**_usage(p, n), "prompt_tokens_details": None},
+            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None}
+    return generated(json_reply(body), p, n)
+
+
+def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous: bool) -> Iterator[bytes]:
+    role: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+    if continuous:
+        role["usage"] = _usage(p, 0)
+    yield sse(dumps({**role, "prompt_token_ids": None, "prompt_text": None}))
+    chunk: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"content": SLOT}, "logprobs": None,
+                                                  "finish_reason": None, "token_ids": None}]}
+    if continuous:
+        chunk["usage"] = SLOT
+    template = Template(chunk)
+    for i in range(n - 1):
+        yield template.fill(word(i), _usage(p, i + 1)) if continuous else template.fill(word(i))
+    last: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"content": word(n - 1) if n else ""},
+                                                 "logprobs": None, "finish_reason": "length",
+                                                 "stop_reason": None, "token_ids": None}]}
+    if continuous:
+        last["usage"] = _usage(p, n)
+    if not include:
+        last["system_fingerprint"] = FINGERPRINT  # only when no usage chunk follows (§2.2)
+    yield sse(dumps(last))
+    if include:
+        yield sse(dumps({**base, "choices": [], "usage": _usage(p, n), "system_fingerprint": FINGERPRINT}))
+    yield DONE
+
+
+def completions(call: Call) -> Reply:
+    req = call.json()
+    stream, include, continuous = _stream_flags(req)
+    n = capped(call.tokens, req.get("max_tokens"))
+    p = prompt_tokens(req)
+    base = {"id": _request_id(call, "cmpl-"), "object": "text_completion", "created": CREATED,
+            "model": call.request_model()}
+    if stream:
+        events = _completion_events(base, n, p, include, continuous)
+        return stream_reply(events, EVENT_STREAM, prompt_tokens=p, completion_tokens=n)
+    body = {**base, "choices": [{"index": 0, "text": completion_text(n), "logprobs": None,
+                                 "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None,
+                                 "prompt_token_ids": None, "token_ids": None}],
+            "service_tier": None, "system_fingerprint": FINGERPRINT,
+            "usage": {**_usage(p, n), "prompt_tokens_details": None}, "kv_transfer_params": None}
+    return generated(json_reply(body), p, n)
+
+
+def _completion_events(base: dict[str, Any], n: int, p: int, include: bool,
+                       continuous: bool) -> Iterator[bytes]:
+    def choice(text: Any, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
+                "prompt_token_ids": None, "token_ids": None}
+
+    template = Template({**base, "choices": [choice(SLOT, None)], **({"usage": SLOT} if continuous else {})})
+    for i in range(n - 1):
+        yield template.fill(word(i), _usage(p, i + 1)) if continuous else template.fill(word(i))
+    last = {**base, "choices": [choice(word(n - 1) if n else "", "length")]}
+    yield sse(dumps({**last, "usage": _usage(p, n)} if continuous else last))
+    if include:
+        # dumped with exclude_none, so it keeps "object" (§2.3)
+        yield sse(dumps({**base, "choices": [], "usage": _usage(p, n), "system_fingerprint": FINGERPRINT}))
+    yield DONE
+
+
+def embeddings(call: Call) -> Reply:
+    req = call.json()
+    fmt = req.get("encoding_format")
+    data = [{"index": index, "object": "embedding", "embedding": encoded_embedding(item, fmt)}
+            for index, item in enumerate(embedding_inputs(req))]
+    p = prompt_tokens(req)
+    body = {"id": "embd-" + call.digest(), "object": "list", "created": CREATED,
+            "model": call.request_model(), "data": data,
+            "usage": {**_usage(p, 0), "prompt_tokens_details": None}}
+    return json_reply(body)
+
+
+def models(call: Call) -> Reply:
+    permission = {"id": "modelperm-6d6f636b", "object": "model_permission", "created": CREATED,
+                  "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                  "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                  "organization": "*", "group": None, "is_blocking": False}
+    card = {"id": call.model, "object": "model", "created": CREATED, "owned_by": "vllm", "root": call.model,
+            "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}
+    return json_reply({"object": "list", "data": [card]})
+
+
+def version(call: Call) -> Reply:
+    return json_reply({"version": VERSION})
+
+
+def tokenize_route(call: Call) -> Reply:
+    req = call.json()
+    ids: list[int] = []
+    for piece in prompt_pieces(req):  # a prompt is text or, already tokenised, a list of ids
+        ids += piece if isinstance(piece, list) else [token_id(t) for t in tokenize(piece)]
+    return json_reply({"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids, "token_strs": None})
+
+
+def metrics(call: Call) -> Reply:
+    running, waiting, prompt_total, generation_total = call.gauges()
+    escaped = call.model.replace("\\", "\\\\").replace('"', '\\"')
+    labels = f'{{engine="0",model_name="{escaped}"}}'
+    return prometheus_reply([
+        ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running),
+        ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting),
+        ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt_total),
+        ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+         generation_total),
+    ], labels)
+
+
+ROUTES = {
+    "/v1/chat/completions": ("POST", chat),
+    "/v1/completions": ("POST", completions),
+    "/v1/embeddings": ("POST", embeddings),
+    "/v1/models": ("GET", models),
+    "/health": ("GET", empty_reply),
+    "/ping": ("GET", empty_reply),
+    "/version": ("GET", version),
+    "/tokenize": ("POST", tokenize_route),
+    "/metrics": ("GET", metrics),
+}
