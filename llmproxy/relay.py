@@ -31,7 +31,7 @@ class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
     __slots__ = ("_chunked", "_first_byte_timer", "_idle_ticks", "_idle_timer", "_last_progress", "_loop",
-                 "_progress", "_stream_idle", "_write", "_write_timer", "ctx", "done", "upstream")
+                 "_pending_head", "_progress", "_stream_idle", "_write", "_write_timer", "ctx", "done", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, first_byte: float,
                  stream_idle: float) -> None:
@@ -41,6 +41,7 @@ class Exchange:
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._write = ctx.conn.transport.write
         self._chunked = False
+        self._pending_head: bytes | None = None  # the response head, until it can go with the first chunk
         self._progress = 0
         self._last_progress = -1
         self._idle_ticks = 0
@@ -64,21 +65,27 @@ class Exchange:
             ctx.keep_alive = False  # shutting down: tell the client this connection ends with the response
         if framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.0":
             ctx.keep_alive = False  # an HTTP/1.0 client can only see the end of this body as a close
-        self._write(self._response_head(status, headers, framing))
-        ctx.response_started = True
+        self._pending_head = self._response_head(status, headers, framing)
         self._arm_idle_timer()
         if ctx.conn.writing_paused:
             self.client_paused()
 
     def on_response_body(self, data: bytes) -> None:
         ctx = self.ctx
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
         if not ctx.t_first_byte:
             ctx.t_first_byte = perf_counter()
-        self._write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+            if self._pending_head is not None:
+                framed = self._pending_head + framed
+                self._pending_head = None
+                ctx.response_started = True
+        self._write(framed)
         ctx.bytes_out += len(data)
         self._progress += 1
 
     def on_response_complete(self) -> None:
+        if self._pending_head is not None:
+            self.flush_head()
         if self._chunked:
             self._write(LAST_CHUNK)
         self._end()
@@ -91,6 +98,12 @@ class Exchange:
             self._abort_client("SD", reason)
         elif not self.done.done():
             self.done.set_exception(ProxyError("upstream_failed", reason))
+
+    def flush_head(self) -> None:
+        if self._pending_head is not None:
+            self._write(self._pending_head)
+            self._pending_head = None
+            self.ctx.response_started = True
 
     # Client-side events, from the client connection ------------------------------------------------
 
