@@ -15,6 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .context import RequestContext
+from .eager import EagerRun
 from .errors import ProxyError, error_body
 from .http11.request import ProtocolError, RequestCodec, RequestHead
 from .http11.wire import status_line
@@ -27,7 +28,8 @@ WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("_body_timer", "_codec", "_current", "_head_timer", "_idle_timer", "_loop", "_parsing",
-                 "_pending", "_reading_paused", "closed", "peer", "server", "transport", "writing_paused")
+                 "_pending", "_reading_paused", "_to_start", "closed", "peer", "server", "transport",
+                 "writing_paused")
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -38,6 +40,7 @@ class ClientConnection(asyncio.Protocol):
         self._current: RequestContext | None = None  # the request being answered
         self._parsing: RequestContext | None = None  # the request whose body is arriving
         self._pending: deque[RequestContext | ProtocolError] = deque()
+        self._to_start: RequestContext | None = None  # became current during this read; started after it
         self._idle_timer: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
@@ -71,6 +74,13 @@ class ClientConnection(asyncio.Protocol):
             self._codec.feed(data)
         except ProtocolError as error:
             self._protocol_error(error)
+        to_start = self._to_start
+        if to_start is not None:
+            # Started once the whole read is parsed, so a body that came with its head is complete and the
+            # pipeline can usually run straight through to the upstream write (see eager.py).
+            self._to_start = None
+            self._start(to_start)
+        if self.closed:
             return
         if self._codec.in_head and self._head_timer is None:
             self._head_timer = self._loop.call_later(self.server.timeouts.request_head, self._head_timeout)
@@ -89,9 +99,9 @@ class ClientConnection(asyncio.Protocol):
         if current is not None:
             if current.exchange is not None:
                 current.exchange.client_lost()
-            elif current.task is not None and not current.response_started:
+            elif current.run is not None and not current.response_started:
                 current.termination = "CR" if not current.body_done else "CH"
-                current.task.cancel()
+                current.run.cancel()
             if not current.body_done:
                 current.body_finished(ProxyError("bad_request", "client closed the connection"))
         self._pending.clear()
@@ -119,7 +129,8 @@ class ClientConnection(asyncio.Protocol):
         if not head.has_body:
             ctx.body_done = True
         if self._current is None:
-            self._start(ctx)
+            self._current = ctx
+            self._to_start = ctx
         else:
             self._pending.append(ctx)
             self._pause_reading()
@@ -151,7 +162,8 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(item, ProtocolError):
                 self._reply_error_and_close(item)
                 return
-            self._start(item)
+            self._current = item
+            self._loop.call_soon(self._start, item)  # not nested in the previous request's finish
         if not self._pending:
             self._resume_reading()
         if self._current is None and not self._codec.in_head:
@@ -176,8 +188,8 @@ class ClientConnection(asyncio.Protocol):
     # internals ------------------------------------------------------------------------------------
 
     def _start(self, ctx: RequestContext) -> None:
-        self._current = ctx
-        ctx.task = self._loop.create_task(self.server.handle(ctx))
+        if not self.closed:
+            ctx.run = EagerRun(self.server.handle(ctx), self._loop)
 
     def _protocol_error(self, error: ProtocolError) -> None:
         parsing = self._parsing

@@ -12,6 +12,7 @@ from .http11.wire import CONTINUE_100, status_line
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
+    from .eager import EagerRun
     from .relay import Exchange
 
 
@@ -40,7 +41,7 @@ class RequestContext:
     bytes_out: int = 0
     t_first_byte: float = 0.0
     exchange: Exchange | None = None
-    task: asyncio.Task[None] | None = None
+    run: EagerRun | None = None  # the running pipeline
 
     @property
     def request_id_bytes(self) -> bytes:
