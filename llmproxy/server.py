@@ -137,7 +137,7 @@ class ProxyServer:
             self.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
 
     def _request_id(self, head: RequestHead) -> str:
-        supplied = head.header(b"x-request-id")
+        supplied = head.request_id
         if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied):
             return supplied.decode("ascii")
         # Unique per process and upstream call (vLLM uses it as its own request id), and cheap.

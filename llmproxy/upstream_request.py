@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .http11.wire import CRLF, HOP_BY_HOP, connection_tokens
+from .http11.wire import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -27,7 +27,7 @@ def build_upstream_request(ctx: RequestContext, backend: Backend, body: bytes) -
     """Return the complete request (head and body) for `backend`, ready for one write()."""
     head = ctx.head
     parts = [head.method, b" ", backend.base_path, head.target, b" HTTP/1.1\r\nhost: ", backend.host_header, CRLF]
-    extra_hop = connection_tokens(head.headers)
+    extra_hop = head.connection_tokens
     forwarded_for = None
     for name, value in head.headers:
         if name in DROPPED_REQUEST_HEADERS or name in extra_hop:

@@ -10,7 +10,7 @@ the error kind (status) to answer with; the connection then answers and closes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import httptools
@@ -42,6 +42,9 @@ class RequestHead:
     chunked: bool
     keep_alive: bool
     expect_continue: bool
+    request_id: bytes | None = None  # the client's X-Request-Id, as sent
+    connection_tokens: frozenset[bytes] = frozenset()  # header names listed in Connection (hop-by-hop too)
+
 
     @property
     def has_body(self) -> bool:
@@ -61,29 +64,25 @@ class RequestSink(Protocol):
     def on_request_complete(self) -> None: ...
 
 
-@dataclass(slots=True)
-class _HeadState:
-    url_parts: list[bytes] = field(default_factory=list)
-    url_size: int = 0
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    size: int = 0  # request line + header lines, as counted from the callbacks
-    host_count: int = 0
-    te_count: int = 0
-    content_length: int | None = None
-    expect_continue: bool = False
+# Header names that change how a request is parsed or handled; every other header is just carried.
+_FRAMING_HEADERS = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect", b"upgrade",
+                              b"x-request-id", b"connection"})
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 class RequestCodec:
     """Feeds bytes to httptools and reports requests to a sink, enforcing limits and strict rules."""
 
-    __slots__ = ("_body_size", "_error", "_fed_in_head", "_head", "_head_done", "_limits", "_parser",
-                 "_sink", "_upgrade_body")
+    __slots__ = ("_body_size", "_error", "_fed_in_head", "_head_done", "_in_head", "_limits", "_parser", "_raw",
+                 "_sink", "_upgrade_body", "_url")
 
     def __init__(self, sink: RequestSink, limits: CodecLimits) -> None:
         self._sink = sink
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
-        self._head: _HeadState | None = None  # set while a request head is being received
+        self._in_head = False  # part of a request head has arrived, not all of it
+        self._url = b""
+        self._raw: list[tuple[bytes, bytes]] = []  # header fields of the head being received, as sent
         self._head_done = False
         self._fed_in_head = 0
         self._body_size = 0
@@ -93,7 +92,7 @@ class RequestCodec:
     @property
     def in_head(self) -> bool:
         """True while part of a request head has arrived but not all of it."""
-        return self._head is not None
+        return self._in_head
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; raises ProtocolError on malformed or over-limit input (the codec is then dead)."""
@@ -109,7 +108,7 @@ class RequestCodec:
             self._after_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as exc:
             self._raise(self._error or ProtocolError("bad_request", f"malformed request: {exc}"))
-        if self._head is not None and self._fed_in_head > self._limits.max_header_size:
+        if self._in_head and self._fed_in_head > self._limits.max_header_size:
             self._raise(ProtocolError("header_too_large", "request header block is too large"))
 
     def _raise(self, error: ProtocolError) -> None:
@@ -126,45 +125,30 @@ class RequestCodec:
         if rest:
             self.feed(rest)
 
-    # httptools callbacks -------------------------------------------------------------------------
+    # httptools callbacks: kept minimal, they run once per header of every request -----------------
 
     def on_message_begin(self) -> None:
-        self._head = _HeadState()
+        self._in_head = True
+        self._url = b""
+        self._raw = []
         self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
-        head = self._head
-        head.url_parts.append(url)
-        head.url_size += len(url)
-        if head.url_size > self._limits.max_request_line:
+        url = self._url + url if self._url else url  # usually a single call
+        self._url = url
+        if len(url) > self._limits.max_request_line:
             self._raise(ProtocolError("uri_too_long", "request target is too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        head = self._head
-        if head is None:
+        if not self._in_head:
             self._raise(ProtocolError("bad_request", "trailer fields are not accepted"))
-        name = name.lower()
-        head.size += len(name) + len(value) + 4
-        if name == b"host":
-            head.host_count += 1
-        elif name == b"transfer-encoding":
-            head.te_count += 1
-            if value.strip().lower() != b"chunked":
-                self._raise(ProtocolError("not_implemented", "only Transfer-Encoding: chunked is supported"))
-        elif name == b"content-length":
-            head.content_length = int(value)  # llhttp has validated the digits
-        elif name == b"expect":
-            if value.strip().lower() != b"100-continue":
-                self._raise(ProtocolError("bad_request", "unsupported Expect value"))
-            head.expect_continue = True
-        head.headers.append((name, value))
+        self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
-        head = self._head
-        self._head = None
+        self._in_head = False
         self._head_done = True
         self._fed_in_head = 0
-        request = self._validate(head)
+        request = self._validate()
         self._upgrade_body = request.has_body
         self._sink.on_request_head(request)
 
@@ -180,12 +164,45 @@ class RequestCodec:
 
     # Strict rules httptools does not enforce -----------------------------------------------------
 
-    def _validate(self, head: _HeadState) -> RequestHead:
+    def _validate(self) -> RequestHead:
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version()
-        target = b"".join(head.url_parts)
-        if head.size + len(target) + len(method) + 12 > self._limits.max_header_size:
+        target = self._url
+        size = len(method) + len(target) + 12
+        headers = []
+        host = request_id = None
+        host_count = te_count = 0
+        content_length: int | None = None
+        expect_continue = upgrade = False
+        connection_tokens: frozenset[bytes] = frozenset()
+        for name, value in self._raw:
+            name = name.lower()
+            size += len(name) + len(value) + 4
+            headers.append((name, value))
+            if name not in _FRAMING_HEADERS:
+                continue
+            if name == b"host":
+                host = value
+                host_count += 1
+            elif name == b"content-length":
+                content_length = int(value)  # llhttp has validated the digits
+            elif name == b"transfer-encoding":
+                te_count += 1
+                if value.strip().lower() != b"chunked":
+                    self._raise(ProtocolError("not_implemented", "only Transfer-Encoding: chunked is supported"))
+            elif name == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    self._raise(ProtocolError("bad_request", "unsupported Expect value"))
+                expect_continue = True
+            elif name == b"upgrade":
+                upgrade = True
+            elif name == b"connection":
+                if value.lower() not in _PLAIN_CONNECTION:
+                    connection_tokens |= {token.strip() for token in value.lower().split(b",")}
+            elif request_id is None:
+                request_id = value
+        if size > self._limits.max_header_size:
             self._raise(ProtocolError("header_too_large", "request header block is too large"))
         if version not in ("1.1", "1.0"):
             kind = "bad_request" if version.startswith("0.") else "version_not_supported"
@@ -194,29 +211,14 @@ class RequestCodec:
             self._raise(ProtocolError("not_implemented", f"method {method.decode('latin-1')} is not supported"))
         if not target.startswith(b"/"):
             self._raise(ProtocolError("bad_request", "request target must be a path (origin-form)"))
-        if head.host_count > 1 or (head.host_count == 0 and version == "1.1"):
+        if host_count > 1 or (host_count == 0 and version == "1.1"):
             self._raise(ProtocolError("bad_request", "exactly one Host header is required"))
-        if head.te_count > 1 or (head.te_count and version == "1.0"):
+        if te_count > 1 or (te_count and version == "1.0"):
             self._raise(ProtocolError("bad_request", "invalid Transfer-Encoding"))
-        content_length = head.content_length
-        if (content_length or head.te_count) and any(name == b"upgrade" for name, _ in head.headers):
+        if upgrade and (content_length or te_count):
             # llhttp would skip the body of an upgrade request and parse it as the next request.
             self._raise(ProtocolError("not_implemented", "protocol upgrade with a request body"))
         if content_length is not None and content_length > self._limits.max_body_size:
             self._raise(ProtocolError("body_too_large", "request body is too large"))
-        host = b""
-        for name, value in head.headers:
-            if name == b"host":
-                host = value
-                break
-        return RequestHead(
-            method=method,
-            target=target,
-            version=version,
-            headers=head.headers,
-            host=host,
-            content_length=content_length,
-            chunked=head.te_count == 1,
-            keep_alive=parser.should_keep_alive(),
-            expect_continue=head.expect_continue,
-        )
+        return RequestHead(method, target, version, headers, host or b"", content_length, te_count == 1,
+                           parser.should_keep_alive(), expect_continue, request_id, connection_tokens)
