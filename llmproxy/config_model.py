@@ -53,7 +53,7 @@ class BackendConfig:
     type: str = "auto"
     api_key: str | None = None  # sent upstream as "Authorization: Bearer <key>"
     max_connections: int = 1024  # pool cap (in use + idle)
-    max_idle: int = 256  # idle connections kept
+    max_idle: int = 1024  # idle connections kept (as many as may be in use: steady load never reconnects)
     idle_timeout: float = 4.0  # below vLLM's (uvicorn) 5 s keep-alive
     max_waiters: int = 1024  # requests queued for a connection when the cap is reached
     tls_verify: bool = True
