@@ -27,7 +27,7 @@ WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_body_timer", "_codec", "_current", "_head_timer", "_idle_timer", "_loop", "_parsing",
+    __slots__ = ("_body_timer", "_codec", "_current", "_head_timer", "_idle_since", "_idle_timer", "_loop", "_parsing",
                  "_pending", "_reading_paused", "_to_start", "closed", "peer", "server", "transport",
                  "writing_paused")
 
@@ -42,6 +42,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending: deque[RequestContext | ProtocolError] = deque()
         self._to_start: RequestContext | None = None  # became current during this read; started after it
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the connection last became idle
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
@@ -67,9 +68,6 @@ class ClientConnection(asyncio.Protocol):
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         try:
             self._codec.feed(data)
         except ProtocolError as error:
@@ -226,13 +224,22 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_idle_timer(self) -> None:
-        self._idle_timer = self._loop.call_later(self.server.timeouts.keepalive, self._idle_timeout)
+        # Lazy: one pending timer per connection, never cancelled by traffic (that would cost a cancel and
+        # a re-arm per request). When it fires it closes the connection only if it has been idle long enough.
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self.server.timeouts.keepalive, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
         self._idle_timer = None
-        if self._current is None and not self._codec.in_head and not self.closed:
-            self.closed = True
-            self.transport.close()
+        if self.closed or self._current is not None or self._codec.in_head:
+            return  # busy: request_finished arms it again
+        remaining = self._idle_since + self.server.timeouts.keepalive - self._loop.time()
+        if remaining > 0:
+            self._idle_timer = self._loop.call_later(remaining, self._idle_timeout)
+            return
+        self.closed = True
+        self.transport.close()
 
     def _head_timeout(self) -> None:
         self._head_timer = None

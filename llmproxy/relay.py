@@ -24,14 +24,13 @@ if TYPE_CHECKING:
     from .context import RequestContext
 
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
-IDLE_TICKS = 4  # the stream idle timeout is checked every timeout/4: it fires within 1.25x the setting
 
 
 class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
-    __slots__ = ("_chunked", "_first_byte_timer", "_idle_ticks", "_idle_timer", "_last_progress", "_loop",
-                 "_pending_head", "_progress", "_stream_idle", "_write", "_write_timer", "ctx", "done", "upstream")
+    __slots__ = ("_awaiting_head", "_chunked", "_deadline", "_last_progress", "_loop", "_pending_head", "_progress",
+                 "_stream_idle", "_sweeper", "_write", "_write_timer", "ctx", "done", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, first_byte: float,
                  stream_idle: float) -> None:
@@ -42,22 +41,35 @@ class Exchange:
         self._write = ctx.conn.transport.write
         self._chunked = False
         self._pending_head: bytes | None = None  # the response head, until it can go with the first chunk
-        self._progress = 0
+        self._progress = 0  # chunks relayed; the deadline sweeper compares it between ticks
         self._last_progress = -1
-        self._idle_ticks = 0
+        self._awaiting_head = True
+        self._deadline = self._loop.time() + first_byte  # first byte, then stream idle
         self._stream_idle = stream_idle
-        self._idle_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
-        self._first_byte_timer = self._loop.call_later(first_byte, self._first_byte_timeout)
+        self._sweeper = ctx.conn.server.sweeper
 
     def start(self, request: bytes) -> None:
         self.ctx.exchange = self
+        self._sweeper.active.add(self)
         self.upstream.begin(self, request, self.ctx.head.method == b"HEAD")
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the deadline sweeper on every tick."""
+        if self._awaiting_head:
+            if now >= self._deadline:
+                self._first_byte_timeout()
+        elif self._progress != self._last_progress or self.ctx.conn.writing_paused:
+            # A client that reads slowly is the write timeout's business, not the backend's.
+            self._last_progress = self._progress
+            self._deadline = now + self._stream_idle
+        elif now >= self._deadline:
+            self._stream_idle_timeout()
 
     # ResponseSink: called from the upstream protocol's data_received ------------------------------
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
-        self._first_byte_timer.cancel()
+        self._awaiting_head = False
         ctx = self.ctx
         ctx.status = status
         self._chunked = framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.1"
@@ -66,7 +78,6 @@ class Exchange:
         if framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.0":
             ctx.keep_alive = False  # an HTTP/1.0 client can only see the end of this body as a close
         self._pending_head = self._response_head(status, headers, framing)
-        self._arm_idle_timer()
         if ctx.conn.writing_paused:
             self.client_paused()
 
@@ -168,10 +179,7 @@ class Exchange:
         return b"".join(parts)
 
     def _end(self) -> None:
-        self._first_byte_timer.cancel()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._sweeper.active.discard(self)
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
@@ -194,24 +202,11 @@ class Exchange:
         if not self.done.done():
             self.done.set_exception(ProxyError("first_byte_timeout", "backend sent no response in time"))
 
-    def _arm_idle_timer(self) -> None:
-        self._idle_timer = self._loop.call_later(self._stream_idle / IDLE_TICKS, self._idle_tick)
-
-    def _idle_tick(self) -> None:
-        # A progress counter instead of re-arming a timer per chunk keeps the hot path free of timer work.
-        if self._progress != self._last_progress or self.ctx.conn.writing_paused:
-            self._last_progress = self._progress
-            self._idle_ticks = 0
-        else:
-            self._idle_ticks += 1
-            if self._idle_ticks >= IDLE_TICKS:
-                self._idle_timer = None
-                self.upstream.detach()
-                self.upstream.abort()
-                self._end()
-                self._abort_client("sD", "backend stream idle timeout")
-                return
-        self._arm_idle_timer()
+    def _stream_idle_timeout(self) -> None:
+        self.upstream.detach()
+        self.upstream.abort()
+        self._end()
+        self._abort_client("sD", "backend stream idle timeout")
 
     def _write_timeout(self) -> None:
         self._write_timer = None

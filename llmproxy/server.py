@@ -17,6 +17,7 @@ from .balancer import Balancer
 from .config_model import BackendConfig, Config
 from .connection import ClientConnection
 from .context import RequestContext
+from .deadlines import DeadlineSweeper, tick_for
 from .http11.request import CodecLimits, ProtocolError, RequestHead
 from .metrics import Metrics
 from .pipeline import handle_request
@@ -73,6 +74,9 @@ class ProxyServer:
         self.balancer = Balancer(self.backends, config.routing.load_balance)
         self.metrics = Metrics(self._live_state) if config.metrics.enabled else None
         self.access_log = AccessLog(config.logging.access_log)
+        self.sweeper = DeadlineSweeper(self.loop, tick_for(
+            [t for b in self.backends for t in (b.first_byte_timeout, b.stream_idle_timeout)]
+            or [self.timeouts.first_byte]))
         self.connections: set[ClientConnection] = set()
         self.inflight = 0
         self.draining = False
@@ -111,6 +115,7 @@ class ProxyServer:
             conn.abort()
         for backend in self.backends:
             backend.pool.close()
+        self.sweeper.close()
         self.access_log.close()
 
     # Per request ----------------------------------------------------------------------------------
