@@ -24,6 +24,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("LLMPROXY_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "streams"))
+# The recorded streams live beside the checkout (../shared); a run without them must fail, not skip.
+FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*") if p.suffix in (".sse", ".ndjson"))
 LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
 START_TIMEOUT = 15.0
 

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.support import (
+    FIXTURE_FILES,
     FIXTURES,
     ResponseReader,
     assert_idle,
@@ -45,7 +46,8 @@ def _fixture_dialect(name: str) -> str:
     return json.loads((FIXTURES / name).with_suffix(".json").read_text())["backend"]
 
 
-FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*") if p.suffix in (".sse", ".ndjson"))
+def test_recorded_fixtures_are_present():
+    assert len(FIXTURE_FILES) >= 11, f"no recorded streams in {FIXTURES}: need ../shared or LLMPROXY_FIXTURES_DIR"
 
 
 @pytest.mark.parametrize("fixture", FIXTURE_FILES)
