@@ -1,0 +1,26 @@
+"""Durable usage delivery: one record per request, spooled to SQLite, delivered to every reporter.
+
+The proxy calls `DeliveryService.start()` at start-up, `append(record)` when a request ends (O(1),
+no I/O) and `await close(timeout)` at shutdown. See outbox.py for the durability bound and the
+size-cap policy, delivery.py and retry.py for the delivery rules, cli.py for dead-letter handling.
+"""
+
+from __future__ import annotations
+
+from llmproxy.usage.cli import dead_letters_main
+from llmproxy.usage.config import FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
+from llmproxy.usage.delivery import DeliveryService
+from llmproxy.usage.metrics import NullMetrics, UsageMetrics
+from llmproxy.usage.spool import SpoolError
+
+__all__ = [
+    "DeliveryService",
+    "FileReporterConfig",
+    "NullMetrics",
+    "ReporterConfig",
+    "SpoolError",
+    "UsageConfig",
+    "UsageMetrics",
+    "WebhookConfig",
+    "dead_letters_main",
+]
