@@ -1,0 +1,154 @@
+"""The metered dialects: their names, the paths that speak them, and the byte checks run on every read.
+
+The byte checks are what keeps metering cheap: every scan is a C-level `bytes.find`/`count` (a fraction of a
+nanosecond per byte), and a read in the usual shape costs three of them. A dialect has:
+
+- `carries(data)`: may this line (or run of lines) report usage? Only then is it parsed as JSON. True when the
+  one key that can hold usage is followed by an object: `"usage":{` (not TGI's `"usage":null` on every chunk),
+  TGI's `"details":{`, Ollama's `"done":true`. Spaces after the colon are allowed.
+- `count(data)`: how many events in these complete lines carried generated content, an estimate for a stream
+  that ends without usage (cancelled, errored, option not honoured). Counts are of byte patterns within lines,
+  so they add up the same however the stream was split. They assume the compact JSON the backends emit for
+  stream chunks (pydantic `model_dump_json`, serde, Go `encoding/json`); a string value cannot fake a pattern
+  since the quotes inside it are escaped.
+
+What `count` counts, per dialect:
+
+- openai-chat-sse: choice deltas with at least one key (`"delta":{"`) minus deltas whose content is the empty
+  string (`"content":""`): role chunks and vLLM/TGI's EOS chunk carry `"content":""`, the finish chunk has
+  `delta:{}`, while text, reasoning and tool-call deltas count. Off by one for a delta holding only `role`
+  (+1), an empty `reasoning` (+1), or `"content":""` beside reasoning or tool calls (-1), which a producer
+  that always writes `content` would send. Every choice counts, so n>1 gives deltas, not events.
+- openai-completions-sse: non-empty `"text":"`.
+- openai-responses-sse: `.delta"`, which ends the `type` of every delta event (output_text, reasoning_text,
+  function_call_arguments, refusal...) and nothing else: the `delta` key itself is preceded by a quote.
+- tgi-generate-sse: `"special":false},"`, the end of a StreamResponse's main token when it is not special
+  (fields run index, token, top_tokens, generated_text, details); an entry of top_tokens is followed by `,{`
+  or `]` instead, so it does not count.
+- ollama-ndjson: `"done":false` lines minus those whose only text is empty: `"content":""},"done":false`
+  (/api/chat) and `"response":"","done":false` (/api/generate). Thinking and tool-call lines count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .usage import Usage, ollama_usage, openai_usage, responses_event_usage, tgi_usage
+
+OPENAI_CHAT_SSE = "openai-chat-sse"
+OPENAI_COMPLETIONS_SSE = "openai-completions-sse"
+OPENAI_RESPONSES_SSE = "openai-responses-sse"
+TGI_GENERATE_SSE = "tgi-generate-sse"
+OLLAMA_NDJSON = "ollama-ndjson"
+DIALECTS = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE, OPENAI_RESPONSES_SSE, TGI_GENERATE_SSE, OLLAMA_NDJSON)
+# The names PROTOCOLS §5 and the recorded fixtures use for the two Ollama native endpoints.
+ALIASES = {"ollama-chat-ndjson": OLLAMA_NDJSON, "ollama-generate-ndjson": OLLAMA_NDJSON}
+# Dialects whose usage-only event a client may not expect (the proxy injected include_usage).
+STRIPPABLE = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE)
+
+
+def _key_then(key: bytes, first: bytes) -> Callable[[bytes], bool]:
+    """A `carries` check: `key` followed, after optional spaces, by the byte `first`. One scan when absent."""
+    size = len(key)
+
+    def carries(data: bytes) -> bool:
+        i = data.find(key)
+        while i >= 0:
+            i += size
+            while data[i : i + 1] == b" ":
+                i += 1
+            if data[i : i + 1] == first:
+                return True
+            i = data.find(key, i)
+        return False
+
+    return carries
+
+
+def _nonempty(data: bytes, key: bytes) -> int:
+    """Occurrences of a string-valued key (`"key":"`) whose value is not the empty string."""
+    n = data.count(key)
+    return n - data.count(key + b'"') if n else 0
+
+
+def count_chat(data: bytes) -> int:
+    return data.count(b'"delta":{"') - data.count(b'"content":""')
+
+
+def count_completions(data: bytes) -> int:
+    return _nonempty(data, b'"text":"')
+
+
+def count_responses(data: bytes) -> int:
+    return data.count(b'.delta"')
+
+
+def count_tgi(data: bytes) -> int:
+    return data.count(b'"special":false},"')
+
+
+def count_ollama(data: bytes) -> int:
+    n = data.count(b'"done":false')
+    return n - data.count(b'"content":""},"done":false') - data.count(b'"response":"","done":false') if n else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    carries: Callable[[bytes], bool]  # may these bytes report usage? Only then are they parsed
+    count: Callable[[bytes], int]  # content events in these complete lines
+    extract: Callable[[Any], Usage | None]  # parsed event -> usage it reports, or None
+
+
+_USAGE = _key_then(b'"usage":', b"{")
+SPECS = {
+    OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage),
+    OPENAI_COMPLETIONS_SSE: Spec(_USAGE, count_completions, openai_usage),
+    # Only response.completed (or .incomplete) embeds a response whose usage is an object; the others say null.
+    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage),
+    TGI_GENERATE_SSE: Spec(_key_then(b'"details":', b"{"), count_tgi, tgi_usage),
+    OLLAMA_NDJSON: Spec(_key_then(b'"done":', b"t"), count_ollama, ollama_usage),
+}
+
+_ANY = frozenset({"vllm", "tgi", "ollama", "openai"})
+# path -> (dialect, backend types that serve it). Native TGI and Ollama paths belong to their backend only.
+_ROUTES: dict[str, tuple[str, frozenset[str]]] = {
+    "/v1/chat/completions": (OPENAI_CHAT_SSE, _ANY),
+    "/v1/completions": (OPENAI_COMPLETIONS_SSE, _ANY),
+    "/v1/responses": (OPENAI_RESPONSES_SSE, frozenset({"vllm", "ollama", "openai"})),
+    "/generate_stream": (TGI_GENERATE_SSE, frozenset({"tgi"})),
+    "/generate": (TGI_GENERATE_SSE, frozenset({"tgi"})),
+    "/api/chat": (OLLAMA_NDJSON, frozenset({"ollama"})),
+    "/api/generate": (OLLAMA_NDJSON, frozenset({"ollama"})),
+    # TGI's compat route streams or not by body; only a backend known to be TGI makes `/` a generation.
+    "/": (TGI_GENERATE_SSE, frozenset({"tgi"})),
+}
+
+
+def resolve(dialect: str) -> str:
+    """Return the canonical dialect name; raises ValueError for an unknown one."""
+    name = ALIASES.get(dialect, dialect)
+    if name not in SPECS:
+        raise ValueError(f"unknown metering dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+    return name
+
+
+def dialect_for(path: str, backend_type: str | None = None) -> str | None:
+    """Return the dialect a request path is answered in, or None if such responses are not metered.
+
+    The dialect names the API family, not the framing: the caller meters a streamed response
+    (text/event-stream, application/x-ndjson) with meter_for() and a JSON one with meter_for_json_body().
+    `backend_type` ("vllm", "tgi", "ollama", "openai"; None or "auto" for unknown) rules out paths that
+    backend does not serve, and makes TGI's compat route `/` metered.
+    """
+    path = path.split("?", 1)[0]
+    if len(path) > 1:
+        path = path.rstrip("/") or "/"
+    entry = _ROUTES.get(path)
+    if entry is None:
+        return None
+    dialect, served_by = entry
+    if backend_type is None or backend_type == "auto":
+        return None if path == "/" else dialect
+    return dialect if backend_type in served_by else None

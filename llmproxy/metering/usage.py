@@ -1,0 +1,90 @@
+"""Token usage, and how each dialect spells it once a payload has been parsed.
+
+Every function here takes whatever `orjson.loads` produced (any JSON type: upstreams are not trusted to
+send objects) and returns a Usage or None. None means "this payload reports no usage"; it never raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Ollama bills nothing for these: they only load or unload a model (PROTOCOLS §4.2).
+_OLLAMA_NO_USAGE = ("load", "unload")
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int  # as reported; prompt + completion when the backend omits it
+    cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens (vLLM) when reported
+
+
+def _count(value: Any) -> int | None:
+    # bool is an int subclass; a `true` where a count belongs is garbage, not 1.
+    return value if type(value) is int and value >= 0 else None
+
+
+def _from_counts(obj: Any, prompt_key: str, completion_key: str, details_key: str) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None  # a missing key and an explicit null are the same thing (PROTOCOLS §1)
+    prompt = _count(obj.get(prompt_key))
+    completion = _count(obj.get(completion_key))
+    if prompt is None and completion is None:
+        return None
+    prompt = prompt or 0
+    completion = completion or 0
+    total = _count(obj.get("total_tokens"))
+    details = obj.get(details_key)
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return Usage(prompt, completion, prompt + completion if total is None else total, cached)
+
+
+def openai_usage(obj: Any) -> Usage | None:
+    """`usage` of a chat/completions chunk or body: prompt_tokens, completion_tokens[, total_tokens]."""
+    if not isinstance(obj, dict):
+        return None
+    return _from_counts(obj.get("usage"), "prompt_tokens", "completion_tokens", "prompt_tokens_details")
+
+
+def responses_body_usage(obj: Any) -> Usage | None:
+    """`usage` of a Responses API object: input_tokens, output_tokens, total_tokens."""
+    if not isinstance(obj, dict):
+        return None
+    return _from_counts(obj.get("usage"), "input_tokens", "output_tokens", "input_tokens_details")
+
+
+def responses_event_usage(obj: Any) -> Usage | None:
+    """Usage of a Responses API stream event: only events that embed the response (response.completed) have it."""
+    return responses_body_usage(obj.get("response")) if isinstance(obj, dict) else None
+
+
+def tgi_usage(obj: Any) -> Usage | None:
+    """`details` of a TGI /generate(_stream) reply; None without `parameters.details`.
+
+    generated_tokens is the completion. The prompt is `input_length` (stream, TGI >= 2.3), else the length of
+    `prefill` (/generate with decoder_input_details), else unknown: 0.
+    """
+    if isinstance(obj, list) and len(obj) == 1:
+        obj = obj[0]  # the compat route `POST /` wraps a non-streamed reply in a list
+    details = obj.get("details") if isinstance(obj, dict) else None
+    if not isinstance(details, dict):
+        return None
+    completion = _count(details.get("generated_tokens"))
+    if completion is None:
+        return None
+    prompt = _count(details.get("input_length"))
+    if prompt is None:
+        prefill = details.get("prefill")
+        prompt = len(prefill) if isinstance(prefill, list) else 0
+    return Usage(prompt, completion, prompt + completion)
+
+
+def ollama_usage(obj: Any) -> Usage | None:
+    """The `done:true` object of /api/chat or /api/generate; metrics are omitempty, so missing means 0."""
+    if not isinstance(obj, dict) or obj.get("done") is not True or obj.get("done_reason") in _OLLAMA_NO_USAGE:
+        return None
+    prompt = _count(obj.get("prompt_eval_count")) or 0
+    completion = _count(obj.get("eval_count")) or 0
+    return Usage(prompt, completion, prompt + completion)
