@@ -38,7 +38,7 @@ class AccessLog:
         if self._fd is None:
             return
         record = {
-            "ts": _rfc3339(time.time() - duration),
+            "ts": rfc3339(time.time() - duration),
             "request_id": ctx.request_id,
             "client": ctx.conn.peer,
             "method": ctx.head.method.decode("latin-1"),
@@ -61,7 +61,7 @@ class AccessLog:
         """Log a request rejected before it could be parsed (malformed or over-limit head)."""
         if self._fd is None:
             return
-        record = {"ts": _rfc3339(time.time()), "request_id": None, "client": peer, "method": None, "path": None,
+        record = {"ts": rfc3339(time.time()), "request_id": None, "client": peer, "method": None, "path": None,
                   "status": status, "termination": termination, "error": message}
         os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
@@ -71,6 +71,7 @@ class AccessLog:
         self._fd = None
 
 
-def _rfc3339(epoch: float) -> str:
+def rfc3339(epoch: float) -> str:
+    """Format a Unix time as RFC 3339 UTC with milliseconds."""
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         from .mockbackend import main as mock_main
 
         return mock_main(argv[1:])
+    if argv and argv[0] == "usage":
+        return _cmd_usage(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check_config)
 
     sub.add_parser("mock-backend", help="run a deterministic vLLM/TGI/Ollama mock (see --help)")
+    sub.add_parser("usage", help="usage dead letters: usage dead-letters list|replay --config PATH")
     return parser
 
 
@@ -77,6 +80,20 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     sys.stdout.write(dump_config(config))
     print(f"# {args.path}: OK", file=sys.stderr)
     return 0
+
+
+def _cmd_usage(argv: list[str]) -> int:
+    """`llmproxy usage dead-letters list|replay ... --config PATH`, beside a running proxy or not."""
+    from .usage.cli import dead_letters_main
+
+    parser = argparse.ArgumentParser(prog="llmproxy usage")
+    parser.add_argument("what", choices=["dead-letters"])
+    parser.add_argument("--config", required=True, help="the proxy's config.yaml (for usage.spool_dir)")
+    args, rest = parser.parse_known_args(argv)
+    config = _load(args.config)
+    if config is None:
+        return 1
+    return dead_letters_main(rest, config.usage.spool_dir)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ typo in a timeout, or a silently ignored `auth:` section, is worse than refusing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
@@ -30,13 +31,15 @@ from llmproxy.config_model import (
     Config,
     LoggingConfig,
     MetricsConfig,
+    PriceConfig,
     RoutingConfig,
     ServerConfig,
     Timeouts,
 )
+from llmproxy.usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
 
 # Sections later versions will implement: refusing them beats silently running without, say, auth.
-UNSUPPORTED_SECTIONS = ("auth", "rate_limit", "usage", "health_check", "pricing")
+UNSUPPORTED_SECTIONS = ("auth", "rate_limit", "health_check")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -525,6 +528,7 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "idle_timeout": parse_duration,
     "max_waiters": _int_at_least(0),
     "tls_verify": _bool,
+    "inject_usage": _bool,
     "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
 }
 
@@ -564,12 +568,95 @@ def _parse_backends(value: Any, path: str) -> list[BackendConfig]:
     return backends
 
 
+def _non_negative_number(value: Any, path: str) -> float:
+    if isinstance(value, _EnvStr):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(path, f"must be a number >= 0, got {_show(value)}")
+    return float(value)
+
+
+def _dataclass_from(cls: type, path: str, values: dict[str, Any]) -> Any:
+    """Build `cls`, turning its own validation (ValueError in __post_init__) into a ConfigError at `path`."""
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
+_WEBHOOK_FIELDS: dict[str, _Parser] = {
+    "url": _clean_string("a URL"),
+    "timeout": _positive_duration,
+    "secret": _optional(_clean_string("a secret")),
+    "headers": lambda value, path: {str(k): str(v) for k, v in _mapping(value, path).items()},
+    "max_attempts": _int_at_least(1),
+    "retry": _int_at_least(1),
+    "max_age": _positive_duration,
+    "concurrency": _int_at_least(1),
+    "backoff_base": _positive_duration,
+    "backoff_cap": _positive_duration,
+}
+
+
+def _parse_reporter(value: Any, path: str) -> ReporterConfig:
+    fields: dict[str, _Parser] = {
+        "name": _clean_string("a name"),
+        "type": _choice(REPORTER_TYPES),
+        "enabled": _bool,
+        "webhook": lambda v, p: _dataclass_from(WebhookConfig, p, _parse_fields(v, p, _WEBHOOK_FIELDS)),
+        "file": lambda v, p: _dataclass_from(FileReporterConfig, p,
+                                             _parse_fields(v, p, {"path": _clean_string("a path")})),
+    }
+    values = _parse_fields(value, path, fields)
+    for required in ("name", "type"):
+        if required not in values:
+            raise ConfigError(_join(path, required), "is required")
+    return _dataclass_from(ReporterConfig, path, values)
+
+
+def _parse_reporters(value: Any, path: str) -> list[ReporterConfig]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list of reporters, got {_show(value)}")
+    return [_parse_reporter(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _parse_usage(value: Any, path: str) -> UsageConfig:
+    fields: dict[str, _Parser] = {
+        "enabled": _bool,
+        "metering": _bool,
+        "spool_dir": _clean_string("a directory"),
+        "max_outbox_records": _int_at_least(1),
+        "flush_interval": _positive_duration,
+        "reporters": _parse_reporters,
+    }
+    return _dataclass_from(UsageConfig, path, _parse_fields(value, path, fields))
+
+
+def _parse_pricing(value: Any, path: str) -> dict[str, PriceConfig]:
+    fields: dict[str, _Parser] = {name: _non_negative_number for name in
+                                  ("input_per_million", "output_per_million", "cached_input_per_million")}
+    prices = {}
+    for model, entry in _mapping(value, path).items():
+        entry_path = _join(path, str(model))
+        values = _parse_fields(entry, entry_path, fields)
+        for required in ("input_per_million", "output_per_million"):
+            if required not in values:
+                raise ConfigError(_join(entry_path, required), "is required")
+        prices[str(model)] = PriceConfig(**values)
+    return prices
+
+
 _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "server": _parse_server,
     "backends": _parse_backends,
     "routing": _section(RoutingConfig, {"load_balance": _choice(LOAD_BALANCE_STRATEGIES)}),
     "logging": _section(LoggingConfig, {"level": _choice(LOG_LEVELS), "access_log": _access_log}),
     "metrics": _section(MetricsConfig, {"enabled": _bool}),
+    "usage": _parse_usage,
+    "pricing": _parse_pricing,
 }
 
 
@@ -588,8 +675,19 @@ def dump_config(cfg: Config) -> str:
         "routing": dataclasses.asdict(cfg.routing),
         "logging": dataclasses.asdict(cfg.logging),
         "metrics": dataclasses.asdict(cfg.metrics),
+        "usage": _without_nones(dataclasses.asdict(cfg.usage)),
+        "pricing": {model: _without_nones(dataclasses.asdict(price)) for model, price in cfg.pricing.items()},
     }
     return yaml.safe_dump(_mask_secrets(doc), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _without_nones(node: Any) -> Any:
+    """Drop unset optional keys so the dump loads back (null is not a valid value for most of them)."""
+    if isinstance(node, dict):
+        return {key: _without_nones(value) for key, value in node.items() if value is not None}
+    if isinstance(node, list):
+        return [_without_nones(item) for item in node]
+    return node
 
 
 def _dump_server(server: ServerConfig) -> dict[str, Any]:

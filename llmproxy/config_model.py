@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .usage.config import UsageConfig
+
 LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based")
 BACKEND_TYPES = ("auto", "vllm", "tgi", "ollama", "openai")
 
@@ -57,6 +59,7 @@ class BackendConfig:
     idle_timeout: float = 4.0  # below vLLM's (uvicorn) 5 s keep-alive
     max_waiters: int = 1024  # requests queued for a connection when the cap is reached
     tls_verify: bool = True
+    inject_usage: bool = True  # add stream_options.include_usage to streaming OpenAI-style requests
     timeouts: BackendTimeouts = field(default_factory=BackendTimeouts)
     # Derived from url by the loader:
     scheme: str = "http"
@@ -81,6 +84,15 @@ class MetricsConfig:
     enabled: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class PriceConfig:
+    """USD per million tokens, for `cost_usd` on usage records."""
+
+    input_per_million: float
+    output_per_million: float
+    cached_input_per_million: float | None = None  # prompt tokens the backend served from its cache
+
+
 @dataclass(slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -88,3 +100,5 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
+    pricing: dict[str, PriceConfig] = field(default_factory=dict)  # by model name as requested

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ProxyError
 from .http11.request import RequestHead
@@ -13,6 +13,7 @@ from .http11.wire import CONTINUE_100, status_line
 if TYPE_CHECKING:
     from .connection import ClientConnection
     from .eager import EagerRun
+    from .metering import Meter, Usage
     from .relay import Exchange
 
 
@@ -29,9 +30,17 @@ class RequestContext:
     body_done: bool = False
     body_error: ProxyError | None = None
     body_waiter: asyncio.Future[None] | None = None
-    # Facts read from a JSON body (for logs now; routing and metering later).
+    # Facts read from the body (request_body.py), and what the meter read off the response.
     model: str | None = None
     is_stream: bool = False
+    body_data: Any = None  # the parsed JSON body, kept for estimating prompt tokens
+    dialect: str | None = None  # metering dialect of this endpoint, None if not metered
+    meter: Meter | None = None
+    usage: Usage | None = None  # as reported by the backend
+    content_events: int = 0  # content-bearing events relayed (the completion estimate without usage)
+    upstream_sent: bool = False  # the request was written to a backend: it gets a usage record
+    user_id: str | None = None
+    key_id: str | None = None
     # Outcome.
     backend: str = ""
     status: int = 0

@@ -41,6 +41,25 @@ class Metrics:
         self.terminations = Counter(
             "llmproxy_terminations_total", "Requests by termination code (see README: termination codes).",
             ["termination"], registry=self.registry)
+        self.usage_tokens = Counter(
+            "llmproxy_usage_tokens_total", "Tokens metered, by type (prompt|completion) and requested model.",
+            ["type", "model"], registry=self.registry)
+        self.usage_records = Counter(
+            "llmproxy_usage_records_total", "Usage records built, by usage_source (reported|estimated).",
+            ["usage_source"], registry=self.registry)
+        self.cost = Counter(
+            "llmproxy_estimated_cost_usd_total", "Cost of metered tokens at the configured prices.",
+            ["model"], registry=self.registry)
+        self.webhook_success_total = Counter(
+            "llmproxy_webhook_success_total", "Usage records delivered, by reporter.", ["reporter"],
+            registry=self.registry)
+        self.webhook_failure_total = Counter(
+            "llmproxy_webhook_failure_total", "Failed delivery attempts (then retried or dead-lettered).",
+            ["reporter", "reason"], registry=self.registry)
+        self.dead_letters_total = Counter(
+            "llmproxy_usage_dead_letters_total", "Deliveries given up on, by reporter and reason.",
+            ["reporter", "reason"], registry=self.registry)
+        self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
         self._backend_children: dict[str, tuple[Any, Any, Any]] = {}
@@ -68,6 +87,29 @@ class Metrics:
             if term is None:
                 term = self._termination_children[termination] = self.terminations.labels(termination)
             term.inc()
+
+    def observe_usage(self, record: dict[str, Any]) -> None:
+        """Count one usage record's tokens (and cost, when priced)."""
+        model = record["model"] or ""
+        self.usage_tokens.labels("prompt", model).inc(record["prompt_tokens"])
+        self.usage_tokens.labels("completion", model).inc(record["completion_tokens"])
+        self.usage_records.labels(record["usage_source"]).inc()
+        cost = record.get("cost_usd")
+        if cost:
+            self.cost.labels(model).inc(cost)
+
+    # The hooks usage delivery calls (llmproxy.usage.metrics.UsageMetrics).
+    def webhook_success(self, reporter: str) -> None:
+        self.webhook_success_total.labels(reporter).inc()
+
+    def webhook_failure(self, reporter: str, reason: str) -> None:
+        self.webhook_failure_total.labels(reporter, reason).inc()
+
+    def outbox_depth(self, n: int) -> None:
+        self.outbox_pending = n
+
+    def dead_letter(self, reporter: str, reason: str) -> None:
+        self.dead_letters_total.labels(reporter, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -101,3 +143,6 @@ class _LiveCollector:
         yield checked_out
         yield idle
         yield backend_inflight
+        if "outbox_pending" in state:
+            yield GaugeMetricFamily("llmproxy_usage_outbox_pending", "Usage deliveries waiting in the outbox.",
+                                    value=state["outbox_pending"])

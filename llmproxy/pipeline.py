@@ -1,9 +1,10 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    local route? -> read body -> choose backend -> acquire connection -> relay -> finish
+    local route? -> read body -> inspect body -> choose backend -> prepare body (metering)
+    -> acquire connection -> relay -> finish
 
 `finish` runs in a `finally` whatever happened, and is the only place that records the request
-(metrics, access log) and hands the connection back to the client protocol.
+(metrics, access log, usage record) and hands the connection back to the client protocol.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import logging
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-import orjson
-
+from .accounting import build_record
 from .errors import ProxyError, error_body
 from .relay import Exchange
+from .request_body import inspect_body, prepare_for_backend
 from .routes import match_local
 from .upstream_request import build_upstream_request
 
@@ -50,25 +51,11 @@ async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
     server.inflight += 1  # requests in progress, the proxy's own endpoints excepted
     try:
         body = await ctx.read_body()
-        read_body_facts(ctx, body)
+        inspect_body(ctx, body)
         backend = server.balancer.choose()
-        await forward(ctx, backend, body)
+        await forward(ctx, backend, prepare_for_backend(ctx, backend, body))
     finally:
         server.inflight -= 1
-
-
-def read_body_facts(ctx: RequestContext, body: bytes) -> None:
-    """Read `model` and `stream` from a JSON body (for logs and routing); never fails the request."""
-    if not body.startswith(b"{"):
-        return
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return  # the backend answers malformed JSON in its own words
-    if isinstance(data, dict):
-        model = data.get("model")
-        ctx.model = model if isinstance(model, str) else None
-        ctx.is_stream = data.get("stream") is True
 
 
 async def forward(ctx: RequestContext, backend: Backend, body: bytes) -> None:
@@ -120,5 +107,7 @@ def finish(server: ProxyServer, ctx: RequestContext) -> None:
         ctx.status = 499  # the client left before any response (nginx's convention)
     if server.metrics is not None:
         server.metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
+    if ctx.upstream_sent and ctx.head.method == b"POST" and server.metering:
+        server.record_usage(build_record(ctx, duration, ttft, server.prices))
     server.access_log.write(ctx, duration, ttft)
     ctx.conn.request_finished(ctx)

@@ -13,24 +13,37 @@ terminating chunk, so the client sees a truncated response instead of a fake cle
 from __future__ import annotations
 
 import asyncio
+import logging
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 from .errors import ProxyError
 from .http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
-from .upstream.connection import FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from .metering import meter_for_json_body
+from .upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
     from .context import RequestContext
+    from .metering import Meter
 
+log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
+MAX_METERED_JSON = 8 * 1024 * 1024  # non-streaming bodies larger than this are not parsed for usage
+
+
+def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(STREAMING_TYPES)
+    return False
 
 
 class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
-    __slots__ = ("_awaiting_head", "_chunked", "_deadline", "_last_progress", "_loop", "_pending_head", "_progress",
-                 "_stream_idle", "_sweeper", "_write", "_write_timer", "ctx", "done", "upstream")
+    __slots__ = ("_awaiting_head", "_chunked", "_collected", "_deadline", "_last_progress", "_loop", "_meter",
+                 "_pending_head", "_progress", "_stream_idle", "_sweeper", "_write", "_write_timer", "ctx", "done",
+                 "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, first_byte: float,
                  stream_idle: float) -> None:
@@ -48,9 +61,12 @@ class Exchange:
         self._stream_idle = stream_idle
         self._write_timer: asyncio.TimerHandle | None = None
         self._sweeper = ctx.conn.server.sweeper
+        self._meter: Meter | None = None  # reads usage off a stream as it passes
+        self._collected: list[bytes] | None = None  # a copy of a JSON body whose usage we read at the end
 
     def start(self, request: bytes) -> None:
         self.ctx.exchange = self
+        self.ctx.upstream_sent = True
         self._sweeper.active.add(self)
         self.upstream.begin(self, request, self.ctx.head.method == b"HEAD")
 
@@ -72,16 +88,35 @@ class Exchange:
         self._awaiting_head = False
         ctx = self.ctx
         ctx.status = status
+        streaming = _is_streaming(headers)
+        self._setup_metering(status, streaming)
+        if self._meter is not None and framing == FRAMING_LENGTH:
+            framing = FRAMING_CHUNKED  # the meter may drop an event: the original length would be wrong
         self._chunked = framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.1"
         if ctx.conn.server.draining:
             ctx.keep_alive = False  # shutting down: tell the client this connection ends with the response
         if framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.0":
             ctx.keep_alive = False  # an HTTP/1.0 client can only see the end of this body as a close
-        self._pending_head = self._response_head(status, headers, framing)
+        self._pending_head = self._response_head(status, headers, framing, streaming)
         if ctx.conn.writing_paused:
             self.client_paused()
 
     def on_response_body(self, data: bytes) -> None:
+        self._progress += 1
+        meter = self._meter
+        if meter is not None:
+            try:
+                data = meter.feed(data)  # the same bytes, unless it removed the usage event we injected
+            except Exception:  # a metering bug must never cost the client its stream
+                log.exception("meter failed; relaying the rest of request %s unmetered", self.ctx.request_id)
+                self._meter = None
+            if not data:
+                return
+        elif self._collected is not None:
+            self._collect(data)
+        self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
         ctx = self.ctx
         framed = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
         if not ctx.t_first_byte:
@@ -92,9 +127,14 @@ class Exchange:
                 ctx.response_started = True
         self._write(framed)
         ctx.bytes_out += len(data)
-        self._progress += 1
 
     def on_response_complete(self) -> None:
+        if self._meter is not None:
+            tail = self._meter.finish()
+            if tail:
+                self._forward(tail)
+        elif self._collected is not None:
+            self.ctx.usage = meter_for_json_body(b"".join(self._collected), self.ctx.dialect)
         if self._pending_head is not None:
             self.flush_head()
         if self._chunked:
@@ -142,20 +182,35 @@ class Exchange:
 
     # internals ------------------------------------------------------------------------------------
 
-    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> bytes:
+    def _setup_metering(self, status: int, streaming: bool) -> None:
+        ctx = self.ctx
+        ok = 200 <= status < 300
+        if ctx.meter is not None and ok and streaming:
+            self._meter = ctx.meter
+        elif ctx.dialect is not None and ok and not ctx.is_stream:
+            self._collected = []
+        ctx.meter = None if self._meter is None else ctx.meter
+
+    def _collect(self, data: bytes) -> None:
+        collected = self._collected
+        collected.append(data)
+        if len(collected) % 64 == 0 and sum(map(len, collected)) > MAX_METERED_JSON:
+            self._collected = None  # too large to parse for usage: the record will be estimated
+
+    def _response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
+                       streaming: bool) -> bytes:
         ctx = self.ctx
         extra_hop = connection_tokens(headers)
         parts = [status_line(status)]
         has_request_id = False
-        streaming = False
         cache_control = accel = False
         for name, value in headers:
             if name in HOP_BY_HOP or name in extra_hop:
                 continue
             if name == b"x-request-id":
                 has_request_id = True
-            elif name == b"content-type":
-                streaming = value.startswith(STREAMING_TYPES)
+            elif name == b"content-length" and framing != FRAMING_LENGTH:
+                continue  # re-framed as chunked
             elif name == b"cache-control":
                 cache_control = True
             elif name == b"x-accel-buffering":
@@ -180,6 +235,10 @@ class Exchange:
 
     def _end(self) -> None:
         self._sweeper.active.discard(self)
+        meter = self._meter
+        if meter is not None:
+            self.ctx.usage = meter.usage  # whatever the ending: the record needs what was seen
+            self.ctx.content_events = meter.content_events
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None

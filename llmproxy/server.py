@@ -22,6 +22,7 @@ from .http11.request import CodecLimits, ProtocolError, RequestHead
 from .metrics import Metrics
 from .pipeline import handle_request
 from .upstream.pool import UpstreamPool
+from .usage.delivery import DeliveryService
 
 log = logging.getLogger("llmproxy")
 
@@ -74,6 +75,9 @@ class ProxyServer:
         self.balancer = Balancer(self.backends, config.routing.load_balance)
         self.metrics = Metrics(self._live_state) if config.metrics.enabled else None
         self.access_log = AccessLog(config.logging.access_log)
+        self.prices = config.pricing
+        self.metering = config.usage.metering
+        self.usage = DeliveryService(config.usage, self.metrics)
         self.sweeper = DeadlineSweeper(self.loop, tick_for(
             [t for b in self.backends for t in (b.first_byte_timeout, b.stream_idle_timeout)]
             or [self.timeouts.first_byte]))
@@ -89,6 +93,7 @@ class ProxyServer:
     # Lifecycle ------------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
+        self.usage.start()  # before accepting: records left undelivered by a previous run go out first
         self._server = await self.loop.create_server(
             lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -116,6 +121,7 @@ class ProxyServer:
         for backend in self.backends:
             backend.pool.close()
         self.sweeper.close()
+        await self.usage.close()  # every record of every finished request is on disk before we exit
         self.access_log.close()
 
     # Per request ----------------------------------------------------------------------------------
@@ -131,6 +137,12 @@ class ProxyServer:
 
     def handle(self, ctx: RequestContext):
         return handle_request(self, ctx)
+
+    def record_usage(self, record: dict) -> None:
+        """Count a finished request's usage record and hand it to the durable outbox."""
+        if self.metrics is not None:
+            self.metrics.observe_usage(record)
+        self.usage.append(record)
 
     def is_trusted_proxy(self, peer: str) -> bool:
         return bool(self._trusted) and _in_networks(peer, tuple(self._trusted))
@@ -153,6 +165,7 @@ class ProxyServer:
         return {
             "inflight": self.inflight,
             "connections": len(self.connections),
+            **({"outbox_pending": self.metrics.outbox_pending} if self.usage.enabled else {}),
             "backends": {
                 b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight}
                 for b in self.backends

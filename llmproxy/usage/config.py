@@ -82,6 +82,7 @@ class ReporterConfig:
 @dataclass(slots=True)
 class UsageConfig:
     enabled: bool = False
+    metering: bool = True  # meter responses and build records (metrics); false: no body rewriting, no records
     spool_dir: str = "./usage-spool"
     reporters: list[ReporterConfig] = field(default_factory=list)
     max_outbox_records: int = 1_000_000  # pending rows (one per record and reporter); see outbox.py for the policy

@@ -26,6 +26,8 @@ from tests.support import (
 )
 
 CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+# Asking for usage ourselves means the proxy strips no event: what the backend sends is what we get.
+CHAT_WITH_USAGE = json.dumps({**json.loads(CHAT), "stream_options": {"include_usage": True}}).encode()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mo
     procs.append(proxy)
     expected = (FIXTURES / fixture).read_bytes()
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-fixture": fixture}))
+        sock.sendall(post_request("/v1/chat/completions", CHAT_WITH_USAGE, {"x-mock-fixture": fixture}))
         reader = ResponseReader(sock).read_head()
         body, complete = reader.read_body()
     assert reader.status == 200
@@ -72,7 +74,7 @@ def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mo
 def test_no_buffering_event_two_is_sent_only_after_client_holds_event_one(proxy, mock_vllm):
     gate = f"gate-{time.monotonic_ns()}"
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-gate": gate, "x-mock-tokens": "3"}))
+        sock.sendall(post_request("/v1/chat/completions", CHAT_WITH_USAGE, {"x-mock-gate": gate, "x-mock-tokens": "3"}))
         reader = ResponseReader(sock).read_head()
         seen = []
         # Each event must reach us while the backend is still blocked on the gate for the next one:

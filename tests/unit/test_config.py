@@ -479,7 +479,7 @@ def test_unsupported_sections_are_refused(section: str, value: Any) -> None:
 
 
 def test_supported_section_list() -> None:
-    assert set(UNSUPPORTED_SECTIONS) == {"auth", "rate_limit", "usage", "health_check", "pricing"}
+    assert set(UNSUPPORTED_SECTIONS) == {"auth", "rate_limit", "health_check"}
 
 
 # --- environment variables --------------------------------------------------------------------------------

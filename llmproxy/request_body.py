@@ -1,0 +1,70 @@
+"""What the proxy reads from a request body, and the one change it may make to it.
+
+Read: `model` and `stream` (for logs, routing and metering) and the parsed JSON (kept for estimating
+prompt tokens if the backend reports none). Changed: for a streaming OpenAI-style request whose client did
+not ask for usage, `stream_options.include_usage` is added so the backend reports it (the relay then strips
+that usage-only event again before the client sees it). Everything else is forwarded byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+
+from .metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, dialect_for, meter_for
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+    from .server import Backend
+
+# Native paths that stream unless the body says "stream": false (Ollama) or always stream (TGI).
+_STREAM_BY_DEFAULT = ("/api/chat", "/api/generate")
+_ALWAYS_STREAM = ("/generate_stream",)
+OLLAMA_MAX_LINE = 8 * 1024 * 1024
+
+
+def inspect_body(ctx: RequestContext, body: bytes) -> None:
+    """Fill ctx.path, model, is_stream and body_data from the request; never fails the request."""
+    target = ctx.head.target
+    ctx.path = (target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1")
+    data = None
+    if body.startswith(b"{"):
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None  # the backend answers malformed JSON in its own words
+    if not isinstance(data, dict):
+        ctx.is_stream = ctx.path in _ALWAYS_STREAM
+        return
+    ctx.body_data = data
+    model = data.get("model")
+    ctx.model = model if isinstance(model, str) else None
+    stream = data.get("stream", ctx.path in _STREAM_BY_DEFAULT)
+    ctx.is_stream = stream is True or ctx.path in _ALWAYS_STREAM
+
+
+def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
+    """Set up metering for this request on `backend`; return the body to send (usage option injected)."""
+    dialect = dialect_for(ctx.path, backend.config.type) if ctx.conn.server.metering else None
+    ctx.dialect = dialect
+    if dialect is None or not ctx.is_stream:
+        ctx.meter = None
+        return body
+    inject = dialect in STRIPPABLE and backend.config.inject_usage and not _client_asked_usage(ctx.body_data)
+    # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
+    max_line = OLLAMA_MAX_LINE if dialect == OLLAMA_NDJSON else DEFAULT_MAX_LINE
+    ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
+    if inject:
+        options = ctx.body_data.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        options["include_usage"] = True
+        body = orjson.dumps({**ctx.body_data, "stream_options": options})
+    return body
+
+
+def _client_asked_usage(data: object) -> bool:
+    if not isinstance(data, dict):
+        return True  # not JSON we understand: leave it alone
+    options = data.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
