@@ -1,0 +1,70 @@
+"""What the proxy reads from a request body and the usage option it injects."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from llmproxy.config_model import BackendConfig
+from llmproxy.http11.request import RequestHead
+from llmproxy.request_body import inspect_body, prepare_for_backend
+
+
+def _ctx(target: bytes):
+    head = RequestHead(b"POST", target, "1.1", [], b"h", None, False, True, False)
+    server = SimpleNamespace(metering=True)
+    return SimpleNamespace(head=head, conn=SimpleNamespace(server=server), path="", body_data=None, model=None,
+                           is_stream=False, dialect=None, meter=None)
+
+
+def _backend(**options):
+    return SimpleNamespace(config=BackendConfig(url="http://b", **options))
+
+
+def _prepare(target: bytes, body: dict, **backend) -> tuple[object, dict]:
+    ctx = _ctx(target)
+    raw = orjson.dumps(body)
+    inspect_body(ctx, raw)
+    sent = prepare_for_backend(ctx, _backend(**backend), raw)
+    return ctx, orjson.loads(sent)
+
+
+def test_streaming_chat_without_stream_options_gets_include_usage_and_a_stripping_meter():
+    ctx, sent = _prepare(b"/v1/chat/completions?x=1", {"model": "m", "stream": True, "messages": []})
+    assert ctx.path == "/v1/chat/completions" and ctx.model == "m" and ctx.is_stream
+    assert sent["stream_options"] == {"include_usage": True}
+    assert ctx.meter is not None
+    assert sent["messages"] == [] and sent["model"] == "m"
+
+
+def test_other_stream_options_are_kept():
+    _, sent = _prepare(b"/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}})
+    assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+
+
+@pytest.mark.parametrize(("target", "body", "backend"), [
+    (b"/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}}, {}),  # client asked
+    (b"/v1/chat/completions", {"stream": False}, {}),  # vLLM rejects stream_options without stream
+    (b"/v1/chat/completions", {"stream": True}, {"inject_usage": False}),
+    (b"/api/chat", {"model": "llama3.2"}, {}),  # Ollama native reports usage by itself
+    (b"/v1/embeddings", {"input": "x"}, {}),
+])
+def test_body_is_left_alone(target, body, backend):
+    ctx = _ctx(target)
+    raw = orjson.dumps(body)
+    inspect_body(ctx, raw)
+    assert prepare_for_backend(ctx, _backend(**backend), raw) is raw
+
+
+def test_native_paths_stream_by_default_and_malformed_json_is_not_our_business():
+    ctx, _ = _prepare(b"/api/chat", {"model": "llama3.2"})
+    assert ctx.is_stream and ctx.meter is not None
+    ctx = _ctx(b"/v1/chat/completions")
+    inspect_body(ctx, b"{not json")
+    assert ctx.body_data is None and not ctx.is_stream
+    assert prepare_for_backend(ctx, _backend(), b"{not json") == b"{not json"
+    ctx = _ctx(b"/generate_stream")
+    inspect_body(ctx, b"")
+    assert ctx.is_stream
