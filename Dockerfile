@@ -1,7 +1,7 @@
 # llmproxy: zero-buffer streaming proxy for LLM inference servers.
 #   docker build -t llmproxy .
 #   docker run -p 8000:8000 -v $(pwd)/config.yaml:/home/llmproxy/config.yaml llmproxy
-FROM python:3.12-slim
+FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 

@@ -40,6 +40,7 @@ class AccessLog:
         record = {
             "ts": rfc3339(time.time() - duration),
             "request_id": ctx.request_id,
+            "client_request_id": ctx.client_request_id,
             "client": ctx.conn.peer,
             "method": ctx.head.method.decode("latin-1"),
             "path": ctx.head.target.decode("latin-1"),

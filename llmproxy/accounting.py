@@ -43,6 +43,7 @@ def build_record(ctx: RequestContext, duration: float, ttft: float | None,
             "estimated"
     record: dict[str, Any] = {
         "request_id": ctx.request_id,
+        "client_request_id": ctx.client_request_id,
         "user_id": ctx.user_id,
         "key_id": ctx.key_id,
         "model": ctx.model,
@@ -72,18 +73,15 @@ def estimate_prompt_tokens(body: Any) -> int:
     if not isinstance(body, dict):
         return 0
     chars = 0
-    for key in ("messages", "prompt", "input", "inputs", "system", "suffix"):
-        chars += _text_chars(body.get(key))
+    pending = [body.get(key) for key in ("messages", "prompt", "input", "inputs", "system", "suffix")]
+    while pending:  # iterative: a hostile body may nest a million levels deep
+        value = pending.pop()
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            # A chat message or a content part: count what the model reads, not the JSON around it.
+            pending.extend(value.get(key) for key in ("content", "text", "input_text"))
     return math.ceil(chars / CHARS_PER_TOKEN)
-
-
-def _text_chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, dict):
-        # A chat message or a content part: count what the model reads, not the JSON around it.
-        return sum(_text_chars(value.get(key)) for key in ("content", "text", "input_text") if key in value)
-    return 0
 

@@ -152,8 +152,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not ctx.keep_alive or not ctx.body_done or self.server.draining:
             # An unread request body would be parsed as the next request: close instead.
-            self.transport.close()
-            self.closed = True
+            self._close()
             return
         if self._pending:
             item = self._pending.popleft()
@@ -180,8 +179,7 @@ class ClientConnection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         """Close now if no request is in progress (used by graceful shutdown)."""
         if self._current is None and not self.closed:
-            self.closed = True
-            self.transport.close()
+            self._close()
 
     # internals ------------------------------------------------------------------------------------
 
@@ -209,9 +207,17 @@ class ClientConnection(asyncio.Protocol):
         body = error_body(spec, error.message)
         self.transport.write(status_line(spec.status) + b"content-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
-        self.transport.close()
-        self.closed = True
+        self._close()
         self._cancel_timers()
+
+    def _close(self) -> None:
+        """Close after what is buffered has been sent, but never wait longer than the write timeout for a
+        client that does not read (transport.close() alone would wait forever and hold the connection)."""
+        self.closed = True
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._loop.call_later(self.server.timeouts.write, transport.abort)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
@@ -238,8 +244,7 @@ class ClientConnection(asyncio.Protocol):
         if remaining > 0:
             self._idle_timer = self._loop.call_later(remaining, self._idle_timeout)
             return
-        self.closed = True
-        self.transport.close()
+        self._close()
 
     def _head_timeout(self) -> None:
         self._head_timer = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +18,15 @@ if TYPE_CHECKING:
     from .relay import Exchange
 
 
+# A client may pass its own X-Request-Id (1-128 visible ASCII characters) through to the backend.
+_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
 @dataclass(slots=True, eq=False)
 class RequestContext:
     conn: ClientConnection
     head: RequestHead
-    request_id: str
+    request_id: str  # ours, unique per request: usage records and webhook-ids rely on it
     t_start: float
     keep_alive: bool
     path: str = ""  # decoded path without the query
@@ -54,7 +59,14 @@ class RequestContext:
 
     @property
     def request_id_bytes(self) -> bytes:
-        return self.request_id.encode()
+        """The X-Request-Id sent upstream and back to the client: the client's own, else ours."""
+        supplied = self.head.request_id
+        return supplied if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied) else self.request_id.encode()
+
+    @property
+    def client_request_id(self) -> str | None:
+        supplied = self.head.request_id
+        return supplied.decode() if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied) else None
 
     async def read_body(self) -> bytes:
         """Return the whole request body; raises ProxyError if the client sent a bad or oversize one."""

@@ -67,6 +67,9 @@ async def forward(ctx: RequestContext, backend: Backend, body: bytes) -> None:
         pool = backend.pool
         for attempt in (1, 2):
             conn = await pool.acquire()
+            if ctx.conn.closed:  # the client left in the same moment a connection was handed to it
+                pool.release(conn, True)  # unused: keep it
+                return
             exchange = Exchange(ctx, conn, backend.first_byte_timeout, backend.stream_idle_timeout)
             try:
                 exchange.start(request)
@@ -105,9 +108,13 @@ def finish(server: ProxyServer, ctx: RequestContext) -> None:
     ttft = ctx.t_first_byte - ctx.t_start if ctx.t_first_byte else None
     if not ctx.response_started:
         ctx.status = 499  # the client left before any response (nginx's convention)
-    if server.metrics is not None:
-        server.metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
-    if ctx.upstream_sent and ctx.head.method == b"POST" and server.metering:
-        server.record_usage(build_record(ctx, duration, ttft, server.prices))
-    server.access_log.write(ctx, duration, ttft)
-    ctx.conn.request_finished(ctx)
+    try:
+        if server.metrics is not None:
+            server.metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
+        if ctx.upstream_sent and ctx.head.method == b"POST" and server.metering:
+            server.record_usage(build_record(ctx, duration, ttft, server.prices))
+        server.access_log.write(ctx, duration, ttft)
+    except Exception:  # recording must never strand the connection
+        log.exception("recording request %s failed", ctx.request_id)
+    finally:
+        ctx.conn.request_finished(ctx)

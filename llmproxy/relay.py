@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ProxyError
 from .http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
-from .metering import meter_for_json_body
+from .metering import meter_for, meter_for_json_body
 from .upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -129,12 +129,15 @@ class Exchange:
         ctx.bytes_out += len(data)
 
     def on_response_complete(self) -> None:
-        if self._meter is not None:
-            tail = self._meter.finish()
-            if tail:
-                self._forward(tail)
-        elif self._collected is not None:
-            self.ctx.usage = meter_for_json_body(b"".join(self._collected), self.ctx.dialect)
+        try:
+            if self._meter is not None:
+                tail = self._meter.finish()
+                if tail:
+                    self._forward(tail)
+            elif self._collected is not None:
+                self.ctx.usage = meter_for_json_body(b"".join(self._collected), self.ctx.dialect)
+        except Exception:  # a metering bug must never cost the client the end of its response
+            log.exception("metering the end of request %s failed", self.ctx.request_id)
         if self._pending_head is not None:
             self.flush_head()
         if self._chunked:
@@ -184,12 +187,18 @@ class Exchange:
 
     def _setup_metering(self, status: int, streaming: bool) -> None:
         ctx = self.ctx
-        ok = 200 <= status < 300
-        if ctx.meter is not None and ok and streaming:
+        if ctx.dialect is None or not 200 <= status < 300:
+            ctx.meter = None
+        elif streaming:
+            # Metered by what the backend sends, whatever the request said: a client cannot dodge metering
+            # with an odd "stream" value the backend still honours.
+            ctx.is_stream = True
+            if ctx.meter is None:
+                ctx.meter = meter_for(ctx.dialect)
             self._meter = ctx.meter
-        elif ctx.dialect is not None and ok and not ctx.is_stream:
+        else:
+            ctx.meter = None
             self._collected = []
-        ctx.meter = None if self._meter is None else ctx.meter
 
     def _collect(self, data: bytes) -> None:
         collected = self._collected
@@ -235,6 +244,9 @@ class Exchange:
 
     def _end(self) -> None:
         self._sweeper.active.discard(self)
+        upstream = self.upstream
+        if upstream.transport is not None and not upstream.closed and not upstream.transport.is_reading():
+            upstream.transport.resume_reading()  # paused for a slow client: the pool must get it reading
         meter = self._meter
         if meter is not None:
             self.ctx.usage = meter.usage  # whatever the ending: the record needs what was seen

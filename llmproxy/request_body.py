@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 _STREAM_BY_DEFAULT = ("/api/chat", "/api/generate")
 _ALWAYS_STREAM = ("/generate_stream",)
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
+_JSON_START = (b"{", b" ", b"\t", b"\r", b"\n")
+# What the backends' lax validators (pydantic, serde-ish) also take for true: a client must not dodge
+# usage injection by writing "stream": 1 while the backend streams anyway.
+_TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 
 
 def inspect_body(ctx: RequestContext, body: bytes) -> None:
@@ -29,7 +33,7 @@ def inspect_body(ctx: RequestContext, body: bytes) -> None:
     target = ctx.head.target
     ctx.path = (target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1")
     data = None
-    if body.startswith(b"{"):
+    if body[:1] in _JSON_START:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -41,7 +45,7 @@ def inspect_body(ctx: RequestContext, body: bytes) -> None:
     model = data.get("model")
     ctx.model = model if isinstance(model, str) else None
     stream = data.get("stream", ctx.path in _STREAM_BY_DEFAULT)
-    ctx.is_stream = stream is True or ctx.path in _ALWAYS_STREAM
+    ctx.is_stream = _truthy(stream) or ctx.path in _ALWAYS_STREAM
 
 
 def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
@@ -61,6 +65,14 @@ def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> b
         options["include_usage"] = True
         body = orjson.dumps({**ctx.body_data, "stream_options": options})
     return body
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value == 1
+    return isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS
 
 
 def _client_asked_usage(data: object) -> bool:

@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,7 +25,6 @@ from .usage.delivery import DeliveryService
 
 log = logging.getLogger("llmproxy")
 
-_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 @dataclass(slots=True, eq=False)
@@ -130,7 +128,7 @@ class ProxyServer:
         return RequestContext(
             conn=conn,
             head=head,
-            request_id=self._request_id(head),
+            request_id=self._request_id(),
             t_start=perf_counter(),
             keep_alive=head.keep_alive and not self.draining,
         )
@@ -153,11 +151,9 @@ class ProxyServer:
         if self.metrics is not None:
             self.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
 
-    def _request_id(self, head: RequestHead) -> str:
-        supplied = head.request_id
-        if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied):
-            return supplied.decode("ascii")
-        # Unique per process and upstream call (vLLM uses it as its own request id), and cheap.
+    def _request_id(self) -> str:
+        # Always ours, even when the client sends an X-Request-Id (that one is forwarded, see context.py):
+        # a client reusing its id must not make its usage records look like duplicates of each other.
         self._id_counter += 1
         return f"{self._id_prefix}{self._id_counter:08x}"
 

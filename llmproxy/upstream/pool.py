@@ -9,6 +9,7 @@ longer than `idle_timeout` are closed before the backend closes them (vLLM's uvi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 
@@ -41,11 +42,13 @@ class UpstreamPool:
     async def acquire(self) -> UpstreamConnection:
         """Return a connection checked out for one exchange; raises ProxyError on failure or overload."""
         conn = self._pop_idle()
-        if conn is None:
-            if self.open_count >= self.backend.max_connections:
-                conn = await self._wait_for_release()
-            if conn is None:
+        while conn is None:
+            if self.open_count < self.backend.max_connections:
                 conn = await self._connect()
+            else:
+                conn = await self._wait_for_release()  # a connection, or None: a slot opened up
+                if conn is not None and conn.closed:
+                    conn = None  # died in the hand-over
         self.checked_out += 1
         return conn
 
@@ -53,7 +56,7 @@ class UpstreamPool:
         """Give back a checked-out connection; it is kept only if `reusable`."""
         self.checked_out -= 1
         conn.detach()
-        if reusable and not conn.closed:
+        if reusable and not conn.closed and conn.transport.is_reading():
             conn.reused = True
             while self._waiters:
                 waiter = self._waiters.popleft()
@@ -89,54 +92,71 @@ class UpstreamPool:
     def _close(self, conn: UpstreamConnection) -> None:
         self.open_count -= 1
         conn.abort()  # never a graceful close: a half-read response must stop the backend now
-        # A slot opened up: let one waiter connect instead of waiting for a release.
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        self._wake_one_waiter()
 
     async def _wait_for_release(self) -> UpstreamConnection | None:
+        # Timeouts use call_later, not asyncio.wait_for: the pipeline runs outside a Task (eager.py), and
+        # since Python 3.12 wait_for refuses to run there.
         if len(self._waiters) >= self.backend.max_waiters:
             raise ProxyError("pool_exhausted", f"backend {self.backend.name}: too many requests waiting")
         waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
         self._waiters.append(waiter)
+        timer = self._loop.call_later(self.connect_timeout, _expire, waiter)
         try:
-            return await asyncio.wait_for(waiter, self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise ProxyError("pool_exhausted", f"backend {self.backend.name}: no connection free") from None
+            return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
                 self.checked_out += 1
                 self.release(waiter.result(), True)  # hand it on rather than leak it
             raise
+        except TimeoutError:
+            raise ProxyError("pool_exhausted", f"backend {self.backend.name}: no connection free") from None
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)  # a dead waiter must not count against max_waiters
 
     async def _connect(self) -> UpstreamConnection:
         backend = self.backend
         self.open_count += 1
+        connecting = asyncio.ensure_future(self._loop.create_connection(
+            UpstreamConnection, backend.host, backend.port, ssl=self._ssl,
+            server_hostname=backend.host if self._ssl else None))
+        timed_out: list[bool] = []  # set by the timer, to tell its cancellation from the caller's
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            connecting.cancel()
+
+        timer = self._loop.call_later(self.connect_timeout, on_timeout)
         try:
-            _, conn = await asyncio.wait_for(
-                self._loop.create_connection(
-                    UpstreamConnection, backend.host, backend.port, ssl=self._ssl,
-                    server_hostname=backend.host if self._ssl else None),
-                self.connect_timeout)
-        except asyncio.TimeoutError:
+            _, conn = await connecting
+        except asyncio.CancelledError:
             self._connect_failed()
-            raise ProxyError("connect_timeout", f"backend {backend.name}: connect timed out") from None
+            if timed_out:
+                raise ProxyError("connect_timeout", f"backend {backend.name}: connect timed out") from None
+            raise
         except OSError as exc:
             self._connect_failed()
             raise ProxyError("connect_failed", f"backend {backend.name}: {exc.strerror or exc}") from None
         except BaseException:
             self._connect_failed()
             raise
+        finally:
+            timer.cancel()
         return conn
 
     def _connect_failed(self) -> None:
         self.open_count -= 1
-        if self._waiters:
+        self._wake_one_waiter()
+
+    def _wake_one_waiter(self) -> None:
+        """A slot opened up: let the first live waiter connect instead of waiting for a release."""
+        while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                return
 
     def _sweep(self) -> None:
         deadline = self._loop.time() - self.backend.idle_timeout
@@ -145,6 +165,11 @@ class UpstreamPool:
         while idle and (idle[0].closed or idle[0].idle_since <= deadline):
             self._close(idle.popleft())
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _ssl_context(backend: BackendConfig) -> ssl.SSLContext:
