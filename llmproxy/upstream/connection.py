@@ -21,13 +21,13 @@ class ResponseSink(Protocol):
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
     def on_upstream_lost(self, reason: str) -> None: ...
-    def flush_head(self) -> None: ...
+    def end_of_read(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
     """A pooled connection. Idle, it must receive nothing: any byte or EOF makes it dead (stale)."""
 
-    __slots__ = ("_framing", "_head_unflushed", "_headers", "_informational", "_is_head", "_keep_alive", "_parser",
+    __slots__ = ("_framing", "_headers", "_informational", "_is_head", "_keep_alive", "_parser",
                  "_sink", "closed", "complete", "idle_since", "received_any", "reused", "transport")
 
     def __init__(self) -> None:
@@ -39,7 +39,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._informational = False
         self._is_head = False
         self._keep_alive = False
-        self._head_unflushed = False
         self.closed = False
         self.complete = False  # the current response ended cleanly
         self.received_any = False  # any byte of the current response arrived
@@ -89,12 +88,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._lost(f"malformed response from backend: {exc}")
             return
-        if self._head_unflushed:
-            # The head arrived without body bytes in this read: send it now. When body bytes came with it,
-            # the relay already sent head and first chunk in one write (one packet, one client wake-up).
-            self._head_unflushed = False
-            if self._sink is not None:
-                self._sink.flush_head()
+        sink = self._sink
+        if sink is not None:
+            sink.end_of_read()  # one client write per upstream read (the sink is gone if the response ended)
 
     def eof_received(self) -> bool:
         if self._sink is not None and not self.complete and self._framing == FRAMING_CLOSE and self._headers_done:
@@ -130,7 +126,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = None  # marks "head done"
         self._keep_alive = self._parser.should_keep_alive()  # reset by httptools once the message ends
         self._framing = self._body_framing(status, headers)
-        self._head_unflushed = True
         self._sink.on_response_head(status, headers, self._framing)
         if self._framing == FRAMING_NONE and self._is_head:
             self._finish()  # httptools does not know a HEAD response has no body
