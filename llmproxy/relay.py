@@ -1,7 +1,8 @@
 """The relay: one upstream exchange streamed to the client as it arrives.
 
-Every upstream body chunk is written to the client transport inside the very callback that parsed it:
-no queue, no task hop, no coalescing. Backpressure is symmetric and cheap: when the client's transport
+What one upstream read brings is written to the client inside the very callback that parsed it, in one
+write: no queue, no task hop, nothing held back for a later read (the response head goes with the first
+chunk). Backpressure is symmetric and cheap: when the client's transport
 goes over its high-water mark the upstream socket stops being read, and resumes on drain, so memory per
 stream stays bounded by the two socket buffers however slow the client is.
 
