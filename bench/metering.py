@@ -43,7 +43,7 @@ import yaml
 from bench.loadgen import Lane, StreamClient, StreamResult, build_request
 from bench.procs import Service, choose_cpus, pin_self, self_cpu_seconds
 from bench.stats import overhead_ms, summary_ms
-from bench.ttft import BODY, HOST, OPEN_BATCH, Failures, machine, raise_fd_limit, stop_children
+from bench.ttft import BODY, HOST, OPEN_BATCH, Failures, machine, raise_fd_limit, record_in_steady_state, stop_children
 
 DIRECT, OFF, ON = "direct", "off", "on"
 PATHS = (DIRECT, OFF, ON)
@@ -378,41 +378,21 @@ async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: 
     alongside C concurrent streams. CPU is sampled over that recording window.
     """
     phase = TtftPhase()
-    many = len(workers) > 1
-    spread_s = len(PATHS) * stream_ns / 1e9 if many else 0.0
-    recording = asyncio.Event()
-    all_recorded = asyncio.Event()
-    unfinished = [len(workers)]
+    spread_s = len(PATHS) * stream_ns / 1e9 if len(workers) > 1 else 0.0
+    before: dict[str, Any] = {}
 
-    def recorded() -> None:
-        unfinished[0] -= 1
-        if not unfinished[0]:
-            all_recorded.set()
+    async def opened() -> None:
+        before["cpu"] = env.cpu()
+        before["started"] = time.perf_counter()
+        phase.window_open = True
 
-    async def one(worker: Worker, delay_s: float) -> None:
-        try:
-            await asyncio.sleep(delay_s)
-            while not recording.is_set():
-                await _round(env, worker, phase, record=False)
-            for _ in range(rounds):
-                await _round(env, worker, phase, record=True)
-        finally:
-            recorded()  # also on a crash, so the window closes and gather() below raises it
-        while not all_recorded.is_set():
-            await _round(env, worker, phase, record=False)
+    async def closed() -> None:
+        phase.window_open = False
+        phase.wall_s = time.perf_counter() - before["started"]
+        phase.cpu_s = _cpu_delta(env.cpu(), before["cpu"])
 
-    tasks = [asyncio.ensure_future(one(worker, env.rng.uniform(0, spread_s))) for worker in workers]
-    if many:
-        await asyncio.sleep(spread_s + stream_ns / 1e9)
-    cpu_before = env.cpu()
-    started = time.perf_counter()
-    recording.set()
-    phase.window_open = True
-    await all_recorded.wait()
-    phase.window_open = False
-    phase.wall_s = time.perf_counter() - started
-    phase.cpu_s = _cpu_delta(env.cpu(), cpu_before)
-    await asyncio.gather(*tasks)
+    await record_in_steady_state(workers, rounds, spread_s, spread_s + stream_ns / 1e9, env.rng,
+                                 lambda worker, record: _round(env, worker, phase, record=record), opened, closed)
     return phase
 
 

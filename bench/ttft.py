@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,18 +187,18 @@ async def warm_up(workers: list[Worker]) -> tuple[int, Failures]:
     return (int(statistics.median(durations)) if durations else 0), errors
 
 
-async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: int) -> TtftPhase:
-    """Each worker records `rounds` rounds while all C workers are streaming (steady state).
+async def record_in_steady_state(workers: list[Any], rounds: int, spread_s: float, settle_s: float,
+                                 rng: random.Random, play_round: Callable[[Any, bool], Awaitable[None]],
+                                 on_open: Callable[[], Awaitable[None]],
+                                 on_close: Callable[[], Awaitable[None]]) -> None:
+    """Have each worker record `rounds` rounds while all C workers are streaming (steady state).
 
-    Workers start staggered over one round, as independent users would, rather than in lock-step
-    bursts every stream length. They stream unrecorded until every worker has started and settled,
-    record their rounds, then keep streaming unrecorded until the last worker is done, so no recorded
-    stream sees fewer than C concurrent streams. CPU is sampled over that recording window and divided
-    by the proxied streams completed in it (recorded or not).
+    Workers start staggered over `spread_s`, as independent users would, rather than in lock-step
+    bursts every stream length. They play unrecorded rounds until every worker has started and settled
+    (`settle_s`), record their rounds, then keep playing unrecorded until the last worker is done, so no
+    recorded stream sees fewer than C concurrent streams. `on_open` / `on_close` bracket the recording
+    window (for CPU samples). Shared by bench.ttft and bench.metering.
     """
-    phase = TtftPhase()
-    many = len(workers) > 1
-    spread_s = 2 * stream_ns / 1e9 if many else 0.0
     recording = asyncio.Event()
     all_recorded = asyncio.Event()
     unfinished = [len(workers)]
@@ -207,39 +208,56 @@ async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: 
         if not unfinished[0]:
             all_recorded.set()
 
-    async def one(worker: Worker, delay_s: float) -> None:
+    async def one(worker: Any, delay_s: float) -> None:
         try:
             await asyncio.sleep(delay_s)
             while not recording.is_set():
-                await _round(env, worker, phase, record=False)
+                await play_round(worker, False)
             for _ in range(rounds):
-                await _round(env, worker, phase, record=True)
+                await play_round(worker, True)
         finally:
             recorded()  # also on a crash, so the window closes and gather() below raises it
         while not all_recorded.is_set():
-            await _round(env, worker, phase, record=False)
+            await play_round(worker, False)
 
-    tasks = [asyncio.ensure_future(one(worker, env.rng.uniform(0, spread_s))) for worker in workers]
-    if many:
-        await asyncio.sleep(spread_s + stream_ns / 1e9)
-    reconnects_before = sum(worker.lanes[DIRECT].reconnects for worker in workers)
-    cpu_before = env.proxy.cpu_seconds(), env.mock.cpu_seconds(), self_cpu_seconds()
-    started = time.perf_counter()
+    tasks = [asyncio.ensure_future(one(worker, rng.uniform(0, spread_s))) for worker in workers]
+    if len(workers) > 1:
+        await asyncio.sleep(settle_s)
+    await on_open()
     recording.set()
-    phase.window_open = True
-    stats_before = await _mock_connections(env)
     await all_recorded.wait()
-    phase.window_open = False
-    phase.wall_s = time.perf_counter() - started
-    phase.proxy_cpu_s = env.proxy.cpu_seconds() - cpu_before[0]
-    phase.mock_cpu_s = env.mock.cpu_seconds() - cpu_before[1]
-    phase.loadgen_cpu_s = self_cpu_seconds() - cpu_before[2]
-    stats_after = await _mock_connections(env)
+    await on_close()
     await asyncio.gather(*tasks)
-    if stats_before is not None and stats_after is not None:
-        # connections the mock accepted in between, less one stats request and direct reopens
-        direct_reopens = sum(worker.lanes[DIRECT].reconnects for worker in workers) - reconnects_before
-        phase.upstream_connects = stats_after - stats_before - 1 - direct_reopens
+
+
+async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: int) -> TtftPhase:
+    """Record `rounds` rounds per worker in steady state (see record_in_steady_state). CPU is sampled
+    over the recording window and divided by the proxied streams completed in it (recorded or not)."""
+    phase = TtftPhase()
+    spread_s = 2 * stream_ns / 1e9 if len(workers) > 1 else 0.0
+    before: dict[str, Any] = {}
+
+    async def opened() -> None:
+        before["reconnects"] = sum(worker.lanes[DIRECT].reconnects for worker in workers)
+        before["cpu"] = env.proxy.cpu_seconds(), env.mock.cpu_seconds(), self_cpu_seconds()
+        before["started"] = time.perf_counter()
+        phase.window_open = True
+        before["stats"] = await _mock_connections(env)
+
+    async def closed() -> None:
+        phase.window_open = False
+        phase.wall_s = time.perf_counter() - before["started"]
+        phase.proxy_cpu_s = env.proxy.cpu_seconds() - before["cpu"][0]
+        phase.mock_cpu_s = env.mock.cpu_seconds() - before["cpu"][1]
+        phase.loadgen_cpu_s = self_cpu_seconds() - before["cpu"][2]
+        stats_after = await _mock_connections(env)
+        if before["stats"] is not None and stats_after is not None:
+            # connections the mock accepted in between, less one stats request and direct reopens
+            direct_reopens = sum(worker.lanes[DIRECT].reconnects for worker in workers) - before["reconnects"]
+            phase.upstream_connects = stats_after - before["stats"] - 1 - direct_reopens
+
+    await record_in_steady_state(workers, rounds, spread_s, spread_s + stream_ns / 1e9, env.rng,
+                                 lambda worker, record: _round(env, worker, phase, record=record), opened, closed)
     return phase
 
 
