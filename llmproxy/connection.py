@@ -80,8 +80,8 @@ class ClientConnection(asyncio.Protocol):
             self._start(to_start)
         if self.closed:
             return
-        if self._codec.in_head and self._head_timer is None:
-            self._head_timer = self._loop.call_later(self.server.timeouts.request_head, self._head_timeout)
+        if self._codec.in_head and self._head_timer is None and self._current is None:
+            self._arm_head_timer()
 
     def eof_received(self) -> bool:
         # EOF from the client is treated as a disconnect, as nginx does by default: an HTTP client that
@@ -163,8 +163,11 @@ class ClientConnection(asyncio.Protocol):
             self._loop.call_soon(self._start, item)  # not nested in the previous request's finish
         if not self._pending:
             self._resume_reading()
-        if self._current is None and not self._codec.in_head:
-            self._arm_idle_timer()
+        if self._current is None:
+            if self._codec.in_head:
+                self._arm_head_timer()  # a pipelined head's deadline starts when it is its turn
+            else:
+                self._arm_idle_timer()
 
     def arm_body_timer(self) -> None:
         if self._body_timer is None and self._parsing is not None:
@@ -245,6 +248,10 @@ class ClientConnection(asyncio.Protocol):
             self._idle_timer = self._loop.call_later(remaining, self._idle_timeout)
             return
         self._close()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_later(self.server.timeouts.request_head, self._head_timeout)
 
     def _head_timeout(self) -> None:
         self._head_timer = None

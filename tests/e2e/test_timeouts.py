@@ -116,3 +116,17 @@ def test_connect_timeout_answers_504(blackhole_port, tmp_path, procs):
     assert json.loads(body)["error"]["code"] == "upstream_connect_timeout"
     assert time.monotonic() - started < 3.0
     assert_idle(proxy)
+
+
+def test_a_slow_pipelined_head_does_not_cut_the_stream_before_it(mock_vllm, tmp_path, procs):
+    proxy = _proxy(tmp_path, procs, mock_vllm.url, timeouts={"request_head": "1s"})
+    with raw_connect(proxy.port, timeout=10) as sock:
+        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "15", "x-mock-delay-ms": "100"}))
+        reader = ResponseReader(sock).read_head()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request, pipelined, arrives slowly
+        body, complete = reader.read_body()  # the stream lasts 1.5 s: longer than the head deadline
+        assert complete and body.endswith(b"data: [DONE]\n\n")
+        started = time.monotonic()
+        rest = recv_until_closed(sock)
+    assert (reader.buffer + rest).startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - started < 2.5  # its own deadline then applies
