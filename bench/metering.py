@@ -26,7 +26,6 @@ import random
 import shlex
 import signal
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,18 @@ import yaml
 from bench.loadgen import Lane, StreamClient, StreamResult, build_request
 from bench.procs import Service, choose_cpus, pin_self, self_cpu_seconds
 from bench.stats import overhead_ms, summary_ms
-from bench.ttft import BODY, HOST, OPEN_BATCH, Failures, machine, raise_fd_limit, record_in_steady_state, stop_children
+from bench.ttft import (
+    BODY,
+    HOST,
+    Failures,
+    close_workers,
+    machine,
+    open_lanes,
+    raise_fd_limit,
+    record_in_steady_state,
+    stop_children,
+    warm_up,
+)
 
 DIRECT, OFF, ON = "direct", "off", "on"
 PATHS = (DIRECT, OFF, ON)
@@ -55,7 +65,6 @@ FINGERPRINT = b'"system_fingerprint"'  # vLLM puts it on the usage chunk when th
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # bytes kept across pieces of the body, so that a pattern split between two of them is still seen
 _SEAM = max(len(EVENT), len(USAGE_ONLY), len(FINGERPRINT)) - 1
-WARMUP_ROUNDS = 1
 MIN_ROUNDS = 3
 MAX_ERRORS_SHOWN = 5
 SATURATED = 0.9  # busy share of the mock + load generator core above which it, not the proxy, sets the pace
@@ -317,34 +326,8 @@ class TtftPhase:
 
 async def open_workers(env: Env, concurrency: int, paths: tuple[str, ...], payloads: dict[str, bytes]) -> list[Worker]:
     workers = [Worker({path: env.lane(path, payloads[path]) for path in paths}) for _ in range(concurrency)]
-    lanes = [lane for worker in workers for lane in worker.lanes.values()]
-    for start in range(0, len(lanes), OPEN_BATCH):
-        await asyncio.gather(*(lane.open() for lane in lanes[start:start + OPEN_BATCH]))
+    await open_lanes(workers)
     return workers
-
-
-def close_workers(workers: list[Worker]) -> None:
-    for worker in workers:
-        for lane in worker.lanes.values():
-            lane.close()
-
-
-async def warm_up(workers: list[Worker]) -> tuple[int, Failures]:
-    """One stream per lane; return the median stream duration (ns) and any errors."""
-    durations: list[int] = []
-    errors = Failures()
-
-    async def one(worker: Worker) -> None:
-        for _ in range(WARMUP_ROUNDS):
-            for path, lane in worker.lanes.items():
-                result = await lane.send()
-                if result.ok:
-                    durations.append(result.total_ns)
-                else:
-                    errors.add(f"{path}: {result.error}")
-
-    await asyncio.gather(*(one(worker) for worker in workers))
-    return (int(statistics.median(durations)) if durations else 0), errors
 
 
 async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) -> None:

@@ -157,27 +157,32 @@ def write_config(directory: str, mock_port: int) -> str:
 async def open_workers(env: Env, concurrency: int) -> list[Worker]:
     workers = [Worker({path: Lane(HOST, env.ports[path], env.payloads[path], env.timeout) for path in PATHS})
                for _ in range(concurrency)]
-    lanes = [lane for worker in workers for lane in worker.lanes.values()]
-    for start in range(0, len(lanes), OPEN_BATCH):
-        await asyncio.gather(*(lane.open() for lane in lanes[start:start + OPEN_BATCH]))
+    await open_lanes(workers)
     return workers
 
 
-def close_workers(workers: list[Worker]) -> None:
+async def open_lanes(workers: list[Any]) -> None:
+    """Connect every worker's lanes, a batch at a time (shared with bench.metering)."""
+    lanes = [lane for worker in workers for lane in worker.lanes.values()]
+    for start in range(0, len(lanes), OPEN_BATCH):
+        await asyncio.gather(*(lane.open() for lane in lanes[start:start + OPEN_BATCH]))
+
+
+def close_workers(workers: list[Any]) -> None:
     for worker in workers:
         for lane in worker.lanes.values():
             lane.close()
 
 
-async def warm_up(workers: list[Worker]) -> tuple[int, Failures]:
-    """Run the warm-up rounds; return the median stream duration (ns) and any errors."""
+async def warm_up(workers: list[Any]) -> tuple[int, Failures]:
+    """One round of streams on every lane; return the median stream duration (ns) and any errors."""
     durations: list[int] = []
     errors = Failures()
 
-    async def one(worker: Worker) -> None:
+    async def one(worker: Any) -> None:
         for _ in range(WARMUP_ROUNDS):
-            for path in PATHS:
-                result = await worker.lanes[path].send()
+            for path, lane in worker.lanes.items():
+                result = await lane.send()
                 if result.ok:
                     durations.append(result.total_ns)
                 else:
