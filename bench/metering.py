@@ -47,6 +47,7 @@ from bench.ttft import (
     HOST,
     Failures,
     close_workers,
+    int_list,
     machine,
     open_lanes,
     raise_fd_limit,
@@ -75,19 +76,9 @@ RECORD_WAIT_S = 10.0  # most wait for usage.jsonl to catch up before the proxy i
 # --- command line ---------------------------------------------------------------------------------
 
 
-def _int_list(value: str) -> list[int]:
-    try:
-        levels = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels must be positive integers")
-    return levels
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.metering", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 64], metavar="C1,C2,...",
+    parser.add_argument("--concurrency", type=int_list, default=[1, 64], metavar="C1,C2,...",
                         help="first-token phase: concurrency levels (default 1,64)")
     parser.add_argument("--requests", type=int, default=60, metavar="N",
                         help="first-token phase: measured streams per path per level; each worker runs "

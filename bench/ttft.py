@@ -50,7 +50,8 @@ SATURATED = 0.9  # busy share of the mock + load generator core above which it, 
 # --- command line ---------------------------------------------------------------------------------
 
 
-def _int_list(value: str) -> list[int]:
+def int_list(value: str) -> list[int]:
+    """argparse type: comma-separated positive integers (shared with bench.metering)."""
     try:
         levels = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
@@ -62,7 +63,7 @@ def _int_list(value: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 64, 512], metavar="C1,C2,...",
+    parser.add_argument("--concurrency", type=int_list, default=[1, 64, 512], metavar="C1,C2,...",
                         help="concurrency levels, each a number of concurrent workers (default 1,64,512)")
     parser.add_argument("--requests", type=int, default=80, metavar="N",
                         help="measured streams per path per level; each worker runs max(3, ceil(N/C)) rounds, "
