@@ -50,6 +50,7 @@ from bench.ttft import (
     int_list,
     machine,
     open_lanes,
+    play_streams,
     raise_fd_limit,
     record_in_steady_state,
     stop_children,
@@ -323,20 +324,9 @@ async def open_workers(env: Env, concurrency: int, paths: tuple[str, ...], paylo
 
 async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) -> None:
     """One direct, one off and one on stream, in random order, back to back on the worker's connections."""
-    got: dict[str, int] = {}
     order = list(PATHS)
     env.rng.shuffle(order)
-    for path in order:
-        result = await worker.lanes[path].send()
-        if not result.ok:
-            phase.errors[path].add(result.error or "unknown error")  # failures count, recorded or not
-            continue
-        if record:
-            phase.ttft[path].append(result.ttft_ns)
-            phase.total[path].append(result.total_ns)
-            got[path] = result.ttft_ns
-        if phase.window_open:
-            phase.window_streams[path] += 1
+    got = await play_streams(worker, order, phase, record)
     if record:
         phase.rounds.append((",".join(order), got.get(DIRECT), got.get(OFF), got.get(ON)))
         for name, a, b in PAIRS:

@@ -270,14 +270,14 @@ async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: 
 _ORDERS = (PATHS, PATHS[::-1])
 
 
-async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) -> None:
-    """One direct and one proxied stream, in random order, back to back on the worker's connections."""
+async def play_streams(worker: Any, order: tuple[str, ...] | list[str], phase: Any, record: bool) -> dict[str, int]:
+    """One stream per path in `order`, back to back on the worker's connections; failures are counted
+    whether recorded or not. Returns the TTFTs recorded (shared with bench.metering)."""
     got: dict[str, int] = {}
-    order = _ORDERS[env.rng.random() < 0.5]
     for path in order:
         result = await worker.lanes[path].send()
         if not result.ok:
-            phase.errors[path].add(result.error or "unknown error")  # failures count, recorded or not
+            phase.errors[path].add(result.error or "unknown error")
             continue
         if record:
             phase.ttft[path].append(result.ttft_ns)
@@ -285,6 +285,13 @@ async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) ->
             got[path] = result.ttft_ns
         if phase.window_open:
             phase.window_streams[path] += 1
+    return got
+
+
+async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) -> None:
+    """One direct and one proxied stream, in random order, back to back on the worker's connections."""
+    order = _ORDERS[env.rng.random() < 0.5]
+    got = await play_streams(worker, order, phase, record)
     if record:
         phase.rounds.append((order[0], got.get(DIRECT), got.get(PROXIED)))
         if len(got) == 2:
