@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 _VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
+def valid_client_request_id(head: RequestHead) -> bytes | None:
+    """Return the client's X-Request-Id if it may be forwarded, else None."""
+    supplied = head.request_id
+    return supplied if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied) else None
+
+
 @dataclass(slots=True, eq=False)
 class RequestContext:
     conn: ClientConnection
@@ -29,6 +35,8 @@ class RequestContext:
     request_id: str  # ours, unique per request: usage records and webhook-ids rely on it
     t_start: float
     keep_alive: bool
+    forwarded_request_id: bytes  # the X-Request-Id sent upstream and back: the client's own, else ours
+    client_request_id: str | None  # the client's valid X-Request-Id, recorded beside ours
     path: str = ""  # decoded path without the query
     # Request body, filled by the connection as it arrives.
     body_parts: list[bytes] = field(default_factory=list)
@@ -56,17 +64,6 @@ class RequestContext:
     t_first_byte: float = 0.0
     exchange: Exchange | None = None
     run: EagerRun | None = None  # the running pipeline
-
-    @property
-    def request_id_bytes(self) -> bytes:
-        """The X-Request-Id sent upstream and back to the client: the client's own, else ours."""
-        supplied = self.head.request_id
-        return supplied if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied) else self.request_id.encode()
-
-    @property
-    def client_request_id(self) -> str | None:
-        supplied = self.head.request_id
-        return supplied.decode() if supplied is not None and _VALID_REQUEST_ID.fullmatch(supplied) else None
 
     async def read_body(self) -> bytes:
         """Return the whole request body; raises ProxyError if the client sent a bad or oversize one."""
@@ -97,7 +94,7 @@ class RequestContext:
         self.status = status
         self.response_started = True
         parts = [status_line(status), b"content-type: ", content_type, b"\r\ncontent-length: %d\r\n" % len(body),
-                 b"x-request-id: ", self.request_id_bytes, b"\r\n"]
+                 b"x-request-id: ", self.forwarded_request_id, b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:

@@ -233,7 +233,7 @@ class Exchange:
                 accel = True
             parts += (name, b": ", value, CRLF)
         if not has_request_id:
-            parts += (b"x-request-id: ", ctx.request_id_bytes, CRLF)
+            parts += (b"x-request-id: ", ctx.forwarded_request_id, CRLF)
         if streaming:
             # Tell any buffering layer in front of us (nginx, CDNs) to pass events through at once.
             if not cache_control:

@@ -15,7 +15,7 @@ from .accesslog import AccessLog
 from .balancer import Balancer
 from .config_model import BackendConfig, Config
 from .connection import ClientConnection
-from .context import RequestContext
+from .context import RequestContext, valid_client_request_id
 from .deadlines import DeadlineSweeper, tick_for
 from .http11.request import CodecLimits, ProtocolError, RequestHead
 from .metrics import Metrics
@@ -125,12 +125,16 @@ class ProxyServer:
     # Per request ----------------------------------------------------------------------------------
 
     def new_context(self, conn: ClientConnection, head: RequestHead) -> RequestContext:
+        request_id = self._request_id()
+        supplied = valid_client_request_id(head)  # checked once per request, not at every use
         return RequestContext(
             conn=conn,
             head=head,
-            request_id=self._request_id(),
+            request_id=request_id,
             t_start=perf_counter(),
             keep_alive=head.keep_alive and not self.draining,
+            forwarded_request_id=supplied or request_id.encode(),
+            client_request_id=None if supplied is None else supplied.decode(),
         )
 
     def handle(self, ctx: RequestContext):

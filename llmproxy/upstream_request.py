@@ -35,7 +35,7 @@ def build_upstream_request(ctx: RequestContext, backend: Backend, body: bytes) -
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             continue
         parts += (name, b": ", value, CRLF)
-    parts += (b"x-request-id: ", ctx.request_id_bytes, CRLF)
+    parts += (b"x-request-id: ", ctx.forwarded_request_id, CRLF)
     parts += (b"x-forwarded-for: ", _forwarded_for(ctx, forwarded_for), CRLF)
     if backend.authorization is not None:
         parts += (b"authorization: ", backend.authorization, CRLF)

@@ -50,13 +50,6 @@ class RequestHead:
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
-    def header(self, name: bytes) -> bytes | None:
-        """Return the first value of the lower-case header `name`, or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
 
 class RequestSink(Protocol):
     def on_request_head(self, head: RequestHead) -> None: ...
@@ -74,7 +67,7 @@ class RequestCodec:
     """Feeds bytes to httptools and reports requests to a sink, enforcing limits and strict rules."""
 
     __slots__ = ("_body_size", "_error", "_fed_in_head", "_head_done", "_in_head", "_limits", "_parser", "_raw",
-                 "_sink", "_upgrade_body", "_url")
+                 "_sink", "_url")
 
     def __init__(self, sink: RequestSink, limits: CodecLimits) -> None:
         self._sink = sink
@@ -87,7 +80,6 @@ class RequestCodec:
         self._fed_in_head = 0
         self._body_size = 0
         self._error: ProtocolError | None = None
-        self._upgrade_body = False
 
     @property
     def in_head(self) -> bool:
@@ -117,9 +109,7 @@ class RequestCodec:
 
     def _after_upgrade(self, data: bytes, offset: int) -> None:
         # llhttp stops at the end of a head with `Upgrade:` (e.g. `Upgrade: h2c` from curl --http2).
-        # We never switch protocols: serve it as a plain request, which is safe only without a body.
-        if self._upgrade_body:
-            self._raise(ProtocolError("not_implemented", "protocol upgrade with a request body"))
+        # We never switch protocols: serve it as a plain request (_validate refused one with a body).
         self._parser = httptools.HttpRequestParser(self)
         rest = data[offset:]
         if rest:
@@ -149,7 +139,6 @@ class RequestCodec:
         self._head_done = True
         self._fed_in_head = 0
         request = self._validate()
-        self._upgrade_body = request.has_body
         self._sink.on_request_head(request)
 
     def on_body(self, body: bytes) -> None:
