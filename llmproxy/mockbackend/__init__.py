@@ -20,7 +20,14 @@ Request headers steer one request (each overrides the CLI default):
   x-mock-fixture: NAME              replay a recorded stream from the fixtures directory verbatim
   x-mock-gate: TOKEN                each event after the first waits for POST /_mock/release/TOKEN
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
-POST /_mock/reset-stats.
+POST /_mock/reset-stats, and two whose state reset-stats keeps:
+  POST /_mock/health/<status>       200..599; the health routes (vLLM/TGI /health and /ping, Ollama
+                                    /api/version and /) answer it in the dialect's shape; 200 restores
+  POST /_mock/gauges?waiting=N&running=M   pin the /metrics queue gauges (either or both); a gauge not
+                                    given, or every gauge when there is no query, follows the live count
+
+--model a,b serves several models (the first is the default); --strict-models answers a request naming
+any other model with the real server's 404 (vLLM and Ollama; TGI ignores model names).
 """
 
 from __future__ import annotations

@@ -29,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=16, help="tokens per completion (default 16)")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between stream events")
     parser.add_argument("--first-byte-delay-ms", type=float, default=0.0, help="pause before the response")
-    parser.add_argument("--model", default=None, help="served model name (default: the dialect's)")
+    parser.add_argument("--model", default=None, metavar="NAME[,NAME...]",
+                        help="served model names, comma-separated; the first is the default for requests "
+                             "naming none (default: the dialect's)")
+    parser.add_argument("--strict-models", action="store_true",
+                        help="answer a request naming an unserved model with the server's 404 (TGI ignores names)")
     return parser
 
 
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.listen
     try:
         options = MockOptions(dialect=args.dialect, tokens=args.tokens, delay_ms=args.delay_ms,
-                              first_byte_delay_ms=args.first_byte_delay_ms, model=args.model)
+                              first_byte_delay_ms=args.first_byte_delay_ms, model=args.model,
+                              strict_models=args.strict_models)
     except ValueError as exc:
         print(f"llmproxy mock-backend: {exc}", file=sys.stderr)
         return 2

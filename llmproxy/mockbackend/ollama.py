@@ -198,8 +198,8 @@ def v1_embeddings(call: Call) -> Reply:
 
 
 def v1_models(call: Call) -> Reply:
-    card = {"id": call.model, "object": "model", "created": CREATED, "owned_by": "library"}
-    return json_reply({"object": "list", "data": [card]})
+    cards = [{"id": name, "object": "model", "created": CREATED, "owned_by": "library"} for name in call.served]
+    return json_reply({"object": "list", "data": cards})
 
 
 def api_embed(call: Call) -> Reply:
@@ -217,9 +217,27 @@ def _details() -> dict[str, Any]:
 
 
 def api_tags(call: Call) -> Reply:
-    card = {"name": call.model, "model": call.model, "modified_at": _MODIFIED_AT, "size": 2019393189,
-            "digest": _DIGEST, "details": _details()}
-    return json_reply({"models": [card]}, content_type=GO_JSON)
+    cards = [{"name": name, "model": name, "modified_at": _MODIFIED_AT, "size": 2019393189, "digest": _DIGEST,
+              "details": _details()} for name in call.served]
+    return json_reply({"models": cards}, content_type=GO_JSON)
+
+
+def _canonical(name: str) -> str:
+    # Ollama fills in the "latest" tag, so "llama3.2" and "llama3.2:latest" are one model
+    return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
+
+def check_model(call: Call) -> Reply | None:
+    """A named model must be pulled (no name means the default); /v1 re-encodes the 404 OpenAI-style."""
+    name = call.named_model()
+    if name is None or _canonical(name) in {_canonical(served) for served in call.served}:
+        return None
+    return error(404, f'model "{name}" not found, try pulling it first', call.path)
+
+
+def unhealthy(status: int) -> Reply:
+    """Ollama has no /health; a failing liveness probe gets a native error object."""
+    return json_reply({"error": f"server unhealthy (mock health {status})"}, status, GO_JSON)
 
 
 def api_show(call: Call) -> Reply:
@@ -241,6 +259,9 @@ def api_ps(call: Call) -> Reply:
 def root(call: Call) -> Reply:
     return Reply(content_type=b"text/plain; charset=utf-8", body=b"Ollama is running")
 
+
+# Ollama's liveness probes: the Go client's heartbeat is HEAD /, monitors poll /api/version
+HEALTH_PATHS = frozenset({"/api/version", "/"})
 
 ROUTES = {
     "/api/chat": ("POST", api_chat),

@@ -37,18 +37,31 @@ class MockOptions:
     tokens: int = 16
     delay_ms: float = 0.0  # between two events of a stream
     first_byte_delay_ms: float = 0.0  # before the response head (and the first event)
-    model: str | None = None  # None: the dialect's default (DEFAULT_MODELS)
+    # None or "": the dialect's default (DEFAULT_MODELS); "a,b": serve both, the first is the default
+    model: str | None = None
     fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/../shared/fixtures/streams
+    strict_models: bool = False  # answer a request naming an unserved model like the real server does
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {self.dialect!r}; expected one of {', '.join(DIALECTS)}")
         if self.tokens < 0 or self.delay_ms < 0 or self.first_byte_delay_ms < 0:
             raise ValueError("tokens and delays must not be negative")
+        if self.model and not self.models:  # "," or " , ": a typo, not a request for the default
+            raise ValueError(f"--model names no model: {self.model!r}")
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The served models in the order given, duplicates dropped; the first is the default."""
+        if not self.model:
+            return (DEFAULT_MODELS[self.dialect],)
+        names = (name.strip() for name in self.model.split(","))
+        return tuple(dict.fromkeys(name for name in names if name))
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_MODELS[self.dialect]
+        """The default model: the one a request that names none gets."""
+        return self.models[0]
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ class Call:
     tokens: int
     model: str  # the served model (CLI --model or the dialect default)
     gauges: Callable[[], tuple[int, int, int, int]]  # (running, waiting, prompt total, generation total)
+    models: tuple[str, ...] = ()  # every served model, `model` first; empty means just `model`
     _json: Any = None
 
     def json(self) -> dict[str, Any]:
@@ -62,13 +63,22 @@ class Call:
     def request_id(self) -> str | None:
         return self.headers.get("x-request-id")
 
+    @property
+    def served(self) -> tuple[str, ...]:
+        return self.models or (self.model,)
+
+    def named_model(self) -> str | None:
+        """The model the request body names, if it names one (a missing or empty name means the default)."""
+        model = self.json().get("model")
+        return model if isinstance(model, str) and model else None
+
     def request_model(self, placeholder: str | None = None) -> str:
         """The model the request names (echoed like the real servers do), else the served one.
 
         `placeholder` is a name that means "whatever is served" (TGI's "tgi").
         """
-        model = self.json().get("model")
-        return model if isinstance(model, str) and model and model != placeholder else self.model
+        model = self.named_model()
+        return model if model is not None and model != placeholder else self.model
 
     def include_usage(self) -> bool:
         options = self.json().get("stream_options")

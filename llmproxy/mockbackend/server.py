@@ -7,6 +7,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from types import ModuleType
 from typing import Any
+from urllib.parse import parse_qsl
 
 from llmproxy.mockbackend import ollama, tgi, vllm
 from llmproxy.mockbackend.connection import MockConnection, ParsedRequest
@@ -18,6 +19,8 @@ from llmproxy.mockbackend.writer import ResponseWriter
 
 DIALECT_MODULES: dict[str, ModuleType] = {"vllm": vllm, "tgi": tgi, "ollama": ollama}
 CONTROL_PREFIX = "/_mock/"
+GAUGE_NAMES = ("waiting", "running")
+MAX_GAUGE = 1_000_000_000  # far above any real queue, and small enough to print exactly as a float
 
 
 def _phrase(status: int) -> str:
@@ -25,6 +28,20 @@ def _phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return f"status {status}"
+
+
+def _control_int(name: str, raw: str, low: int, high: int) -> int:
+    """Parse a control value: plain ASCII digits only, so "+1", " 1" and "1e3" are refused, not guessed."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and low <= int(raw) <= high):
+        raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
+def _health_reply(dialect: ModuleType, status: int) -> Reply:
+    reply: Reply = dialect.unhealthy(status)
+    if status in (204, 304):  # statuses that never carry a body (RFC 9110 §15.3.5, §15.4.5)
+        reply.body, reply.content_type = b"", None
+    return reply
 
 
 class MockState:
@@ -38,6 +55,11 @@ class MockState:
         self.gates: dict[str, Gate] = {}
         self.fixtures = FixtureStore(options.fixtures_dir)
         self.connections: set[MockConnection] = set()
+        self.models = options.models  # computed once: it is read on every request
+        # Set through /_mock/health and /_mock/gauges. They are configuration, not observations, so
+        # reset-stats keeps them: tests reset the stats between phases of one scenario.
+        self.health = 200
+        self.gauge_overrides: dict[str, int] = {}
 
     def connection_opened(self, conn: MockConnection) -> None:
         self.connections.add(conn)
@@ -48,6 +70,12 @@ class MockState:
         self.connections.discard(conn)
         self.stats.open_connections -= 1
 
+    def gauges(self) -> tuple[int, int, int, int]:
+        """The stats' live gauges, with the queue gauges pinned by /_mock/gauges swapped in."""
+        running, waiting, prompt_total, generation_total = self.stats.gauges()
+        pinned = self.gauge_overrides
+        return pinned.get("running", running), pinned.get("waiting", waiting), prompt_total, generation_total
+
     def default_knobs(self) -> Knobs:
         opts = self.options
         return Knobs(tokens=opts.tokens, delay=opts.delay_ms / 1000.0,
@@ -55,12 +83,12 @@ class MockState:
 
     def respond(self, conn: MockConnection, request: ParsedRequest) -> ResponseWriter:
         """Build the response to `request` and the writer that will send it."""
-        path = request.target.partition("?")[0]
+        path, _, query = request.target.partition("?")
         headers = dict(request.headers)
         options = {"keep_alive": request.keep_alive, "http10": request.http10,
                    "request_id": headers.get("x-request-id"), "head_only": request.method == "HEAD"}
         if path.startswith(CONTROL_PREFIX):
-            reply = self._control(request.method, path)
+            reply = self._control(request.method, path, query)
             return ResponseWriter(conn, reply, self.default_knobs(), None, gate=None, **options)
         record = self.stats.record_request(request.method, request.target, request.headers, request.body)
         knobs = self.default_knobs()
@@ -90,9 +118,20 @@ class MockState:
         method, handler = route
         if request.method != method and not (request.method == "HEAD" and method == "GET"):
             raise BadRequest("Method Not Allowed", 405)
-        call = Call(method=method, path=path, headers=headers, body=request.body,
-                    tokens=knobs.tokens, model=self.options.model_name, gauges=self.stats.gauges)
-        return handler(call)
+        if self.health != 200 and path in self.dialect.HEALTH_PATHS:
+            return _health_reply(self.dialect, self.health)
+        call = Call(method=method, path=path, headers=headers, body=request.body, tokens=knobs.tokens,
+                    model=self.models[0], models=self.models, gauges=self.gauges)
+        refused = self._refuse_model(call)
+        return handler(call) if refused is None else refused
+
+    def _refuse_model(self, call: Call) -> Reply | None:
+        """With --strict-models, the dialect's answer to a body naming an unserved model."""
+        # only POST routes carry a body naming a model; a stray GET body must not turn into a 400
+        if not self.options.strict_models or call.method != "POST":
+            return None
+        result: Reply | None = self.dialect.check_model(call)
+        return result
 
     def _gate(self, token: str) -> Gate:
         gate = self.gates.get(token)
@@ -100,22 +139,58 @@ class MockState:
             gate = self.gates[token] = Gate()
         return gate
 
-    def _control(self, method: str, path: str) -> Reply:
-        action = path[len(CONTROL_PREFIX):]
+    def _control(self, method: str, path: str, query: str) -> Reply:
+        try:
+            reply = self._control_action(method, path[len(CONTROL_PREFIX):], query)
+        except BadRequest as exc:
+            return json_reply({"error": exc.message}, exc.status)
+        if reply is None:
+            return json_reply({"error": f"unknown control endpoint {method} {path}"}, 404)
+        return reply
+
+    def _control_action(self, method: str, action: str, query: str) -> Reply | None:
         if method in ("GET", "HEAD") and action == "stats":
             return json_reply(self.stats.as_dict())
-        if method == "POST" and action.startswith("release/") and len(action) > len("release/"):
-            gate = self._gate(action[len("release/"):])
-            wake = gate.release()
-            if wake is not None:
-                self.loop.call_soon(wake)
-            return json_reply({"released": gate.released, "woke": wake is not None})
-        if method == "POST" and action == "reset-stats":
-            self.stats.reset()
-            # gates nobody waits on are forgotten too; a waiting stream keeps its gate
-            self.gates = {token: gate for token, gate in self.gates.items() if gate.waiters}
-            return json_reply({"reset": True})
-        return json_reply({"error": f"unknown control endpoint {method} {path}"}, 404)
+        if method != "POST":
+            return None
+        if action.startswith("release/") and len(action) > len("release/"):
+            return self._release(action[len("release/"):])
+        if action == "reset-stats":
+            return self._reset_stats()
+        if action.startswith("health/"):
+            return self._set_health(action[len("health/"):])
+        if action == "gauges":
+            return self._set_gauges(query)
+        return None
+
+    def _release(self, token: str) -> Reply:
+        gate = self._gate(token)
+        wake = gate.release()
+        if wake is not None:
+            self.loop.call_soon(wake)
+        return json_reply({"released": gate.released, "woke": wake is not None})
+
+    def _reset_stats(self) -> Reply:
+        self.stats.reset()
+        # gates nobody waits on are forgotten too; a waiting stream keeps its gate
+        self.gates = {token: gate for token, gate in self.gates.items() if gate.waiters}
+        return json_reply({"reset": True})
+
+    def _set_health(self, raw: str) -> Reply:
+        self.health = _control_int("health status", raw, 200, 599)
+        return json_reply({"health": self.health})
+
+    def _set_gauges(self, query: str) -> Reply:
+        """Pin the given queue gauges; each call replaces the previous pins, so no query unpins both."""
+        pinned: dict[str, int] = {}
+        for name, raw in parse_qsl(query, keep_blank_values=True):
+            if name not in GAUGE_NAMES:
+                raise BadRequest(f"unknown gauge {name!r}; expected waiting and/or running")
+            if name in pinned:
+                raise BadRequest(f"{name} given twice")
+            pinned[name] = _control_int(name, raw, 0, MAX_GAUGE)
+        self.gauge_overrides = pinned
+        return json_reply({name: pinned.get(name) for name in GAUGE_NAMES})
 
 
 class MockBackend:

@@ -178,8 +178,18 @@ def info(call: Call) -> Reply:
 
 
 def models(call: Call) -> Reply:
-    return json_reply({"object": "list", "data": [{"id": call.model, "object": "model", "created": 0,
-                                                   "owned_by": call.model}]})
+    cards = [{"id": name, "object": "model", "created": 0, "owned_by": name} for name in call.served]
+    return json_reply({"object": "list", "data": cards})
+
+
+def check_model(call: Call) -> Reply | None:
+    """TGI serves one model and ignores the name a request gives, so it never refuses one (§3.3)."""
+    return None
+
+
+def unhealthy(status: int) -> Reply:
+    """/health when the router's health check fails: TGI's ErrorResponse with error_type healthcheck."""
+    return json_reply({"error": "unhealthy", "error_type": "healthcheck"}, status)
 
 
 def tokenize_route(call: Call) -> Reply:
@@ -201,6 +211,9 @@ def metrics(call: Call) -> Reply:
          generation_total),
     ])
 
+
+# the routes that answer the /_mock/health state (TGI routes /ping to the same handler as /health)
+HEALTH_PATHS = frozenset({"/health", "/ping"})
 
 ROUTES = {
     "/generate": ("POST", generate),

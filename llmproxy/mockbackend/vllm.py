@@ -173,14 +173,31 @@ def embeddings(call: Call) -> Reply:
     return json_reply(body)
 
 
-def models(call: Call) -> Reply:
+def _model_card(name: str) -> dict[str, Any]:
     permission = {"id": "modelperm-6d6f636b", "object": "model_permission", "created": CREATED,
                   "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                   "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                   "organization": "*", "group": None, "is_blocking": False}
-    card = {"id": call.model, "object": "model", "created": CREATED, "owned_by": "vllm", "root": call.model,
+    return {"id": name, "object": "model", "created": CREATED, "owned_by": "vllm", "root": name,
             "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}
-    return json_reply({"object": "list", "data": [card]})
+
+
+def models(call: Call) -> Reply:
+    return json_reply({"object": "list", "data": [_model_card(name) for name in call.served]})
+
+
+def check_model(call: Call) -> Reply | None:
+    """vLLM's _check_model: a named model must be served (no name means the default), else 404."""
+    name = call.named_model()
+    if name is None or name in call.served:
+        return None
+    return json_reply({"error": {"message": f"The model `{name}` does not exist.", "type": "NotFoundError",
+                                 "param": "model", "code": 404}}, 404)
+
+
+def unhealthy(status: int) -> Reply:
+    """/health when the engine is dead: a bare status (503 in vLLM), no body and no content type."""
+    return Reply(status=status, content_type=None)
 
 
 def version(call: Call) -> Reply:
@@ -207,6 +224,9 @@ def metrics(call: Call) -> Reply:
          generation_total),
     ], labels)
 
+
+# the routes that answer the /_mock/health state (vLLM's /ping calls the same health check)
+HEALTH_PATHS = frozenset({"/health", "/ping"})
 
 ROUTES = {
     "/v1/chat/completions": ("POST", chat),

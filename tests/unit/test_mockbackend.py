@@ -515,6 +515,184 @@ def test_many_concurrent_slow_streams_are_paced_by_timers(vllm: Backend) -> None
     assert time.monotonic() - start < 5  # 12 paced gaps of 20 ms each, run side by side
 
 
+# --- health control, pinned gauges, several models ----------------------------------------------
+
+@pytest.fixture
+def fresh() -> Iterator[list[Backend]]:
+    """Backends a test reconfigures, so a failure cannot leave the shared ones unhealthy or pinned."""
+    started: list[Backend] = []
+    yield started
+    for backend in started:
+        backend.close()
+
+
+def start(fresh: list[Backend], **options: object) -> Backend:
+    backend = Backend(MockOptions(**options))  # type: ignore[arg-type]
+    fresh.append(backend)
+    return backend
+
+
+def control(port: int, path: str) -> tuple[int, dict]:
+    resp = request(port, "POST", path)
+    assert resp.headers["content-type"] == "application/json"
+    return resp.status, json.loads(resp.body)
+
+
+HEALTH_PATHS = {"vllm": ["/health", "/ping"], "tgi": ["/health", "/ping"], "ollama": ["/api/version", "/"]}
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "tgi", "ollama"])
+def test_health_control_switches_every_health_route_and_survives_reset(fresh: list[Backend],
+                                                                       dialect: str) -> None:
+    port = start(fresh, dialect=dialect).port
+    assert control(port, "/_mock/health/503") == (200, {"health": 503})
+    request(port, "POST", "/_mock/reset-stats")  # must not heal the backend
+    for path in HEALTH_PATHS[dialect]:
+        resp = request(port, "GET", path)
+        assert resp.status == 503
+        if dialect == "vllm":  # a bare status, like vLLM's dead-engine answer
+            assert resp.body == b"" and "content-type" not in resp.headers
+        elif dialect == "tgi":
+            assert json.loads(resp.body) == {"error": "unhealthy", "error_type": "healthcheck"}
+        else:
+            assert isinstance(json.loads(resp.body)["error"], str)
+    assert control(port, "/_mock/health/200") == (200, {"health": 200})
+    assert all(request(port, "GET", path).status == 200 for path in HEALTH_PATHS[dialect])
+
+
+def test_health_status_is_answered_verbatim_and_counted_like_any_request(fresh: list[Backend]) -> None:
+    backend = start(fresh, dialect="ollama")
+    control(backend.port, "/_mock/health/500")
+    head = request(backend.port, "HEAD", "/")  # the Go client's heartbeat fails too
+    assert (head.status, head.body) == (500, b"")
+    assert request(backend.port, "POST", "/api/chat", CHAT, {"x-mock-tokens": "1"}).status == 200
+    control(backend.port, "/_mock/health/200")
+    assert request(backend.port, "GET", "/api/version").status == 200
+    stats = backend.stats()
+    assert [(r["method"], r["path"], r["status"]) for r in stats["requests"]] == [
+        ("HEAD", "/", 500), ("POST", "/api/chat", 200), ("GET", "/api/version", 200)]
+
+
+@pytest.mark.parametrize("status", ["199", "600", "abc", "", "+503", "5031"])
+def test_health_control_refuses_bad_statuses(fresh: list[Backend], status: str) -> None:
+    port = start(fresh, dialect="vllm").port
+    code, body = control(port, f"/_mock/health/{status}")
+    assert code == 400 and "health status" in body["error"]
+    assert request(port, "GET", "/health").status == 200
+
+
+def metric(port: int, name: str) -> float:
+    text = request(port, "GET", "/metrics").body.decode()
+    return float(re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.parametrize("dialect,waiting,running", [
+    ("vllm", "vllm:num_requests_waiting", "vllm:num_requests_running"),
+    ("tgi", "tgi_queue_size", "tgi_batch_current_size"),
+])
+def test_gauge_pins_replace_live_counts_until_cleared(fresh: list[Backend], dialect: str, waiting: str,
+                                                      running: str) -> None:
+    port = start(fresh, dialect=dialect).port
+    assert control(port, "/_mock/gauges?waiting=7&running=3") == (200, {"waiting": 7, "running": 3})
+    request(port, "POST", "/_mock/reset-stats")  # pins are configuration, not stats
+    assert (metric(port, waiting), metric(port, running)) == (7.0, 3.0)
+    assert control(port, "/_mock/gauges?waiting=2") == (200, {"waiting": 2, "running": None})
+    body = {**STREAM, "inputs": "x", "parameters": {"max_new_tokens": 3}}
+    path = "/v1/chat/completions" if dialect == "vllm" else "/generate_stream"
+    stalled = Client(port)
+    try:
+        stalled.send("POST", path, body, {"x-mock-stall-after": "1"})
+        stalled.head()
+        assert (metric(port, waiting), metric(port, running)) == (2.0, 1.0)  # running is live again
+    finally:
+        stalled.close()
+    assert control(port, "/_mock/gauges") == (200, {"waiting": None, "running": None})
+    deadline = time.monotonic() + TIMEOUT
+    while metric(port, running):
+        assert time.monotonic() < deadline, "the stalled stream never left the running gauge"
+        time.sleep(0.01)
+    assert metric(port, waiting) == 0.0
+
+
+@pytest.mark.parametrize("query", ["waiting=-1", "waiting=x", "waiting=", "running=1.5", "queue=1",
+                                   "waiting=1&waiting=2", "running", "waiting=99999999999"])
+def test_gauge_pins_refuse_bad_values_and_keep_the_old_pins(fresh: list[Backend], query: str) -> None:
+    port = start(fresh, dialect="vllm").port
+    control(port, "/_mock/gauges?waiting=5")
+    code, body = control(port, f"/_mock/gauges?{query}")
+    assert code == 400 and isinstance(body["error"], str)
+    assert metric(port, "vllm:num_requests_waiting") == 5.0
+
+
+def test_several_models_are_listed_in_each_dialects_shape(fresh: list[Backend]) -> None:
+    names = ["qwen-coder", "qwen-chat"]
+    for dialect in ("vllm", "tgi", "ollama"):
+        backend = start(fresh, dialect=dialect, model=" qwen-coder, qwen-chat ,qwen-coder")
+        assert [m.id for m in backend.openai().models.list().data] == names
+        cards = json.loads(request(backend.port, "GET", "/v1/models").body)["data"]
+        if dialect == "vllm":
+            assert [(c["root"], c["max_model_len"], c["owned_by"]) for c in cards] == [
+                (n, cards[0]["max_model_len"], "vllm") for n in names]
+        if dialect == "tgi":
+            assert [(c["owned_by"], c["created"]) for c in cards] == [(n, 0) for n in names]
+    tags = json.loads(request(fresh[-1].port, "GET", "/api/tags").body)["models"]
+    assert [(t["name"], t["model"]) for t in tags] == [(n, n) for n in names]
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "tgi", "ollama"])
+def test_first_model_is_the_default_and_names_pass_through_without_strict(fresh: list[Backend],
+                                                                            dialect: str) -> None:
+    client = start(fresh, dialect=dialect, model="qwen-coder,qwen-chat").openai()
+    unnamed = client.chat.completions.create(model="", messages=CHAT["messages"], max_tokens=1)
+    assert unnamed.model == "qwen-coder"
+    other = client.chat.completions.create(model="elsewhere", messages=CHAT["messages"], max_tokens=1)
+    assert other.model == "elsewhere"
+
+
+def test_strict_vllm_answers_unknown_model_like_vllm(fresh: list[Backend]) -> None:
+    backend = start(fresh, dialect="vllm", model="qwen-coder,qwen-chat", strict_models=True)
+    resp = request(backend.port, "POST", "/v1/chat/completions", {**CHAT, "model": "gpt-4"})
+    assert resp.status == 404
+    assert json.loads(resp.body) == {"error": {"message": "The model `gpt-4` does not exist.",
+                                               "type": "NotFoundError", "param": "model", "code": 404}}
+    with pytest.raises(openai.NotFoundError):
+        backend.openai().completions.create(model="qwen", prompt="x")
+    chat = backend.openai().chat.completions.create(model="qwen-chat", messages=CHAT["messages"], max_tokens=1)
+    assert chat.model == "qwen-chat"
+    unnamed = request(backend.port, "POST", "/v1/completions", {"prompt": "x"})
+    assert (unnamed.status, json.loads(unnamed.body)["model"]) == (200, "qwen-coder")
+    assert backend.stats()["requests"][0]["status"] == 404  # refusals are logged like any answer
+
+
+def test_strict_ollama_answers_unknown_model_natively_and_openai_style(fresh: list[Backend]) -> None:
+    backend = start(fresh, dialect="ollama", model="qwen-coder:latest,qwen-chat:7b", strict_models=True)
+    native = request(backend.port, "POST", "/api/chat", {**CHAT, "model": "llama3.2"})
+    assert native.status == 404
+    assert json.loads(native.body) == {"error": 'model "llama3.2" not found, try pulling it first'}
+    compat = request(backend.port, "POST", "/v1/chat/completions", {**CHAT, "model": "qwen-chat"})
+    assert compat.status == 404  # only qwen-chat:7b is served; the implied tag is :latest
+    assert json.loads(compat.body)["error"] == {"message": 'model "qwen-chat" not found, try pulling it first',
+                                                "type": "not_found_error", "param": None, "code": None}
+    for name in ("qwen-coder", "qwen-coder:latest", "qwen-chat:7b"):  # Ollama fills in ":latest"
+        assert request(backend.port, "POST", "/api/generate", {"model": name, "stream": False}).status == 200
+    assert request(backend.port, "POST", "/api/show", {"model": "nope"}).status == 404
+
+
+def test_strict_tgi_stays_lenient_because_tgi_ignores_model_names(fresh: list[Backend]) -> None:
+    backend = start(fresh, dialect="tgi", model="zephyr", strict_models=True)
+    chat = backend.openai().chat.completions.create(model="anything", messages=CHAT["messages"], max_tokens=1)
+    assert chat.choices[0].message.content == completion_text(1)
+
+
+def test_model_option_parsing() -> None:
+    assert MockOptions(dialect="tgi").models == ("HuggingFaceH4/zephyr-7b-beta",)
+    options = MockOptions(model="a, b,a,")
+    assert (options.models, options.model_name, options.strict_models) == (("a", "b"), "a", False)
+    assert MockOptions(model="").model_name == "Qwen/Qwen2.5-7B-Instruct"
+    with pytest.raises(ValueError, match="names no model"):
+        MockOptions(model=" , ")
+
+
 # --- the process --------------------------------------------------------------------------------
 
 def test_module_entry_point_prints_listening_line_and_exits_0_on_sigterm() -> None:
@@ -532,6 +710,25 @@ def test_module_entry_point_prints_listening_line_and_exits_0_on_sigterm() -> No
         assert request(port, "GET", "/").body == b"Ollama is running"
         lines = request(port, "POST", "/api/generate", {"prompt": "x"}).body.splitlines()
         assert json.loads(lines[-1])["eval_count"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_process_takes_a_model_list_and_strict_models() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmproxy.mockbackend", "--model", "qwen-coder,qwen-chat", "--strict-models"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        assert ready, "no listening line"
+        port = int(proc.stdout.readline().decode().rsplit(":", 1)[1])
+        models = json.loads(request(port, "GET", "/v1/models").body)["data"]
+        assert [m["id"] for m in models] == ["qwen-coder", "qwen-chat"]
+        assert request(port, "POST", "/v1/completions", {"model": "x", "prompt": "p"}).status == 404
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
