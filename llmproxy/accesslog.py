@@ -47,6 +47,7 @@ class AccessLog:
             "model": ctx.model,
             "stream": ctx.is_stream,
             "backend": ctx.backend or None,
+            "retries": ctx.retries,
             "status": ctx.status,
             "termination": ctx.termination,
             "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),

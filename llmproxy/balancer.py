@@ -1,57 +1,95 @@
-"""Choosing a backend for a request.
+"""Choosing one backend among the candidates the router gave (`routing.load_balance`).
 
 Strategies (all honour `weight`):
 - round_robin / weighted: smooth weighted round robin (nginx's algorithm): over any window of
   sum(weights) picks, each backend gets exactly its weight, spread out rather than in bursts;
 - least_connections: fewest in-flight requests per unit of weight, ties broken at random; the count
-  covers the whole stream (released in the pipeline's `finally`), not just the response head.
-latency_based is accepted in the config and served by least_connections until the balancing
-release adds its TTFT-EWMA strategy.
+  covers the whole stream (released in the pipeline's `finally`), not just the response head;
+- latency_based: power of two choices on peak-EWMA cost = TTFT estimate * (in_flight + 1) / weight. The
+  fastest backend gets the most, but its cost grows with its load, so the others take the overflow; and
+  an idle backend's estimate fades (fleet/backend.py), so a slow one keeps being tried and can recover;
+- queue_depth: the least loaded by the backends' own reports (vLLM `num_requests_waiting + running`,
+  TGI queue + batch), polled every health interval and corrected by what we sent since; backends that
+  report nothing (Ollama, OpenAI) count their in-flight requests.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING
 
-from .errors import ProxyError
-
 if TYPE_CHECKING:
-    from .server import Backend
+    from .fleet.backend import Backend
+
+TTFT_FLOOR = 0.001  # seconds
+Strategy = Callable[[list["Backend"]], "Backend"]
+
+
+def smooth_weighted(candidates: list[Backend]) -> Backend:
+    total = 0
+    best = candidates[0]
+    for backend in candidates:
+        backend.wrr_current += backend.weight
+        total += backend.weight
+        if backend.wrr_current > best.wrr_current:
+            best = backend
+    best.wrr_current -= total
+    return best
+
+
+def _least(candidates: list[Backend], load: Callable[[Backend], float]) -> Backend:
+    """The candidate of least load per unit of weight, ties broken at random."""
+    best: list[Backend] = []
+    best_load = 0.0
+    for backend in candidates:
+        value = load(backend) / backend.weight
+        if not best or value < best_load:
+            best, best_load = [backend], value
+        elif value == best_load:
+            best.append(backend)
+    return best[0] if len(best) == 1 else random.choice(best)
+
+
+def least_connections(candidates: list[Backend]) -> Backend:
+    return _least(candidates, _in_flight)
+
+
+def latency_based(candidates: list[Backend]) -> Backend:
+    now = perf_counter()
+    pair = candidates if len(candidates) <= 2 else random.sample(candidates, 2)
+    # A backend without a (recent) sample costs as if it answered in TTFT_FLOOR: it is tried soon, but a
+    # burst does not all land on it before its first answer.
+    return _least(pair, lambda b: (b.ttft_estimate(now) + TTFT_FLOOR) * (b.in_flight + 1))
+
+
+def queue_depth(candidates: list[Backend]) -> Backend:
+    return _least(candidates, _estimated_load)
+
+
+def _in_flight(backend: Backend) -> float:
+    return backend.in_flight
+
+
+def _estimated_load(backend: Backend) -> float:
+    return backend.estimated_load()
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "round_robin": smooth_weighted,
+    "weighted": smooth_weighted,
+    "least_connections": least_connections,
+    "latency_based": latency_based,
+    "queue_depth": queue_depth,
+}
 
 
 class Balancer:
-    def __init__(self, backends: list[Backend], strategy: str) -> None:
-        self.backends = backends
+    def __init__(self, strategy: str) -> None:
         self.strategy = strategy
-        self._current = [0] * len(backends)
-        self._total_weight = sum(b.config.weight for b in backends)
-        self.choose = self._least_connections if strategy in ("least_connections", "latency_based") \
-            else self._smooth_weighted
+        self._choose = STRATEGIES[strategy]
 
-    def _smooth_weighted(self) -> Backend:
-        backends = self.backends
-        if not backends:
-            raise ProxyError("no_backend", "no backend is configured")
-        current = self._current
-        best = 0
-        for i, backend in enumerate(backends):
-            current[i] += backend.config.weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= self._total_weight
-        return backends[best]
-
-    def _least_connections(self) -> Backend:
-        backends = self.backends
-        if not backends:
-            raise ProxyError("no_backend", "no backend is configured")
-        best: list[Backend] = []
-        best_load = 0.0
-        for backend in backends:
-            load = backend.in_flight / backend.config.weight
-            if not best or load < best_load:
-                best, best_load = [backend], load
-            elif load == best_load:
-                best.append(backend)
-        return best[0] if len(best) == 1 else random.choice(best)
+    def choose(self, candidates: list[Backend]) -> Backend:
+        """One of `candidates` (never empty: the router raises before)."""
+        return candidates[0] if len(candidates) == 1 else self._choose(candidates)

@@ -108,13 +108,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 1
     _setup_logging(config.logging.level)
     _install_uvloop()
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, config_path=args.config))
 
 
-async def _serve(config: Config, banner: str = "") -> int:
+async def _serve(config: Config, banner: str = "", config_path: str | None = None) -> int:
     from .server import ProxyServer
 
-    server = ProxyServer(config)
+    server = ProxyServer(config, config_path)
     try:
         await server.start(config.server.host, config.server.port)
     except OSError as error:

@@ -26,11 +26,14 @@ import yaml
 from llmproxy.config_model import (
     BACKEND_TYPES,
     LOAD_BALANCE_STRATEGIES,
+    RETRY_CONDITIONS,
     BackendConfig,
     BackendTimeouts,
     Config,
+    HealthCheckConfig,
     LoggingConfig,
     MetricsConfig,
+    PassiveHealthConfig,
     PriceConfig,
     RoutingConfig,
     ServerConfig,
@@ -39,7 +42,7 @@ from llmproxy.config_model import (
 from llmproxy.usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
 
 # Sections later versions will implement: refusing them beats silently running without, say, auth.
-UNSUPPORTED_SECTIONS = ("auth", "rate_limit", "health_check")
+UNSUPPORTED_SECTIONS = ("auth", "rate_limit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -529,6 +532,7 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "max_waiters": _int_at_least(0),
     "tls_verify": _bool,
     "inject_usage": _bool,
+    "models": _optional(lambda value, path: _string_list(value, path, "model name")),
     "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
 }
 
@@ -649,10 +653,73 @@ def _parse_pricing(value: Any, path: str) -> dict[str, PriceConfig]:
     return prices
 
 
+def _string_list(value: Any, path: str, what: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, f"must be a non-empty list of {what}s, got {_show(value)}")
+    return [_clean_string(what)(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _retry_on(value: Any, path: str) -> list[str]:
+    if value == []:
+        return []  # never retry, not even a refused connection
+    conditions = _string_list([str(v) if isinstance(v, int) else v for v in value]
+                              if isinstance(value, list) else value, path, "condition")
+    for i, condition in enumerate(conditions):
+        if condition not in RETRY_CONDITIONS:
+            raise ConfigError(f"{path}[{i}]", f"unknown condition {_show(condition)}; "
+                                              f"expected one of {', '.join(RETRY_CONDITIONS)}")
+    return conditions
+
+
+def _model_aliases(value: Any, path: str) -> dict[str, str]:
+    aliases = {}
+    for alias, target in _mapping(value, path).items():
+        alias_path = _join(path, str(alias))
+        aliases[_clean_string("a model name")(alias, alias_path)] = _clean_string("a model name")(target, alias_path)
+    for alias, target in aliases.items():
+        if target in aliases:
+            raise ConfigError(_join(path, alias), f"aliases {_show(target)}, itself an alias: name the real model")
+    return aliases
+
+
+def _percent(value: Any, path: str) -> int:
+    number = _int_at_least(0)(value, path)
+    if number > 100:
+        raise ConfigError(path, f"must be a percentage between 0 and 100, got {number}")
+    return number
+
+
+_ROUTING_FIELDS: dict[str, _Parser] = {
+    "load_balance": _choice(LOAD_BALANCE_STRATEGIES),
+    "retries": _int_at_least(0),
+    "retry_on": _retry_on,
+    "retry_backoff": parse_duration,
+    "model_aliases": _model_aliases,
+}
+
+_PASSIVE_FIELDS: dict[str, _Parser] = {
+    "enabled": _bool,
+    "consecutive_failures": _int_at_least(1),
+    "base_ejection_time": _positive_duration,
+    "max_ejection_time": _positive_duration,
+    "max_ejection_percent": _percent,
+}
+
+_HEALTH_CHECK_FIELDS: dict[str, _Parser] = {
+    "enabled": _bool,
+    "interval": _positive_duration,
+    "timeout": _positive_duration,
+    "healthy_threshold": _int_at_least(1),
+    "unhealthy_threshold": _int_at_least(1),
+    "models_interval": _positive_duration,
+    "passive": _section(PassiveHealthConfig, _PASSIVE_FIELDS),
+}
+
 _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "server": _parse_server,
     "backends": _parse_backends,
-    "routing": _section(RoutingConfig, {"load_balance": _choice(LOAD_BALANCE_STRATEGIES)}),
+    "routing": _section(RoutingConfig, _ROUTING_FIELDS),
+    "health_check": _section(HealthCheckConfig, _HEALTH_CHECK_FIELDS),
     "logging": _section(LoggingConfig, {"level": _choice(LOG_LEVELS), "access_log": _access_log}),
     "metrics": _section(MetricsConfig, {"enabled": _bool}),
     "usage": _parse_usage,
@@ -673,6 +740,7 @@ def dump_config(cfg: Config) -> str:
         "server": _dump_server(cfg.server),
         "backends": [_dump_backend(backend) for backend in cfg.backends],
         "routing": dataclasses.asdict(cfg.routing),
+        "health_check": dataclasses.asdict(cfg.health_check),
         "logging": dataclasses.asdict(cfg.logging),
         "metrics": dataclasses.asdict(cfg.metrics),
         "usage": _without_nones(dataclasses.asdict(cfg.usage)),

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from .usage.config import UsageConfig
 
-LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based")
+LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based", "queue_depth")
+# What may be retried on another backend, before any byte reached the client (routing.retry_on).
+RETRY_CONDITIONS = ("connect_error", "reset", "timeout", "429", "500", "502", "503", "504")
 BACKEND_TYPES = ("auto", "vllm", "tgi", "ollama", "openai")
 
 
@@ -60,6 +62,7 @@ class BackendConfig:
     max_waiters: int = 1024  # requests queued for a connection when the cap is reached
     tls_verify: bool = True
     inject_usage: bool = True  # add stream_options.include_usage to streaming OpenAI-style requests
+    models: list[str] | None = None  # the models it serves; None: the ones it reports (/v1/models, /api/tags)
     timeouts: BackendTimeouts = field(default_factory=BackendTimeouts)
     # Derived from url by the loader:
     scheme: str = "http"
@@ -71,6 +74,32 @@ class BackendConfig:
 @dataclass(slots=True)
 class RoutingConfig:
     load_balance: str = "round_robin"
+    retries: int = 2  # further attempts after the first, on another backend when there is one
+    retry_on: list[str] = field(default_factory=lambda: ["connect_error", "reset", "502", "503"])
+    retry_backoff: float = 0.025  # full jitter: each retry waits uniform(0, retry_backoff * 2**(n-1))
+    model_aliases: dict[str, str] = field(default_factory=dict)  # requested name -> name forwarded
+
+
+@dataclass(slots=True)
+class PassiveHealthConfig:
+    """Outlier ejection from live traffic: consecutive connect failures, resets, timeouts or 5xx."""
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    base_ejection_time: float = 30.0  # the n-th ejection in a row lasts n times this...
+    max_ejection_time: float = 300.0  # ...up to this
+    max_ejection_percent: int = 50  # never eject more of the backends than this (at least one may go)
+
+
+@dataclass(slots=True)
+class HealthCheckConfig:
+    enabled: bool = True  # active probes (vLLM/TGI GET /health, Ollama GET /api/version, openai GET /v1/models)
+    interval: float = 5.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2  # consecutive passing probes to mark a backend healthy again
+    unhealthy_threshold: int = 3  # consecutive failing probes to mark it unhealthy
+    models_interval: float = 60.0  # how often reported model lists (and auto-detected types) are refreshed
+    passive: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
 
 
 @dataclass(slots=True)
@@ -98,6 +127,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)

@@ -44,7 +44,8 @@ class RequestContext:
     body_error: ProxyError | None = None
     body_waiter: asyncio.Future[None] | None = None
     # Facts read from the body (request_body.py), and what the meter read off the response.
-    model: str | None = None
+    model: str | None = None  # as forwarded: an alias is already resolved to its target
+    model_aliased: bool = False  # the client named an alias: the body's model is rewritten
     is_stream: bool = False
     body_data: Any = None  # the parsed JSON body, kept for estimating prompt tokens
     dialect: str | None = None  # metering dialect of this endpoint, None if not metered
@@ -55,7 +56,8 @@ class RequestContext:
     user_id: str | None = None
     key_id: str | None = None
     # Outcome.
-    backend: str = ""
+    backend: str = ""  # the last one tried
+    retries: int = 0  # attempts on further backends after the first failed
     status: int = 0
     termination: str = "--"
     error_message: str = ""

@@ -26,6 +26,10 @@ class ErrorSpec:
     code: str
     termination: str
     close: bool = False  # the connection cannot be reused after this reply (framing unknown or unread)
+    # Before any byte reached the client: the routing.retry_on condition that lets the pipeline try
+    # another backend (None: never retried), and whether it counts against the backend's health.
+    retry_on: str | None = None
+    backend_fault: bool = False
 
 
 ERRORS: dict[str, ErrorSpec] = {
@@ -41,15 +45,24 @@ ERRORS: dict[str, ErrorSpec] = {
     "invalid_json": ErrorSpec(400, "invalid_request_error", "invalid_json", "LR"),
     # Local replies by design.
     "not_found": ErrorSpec(404, "invalid_request_error", "not_found", "LR"),
+    "model_not_found": ErrorSpec(404, "invalid_request_error", "model_not_found", "LR"),
     "method_not_allowed": ErrorSpec(405, "invalid_request_error", "method_not_allowed", "LR"),
     # Upstream side: nothing reached the client yet, so these are clean replies.
+    # A connect failure means nothing was sent: retrying elsewhere is always safe.
     "no_backend": ErrorSpec(503, "service_unavailable", "no_backend_available", "PC"),
-    "pool_exhausted": ErrorSpec(503, "service_unavailable", "upstream_pool_exhausted", "PQ"),
-    "connect_failed": ErrorSpec(502, "api_error", "upstream_connect_failed", "SC"),
-    "connect_timeout": ErrorSpec(504, "api_error", "upstream_connect_timeout", "sC"),
-    "upstream_failed": ErrorSpec(502, "api_error", "upstream_failed", "SH"),
-    "first_byte_timeout": ErrorSpec(504, "api_error", "upstream_first_byte_timeout", "sH"),
-    "bad_upstream_response": ErrorSpec(502, "api_error", "bad_upstream_response", "SH"),
+    "pool_exhausted": ErrorSpec(503, "service_unavailable", "upstream_pool_exhausted", "PQ",
+                                retry_on="connect_error"),
+    "connect_failed": ErrorSpec(502, "api_error", "upstream_connect_failed", "SC",
+                                retry_on="connect_error", backend_fault=True),
+    "connect_timeout": ErrorSpec(504, "api_error", "upstream_connect_timeout", "sC",
+                                 retry_on="connect_error", backend_fault=True),
+    "upstream_failed": ErrorSpec(502, "api_error", "upstream_failed", "SH", retry_on="reset", backend_fault=True),
+    "first_byte_timeout": ErrorSpec(504, "api_error", "upstream_first_byte_timeout", "sH",
+                                    retry_on="timeout", backend_fault=True),
+    "bad_upstream_response": ErrorSpec(502, "api_error", "bad_upstream_response", "SH", backend_fault=True),
+    # A backend status the relay held back to retry elsewhere (never answered as such: the last attempt
+    # relays the backend's own response).
+    "upstream_status": ErrorSpec(502, "api_error", "upstream_status", "SH"),
     "shutting_down": ErrorSpec(503, "service_unavailable", "shutting_down", "PR", close=True),
     "internal_error": ErrorSpec(500, "api_error", "internal_error", "PR", close=True),
 }
@@ -58,13 +71,24 @@ ERRORS: dict[str, ErrorSpec] = {
 class ProxyError(Exception):
     """Raised by any phase to end a request with a local error reply (or an abort once bytes were sent)."""
 
-    __slots__ = ("kind", "message", "spec")
+    __slots__ = ("kind", "message", "spec", "status")
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.spec = ERRORS[kind]
+        self.status = status  # the backend's status, for "upstream_status"
+
+    @property
+    def retry_condition(self) -> str | None:
+        """The routing.retry_on condition this failure falls under, or None if it is never retried."""
+        return str(self.status) if self.kind == "upstream_status" else self.spec.retry_on
+
+    @property
+    def backend_fault(self) -> bool:
+        """Whether this failure counts against the backend's passive health."""
+        return self.status >= 500 if self.kind == "upstream_status" else self.spec.backend_fault
 
 
 def error_body(spec: ErrorSpec, message: str) -> bytes:

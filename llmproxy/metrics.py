@@ -59,6 +59,13 @@ class Metrics:
         self.dead_letters_total = Counter(
             "llmproxy_usage_dead_letters_total", "Deliveries given up on, by reporter and reason.",
             ["reporter", "reason"], registry=self.registry)
+        self.retries = Counter(
+            "llmproxy_upstream_retries_total",
+            "Attempts on another backend after a failure before any byte reached the client, by condition.",
+            ["reason"], registry=self.registry)
+        self.ejections = Counter(
+            "llmproxy_backend_ejections_total", "Backends ejected by passive health checks.", ["backend"],
+            registry=self.registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -98,6 +105,12 @@ class Metrics:
         if cost:
             self.cost.labels(model).inc(cost)
 
+    def observe_retry(self, reason: str) -> None:
+        self.retries.labels(reason).inc()
+
+    def backend_ejected(self, backend: str) -> None:
+        self.ejections.labels(backend).inc()
+
     # The hooks usage delivery calls (llmproxy.usage.metrics.UsageMetrics).
     def webhook_success(self, reporter: str) -> None:
         self.webhook_success_total.labels(reporter).inc()
@@ -136,13 +149,24 @@ class _LiveCollector:
                                  labels=["backend"])
         backend_inflight = GaugeMetricFamily("llmproxy_backend_inflight_requests",
                                              "Requests in progress per backend.", labels=["backend"])
-        for name, pool_state in state["backends"].items():
-            checked_out.add_metric([name], pool_state["checked_out"])
-            idle.add_metric([name], pool_state["idle"])
-            backend_inflight.add_metric([name], pool_state["inflight"])
-        yield checked_out
-        yield idle
-        yield backend_inflight
+        healthy = GaugeMetricFamily("llmproxy_backend_healthy",
+                                    "1 if the backend gets traffic (healthy and not ejected), else 0.",
+                                    labels=["backend"])
+        ttft = GaugeMetricFamily("llmproxy_backend_ttft_ewma_seconds",
+                                 "Peak-EWMA of time to first token, as latency_based balancing sees it.",
+                                 labels=["backend"])
+        queue = GaugeMetricFamily("llmproxy_backend_queue_depth",
+                                  "Requests waiting + running as the backend last reported (queue_depth).",
+                                  labels=["backend"])
+        for name, backend in state["backends"].items():
+            checked_out.add_metric([name], backend["checked_out"])
+            idle.add_metric([name], backend["idle"])
+            backend_inflight.add_metric([name], backend["inflight"])
+            healthy.add_metric([name], 1 if backend["healthy"] else 0)
+            ttft.add_metric([name], backend["ttft_ewma"])
+            if backend["queue_depth"] is not None:
+                queue.add_metric([name], backend["queue_depth"])
+        yield from (checked_out, idle, backend_inflight, healthy, ttft, queue)
         if "outbox_pending" in state:
             yield GaugeMetricFamily("llmproxy_usage_outbox_pending", "Usage deliveries waiting in the outbox.",
                                     value=state["outbox_pending"])

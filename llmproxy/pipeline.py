@@ -1,7 +1,10 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    local route? -> read body -> inspect body -> choose backend -> prepare body (metering)
-    -> acquire connection -> relay -> finish
+    local route? -> read body -> inspect body -> route (model, path -> candidates)
+    -> [choose backend -> prepare body (alias, metering) -> acquire connection -> relay] x attempts -> finish
+
+Attempts: a failure before any byte reached the client is retried on another backend when
+`routing.retry_on` allows it (a connect failure always may: nothing was sent); once a byte was sent, never.
 
 `finish` runs in a `finally` whatever happened, and is the only place that records the request
 (metrics, access log, usage record) and hands the connection back to the client protocol.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -23,7 +27,9 @@ from .upstream_request import build_upstream_request
 
 if TYPE_CHECKING:
     from .context import RequestContext
-    from .server import Backend, ProxyServer
+    from .fleet import Fleet
+    from .fleet.backend import Backend
+    from .server import ProxyServer
 
 log = logging.getLogger("llmproxy")
 
@@ -47,19 +53,57 @@ async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
 
 
 async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
-    """read body -> choose backend -> acquire connection and relay."""
+    """read body -> route -> forward, retrying on another backend where that is safe."""
     server.inflight += 1  # requests in progress, the proxy's own endpoints excepted
     try:
         body = await ctx.read_body()
         inspect_body(ctx, body)
-        backend = server.balancer.choose()
-        await forward(ctx, backend, prepare_for_backend(ctx, backend, body))
+        fleet = server.fleet  # kept to the end of this request, whatever a reload does meanwhile
+        requested = ctx.model
+        ctx.model = fleet.router.resolve_model(requested)
+        ctx.model_aliased = ctx.model != requested
+        candidates = fleet.router.candidates(ctx.path, ctx.model, server.loop.time())
+        await forward_with_failover(server, ctx, fleet, candidates, body)
     finally:
         server.inflight -= 1
 
 
-async def forward(ctx: RequestContext, backend: Backend, body: bytes) -> None:
-    """Send the request to `backend` and relay the response; raises ProxyError before any byte is sent."""
+async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet: Fleet,
+                                candidates: list[Backend], body: bytes) -> None:
+    """Forward to one backend after another until one answers or retrying is no longer allowed."""
+    routing = fleet.routing
+    tried: list[Backend] = []
+    for attempt in range(routing.retries + 1):
+        backend = fleet.balancer.choose([b for b in candidates if b not in tried] or candidates)
+        tried.append(backend)
+        last = attempt == routing.retries
+        try:
+            await forward(ctx, backend, prepare_for_backend(ctx, backend, body),
+                          frozenset() if last else fleet.retry_statuses)
+        except ProxyError as error:
+            if error.backend_fault:
+                fleet.health.request_failed(backend)
+            condition = error.retry_condition
+            if last or condition not in fleet.retry_on or ctx.response_started or ctx.conn.closed:
+                raise
+            ctx.retries += 1
+            if server.metrics is not None:
+                server.metrics.observe_retry(condition)
+            # Full jitter: retries of many requests that failed together do not arrive together.
+            await asyncio.sleep(random.uniform(0.0, routing.retry_backoff * 2 ** attempt))
+            continue
+        if ctx.status >= 500:
+            fleet.health.request_failed(backend)
+        elif ctx.status:
+            fleet.health.request_succeeded(backend)
+        return
+
+
+async def forward(ctx: RequestContext, backend: Backend, body: bytes, refuse_statuses: frozenset[int]) -> None:
+    """Send the request to `backend` and relay the response; raises ProxyError before any byte is sent.
+
+    A response whose status is in `refuse_statuses` is not relayed: it raises ProxyError("upstream_status").
+    """
     ctx.backend = backend.name
     backend.in_flight += 1
     try:
@@ -70,7 +114,7 @@ async def forward(ctx: RequestContext, backend: Backend, body: bytes) -> None:
             if ctx.conn.closed:  # the client left in the same moment a connection was handed to it
                 pool.release(conn, True)  # unused: keep it
                 return
-            exchange = Exchange(ctx, conn, backend.first_byte_timeout, backend.stream_idle_timeout)
+            exchange = Exchange(ctx, conn, backend, refuse_statuses)
             try:
                 exchange.start(request)
                 await exchange.done

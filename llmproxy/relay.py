@@ -25,6 +25,7 @@ from .upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, 
 
 if TYPE_CHECKING:
     from .context import RequestContext
+    from .fleet.backend import Backend
     from .metering import Meter
 
 log = logging.getLogger("llmproxy")
@@ -42,14 +43,16 @@ def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:
 class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
-    __slots__ = ("_awaiting_head", "_chunked", "_collected", "_deadline", "_last_progress", "_loop", "_meter",
-                 "_out", "_pending_head", "_progress", "_stream_idle", "_sweeper", "_write", "_write_timer", "ctx",
-                 "done", "upstream")
+    __slots__ = ("_awaiting_head", "_backend", "_chunked", "_collected", "_deadline", "_last_progress", "_loop",
+                 "_meter", "_out", "_pending_head", "_progress", "_refuse_statuses", "_stream_idle", "_sweeper",
+                 "_t_sent", "_write", "_write_timer", "ctx", "done", "upstream")
 
-    def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, first_byte: float,
-                 stream_idle: float) -> None:
+    def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
+                 refuse_statuses: frozenset[int] = frozenset()) -> None:
         self.ctx = ctx
         self.upstream = upstream
+        self._backend = backend  # told the time to first token, for latency-based balancing
+        self._refuse_statuses = refuse_statuses  # statuses the pipeline will retry elsewhere: not relayed
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._write = ctx.conn.transport.write
@@ -59,8 +62,9 @@ class Exchange:
         self._progress = 0  # chunks relayed; the deadline sweeper compares it between ticks
         self._last_progress = -1
         self._awaiting_head = True
-        self._deadline = self._loop.time() + first_byte  # first byte, then stream idle
-        self._stream_idle = stream_idle
+        self._deadline = self._loop.time() + backend.first_byte_timeout  # first byte, then stream idle
+        self._stream_idle = backend.stream_idle_timeout
+        self._t_sent = 0.0
         self._write_timer: asyncio.TimerHandle | None = None
         self._sweeper = ctx.conn.server.sweeper
         self._meter: Meter | None = None  # reads usage off a stream as it passes
@@ -70,6 +74,7 @@ class Exchange:
         self.ctx.exchange = self
         self.ctx.upstream_sent = True
         self._sweeper.active.add(self)
+        self._t_sent = perf_counter()
         self.upstream.begin(self, request, self.ctx.head.method == b"HEAD")
 
     def check_deadlines(self, now: float) -> None:
@@ -88,6 +93,9 @@ class Exchange:
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self._awaiting_head = False
+        if status in self._refuse_statuses:
+            self._refuse(status)
+            return
         ctx = self.ctx
         ctx.status = status
         streaming = _is_streaming(headers)
@@ -137,7 +145,8 @@ class Exchange:
             return
         ctx = self.ctx
         if not ctx.t_first_byte:
-            ctx.t_first_byte = perf_counter()
+            now = ctx.t_first_byte = perf_counter()
+            self._backend.observe_ttft(now - self._t_sent, now)
         self._write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
 
@@ -272,6 +281,14 @@ class Exchange:
         ctx.conn.abort()
         if not self.done.done():
             self.done.set_result(None)
+
+    def _refuse(self, status: int) -> None:
+        # Its body is not wanted: closing costs a reconnect, reading it to the end could cost a long wait.
+        self.upstream.detach()
+        self.upstream.abort()
+        self._end()
+        if not self.done.done():
+            self.done.set_exception(ProxyError("upstream_status", f"backend answered {status}", status))
 
     def _first_byte_timeout(self) -> None:
         self.upstream.detach()

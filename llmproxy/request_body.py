@@ -1,9 +1,10 @@
 """What the proxy reads from a request body, and the one change it may make to it.
 
 Read: `model` and `stream` (for logs, routing and metering) and the parsed JSON (kept for estimating
-prompt tokens if the backend reports none). Changed: for a streaming OpenAI-style request whose client did
-not ask for usage, `stream_options.include_usage` is added so the backend reports it (the relay then strips
-that usage-only event again before the client sees it). Everything else is forwarded byte for byte.
+prompt tokens if the backend reports none). Changed: a model alias (routing.model_aliases) is replaced by
+its target; for a streaming OpenAI-style request whose client did not ask for usage,
+`stream_options.include_usage` is added so the backend reports it (the relay then strips that usage-only
+event again before the client sees it). Otherwise the body is forwarded byte for byte.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, dialect_for, 
 
 if TYPE_CHECKING:
     from .context import RequestContext
-    from .server import Backend
+    from .fleet.backend import Backend
 
 # Native paths that stream unless the body says "stream": false (Ollama) or always stream (TGI).
 _STREAM_BY_DEFAULT = ("/api/chat", "/api/generate")
@@ -49,22 +50,23 @@ def inspect_body(ctx: RequestContext, body: bytes) -> None:
 
 
 def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
-    """Set up metering for this request on `backend`; return the body to send (usage option injected)."""
-    dialect = dialect_for(ctx.path, backend.config.type) if ctx.conn.server.metering else None
+    """Set up metering for this request on `backend`; return the body to send (alias resolved, usage
+    option injected)."""
+    changes = {"model": ctx.model} if ctx.model_aliased else {}
+    dialect = dialect_for(ctx.path, backend.kind) if ctx.conn.server.metering else None
     ctx.dialect = dialect
     if dialect is None or not ctx.is_stream:
         ctx.meter = None
-        return body
-    inject = dialect in STRIPPABLE and backend.config.inject_usage and not _client_asked_usage(ctx.body_data)
-    # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
-    max_line = OLLAMA_MAX_LINE if dialect == OLLAMA_NDJSON else DEFAULT_MAX_LINE
-    ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
-    if inject:
-        options = ctx.body_data.get("stream_options")
-        options = dict(options) if isinstance(options, dict) else {}
-        options["include_usage"] = True
-        body = orjson.dumps({**ctx.body_data, "stream_options": options})
-    return body
+    else:
+        inject = dialect in STRIPPABLE and backend.config.inject_usage and not _client_asked_usage(ctx.body_data)
+        # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
+        max_line = OLLAMA_MAX_LINE if dialect == OLLAMA_NDJSON else DEFAULT_MAX_LINE
+        ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
+        if inject:
+            options = ctx.body_data.get("stream_options")
+            changes["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
+                else {"include_usage": True}
+    return orjson.dumps({**ctx.body_data, **changes}) if changes else body
 
 
 def _truthy(value: object) -> bool:

@@ -1,9 +1,14 @@
-"""The proxy's own endpoints. Everything else is forwarded to a backend."""
+"""The proxy's own endpoints. Everything else is forwarded to a backend.
+
+`/v1/models` is answered here rather than forwarded: IDE assistants call it first, and only the proxy
+knows the union of what its backends serve (and the aliases it adds).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import orjson
 
@@ -12,24 +17,51 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from .context import RequestContext
+    from .fleet.backend import Backend
     from .server import ProxyServer
 
 LocalHandler = Callable[["ProxyServer", "RequestContext"], None]
 
 
 def health(server: ProxyServer, ctx: RequestContext) -> None:
+    """The proxy's own state and each backend's. 200 while serving (even "degraded": no backend available,
+    requests are still tried); 503 while draining, so a load balancer in front stops sending."""
+    now = server.loop.time()
     backends = server.backends
+    available = sum(1 for b in backends if b.available(now))
     body = {
-        "status": "draining" if server.draining else "ok",
+        "status": "draining" if server.draining else "ok" if available else "degraded",
         "backends": len(backends),
+        "available": available,
         "inflight": server.inflight,
-        "upstreams": [
-            {"name": b.name, "url": b.config.url, "inflight": b.in_flight,
-             "pool": {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count}}
-            for b in backends
-        ],
+        "upstreams": [_backend_state(b, now) for b in backends],
     }
     ctx.send_response(503 if server.draining else 200, orjson.dumps(body))
+
+
+def _backend_state(backend: Backend, now: float) -> dict:
+    return {
+        "name": backend.name, "url": backend.config.url, "type": backend.kind, "weight": backend.weight,
+        "available": backend.available(now), "healthy": backend.healthy, "last_error": backend.last_error or None,
+        "ejected_for_s": round(max(0.0, backend.ejected_until - now), 3), "consecutive_failures": backend.failures,
+        "inflight": backend.in_flight,
+        "models": None if backend.models is None else sorted(backend.models),
+        "ttft_ewma_ms": round(backend.ttft_ewma * 1000.0, 3), "queue_depth": backend.queue_depth,
+        "pool": {"checked_out": backend.pool.checked_out, "idle": backend.pool.idle_count},
+    }
+
+
+def models(server: ProxyServer, ctx: RequestContext) -> None:
+    """GET /v1/models: the union of the available backends' models, aliases included."""
+    cards = server.fleet.router.model_cards(server.loop.time())
+    ctx.send_response(200, orjson.dumps({"object": "list", "data": cards}))
+
+
+def model(server: ProxyServer, ctx: RequestContext) -> None:
+    """GET /v1/models/{id} (the id may contain slashes: "Qwen/Qwen2.5-7B-Instruct")."""
+    path = _path(ctx)
+    model_id = unquote(path[len(MODELS_PREFIX):].decode("latin-1"))
+    ctx.send_response(200, orjson.dumps(server.fleet.router.model_card(model_id, server.loop.time())))
 
 
 def metrics(server: ProxyServer, ctx: RequestContext) -> None:
@@ -41,7 +73,14 @@ def metrics(server: ProxyServer, ctx: RequestContext) -> None:
 LOCAL_ROUTES: dict[bytes, LocalHandler] = {
     b"/health": health,
     b"/metrics": metrics,
+    b"/v1/models": models,
 }
+MODELS_PREFIX = b"/v1/models/"
+
+
+def _path(ctx: RequestContext) -> bytes:
+    target = ctx.head.target
+    return target.split(b"?", 1)[0] if b"?" in target else target
 
 
 def match_local(ctx: RequestContext) -> LocalHandler | None:
@@ -49,9 +88,10 @@ def match_local(ctx: RequestContext) -> LocalHandler | None:
 
     Raises ProxyError (405) for a proxy-owned path with a method other than GET or HEAD.
     """
-    target = ctx.head.target
-    path = target.split(b"?", 1)[0] if b"?" in target else target
+    path = _path(ctx)
     handler = LOCAL_ROUTES.get(path)
+    if handler is None and path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
+        handler = model
     if handler is not None and ctx.head.method not in (b"GET", b"HEAD"):
         raise ProxyError("method_not_allowed", f"{path.decode()} accepts GET and HEAD only")
     return handler

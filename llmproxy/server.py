@@ -7,61 +7,29 @@ import ipaddress
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from functools import lru_cache
 from time import perf_counter
 
 from .accesslog import AccessLog
-from .balancer import Balancer
-from .config_model import BackendConfig, Config
+from .config import ConfigError, load_config
+from .config_model import Config
 from .connection import ClientConnection
 from .context import RequestContext, valid_client_request_id
 from .deadlines import DeadlineSweeper, tick_for
+from .fleet import Fleet, build_fleet, retire_removed
+from .fleet.backend import Backend
 from .http11.request import CodecLimits, ProtocolError, RequestHead
 from .metrics import Metrics
 from .pipeline import handle_request
-from .upstream.pool import UpstreamPool
 from .usage.delivery import DeliveryService
 
 log = logging.getLogger("llmproxy")
 
 
-
-@dataclass(slots=True, eq=False)
-class Backend:
-    """A configured backend with its pool and live counters."""
-
-    config: BackendConfig
-    pool: UpstreamPool
-    name: str
-    host_header: bytes
-    base_path: bytes
-    authorization: bytes | None
-    first_byte_timeout: float
-    stream_idle_timeout: float
-    in_flight: int = 0
-
-    @classmethod
-    def create(cls, config: BackendConfig, server: Config) -> Backend:
-        timeouts = server.server.timeouts
-        default_port = 443 if config.scheme == "https" else 80
-        host = f"[{config.host}]" if ":" in config.host else config.host
-        host_header = host if config.port == default_port else f"{host}:{config.port}"
-        return cls(
-            config=config,
-            pool=UpstreamPool(config, config.timeouts.connect or timeouts.connect),
-            name=config.name,
-            host_header=host_header.encode(),
-            base_path=config.base_path.encode(),
-            authorization=f"Bearer {config.api_key}".encode() if config.api_key else None,
-            first_byte_timeout=config.timeouts.first_byte or timeouts.first_byte,
-            stream_idle_timeout=config.timeouts.stream_idle or timeouts.stream_idle,
-        )
-
-
 class ProxyServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # re-read on SIGHUP
         self.loop = asyncio.get_running_loop()
         self.timeouts = config.server.timeouts
         self.codec_limits = CodecLimits(
@@ -69,16 +37,13 @@ class ProxyServer:
             max_request_line=config.server.max_request_line,
             max_body_size=config.server.max_body_size,
         )
-        self.backends = [Backend.create(b, config) for b in config.backends]
-        self.balancer = Balancer(self.backends, config.routing.load_balance)
+        self.fleet: Fleet | None = None  # built (and probed once) by start()
         self.metrics = Metrics(self._live_state) if config.metrics.enabled else None
         self.access_log = AccessLog(config.logging.access_log)
         self.prices = config.pricing
         self.metering = config.usage.metering
         self.usage = DeliveryService(config.usage, self.metrics)
-        self.sweeper = DeadlineSweeper(self.loop, tick_for(
-            [t for b in self.backends for t in (b.first_byte_timeout, b.stream_idle_timeout)]
-            or [self.timeouts.first_byte]))
+        self.sweeper = DeadlineSweeper(self.loop, tick_for(_backend_timeouts(config)))
         self.connections: set[ClientConnection] = set()
         self.inflight = 0
         self.draining = False
@@ -86,23 +51,66 @@ class ProxyServer:
         self._id_prefix = os.urandom(6).hex()
         self._id_counter = 0
         self._server: asyncio.AbstractServer | None = None
+        self._reload_lock = asyncio.Lock()
         self.port = 0
 
     # Lifecycle ------------------------------------------------------------------------------------
 
+    @property
+    def backends(self) -> list[Backend]:
+        return self.fleet.backends if self.fleet is not None else []
+
+    async def start_fleet(self) -> None:
+        """Build the backends and probe them once (kinds, models, health), so routing is right at once."""
+        self.fleet = await build_fleet(self.config, self.metrics)
+
     async def start(self, host: str, port: int) -> None:
         self.usage.start()  # before accepting: records left undelivered by a previous run go out first
+        await self.start_fleet()
         self._server = await self.loop.create_server(
             lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def run_until_signalled(self) -> None:
-        """Serve until SIGTERM/SIGINT, then drain in-flight requests (up to shutdown_timeout)."""
+        """Serve until SIGTERM/SIGINT, then drain in-flight requests (up to shutdown_timeout).
+
+        SIGHUP re-reads the config file and swaps in its backends and routing (see reload()).
+        """
         stop = self.loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        if self.config_path is not None:
+            self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
         await stop
         await self.drain()
+
+    async def reload(self) -> bool:
+        """Re-read the config: a valid one swaps backends, weights, routing, health checks and prices
+        atomically (requests in flight finish on what they started with); an invalid one changes nothing."""
+        async with self._reload_lock:  # two quick SIGHUPs: the second builds on what the first swapped in
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as error:
+            log.error("reload refused, keeping the running config: %s: %s", self.config_path, error)
+            return False
+        old = self.fleet
+        fleet = await build_fleet(config, self.metrics, previous=old)
+        if self.draining:
+            fleet.stop()
+            return False
+        self.fleet = fleet
+        if old is not None:
+            retire_removed(old, fleet)
+        self.prices = config.pricing
+        for section in ("server", "logging", "metrics", "usage"):
+            if getattr(config, section) != getattr(self.config, section):
+                log.warning("reload: changes to %s need a restart; they are not applied", section)
+        log.warning("reloaded %s: %d backends, %s", self.config_path, len(fleet.backends),
+                    config.routing.load_balance)
+        return True
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""
@@ -118,6 +126,8 @@ class ProxyServer:
             conn.abort()
         for backend in self.backends:
             backend.pool.close()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.sweeper.close()
         await self.usage.close()  # every record of every finished request is on disk before we exit
         self.access_log.close()
@@ -162,15 +172,23 @@ class ProxyServer:
         return f"{self._id_prefix}{self._id_counter:08x}"
 
     def _live_state(self) -> dict:
+        now = self.loop.time()
         return {
             "inflight": self.inflight,
             "connections": len(self.connections),
             **({"outbox_pending": self.metrics.outbox_pending} if self.usage.enabled else {}),
             "backends": {
-                b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight}
+                b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight,
+                         "healthy": b.available(now), "ttft_ewma": b.ttft_ewma, "queue_depth": b.queue_depth}
                 for b in self.backends
             },
         }
+
+
+def _backend_timeouts(config: Config) -> list[float]:
+    timeouts = config.server.timeouts
+    return [t for b in config.backends for t in (b.timeouts.first_byte or timeouts.first_byte,
+                                                    b.timeouts.stream_idle or timeouts.stream_idle)]
 
 
 @lru_cache(maxsize=4096)

@@ -13,7 +13,7 @@ from .http11.wire import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from .context import RequestContext
-    from .server import Backend
+    from .fleet.backend import Backend
 
 # Replaced by the proxy, or never sent upstream (client credentials are for the proxy only).
 DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from llmproxy.mockbackend.options import DEFAULT_MODELS
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("LLMPROXY_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "streams"))
 # The recorded streams live beside the checkout (../shared); a run without them must fail, not skip.
@@ -80,7 +82,14 @@ class Proc:
         return self.popen.returncode
 
 
+# Model names the tests send, served by every mock after its dialect's own default (which stays the
+# default for requests naming none): the proxy routes by model and answers 404 for one nobody serves.
+TEST_MODELS = ("m", "priced-model")
+
+
 def start_mock(dialect: str, *extra: str) -> Proc:
+    if "--model" not in extra:
+        extra = ("--model", ",".join((DEFAULT_MODELS[dialect], *TEST_MODELS)), *extra)
     return Proc(["mock-backend", "--dialect", dialect, "--listen", "127.0.0.1:0", *extra]).wait_listening()
 
 

@@ -127,11 +127,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()  # reset by httptools once the message ends
         self._framing = self._body_framing(status, headers)
         self._sink.on_response_head(status, headers, self._framing)
-        if self._framing == FRAMING_NONE and self._is_head:
+        if self._framing == FRAMING_NONE and self._is_head and self._sink is not None:
             self._finish()  # httptools does not know a HEAD response has no body
 
     def on_body(self, body: bytes) -> None:
-        self._sink.on_response_body(body)
+        sink = self._sink
+        if sink is not None:  # None: the relay refused this response at its head (to retry it elsewhere)
+            sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -21,8 +21,8 @@ SWEEP_INTERVAL = 1.0
 
 
 class UpstreamPool:
-    __slots__ = ("_idle", "_loop", "_ssl", "_sweeper", "_waiters", "backend", "checked_out", "connect_timeout",
-                 "open_count")
+    __slots__ = ("_closed", "_idle", "_loop", "_ssl", "_sweeper", "_waiters", "backend", "checked_out",
+                 "connect_timeout", "open_count")
 
     def __init__(self, backend: BackendConfig, connect_timeout: float) -> None:
         self.backend = backend
@@ -32,6 +32,7 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.open_count = 0  # idle + checked out + connecting
         self.checked_out = 0
+        self._closed = False
         self._ssl = _ssl_context(backend) if backend.scheme == "https" else None
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -56,7 +57,7 @@ class UpstreamPool:
         """Give back a checked-out connection; it is kept only if `reusable`."""
         self.checked_out -= 1
         conn.detach()
-        if reusable and not conn.closed and conn.transport.is_reading():
+        if reusable and not self._closed and not conn.closed and conn.transport.is_reading():
             conn.reused = True
             while self._waiters:
                 waiter = self._waiters.popleft()
@@ -71,6 +72,7 @@ class UpstreamPool:
 
     def close(self) -> None:
         """Close idle connections and stop the sweeper (checked-out ones close when released)."""
+        self._closed = True
         self._sweeper.cancel()
         while self._idle:
             self._close(self._idle.pop())

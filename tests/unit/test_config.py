@@ -399,7 +399,7 @@ def test_unknown_key_message() -> None:
         (
             doc(routing={"load_balance": "random"}),
             "routing.load_balance: must be one of round_robin, weighted, least_connections, latency_based, "
-            'got "random"',
+            'queue_depth, got "random"',
         ),
         (
             doc(logging={"level": "verbose"}),
@@ -479,7 +479,7 @@ def test_unsupported_sections_are_refused(section: str, value: Any) -> None:
 
 
 def test_supported_section_list() -> None:
-    assert set(UNSUPPORTED_SECTIONS) == {"auth", "rate_limit", "health_check"}
+    assert set(UNSUPPORTED_SECTIONS) == {"auth", "rate_limit"}
 
 
 # --- environment variables --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from llmproxy.config_model import BackendConfig, Config, LoggingConfig, ServerConfig
+from llmproxy.config_model import BackendConfig, Config, HealthCheckConfig, LoggingConfig, ServerConfig
 from llmproxy.connection import ClientConnection
 from llmproxy.errors import ProxyError
 from llmproxy.server import ProxyServer
@@ -57,9 +57,12 @@ class FakeTransport:
 
 async def _server(**server_options) -> tuple[ProxyServer, UpstreamConnection]:
     config = Config(server=ServerConfig(host="127.0.0.1", port=0, **server_options),
-                    backends=[BackendConfig(url="x", name="b", host="127.0.0.1", port=1, max_connections=1)],
+                    backends=[BackendConfig(url="x", name="b", host="127.0.0.1", port=1, max_connections=1,
+                                            type="vllm", models=["m"])],
+                    health_check=HealthCheckConfig(enabled=False),
                     logging=LoggingConfig(access_log="off"))
     server = ProxyServer(config)
+    await server.start_fleet()
     pool = server.backends[0].pool
     upstream = UpstreamConnection()
     upstream.connection_made(FakeTransport())

@@ -16,11 +16,13 @@ def _ctx(target: bytes):
     head = RequestHead(b"POST", target, "1.1", [], b"h", None, False, True, False)
     server = SimpleNamespace(metering=True)
     return SimpleNamespace(head=head, conn=SimpleNamespace(server=server), path="", body_data=None, model=None,
+                           model_aliased=False,
                            is_stream=False, dialect=None, meter=None)
 
 
 def _backend(**options):
-    return SimpleNamespace(config=BackendConfig(url="http://b", **options))
+    config = BackendConfig(url="http://b", **options)
+    return SimpleNamespace(config=config, kind=config.type)
 
 
 def _prepare(target: bytes, body: dict, **backend) -> tuple[object, dict]:

@@ -1,0 +1,80 @@
+"""Which backends may serve a request: by model (after aliases) and by the kind of server a path needs.
+
+A backend serves the models of its `models:` list or, without one, the ones it reports; a backend whose
+list is not known yet may serve anything. Of the backends that can serve a request, those available
+(healthy, not ejected) are the candidates; if none is, all of them are: a fresh failure, retried
+elsewhere, beats a certain 503 when every backend looks down (probes can be wrong; a restart can be quick).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import ProxyError
+
+if TYPE_CHECKING:
+    from .backend import Backend
+
+# Native endpoints only one kind of server has (PROTOCOLS.md §2-4); everything else (/v1/...) any has.
+_OLLAMA_PREFIX = "/api/"
+_TGI_PATHS = frozenset({"/generate", "/generate_stream", "/info", "/chat_tokenize", "/"})
+_VLLM_TGI_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def kinds_for_path(path: str) -> frozenset[str] | None:
+    """The server kinds that have `path`, or None when any OpenAI-compatible server has it."""
+    if path.startswith(_OLLAMA_PREFIX):
+        return frozenset({"ollama"})
+    if path in _TGI_PATHS:
+        return frozenset({"tgi"})
+    if path in _VLLM_TGI_PATHS:
+        return frozenset({"vllm", "tgi"})
+    return None
+
+
+class Router:
+    def __init__(self, backends: list[Backend], aliases: dict[str, str]) -> None:
+        self.backends = backends
+        self.aliases = aliases
+
+    def resolve_model(self, requested: str | None) -> str | None:
+        """The model name to forward: an alias's target, else the name as requested."""
+        if requested is None:
+            return None
+        return self.aliases.get(requested, requested)
+
+    def candidates(self, path: str, model: str | None, now: float) -> list[Backend]:
+        """The backends to balance this request over; raises ProxyError if none can serve it.
+
+        `model` is the resolved name (after aliases); `now` is loop time.
+        """
+        kinds = kinds_for_path(path)
+        able = [b for b in self.backends if kinds is None or b.kind in kinds or b.kind == "auto"]
+        if not able:
+            raise ProxyError("no_backend", f"no backend serves {path}")
+        if model is not None:
+            able = [b for b in able if b.serves(model)]
+            if not able:
+                raise ProxyError("model_not_found", f"The model `{model}` does not exist.")
+        available = [b for b in able if b.available(now)]
+        return available or able
+
+    def model_cards(self, now: float) -> list[dict]:
+        """/v1/models: every model of the available backends (all backends if none is), then aliases."""
+        backends = [b for b in self.backends if b.available(now)] or self.backends
+        cards: dict[str, dict] = {}
+        for backend in backends:
+            for card in backend.model_cards:
+                cards.setdefault(card["id"], card)
+        for alias, target in self.aliases.items():
+            if alias not in cards and target in cards:
+                # The target's card under the alias's name: clients read max_model_len etc. from it.
+                cards[alias] = {**cards[target], "id": alias, "root": target, "parent": target}
+        return list(cards.values())
+
+    def model_card(self, model_id: str, now: float) -> dict:
+        """/v1/models/{id}; raises ProxyError (404) for a model no backend serves."""
+        for card in self.model_cards(now):
+            if card["id"] == model_id:
+                return card
+        raise ProxyError("model_not_found", f"The model `{model_id}` does not exist.")
