@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_pin:
         info["pinning"] = "none (--no-pin)"
     log(f"pinning: {info['pinning']}")
-    mock = Service("mock-backend", ["mock-backend", "--dialect", "vllm", "--listen", f"{HOST}:0",
+    mock = Service("mock-backend", ["mock-backend", "--dialect", "vllm", "--listen", f"{HOST}:0", "--model", "m",
                                     "--tokens", str(args.tokens), "--delay-ms", f"{args.delay_ms:g}"],
                    cpu=pins[1] if pins else None)
     proxy: Service | None = None
