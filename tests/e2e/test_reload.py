@@ -1,0 +1,175 @@
+"""SIGHUP: the config file is read again; a valid one is swapped in whole, a broken one changes nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import yaml
+
+from tests.support import (
+    Proc,
+    ResponseReader,
+    assert_idle,
+    http_get,
+    http_post,
+    mock_stats,
+    raw_connect,
+    start_mock,
+    start_proxy,
+    wait_for,
+)
+
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def _posts(mock: Proc) -> int:
+    return sum(1 for r in mock_stats(mock)["requests"] if r["method"] == "POST")
+
+
+def _rewrite(config: Path, change) -> None:
+    doc = yaml.safe_load(config.read_text())
+    change(doc)
+    config.write_text(yaml.safe_dump(doc))
+
+
+def _reload(proxy: Proc, expect: str) -> None:
+    seen = proxy.text().count(expect)
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.text().count(expect) > seen, timeout=10)
+
+
+def _upstream_names(proxy: Proc) -> list[str]:
+    return [u["name"] for u in json.loads(http_get(proxy.url + "/health")[1])["upstreams"]]
+
+
+def test_reload_that_adds_a_backend_starts_using_it(tmp_path):
+    a, b = start_mock("vllm"), start_mock("vllm")
+    proxy = start_proxy(tmp_path, [{"url": a.url, "name": "a"}], routing={"load_balance": "round_robin"})
+    try:
+        for _ in range(4):
+            assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
+        assert _posts(b) == 0
+        _rewrite(tmp_path / "config.yaml", lambda doc: doc["backends"].append({"url": b.url, "name": "b"}))
+        _reload(proxy, "reloaded")
+        assert _upstream_names(proxy) == ["a", "b"]
+        for _ in range(10):
+            assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
+        assert _posts(b) == 5 and _posts(a) == 4 + 5
+    finally:
+        for proc in (proxy, a, b):
+            proc.stop()
+
+
+def test_a_broken_config_is_refused_and_traffic_continues(tmp_path):
+    a = start_mock("vllm")
+    proxy = start_proxy(tmp_path, [{"url": a.url, "name": "a"}])
+    try:
+        config = tmp_path / "config.yaml"
+        good = config.read_text()
+        _rewrite(config, lambda doc: doc["backends"][0].update(weight="heavy"))
+        _reload(proxy, "reload refused")
+        assert "backends[0].weight: must be a positive integer" in proxy.text()
+        config.write_text(good + "\nnot: [valid")  # and YAML that does not even parse
+        _reload(proxy, "reload refused")
+        assert proxy.popen.poll() is None
+        assert _upstream_names(proxy) == ["a"]
+        assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
+    finally:
+        proxy.stop()
+        a.stop()
+
+
+def test_streams_in_flight_finish_on_a_backend_the_reload_removed(tmp_path):
+    old, new = start_mock("vllm"), start_mock("vllm")
+    proxy = start_proxy(tmp_path, [{"url": old.url, "name": "old"}])
+    try:
+        # A stream held open by a gate on the old backend...
+        sock = raw_connect(proxy.port)
+        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+                     b"x-mock-tokens: 5\r\nx-mock-gate: reload\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        reader = ResponseReader(sock)
+        reader.read_head()
+        # ...while the config moves all traffic to the new backend.
+        _rewrite(tmp_path / "config.yaml", lambda doc: doc.update(backends=[{"url": new.url, "name": "new"}]))
+        _reload(proxy, "reloaded")
+        assert _upstream_names(proxy) == ["new"]
+        assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
+        assert _posts(new) == 1
+        for _ in range(10):  # one release per further event
+            assert http_post(old.url + "/_mock/release/reload")[0] == 200
+        rest, complete = reader.read_body()
+        assert complete and b"data: [DONE]" in rest
+        sock.close()
+        assert _posts(old) == 1
+        assert_idle(proxy)
+        wait_for(lambda: "backend old removed" in proxy.text(), timeout=5)
+        # Its pool was closed: the only connection left open is the one asking for these stats.
+        wait_for(lambda: mock_stats(old)["open_connections"] == 1, timeout=5)
+    finally:
+        for proc in (proxy, old, new):
+            proc.stop()
+
+
+def test_weights_and_strategy_change_without_restart(tmp_path):
+    a, b = start_mock("vllm"), start_mock("vllm")
+    proxy = start_proxy(tmp_path, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        routing={"load_balance": "round_robin"})
+    try:
+        def send(n: int) -> None:
+            for _ in range(n):
+                assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
+
+        send(20)
+        assert (_posts(a), _posts(b)) == (10, 10)
+        for mock in (a, b):
+            http_post(mock.url + "/_mock/reset-stats")
+
+        def reweigh(doc: dict) -> None:
+            doc["backends"][0]["weight"] = 3
+            doc["routing"]["load_balance"] = "weighted"
+
+        _rewrite(tmp_path / "config.yaml", reweigh)
+        _reload(proxy, "reloaded")
+        send(40)
+        assert abs(_posts(a) - 30) <= 1 and abs(_posts(b) - 10) <= 1
+    finally:
+        for proc in (proxy, a, b):
+            proc.stop()
+
+
+def test_reload_while_requests_flow_drops_none(tmp_path):
+    a, b = start_mock("vllm"), start_mock("vllm")
+    proxy = start_proxy(tmp_path, [{"url": a.url, "name": "a"}], routing={"load_balance": "round_robin"})
+    failures: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            status = http_post(proxy.url + "/v1/chat/completions", CHAT)[0]
+            if status != 200:
+                failures.append(status)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        config = tmp_path / "config.yaml"
+        for i in range(6):  # flip between {a} and {a, b}
+            if i % 2 == 0:
+                _rewrite(config, lambda doc: doc["backends"].append({"url": b.url, "name": "b"}))
+            else:
+                _rewrite(config, lambda doc: doc.update(backends=doc["backends"][:1]))
+            _reload(proxy, "reloaded")
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert failures == []
+        assert _posts(a) > 0 and _posts(b) > 0
+    finally:
+        stop.set()
+        for proc in (proxy, a, b):
+            proc.stop()

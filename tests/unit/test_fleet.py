@@ -1,0 +1,219 @@
+"""Balancing strategies, model routing and health verdicts on Backend objects, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from time import perf_counter
+from types import SimpleNamespace
+
+import pytest
+
+from llmproxy.balancer import Balancer
+from llmproxy.config_model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
+from llmproxy.errors import ProxyError
+from llmproxy.fleet.backend import TTFT_FADE, Backend
+from llmproxy.fleet.health import HealthMonitor
+from llmproxy.fleet.router import Router, kinds_for_path
+
+
+def backend(name: str, weight: int = 1, kind: str = "vllm", models: list[str] | None = None) -> Backend:
+    config = BackendConfig(url=f"http://{name}", name=name, weight=weight, type=kind, models=models)
+    made = Backend(config=config, pool=None, name=name, host_header=b"", base_path=b"", authorization=None,
+                   first_byte_timeout=1.0, stream_idle_timeout=1.0, kind=kind, weight=weight)
+    if models is not None:
+        made.set_models([{"id": m, "object": "model"} for m in models])
+    return made
+
+
+def picks(strategy: str, backends: list[Backend], n: int) -> Counter:
+    balancer = Balancer(strategy)
+    return Counter(balancer.choose(backends).name for _ in range(n))
+
+
+# --- strategies ---------------------------------------------------------------------------------------------
+
+
+def test_weighted_is_exact_and_interleaved():
+    a, b, c = backend("a", 5), backend("b", 3), backend("c", 1)
+    balancer = Balancer("weighted")
+    order = [balancer.choose([a, b, c]).name for _ in range(9 * 20)]
+    assert Counter(order) == {"a": 100, "b": 60, "c": 20}
+    assert "aaa" not in "".join(order[:9])  # smooth: spread out, not in bursts
+
+
+def test_least_connections_compares_in_flight_per_weight_and_breaks_ties_at_random():
+    a, b = backend("a", weight=2), backend("b")
+    a.in_flight, b.in_flight = 3, 1  # 1.5 vs 1.0
+    assert picks("least_connections", [a, b], 20) == {"b": 20}
+    a.in_flight = 2  # 1.0 vs 1.0: a tie
+    assert set(picks("least_connections", [a, b], 200)) == {"a", "b"}
+
+
+def test_latency_based_prefers_the_fast_backend_but_lets_load_spill_over():
+    fast, slow = backend("fast"), backend("slow")
+    now = 1000.0
+    fast.observe_ttft(0.010, now)
+    slow.observe_ttft(0.100, now)
+    fast.ttft_at = slow.ttft_at = perf_counter()  # fresh: they fade by a negligible amount during the test
+    assert picks("latency_based", [fast, slow], 50) == {"fast": 50}
+    fast.in_flight = 20  # 0.011 * 21 > 0.101 * 1
+    assert picks("latency_based", [fast, slow], 50) == {"slow": 50}
+
+
+def test_latency_based_with_many_backends_never_starves_one():
+    backends = [backend(f"b{i}") for i in range(4)]
+    for i, b in enumerate(backends):
+        b.ttft_ewma, b.ttft_at = 0.01 * (i + 1), perf_counter()
+    counts = picks("latency_based", backends, 4000)
+    # Power of two choices: all but the slowest win some pairs even with nothing in flight (in real traffic
+    # load spills over too, and an idle backend's estimate fades until it is tried again).
+    assert set(counts) == {"b0", "b1", "b2"}
+    assert counts["b0"] > counts["b1"] > counts["b2"]
+
+
+def test_a_ttft_estimate_rises_at_once_falls_gradually_and_fades_when_idle():
+    b = backend("b")
+    b.observe_ttft(0.010, 100.0)
+    b.observe_ttft(0.500, 100.1)
+    assert b.ttft_ewma == 0.500  # peak: a slowdown counts at once
+    b.observe_ttft(0.010, 100.2)
+    assert 0.010 < b.ttft_ewma < 0.500  # one fast answer does not erase it
+    assert b.ttft_estimate(100.2 + 3 * TTFT_FADE) < 0.05 * b.ttft_ewma  # idle: tried again
+
+
+def test_queue_depth_uses_the_reported_load_corrected_by_what_we_sent_since():
+    a, b = backend("a"), backend("b")
+    a.queue_depth, b.queue_depth = 40.0, 2.0
+    assert picks("queue_depth", [a, b], 10) == {"b": 10}
+    b.in_flight = 50  # sent since b's report: it is now the busier one
+    assert picks("queue_depth", [a, b], 10) == {"a": 10}
+    b.queue_depth = None  # reports nothing (Ollama): our own in-flight count stands in
+    b.in_flight = 3
+    assert picks("queue_depth", [a, b], 10) == {"b": 10}
+
+
+# --- routing ------------------------------------------------------------------------------------------------
+
+
+def test_candidates_by_model_alias_and_path():
+    vllm = backend("vllm", models=["qwen"])
+    ollama = backend("ollama", kind="ollama", models=["llama3.2:latest"])
+    router = Router([vllm, ollama], {"gpt-4o": "qwen"})
+    assert router.candidates("/v1/chat/completions", router.resolve_model("gpt-4o"), 0) == [vllm]
+    assert router.candidates("/v1/chat/completions", "llama3.2", 0) == [ollama]  # Ollama's implicit :latest
+    assert router.candidates("/api/tags", None, 0) == [ollama]
+    assert router.candidates("/v1/embeddings", None, 0) == [vllm, ollama]
+    with pytest.raises(ProxyError) as missing:
+        router.candidates("/v1/chat/completions", "gpt-5", 0)
+    assert missing.value.spec.status == 404 and missing.value.spec.code == "model_not_found"
+    with pytest.raises(ProxyError) as nobody:
+        router.candidates("/generate_stream", None, 0)
+    assert nobody.value.kind == "no_backend"
+
+
+def test_a_backend_whose_models_are_unknown_may_serve_anything():
+    known, unknown = backend("known", models=["a"]), backend("unknown")
+    router = Router([known, unknown], {})
+    assert router.candidates("/v1/completions", "b", 0) == [unknown]
+
+
+def test_unavailable_backends_are_skipped_unless_all_are():
+    a, b = backend("a"), backend("b")
+    a.healthy = False
+    router = Router([a, b], {})
+    assert router.candidates("/v1/completions", None, 0) == [b]
+    b.ejected_until = 10.0
+    assert router.candidates("/v1/completions", None, 5.0) == [a, b]  # all down: keep trying them
+    assert router.candidates("/v1/completions", None, 11.0) == [b]
+
+
+def test_models_listing_is_the_union_with_aliases_and_configured_lists_filter_reported_cards():
+    a = backend("a", models=["qwen"])
+    a.set_models([{"id": "qwen", "object": "model", "max_model_len": 32768}, {"id": "other", "object": "model"}])
+    b = backend("b")
+    b.set_models([{"id": "llama", "object": "model"}, {"id": "qwen", "object": "model", "owned_by": "b"}])
+    listing = Router([a, b], {"gpt-4o": "qwen", "dangling": "nowhere"}).model_cards(0)
+    assert [c["id"] for c in listing] == ["qwen", "llama", "gpt-4o"]
+    assert listing[0]["max_model_len"] == 32768 and listing[2]["max_model_len"] == 32768
+    assert listing[2]["root"] == "qwen"
+
+
+@pytest.mark.parametrize(("path", "kinds"), [
+    ("/api/chat", {"ollama"}), ("/generate_stream", {"tgi"}), ("/tokenize", {"vllm", "tgi"}),
+    ("/v1/chat/completions", None), ("/v1/models/x", None),
+])
+def test_native_paths_need_their_kind(path: str, kinds: set[str] | None):
+    assert kinds_for_path(path) == (None if kinds is None else frozenset(kinds))
+
+
+# --- health verdicts ----------------------------------------------------------------------------------------
+
+
+def _monitor(backends: list[Backend], **passive) -> tuple[HealthMonitor, SimpleNamespace]:
+    events = SimpleNamespace(ejected=[])
+    events.backend_ejected = events.ejected.append
+    config = HealthCheckConfig(healthy_threshold=2, unhealthy_threshold=3,
+                               passive=PassiveHealthConfig(**{"consecutive_failures": 3, "base_ejection_time": 10.0,
+                                                              "max_ejection_time": 25.0, **passive}))
+    return HealthMonitor(backends, config, False, events), events
+
+
+def test_probe_thresholds_take_a_backend_out_and_back():
+    async def run() -> None:
+        b = backend("b")
+        monitor, _ = _monitor([b])
+        for passed, healthy in [(False, True), (False, True), (True, True), (False, True), (False, True),
+                                (False, False), (True, False), (True, True)]:
+            monitor._probe_result(b, passed, "" if passed else "status 503", first=False)
+            assert b.healthy is healthy
+        monitor._probe_result(b, False, "down", first=True)  # the very first probe decides alone
+        assert not b.healthy
+
+    asyncio.run(run())
+
+
+def test_passive_ejection_grows_is_capped_and_never_takes_out_too_many():
+    async def run() -> None:
+        a, b, c, d = (backend(n) for n in "abcd")
+        monitor, events = _monitor([a, b, c, d], max_ejection_percent=50)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            monitor.request_failed(a)
+        assert events.ejected == ["a"] and 9.0 < a.ejected_until - loop.time() <= 10.0
+        monitor.request_failed(a)  # failures while ejected do not extend it
+        for victim in (b, c):
+            for _ in range(3):
+                monitor.request_failed(victim)
+        assert events.ejected == ["a", "b"]  # 50 % of 4: c must keep serving
+        a.ejected_until = 0.0  # a's time is up; it fails again: longer, then capped
+        for _ in range(3):
+            monitor.request_failed(a)
+        assert 19.0 < a.ejected_until - loop.time() <= 20.0
+        a.ejected_until = 0.0
+        for _ in range(3):
+            monitor.request_failed(a)
+        assert 24.0 < a.ejected_until - loop.time() <= 25.0
+
+    asyncio.run(run())
+
+
+def test_a_success_resets_the_failure_run_and_recovery_seen_by_probes_un_ejects():
+    async def run() -> None:
+        a, b = backend("a"), backend("b")
+        monitor, events = _monitor([a, b])
+        monitor.request_failed(a)
+        monitor.request_failed(a)
+        monitor.request_succeeded(a)
+        monitor.request_failed(a)
+        assert events.ejected == []
+        for _ in range(2):
+            monitor.request_failed(a)
+        assert a.ejected_until > 0
+        for _ in range(3):
+            monitor._probe_result(a, False, "refused", first=False)  # the probes see it die...
+        for _ in range(2):
+            monitor._probe_result(a, True, "", first=False)  # ...and come back: it was restarted
+        assert a.available(asyncio.get_running_loop().time())
+
+    asyncio.run(run())
