@@ -74,7 +74,8 @@ async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet:
     routing = fleet.routing
     tried: list[Backend] = []
     for attempt in range(routing.retries + 1):
-        backend = fleet.balancer.choose([b for b in candidates if b not in tried] or candidates)
+        untried = [b for b in candidates if b not in tried] if tried else candidates
+        backend = fleet.balancer.choose(untried or candidates)
         tried.append(backend)
         last = attempt == routing.retries
         try:
