@@ -45,7 +45,6 @@ class Backend:
     failures: int = 0  # consecutive failed requests
     ejected_until: float = 0.0  # loop time
     ejections: int = 0  # ejections in a row; each lasts longer
-    down_while_ejected: bool = False  # probes saw it die: a recovery they see ends the ejection early
     # Balancing state.
     ttft_ewma: float = 0.0  # seconds, peak-sensitive EWMA of request sent -> first body byte
     ttft_at: float = 0.0  # when it was last updated (perf_counter)

@@ -78,10 +78,10 @@ class HealthMonitor:
 
     async def _refresh(self, backend: Backend, with_models: bool, first: bool = False) -> None:
         timeout = self.config.timeout
-        if backend.kind == "auto" or (with_models and backend.config.type == "auto"):
+        if backend.kind == "auto":  # detected once: a flaky answer later must not turn Ollama into "openai"
             try:
                 backend.kind = await detect_kind(backend.config, timeout)
-                with_models = True  # a backend swapped for another kind serves other models
+                with_models = True
             except ProbeError as error:
                 self._probe_result(backend, False, f"cannot tell what server it is: {error}", first)
                 return

@@ -146,6 +146,11 @@ class UpstreamPool:
             raise
         finally:
             timer.cancel()
+        if conn.closed:
+            # Reset between the handshake and now (a killed server resets what waited in its accept
+            # queue): writing to it would raise. Nothing was sent, so the pipeline may retry elsewhere.
+            self._connect_failed()
+            raise ProxyError("upstream_failed", f"backend {backend.name}: connection reset on connect")
         return conn
 
     def _connect_failed(self) -> None:
