@@ -64,11 +64,12 @@ class ProxyServer:
         """Build the backends and probe them once (kinds, models, health), so routing is right at once."""
         self.fleet = await build_fleet(self.config, self.metrics)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen on host:port; `reuse_port` lets several worker processes share it (SO_REUSEPORT)."""
         self.usage.start()  # before accepting: records left undelivered by a previous run go out first
         await self.start_fleet()
         self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True)
+            lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def run_until_signalled(self) -> None:
