@@ -66,6 +66,17 @@ class Metrics:
         self.ejections = Counter(
             "llmproxy_backend_ejections_total", "Backends ejected by passive health checks.", ["backend"],
             registry=self.registry)
+        self.ratelimited = Counter(
+            "llmproxy_ratelimited_total", "Requests refused by a rate limit or budget, by reason "
+            "(requests, tokens, concurrency, budget) and key (key_id only when auth.metrics_per_key).",
+            ["reason", "key_id"], registry=self.registry)
+        self.auth_failures = Counter(
+            "llmproxy_auth_failures_total", "Requests refused for a missing, unknown or ambiguous API key.",
+            registry=self.registry)
+        self.store_errors = Counter(
+            "llmproxy_ratelimit_store_errors_total",
+            "Rate-limit store calls that failed (Redis unreachable), answered per rate_limit.on_store_error.",
+            registry=self.registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -110,6 +121,15 @@ class Metrics:
 
     def backend_ejected(self, backend: str) -> None:
         self.ejections.labels(backend).inc()
+
+    def observe_ratelimited(self, reason: str, key_id: str = "") -> None:
+        self.ratelimited.labels(reason, key_id).inc()
+
+    def observe_auth_failure(self) -> None:
+        self.auth_failures.inc()
+
+    def observe_store_error(self) -> None:
+        self.store_errors.inc()
 
     # The hooks usage delivery calls (llmproxy.usage.metrics.UsageMetrics).
     def webhook_success(self, reporter: str) -> None:
