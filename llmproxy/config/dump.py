@@ -1,0 +1,98 @@
+"""`llmproxy check-config` output: the resolved config in the config-file shape, secrets masked."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+from ..config_model import (
+    BackendConfig,
+    Config,
+    ServerConfig,
+)
+from .values import (
+    _format_duration,
+    _format_host,
+    _format_size,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Dumping (`llmproxy check-config`): the config-file shape, so the output is itself a loadable config.
+
+_SECRET_NAMES = ("api_key", "secret", "key", "password", "token")
+_SECRET_SUFFIXES = ("_key", "_secret", "_password", "_token")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, secrets replaced by "***" (None stays null)."""
+    doc = {
+        "server": _dump_server(cfg.server),
+        "backends": [_dump_backend(backend) for backend in cfg.backends],
+        "routing": dataclasses.asdict(cfg.routing),
+        "health_check": dataclasses.asdict(cfg.health_check),
+        "logging": dataclasses.asdict(cfg.logging),
+        "metrics": dataclasses.asdict(cfg.metrics),
+        "usage": _without_nones(dataclasses.asdict(cfg.usage)),
+        "pricing": {model: _without_nones(dataclasses.asdict(price)) for model, price in cfg.pricing.items()},
+    }
+    return yaml.safe_dump(_mask_secrets(doc), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _without_nones(node: Any) -> Any:
+    """Drop unset optional keys so the dump loads back (null is not a valid value for most of them)."""
+    if isinstance(node, dict):
+        return {key: _without_nones(value) for key, value in node.items() if value is not None}
+    if isinstance(node, list):
+        return [_without_nones(item) for item in node]
+    return node
+
+
+def _dump_server(server: ServerConfig) -> dict[str, Any]:
+    return {
+        "listen": f"{_format_host(server.host)}:{server.port}",
+        "max_connections": server.max_connections,
+        "max_header_size": _format_size(server.max_header_size),
+        "max_request_line": _format_size(server.max_request_line),
+        "max_body_size": _format_size(server.max_body_size),
+        "shutdown_timeout": _format_duration(server.shutdown_timeout),
+        "trusted_proxies": list(server.trusted_proxies),
+        "timeouts": {name: _format_duration(value) for name, value in dataclasses.asdict(server.timeouts).items()},
+    }
+
+
+def _dump_backend(backend: BackendConfig) -> dict[str, Any]:
+    derived = ("scheme", "host", "port", "base_path")  # recomputed from url on load
+    doc = {key: value for key, value in dataclasses.asdict(backend).items() if key not in derived}
+    doc["idle_timeout"] = _format_duration(backend.idle_timeout)
+    doc["timeouts"] = {
+        name: None if value is None else _format_duration(value) for name, value in doc["timeouts"].items()
+    }
+    return doc
+
+
+def _mask_secrets(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_mask_secrets(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    masked: dict[str, Any] = {}
+    for key, value in node.items():
+        if value is not None and (key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)):
+            masked[key] = "***"
+        elif isinstance(value, str) and key.endswith("url"):
+            masked[key] = _mask_url_credentials(value)
+        else:
+            masked[key] = _mask_secrets(value)
+    return masked
+
+
+def _mask_url_credentials(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{tail}"
+
+

@@ -1,0 +1,312 @@
+"""Parsers of the config sections: server, backends, routing, health_check, usage, pricing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from ..config_model import (
+    BACKEND_TYPES,
+    LOAD_BALANCE_STRATEGIES,
+    RETRY_CONDITIONS,
+    BackendConfig,
+    BackendTimeouts,
+    HealthCheckConfig,
+    LoggingConfig,
+    MetricsConfig,
+    PassiveHealthConfig,
+    PriceConfig,
+    RoutingConfig,
+    ServerConfig,
+    Timeouts,
+)
+from ..usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
+from .values import (
+    LOG_LEVELS,
+    ConfigError,
+    _access_log,
+    _api_key,
+    _bool,
+    _check_host,
+    _check_ipv6,
+    _choice,
+    _clean_string,
+    _dataclass_from,
+    _format_host,
+    _int_at_least,
+    _is_visible_ascii,
+    _join,
+    _mapping,
+    _non_negative_number,
+    _optional,
+    _parse_fields,
+    _Parser,
+    _percent,
+    _positive_duration,
+    _section,
+    _show,
+    _size_at_least,
+    _string_list,
+    _trusted_proxies,
+    parse_duration,
+    parse_listen,
+)
+
+_TIMEOUT_FIELDS: dict[str, _Parser] = {f.name: _positive_duration for f in dataclasses.fields(Timeouts)}
+_BACKEND_TIMEOUT_FIELDS: dict[str, _Parser] = {
+    f.name: _optional(_positive_duration) for f in dataclasses.fields(BackendTimeouts)
+}
+
+_SERVER_FIELDS: dict[str, _Parser] = {
+    "listen": parse_listen,
+    "max_connections": _int_at_least(1),
+    "max_header_size": _size_at_least(1024),  # below this, ordinary browser/SDK heads are refused
+    "max_request_line": _size_at_least(1),
+    "max_body_size": _size_at_least(1),
+    "shutdown_timeout": parse_duration,
+    "trusted_proxies": _trusted_proxies,
+    "timeouts": _section(Timeouts, _TIMEOUT_FIELDS),
+}
+
+
+def _parse_server(value: Any, path: str) -> ServerConfig:
+    values = _parse_fields(value, path, _SERVER_FIELDS)
+    listen = values.pop("listen", None)
+    server = ServerConfig(**values)
+    if listen is not None:
+        server.host, server.port = listen
+    return server
+
+
+class _BackendUrl(NamedTuple):
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+
+def _backend_url(value: Any, path: str) -> _BackendUrl:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f'must be a URL like "http://vllm:8000", got {_show(value)}')
+    url = value.strip()
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        # Checked first and never echoed: it holds a password.
+        raise ConfigError(path, "must not contain credentials (user:password@); use api_key instead")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" around an IPv6 address
+        raise ConfigError(path, f"invalid URL {_show(value)}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not url.lower().startswith(f"{scheme}://"):
+        raise ConfigError(path, f"must be an http:// or https:// URL, got {_show(value)}")
+    if not _is_visible_ascii(url):
+        # The base path is sent as-is in request lines.
+        raise ConfigError(path, f"must be printable ASCII without spaces (percent-encode), got {_show(value)}")
+    if "?" in url or "#" in url:
+        raise ConfigError(path, f"must not have a query string or fragment, got {_show(value)}")
+    host = _backend_host(parts.netloc, value, path)
+    return _BackendUrl(url, scheme, host, _backend_port(parts, scheme, value, path), parts.path.rstrip("/"))
+
+
+def _backend_host(netloc: str, shown: str, path: str) -> str:
+    hostport = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+    if hostport.startswith("["):
+        if not hostport.endswith("]"):
+            raise ConfigError(path, f"invalid IPv6 address in {_show(shown)}")
+        return _check_ipv6(hostport[1:-1], shown, path)
+    if not hostport:
+        raise ConfigError(path, f"must include a host, got {_show(shown)}")
+    return _check_host(hostport, shown, path)
+
+
+def _backend_port(parts: Any, scheme: str, shown: str, path: str) -> int:
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is None:
+        return 443 if scheme == "https" else 80
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, f"invalid port in {_show(shown)}")
+    return port
+
+
+_BACKEND_FIELDS: dict[str, _Parser] = {
+    "url": _backend_url,
+    "name": _clean_string("name"),
+    "weight": _int_at_least(1),
+    "type": _choice(BACKEND_TYPES),
+    "api_key": _api_key,
+    "max_connections": _int_at_least(1),
+    "max_idle": _int_at_least(0),
+    "idle_timeout": parse_duration,
+    "max_waiters": _int_at_least(0),
+    "tls_verify": _bool,
+    "inject_usage": _bool,
+    "models": _optional(lambda value, path: _string_list(value, path, "model name")),
+    "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
+}
+
+
+def _parse_backend(value: Any, path: str) -> BackendConfig:
+    values = _parse_fields(value, path, _BACKEND_FIELDS)
+    url = values.pop("url", None)
+    if url is None:
+        raise ConfigError(_join(path, "url"), "is required")
+    backend = BackendConfig(
+        url=url.url, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path, **values
+    )
+    if not backend.name:
+        backend.name = _default_name(backend)
+    return backend
+
+
+def _default_name(backend: BackendConfig) -> str:
+    return f"{_format_host(backend.host)}:{backend.port}"
+
+
+def _parse_backends(value: Any, path: str) -> list[BackendConfig]:
+    if value is None or value == []:
+        raise ConfigError(path, "at least one backend is required")
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list of backends, got {_show(value)}")
+    backends = [_parse_backend(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    first_use: dict[str, int] = {}
+    for i, backend in enumerate(backends):
+        if backend.name in first_use:
+            earlier = f"{path}[{first_use[backend.name]}]"
+            reason = f"duplicate backend name {_show(backend.name)} (already used by {earlier})"
+            if backend.name == _default_name(backend):
+                reason += "; names default to host:port, so give each backend a distinct name"
+            raise ConfigError(f"{path}[{i}].name", reason)
+        first_use[backend.name] = i
+    return backends
+
+
+_WEBHOOK_FIELDS: dict[str, _Parser] = {
+    "url": _clean_string("a URL"),
+    "timeout": _positive_duration,
+    "secret": _optional(_clean_string("a secret")),
+    "headers": lambda value, path: {str(k): str(v) for k, v in _mapping(value, path).items()},
+    "max_attempts": _int_at_least(1),
+    "retry": _int_at_least(1),
+    "max_age": _positive_duration,
+    "concurrency": _int_at_least(1),
+    "backoff_base": _positive_duration,
+    "backoff_cap": _positive_duration,
+}
+
+
+def _parse_reporter(value: Any, path: str) -> ReporterConfig:
+    fields: dict[str, _Parser] = {
+        "name": _clean_string("a name"),
+        "type": _choice(REPORTER_TYPES),
+        "enabled": _bool,
+        "webhook": lambda v, p: _dataclass_from(WebhookConfig, p, _parse_fields(v, p, _WEBHOOK_FIELDS)),
+        "file": lambda v, p: _dataclass_from(FileReporterConfig, p,
+                                             _parse_fields(v, p, {"path": _clean_string("a path")})),
+    }
+    values = _parse_fields(value, path, fields)
+    for required in ("name", "type"):
+        if required not in values:
+            raise ConfigError(_join(path, required), "is required")
+    return _dataclass_from(ReporterConfig, path, values)
+
+
+def _parse_reporters(value: Any, path: str) -> list[ReporterConfig]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list of reporters, got {_show(value)}")
+    return [_parse_reporter(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _parse_usage(value: Any, path: str) -> UsageConfig:
+    fields: dict[str, _Parser] = {
+        "enabled": _bool,
+        "metering": _bool,
+        "spool_dir": _clean_string("a directory"),
+        "max_outbox_records": _int_at_least(1),
+        "flush_interval": _positive_duration,
+        "reporters": _parse_reporters,
+    }
+    return _dataclass_from(UsageConfig, path, _parse_fields(value, path, fields))
+
+
+def _parse_pricing(value: Any, path: str) -> dict[str, PriceConfig]:
+    fields: dict[str, _Parser] = {name: _non_negative_number for name in
+                                  ("input_per_million", "output_per_million", "cached_input_per_million")}
+    prices = {}
+    for model, entry in _mapping(value, path).items():
+        entry_path = _join(path, str(model))
+        values = _parse_fields(entry, entry_path, fields)
+        for required in ("input_per_million", "output_per_million"):
+            if required not in values:
+                raise ConfigError(_join(entry_path, required), "is required")
+        prices[str(model)] = PriceConfig(**values)
+    return prices
+
+
+def _retry_on(value: Any, path: str) -> list[str]:
+    if value == []:
+        return []  # never retry, not even a refused connection
+    conditions = _string_list([str(v) if isinstance(v, int) else v for v in value]
+                              if isinstance(value, list) else value, path, "condition")
+    for i, condition in enumerate(conditions):
+        if condition not in RETRY_CONDITIONS:
+            raise ConfigError(f"{path}[{i}]", f"unknown condition {_show(condition)}; "
+                                              f"expected one of {', '.join(RETRY_CONDITIONS)}")
+    return conditions
+
+
+def _model_aliases(value: Any, path: str) -> dict[str, str]:
+    aliases = {}
+    for alias, target in _mapping(value, path).items():
+        alias_path = _join(path, str(alias))
+        aliases[_clean_string("a model name")(alias, alias_path)] = _clean_string("a model name")(target, alias_path)
+    for alias, target in aliases.items():
+        if target in aliases:
+            raise ConfigError(_join(path, alias), f"aliases {_show(target)}, itself an alias: name the real model")
+    return aliases
+
+
+_ROUTING_FIELDS: dict[str, _Parser] = {
+    "load_balance": _choice(LOAD_BALANCE_STRATEGIES),
+    "retries": _int_at_least(0),
+    "retry_on": _retry_on,
+    "retry_backoff": parse_duration,
+    "model_aliases": _model_aliases,
+}
+
+_PASSIVE_FIELDS: dict[str, _Parser] = {
+    "enabled": _bool,
+    "consecutive_failures": _int_at_least(1),
+    "base_ejection_time": _positive_duration,
+    "max_ejection_time": _positive_duration,
+    "max_ejection_percent": _percent,
+}
+
+_HEALTH_CHECK_FIELDS: dict[str, _Parser] = {
+    "enabled": _bool,
+    "interval": _positive_duration,
+    "timeout": _positive_duration,
+    "healthy_threshold": _int_at_least(1),
+    "unhealthy_threshold": _int_at_least(1),
+    "models_interval": _positive_duration,
+    "passive": _section(PassiveHealthConfig, _PASSIVE_FIELDS),
+}
+
+_TOP_LEVEL_FIELDS: dict[str, _Parser] = {
+    "server": _parse_server,
+    "backends": _parse_backends,
+    "routing": _section(RoutingConfig, _ROUTING_FIELDS),
+    "health_check": _section(HealthCheckConfig, _HEALTH_CHECK_FIELDS),
+    "logging": _section(LoggingConfig, {"level": _choice(LOG_LEVELS), "access_log": _access_log}),
+    "metrics": _section(MetricsConfig, {"enabled": _bool}),
+    "usage": _parse_usage,
+    "pricing": _parse_pricing,
+}
+
+
