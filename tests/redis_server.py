@@ -1,0 +1,131 @@
+"""A real `redis-server` for tests, on a free 127.0.0.1 port, with nothing written to disk.
+
+It can be killed (SIGKILL, as a crash), paused (SIGSTOP, as a hung server) and restarted on the same port,
+so tests can check what clients do while Redis is gone and that they recover once it is back. Every wait
+is bounded.
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        server.kill()     # connections reset, new ones refused
+        server.start()    # the same port, empty again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+START_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ping(port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING on 127.0.0.1:port, speaking RESP by hand (no client needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A redis-server process; `start` waits until it answers PING, `kill`/`stop` wait until it is gone."""
+
+    def __init__(self, port: int | None = None, executable: str = "redis-server") -> None:
+        path = shutil.which(executable)
+        if path is None:
+            raise RuntimeError(f"{executable} not found on PATH")
+        self.executable = path
+        self.port = port or free_port()
+        self.popen: subprocess.Popen | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="llmproxy-redis-")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self._dir.name) / "redis.log"
+
+    def log(self) -> str:
+        """What the server logged (all its runs), for failure messages."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self, timeout: float = START_TIMEOUT) -> RedisServer:
+        """Starts the server (again, on the same port) and returns once it answers PING."""
+        if self.running:
+            return self
+        self.popen = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self._dir.name, "--logfile", str(self.log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not ping(self.port):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def kill(self, timeout: float = START_TIMEOUT) -> None:
+        """SIGKILL, as a crash: clients see their connections reset and new ones refused."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGCONT)  # a paused server must not outlive the test
+                self.popen.kill()
+        self.popen.wait(timeout)
+
+    stop = kill  # nothing is persisted, so there is nothing a graceful shutdown would save
+
+    def restart(self, timeout: float = START_TIMEOUT) -> RedisServer:
+        self.kill(timeout)
+        return self.start(timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections but nothing answers, as with a hung server."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGCONT)
+
+    def flushall(self, timeout: float = 2.0) -> None:
+        """Empties every database, between tests sharing one server."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            reply = sock.recv(64)
+        if not reply.startswith(b"+OK"):
+            raise RuntimeError(f"FLUSHALL answered {reply!r}")
+
+    def close(self) -> None:
+        self.kill()
+        self._dir.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
