@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from .usage.config import UsageConfig
 
 LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based", "queue_depth")
+BUDGET_PERIODS = ("day", "week", "month")
+RATE_LIMIT_STORES = ("memory", "redis")
+STORE_ERROR_POLICIES = ("fail_open", "fail_closed")
 # What may be retried on another backend, before any byte reached the client (routing.retry_on).
 RETRY_CONDITIONS = ("connect_error", "reset", "timeout", "429", "500", "502", "503", "504")
 BACKEND_TYPES = ("auto", "vllm", "tgi", "ollama", "openai")
@@ -46,6 +49,7 @@ class ServerConfig:
     max_body_size: int = 10 * 1024 * 1024  # -> 413, judged from Content-Length first
     shutdown_timeout: float = 30.0
     trusted_proxies: list[str] = field(default_factory=list)  # IPs or CIDRs
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -102,6 +106,56 @@ class HealthCheckConfig:
     passive: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """A usage cap over a calendar period (UTC; weeks start on Monday)."""
+
+    per: str  # day | week | month
+    tokens: int | None = None
+    usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConfig:
+    """Limits of one scope (a key, or all traffic); None = no such limit (or, in a key's override, inherit)."""
+
+    requests_per_minute: float | None = None
+    burst: int | None = None  # requests allowed back to back; default one minute's allowance
+    max_concurrent: int | None = None  # requests in progress, streams counted to their end
+    tokens_per_minute: int | None = None  # charged from metered usage when a request ends
+    budget: BudgetConfig | None = None
+
+
+@dataclass(slots=True)
+class ApiKeyConfig:
+    key_sha256: str  # hex digest of the key; a `key:` in the config is hashed at load and never kept
+    user_id: str | None = None
+    name: str | None = None
+    models: list[str] | None = None  # models this key may use; None = all
+    rate_limit: LimitConfig | None = None  # overrides rate_limit.per_key field by field
+
+
+@dataclass(slots=True)
+class AuthConfig:
+    enabled: bool = False
+    header_names: list[str] = field(default_factory=lambda: ["Authorization", "X-API-Key"])
+    skip_paths: list[str] = field(default_factory=lambda: ["/health", "/metrics"])  # exact paths, no auth
+    keys: list[ApiKeyConfig] = field(default_factory=list)  # from the config and keys_file together
+    keys_file: str | None = None  # YAML with `keys: [...]`, relative to the config file; re-read on SIGHUP
+    metrics_per_key: bool = False  # label llmproxy_ratelimited_total with key_id
+
+
+@dataclass(slots=True)
+class RateLimitConfig:
+    enabled: bool = False
+    store: str = "memory"  # memory | redis (shared by workers and instances)
+    redis_url: str | None = None
+    on_store_error: str = "fail_open"  # fail_open | fail_closed (503) while the store is unreachable
+    reserve_max_tokens: bool = False  # hold a request's max_tokens against tokens_per_minute up front
+    per_key: LimitConfig = field(default_factory=LimitConfig)
+    global_limits: LimitConfig = field(default_factory=LimitConfig)  # `global:` in the file
+
+
 @dataclass(slots=True)
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
@@ -128,6 +182,8 @@ class Config:
     backends: list[BackendConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)

@@ -12,9 +12,11 @@ from .http11.request import RequestHead
 from .http11.wire import CONTINUE_100, status_line
 
 if TYPE_CHECKING:
+    from .auth import ApiKey
     from .connection import ClientConnection
     from .eager import EagerRun
     from .metering import Meter, Usage
+    from .ratelimit import Admission
     from .relay import Exchange
 
 
@@ -55,6 +57,9 @@ class RequestContext:
     upstream_sent: bool = False  # the request was written to a backend: it gets a usage record
     user_id: str | None = None
     key_id: str | None = None
+    api_key: ApiKey | None = None  # the caller's key, when auth is enabled
+    admission: Admission | None = None  # rate-limit slots held until the request ends
+    response_headers: bytes = b""  # extra header lines for the response (x-ratelimit-*, retry-after)
     # Outcome.
     backend: str = ""  # the last one tried
     retries: int = 0  # attempts on further backends after the first failed
@@ -99,6 +104,8 @@ class RequestContext:
                  b"x-request-id: ", self.forwarded_request_id, b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
+        if self.response_headers:
+            parts.append(self.response_headers)
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         elif self.head.version == "1.0":

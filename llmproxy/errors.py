@@ -43,6 +43,15 @@ ERRORS: dict[str, ErrorSpec] = {
                                        close=True),
     "request_timeout": ErrorSpec(408, "invalid_request_error", "request_timeout", "cR", close=True),
     "invalid_json": ErrorSpec(400, "invalid_request_error", "invalid_json", "LR"),
+    # Who is calling, and how much (auth.py, ratelimit/). Refused before any backend is chosen.
+    "unauthorized": ErrorSpec(401, "invalid_request_error", "invalid_api_key", "LR"),
+    "ambiguous_credentials": ErrorSpec(400, "invalid_request_error", "ambiguous_api_key", "LR"),
+    "model_not_allowed": ErrorSpec(403, "invalid_request_error", "model_not_allowed", "LR"),
+    "rate_limited_requests": ErrorSpec(429, "requests", "rate_limit_exceeded", "PR"),
+    "rate_limited_tokens": ErrorSpec(429, "tokens", "rate_limit_exceeded", "PR"),
+    "rate_limited_concurrency": ErrorSpec(429, "requests", "rate_limit_exceeded", "PR"),
+    "budget_exhausted": ErrorSpec(429, "insufficient_quota", "insufficient_quota", "PR"),
+    "ratelimit_unavailable": ErrorSpec(503, "service_unavailable", "rate_limit_store_unavailable", "PR"),
     # Local replies by design.
     "not_found": ErrorSpec(404, "invalid_request_error", "not_found", "LR"),
     "model_not_found": ErrorSpec(404, "invalid_request_error", "model_not_found", "LR"),

@@ -1,7 +1,9 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    local route? -> read body -> inspect body -> route (model, path -> candidates)
-    -> [choose backend -> prepare body (alias, metering) -> acquire connection -> relay] x attempts -> finish
+    authenticate -> local route? -> read body -> inspect body -> route (model, path -> candidates)
+    -> admit (rate limits)
+    -> [choose backend -> prepare body (alias, metering) -> acquire connection -> relay] x attempts
+    -> finish (records, releases rate-limit slots, charges usage)
 
 Attempts: a failure before any byte reached the client is retried on another backend when
 `routing.retry_on` allows it (a connect failure always may: nothing was sent); once a byte was sent, never.
@@ -22,7 +24,7 @@ from .accounting import build_record
 from .errors import ProxyError, error_body
 from .relay import Exchange
 from .request_body import inspect_body, prepare_for_backend
-from .routes import match_local
+from .routes import match_local, request_path
 from .upstream_request import build_upstream_request
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ log = logging.getLogger("llmproxy")
 
 async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
     try:
+        authenticate(server, ctx)
         local = match_local(ctx)
         if local is not None:
             local(server, ctx)
@@ -52,8 +55,23 @@ async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
         finish(server, ctx)
 
 
+def authenticate(server: ProxyServer, ctx: RequestContext) -> None:
+    """Who is calling: sets ctx.api_key, or raises ProxyError (401/400) before any body byte is read."""
+    keys = server.keys
+    if not keys.enabled or keys.skips(request_path(ctx)):
+        return
+    try:
+        key = keys.authenticate(ctx.head)
+    except ProxyError:
+        ctx.response_headers += b'www-authenticate: Bearer realm="llmproxy"\r\n'
+        if server.metrics is not None:
+            server.metrics.observe_auth_failure()
+        raise
+    ctx.api_key, ctx.key_id, ctx.user_id = key, key.key_id, key.user_id
+
+
 async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
-    """read body -> route -> forward, retrying on another backend where that is safe."""
+    """read body -> route -> admit (rate limits) -> forward, retrying on another backend where safe."""
     server.inflight += 1  # requests in progress, the proxy's own endpoints excepted
     try:
         body = await ctx.read_body()
@@ -62,7 +80,11 @@ async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
         requested = ctx.model
         ctx.model = fleet.router.resolve_model(requested)
         ctx.model_aliased = ctx.model != requested
+        if ctx.api_key is not None and not ctx.api_key.may_use(requested, ctx.model):
+            raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
         candidates = fleet.router.candidates(ctx.path, ctx.model, server.loop.time())
+        if server.limiter is not None:
+            ctx.admission = await server.limiter.admit(ctx, ctx.api_key)
         await forward_with_failover(server, ctx, fleet, candidates, body)
     finally:
         server.inflight -= 1
@@ -141,8 +163,8 @@ def reply_error(ctx: RequestContext, error: ProxyError) -> None:
     if ctx.response_started:
         ctx.conn.abort()
         return
-    if error.spec.close:
-        ctx.keep_alive = False
+    if error.spec.close or not ctx.body_done:
+        ctx.keep_alive = False  # an unread body would be parsed as the next request: say we close
     ctx.send_response(error.spec.status, error_body(error.spec, error.message))
 
 
@@ -153,13 +175,26 @@ def finish(server: ProxyServer, ctx: RequestContext) -> None:
     ttft = ctx.t_first_byte - ctx.t_start if ctx.t_first_byte else None
     if not ctx.response_started:
         ctx.status = 499  # the client left before any response (nginx's convention)
+    record = None
     try:
         if server.metrics is not None:
             server.metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
         if ctx.upstream_sent and ctx.head.method == b"POST" and server.metering:
-            server.record_usage(build_record(ctx, duration, ttft, server.prices))
+            record = build_record(ctx, duration, ttft, server.prices)
+            server.record_usage(record)
         server.access_log.write(ctx, duration, ttft)
     except Exception:  # recording must never strand the connection
         log.exception("recording request %s failed", ctx.request_id)
     finally:
+        _settle(ctx, record)
         ctx.conn.request_finished(ctx)
+
+
+def _settle(ctx: RequestContext, record: dict | None) -> None:
+    """Give back the request's rate-limit slots and charge its usage, whatever happened before."""
+    admission, ctx.admission = ctx.admission, None
+    if admission is not None:
+        try:
+            admission.settle(record)
+        except Exception:
+            log.exception("settling the rate limits of request %s failed", ctx.request_id)

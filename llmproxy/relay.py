@@ -249,6 +249,8 @@ class Exchange:
                 parts.append(b"cache-control: no-cache\r\n")
             if not accel:
                 parts.append(b"x-accel-buffering: no\r\n")
+        if ctx.response_headers:
+            parts.append(ctx.response_headers)  # x-ratelimit-*
         if self._chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         if not ctx.keep_alive:

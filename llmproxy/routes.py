@@ -54,14 +54,20 @@ def _backend_state(backend: Backend, now: float) -> dict:
 def models(server: ProxyServer, ctx: RequestContext) -> None:
     """GET /v1/models: the union of the available backends' models, aliases included."""
     cards = server.fleet.router.model_cards(server.loop.time())
+    key = ctx.api_key
+    if key is not None and key.models is not None:
+        cards = [card for card in cards if key.may_use(card["id"], card.get("root"))]  # what this key may use
     ctx.send_response(200, orjson.dumps({"object": "list", "data": cards}))
 
 
 def model(server: ProxyServer, ctx: RequestContext) -> None:
     """GET /v1/models/{id} (the id may contain slashes: "Qwen/Qwen2.5-7B-Instruct")."""
-    path = _path(ctx)
+    path = request_path(ctx)
     model_id = unquote(path[len(MODELS_PREFIX):].decode("latin-1"))
-    ctx.send_response(200, orjson.dumps(server.fleet.router.model_card(model_id, server.loop.time())))
+    card = server.fleet.router.model_card(model_id, server.loop.time())
+    if ctx.api_key is not None and not ctx.api_key.may_use(card["id"], card.get("root")):
+        raise ProxyError("model_not_found", f"The model `{model_id}` does not exist.")
+    ctx.send_response(200, orjson.dumps(card))
 
 
 def metrics(server: ProxyServer, ctx: RequestContext) -> None:
@@ -78,7 +84,8 @@ LOCAL_ROUTES: dict[bytes, LocalHandler] = {
 MODELS_PREFIX = b"/v1/models/"
 
 
-def _path(ctx: RequestContext) -> bytes:
+def request_path(ctx: RequestContext) -> bytes:
+    """The request target without its query, as received (not normalised: "//x" is not "/x")."""
     target = ctx.head.target
     return target.split(b"?", 1)[0] if b"?" in target else target
 
@@ -88,7 +95,7 @@ def match_local(ctx: RequestContext) -> LocalHandler | None:
 
     Raises ProxyError (405) for a proxy-owned path with a method other than GET or HEAD.
     """
-    path = _path(ctx)
+    path = request_path(ctx)
     handler = LOCAL_ROUTES.get(path)
     if handler is None and path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
         handler = model

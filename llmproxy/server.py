@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -11,6 +12,7 @@ from functools import lru_cache
 from time import perf_counter
 
 from .accesslog import AccessLog
+from .auth import KeyRing
 from .config import ConfigError, load_config
 from .config_model import Config
 from .connection import ClientConnection
@@ -21,6 +23,7 @@ from .fleet.backend import Backend
 from .http11.request import CodecLimits, ProtocolError, RequestHead
 from .metrics import Metrics
 from .pipeline import handle_request
+from .ratelimit import Limiter, open_store
 from .usage.delivery import DeliveryService
 
 log = logging.getLogger("llmproxy")
@@ -39,6 +42,10 @@ class ProxyServer:
         )
         self.fleet: Fleet | None = None  # built (and probed once) by start()
         self.metrics = Metrics(self._live_state) if config.metrics.enabled else None
+        self.keys = KeyRing(config.auth, config.rate_limit)
+        self.credential_headers = frozenset(self.keys.header_names)  # never forwarded upstream
+        self.limiter = Limiter(config.rate_limit, open_store(config.rate_limit), self.metrics,
+                               config.auth.metrics_per_key) if config.rate_limit.enabled else None
         self.access_log = AccessLog(config.logging.access_log)
         self.prices = config.pricing
         self.metering = config.usage.metering
@@ -106,12 +113,29 @@ class ProxyServer:
         if old is not None:
             retire_removed(old, fleet)
         self.prices = config.pricing
+        self._reload_access(config)
         for section in ("server", "logging", "metrics", "usage"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
         log.warning("reloaded %s: %d backends, %s", self.config_path, len(fleet.backends),
                     config.routing.load_balance)
         return True
+
+    def _reload_access(self, config: Config) -> None:
+        """New keys and limits; the limiter keeps its store (and so the counters) unless it must change."""
+        self.keys = KeyRing(config.auth, config.rate_limit)
+        self.credential_headers = frozenset(self.keys.header_names)
+        rate, old = config.rate_limit, self.limiter
+        if not rate.enabled:
+            self.limiter = None
+        elif old is not None and (old.config.store, old.config.redis_url) == (rate.store, rate.redis_url):
+            self.limiter = Limiter(rate, old.store, self.metrics, config.auth.metrics_per_key)
+        elif old is not None:
+            log.warning("reload: rate_limit.store and redis_url changes need a restart; they are not applied")
+            self.limiter = Limiter(dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url),
+                                   old.store, self.metrics, config.auth.metrics_per_key)
+        else:
+            self.limiter = Limiter(rate, open_store(rate), self.metrics, config.auth.metrics_per_key)
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""
@@ -131,6 +155,8 @@ class ProxyServer:
             self.fleet.stop()
         self.sweeper.close()
         await self.usage.close()  # every record of every finished request is on disk before we exit
+        if self.limiter is not None:
+            await self.limiter.close()
         self.access_log.close()
 
     # Per request ----------------------------------------------------------------------------------

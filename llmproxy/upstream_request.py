@@ -28,9 +28,10 @@ def build_upstream_request(ctx: RequestContext, backend: Backend, body: bytes) -
     head = ctx.head
     parts = [head.method, b" ", backend.base_path, head.target, b" HTTP/1.1\r\nhost: ", backend.host_header, CRLF]
     extra_hop = head.connection_tokens
+    credentials = ctx.conn.server.credential_headers  # auth.header_names: never forwarded either
     forwarded_for = None
     for name, value in head.headers:
-        if name in DROPPED_REQUEST_HEADERS or name in extra_hop:
+        if name in DROPPED_REQUEST_HEADERS or name in extra_hop or name in credentials:
             if name == b"x-forwarded-for":
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             continue

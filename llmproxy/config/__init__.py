@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 
 from ..config_model import Config
+from .access import check_access, load_keys_file
 from .dump import dump_config
 from .sections import _TOP_LEVEL_FIELDS
 from .values import (
-    UNSUPPORTED_SECTIONS,
     ConfigError,
     _parse_fields,
     _show,
@@ -65,7 +65,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(name, f"invalid YAML: {_describe_yaml_error(exc)}") from None
-    return parse_config(data, source=name)
+    return parse_config(data, source=name, base_dir=Path(name).parent)
 
 
 def _describe_yaml_error(exc: yaml.YAMLError) -> str:
@@ -75,22 +75,23 @@ def _describe_yaml_error(exc: yaml.YAMLError) -> str:
     return str(exc)
 
 
-def parse_config(data: dict[str, Any] | None, *, source: str = "<config>") -> Config:
-    """Validate an already-parsed YAML document. `source` names the document in document-level errors."""
+def parse_config(data: dict[str, Any] | None, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed YAML document. `source` names the document in document-level errors;
+    `base_dir` is where relative auth.keys_file paths start (default: the working directory)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, f"must be a mapping of sections (server, backends, ...), got {_show(data)}")
-    for key in data:
-        if key in UNSUPPORTED_SECTIONS:
-            raise ConfigError(str(key), "not supported yet by this version of llmproxy")
     values = _parse_fields(data, "", _TOP_LEVEL_FIELDS)
     if "backends" not in values:
         raise ConfigError("backends", "at least one backend is required")
-    return Config(**values)
+    config = Config(**values)
+    load_keys_file(config, base_dir or Path.cwd())
+    check_access(config)
+    return config
 
 
 
 
-__all__ = ["UNSUPPORTED_SECTIONS", "ConfigError", "dump_config", "expand_env", "load_config", "parse_config",
+__all__ = ["ConfigError", "dump_config", "expand_env", "load_config", "parse_config",
            "parse_duration", "parse_listen", "parse_size"]

@@ -32,12 +32,20 @@ def dump_config(cfg: Config) -> str:
         "backends": [_dump_backend(backend) for backend in cfg.backends],
         "routing": dataclasses.asdict(cfg.routing),
         "health_check": dataclasses.asdict(cfg.health_check),
+        "auth": _without_nones(dataclasses.asdict(cfg.auth)),
+        "rate_limit": _dump_rate_limit(cfg),
         "logging": dataclasses.asdict(cfg.logging),
         "metrics": dataclasses.asdict(cfg.metrics),
         "usage": _without_nones(dataclasses.asdict(cfg.usage)),
         "pricing": {model: _without_nones(dataclasses.asdict(price)) for model, price in cfg.pricing.items()},
     }
     return yaml.safe_dump(_mask_secrets(doc), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _dump_rate_limit(cfg: Config) -> dict[str, Any]:
+    doc = dataclasses.asdict(cfg.rate_limit)
+    doc["global"] = doc.pop("global_limits")
+    return doc
 
 
 def _without_nones(node: Any) -> Any:
@@ -79,7 +87,8 @@ def _mask_secrets(node: Any) -> Any:
         return node
     masked: dict[str, Any] = {}
     for key, value in node.items():
-        if value is not None and (key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)):
+        # Secrets are strings: `per_key: {...}` or `metrics_per_key: false` are settings, not secrets.
+        if isinstance(value, str) and (key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)):
             masked[key] = "***"
         elif isinstance(value, str) and key.endswith("url"):
             masked[key] = _mask_url_credentials(value)

@@ -22,6 +22,7 @@ from ..config_model import (
     Timeouts,
 )
 from ..usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
+from .access import parse_auth, parse_rate_limit
 from .values import (
     LOG_LEVELS,
     ConfigError,
@@ -66,6 +67,7 @@ _SERVER_FIELDS: dict[str, _Parser] = {
     "max_body_size": _size_at_least(1),
     "shutdown_timeout": parse_duration,
     "trusted_proxies": _trusted_proxies,
+    "workers": _int_at_least(1),
     "timeouts": _section(Timeouts, _TIMEOUT_FIELDS),
 }
 
@@ -303,6 +305,8 @@ _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "backends": _parse_backends,
     "routing": _section(RoutingConfig, _ROUTING_FIELDS),
     "health_check": _section(HealthCheckConfig, _HEALTH_CHECK_FIELDS),
+    "auth": parse_auth,
+    "rate_limit": parse_rate_limit,
     "logging": _section(LoggingConfig, {"level": _choice(LOG_LEVELS), "access_log": _access_log}),
     "metrics": _section(MetricsConfig, {"enabled": _bool}),
     "usage": _parse_usage,

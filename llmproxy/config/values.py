@@ -16,8 +16,6 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-# Sections later versions will implement: refusing them beats silently running without, say, auth.
-UNSUPPORTED_SECTIONS = ("auth", "rate_limit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmproxy.config import (
-    UNSUPPORTED_SECTIONS,
     ConfigError,
     dump_config,
     expand_env,
@@ -23,11 +22,14 @@ from llmproxy.config import (
     parse_size,
 )
 from llmproxy.config_model import (
+    AuthConfig,
     BackendConfig,
     BackendTimeouts,
     Config,
+    LimitConfig,
     LoggingConfig,
     MetricsConfig,
+    RateLimitConfig,
     RoutingConfig,
     ServerConfig,
     Timeouts,
@@ -470,18 +472,6 @@ def test_duplicate_default_names_explain_the_default() -> None:
     assert err.reason.startswith('duplicate backend name "a:80" (already used by backends[0]); names default')
 
 
-@pytest.mark.parametrize("section", UNSUPPORTED_SECTIONS)
-@pytest.mark.parametrize("value", [{"enabled": True}, {"enabled": False}, None])
-def test_unsupported_sections_are_refused(section: str, value: Any) -> None:
-    # Checked first, and before ${...} expansion: the refusal is the message that matters.
-    data = {section: value, "server": {"bogus": "${LLMPROXY_TEST_UNSET}"}}
-    assert str(error_of(data)) == f"{section}: not supported yet by this version of llmproxy"
-
-
-def test_supported_section_list() -> None:
-    assert set(UNSUPPORTED_SECTIONS) == {"auth", "rate_limit"}
-
-
 # --- environment variables --------------------------------------------------------------------------------
 
 
@@ -653,9 +643,13 @@ def test_example_documents_every_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
         RoutingConfig,
         LoggingConfig,
         MetricsConfig,
+        AuthConfig,
+        RateLimitConfig,
+        LimitConfig,
     )
     model_keys = {f.name for cls in (Config, *classes) for f in dataclasses.fields(cls)}
-    derived = {"host", "port", "scheme", "base_path"}  # host/port come from listen, the rest from url
+    # host/port come from listen, the rest from url; global_limits is `global:` in the file
+    derived = {"host", "port", "scheme", "base_path", "global_limits"}
     assert "listen" in documented
     assert model_keys - derived - documented == set()
 

@@ -1,0 +1,197 @@
+"""Rate limits and budgets: admit a request against its key's limits and the global ones, settle when it ends.
+
+Admission happens once the body is read (so `max_tokens` can be reserved), before any backend is chosen:
+a refused request never reaches a backend. The concurrency slot it takes is held until the request ends -
+the whole stream - and given back in the pipeline's `finish`, whatever the ending; token limits and
+budgets are charged there too, from the request's usage record (reported or estimated), exactly once
+even when failover tried several backends.
+
+The counters live in a store (memory, or Redis shared by workers and instances). When Redis cannot be
+reached, `on_store_error` decides: fail_open serves without limits, fail_closed answers 503. Either way
+the proxy keeps running, counts the error and logs it (at most every LOG_EVERY seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config_model import LimitConfig, RateLimitConfig
+from ..errors import ProxyError
+from .store import Decision, Limits, RateStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..auth import ApiKey
+    from ..context import RequestContext
+    from ..metrics import Metrics
+
+log = logging.getLogger("llmproxy")
+LOG_EVERY = 10.0
+GLOBAL_SCOPE = "global"
+_DENIAL_KINDS = {"requests": "rate_limited_requests", "tokens": "rate_limited_tokens",
+                 "concurrency": "rate_limited_concurrency", "budget": "budget_exhausted"}
+
+
+def limits_for(base: LimitConfig, override: LimitConfig | None = None) -> Limits:
+    """The store's Limits for `base`, with the fields `override` sets taking precedence."""
+    if override is not None:
+        changes = {f.name: getattr(override, f.name) for f in dataclasses.fields(override)
+                   if getattr(override, f.name) is not None}
+        base = dataclasses.replace(base, **changes)
+    budget = base.budget
+    return Limits(
+        requests_per_minute=base.requests_per_minute, burst=base.burst, max_concurrent=base.max_concurrent,
+        tokens_per_minute=base.tokens_per_minute,
+        budget_tokens=budget.tokens if budget else None, budget_usd=budget.usd if budget else None,
+        budget_period=budget.per if budget else None,
+    )
+
+
+def open_store(config: RateLimitConfig) -> RateStore:
+    if config.store == "redis":
+        from .redis_store import RedisStore
+
+        return RedisStore(config.redis_url)
+    from .memory import MemoryStore
+
+    return MemoryStore()
+
+
+@dataclass(slots=True)
+class Admission:
+    """What an admitted request holds until it ends; `settle` it exactly once."""
+
+    limiter: Limiter
+    checks: list[tuple[str, Limits]]
+    leases: list[tuple[str, str]]
+    reserved: int
+
+    def settle(self, record: dict[str, Any] | None) -> None:
+        """Give back the concurrency slots and charge the usage of `record` (None: nothing was used)."""
+        self.limiter.settle(self, record)
+
+
+class Limiter:
+    def __init__(self, config: RateLimitConfig, store: RateStore, metrics: Metrics | None,
+                 metrics_per_key: bool) -> None:
+        self.config = config
+        self.store = store
+        self._global = limits_for(config.global_limits)
+        self._metrics = metrics
+        self._per_key_labels = metrics_per_key
+        self._local = type(store).__name__ == "MemoryStore"  # its coroutines never suspend: run them inline
+        self._last_log = 0.0
+
+    async def admit(self, ctx: RequestContext, key: ApiKey | None) -> Admission | None:
+        """Admit the request or raise ProxyError (429, or 503 with fail_closed); sets the x-ratelimit-* headers.
+
+        Returns None when no limit applies (or the store is down and fail_open lets the request through).
+        """
+        checks = self._checks(key)
+        if not checks:
+            return None
+        reserve = self._reservation(ctx, checks)
+        try:
+            decision = await self.store.admit(checks, reserve)
+        except StoreUnavailable as error:
+            self._store_failed(error)
+            if self.config.on_store_error == "fail_closed":
+                raise ProxyError("ratelimit_unavailable", "rate limiting is unavailable; try again shortly") from None
+            return None
+        ctx.response_headers += rate_headers(decision)
+        if not decision.allowed:
+            self._refuse(ctx, key, decision)
+        return Admission(self, checks, decision.leases, reserve)
+
+    def settle(self, admission: Admission, record: dict[str, Any] | None) -> None:
+        tokens = (record["prompt_tokens"] + record["completion_tokens"]) if record else 0
+        usd = (record.get("cost_usd") or 0.0) if record else 0.0
+        self._run(self._settle(admission, tokens, usd))
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # internals ------------------------------------------------------------------------------------
+
+    def _checks(self, key: ApiKey | None) -> list[tuple[str, Limits]]:
+        checks = []
+        if key is not None and key.limits != Limits():
+            checks.append((key.scope, key.limits))
+        if self._global != Limits():
+            checks.append((GLOBAL_SCOPE, self._global))
+        return checks
+
+    def _reservation(self, ctx: RequestContext, checks: list[tuple[str, Limits]]) -> int:
+        if not self.config.reserve_max_tokens or not any(limits.tokens_per_minute for _, limits in checks):
+            return 0
+        data = ctx.body_data
+        wanted = data.get("max_completion_tokens") or data.get("max_tokens") if isinstance(data, dict) else None
+        return wanted if isinstance(wanted, int) and wanted > 0 else 0
+
+    def _refuse(self, ctx: RequestContext, key: ApiKey | None, decision: Decision) -> None:
+        reason = decision.reason or "requests"
+        if self._metrics is not None:
+            self._metrics.observe_ratelimited(reason, key.key_id if key and self._per_key_labels else "")
+        retry_after = max(1, math.ceil(decision.retry_after))
+        ctx.response_headers += b"retry-after: %d\r\n" % retry_after
+        who = "this API key" if decision.scope != GLOBAL_SCOPE else "the proxy"
+        if reason == "budget":
+            resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + decision.retry_after))
+            message = f"You exceeded the usage budget of {who}; it resets at {resets}."
+        else:
+            message = f"Rate limit reached for {who} ({reason}). Retry after {retry_after}s."
+        raise ProxyError(_DENIAL_KINDS[reason], message)
+
+    async def _settle(self, admission: Admission, tokens: int, usd: float) -> None:
+        try:
+            if admission.leases:
+                await self.store.release(admission.leases)
+            if tokens or usd or admission.reserved:
+                await self.store.charge(admission.checks, tokens, usd, admission.reserved)
+        except StoreUnavailable as error:
+            self._store_failed(error)  # leases in Redis expire on their own; a lost charge is logged
+
+    def _run(self, coro: Any) -> None:
+        if self._local:
+            try:
+                coro.send(None)
+            except StopIteration:
+                return
+            raise RuntimeError("the memory store suspended")  # never: it does no I/O
+        asyncio.get_running_loop().create_task(coro)
+
+    def _store_failed(self, error: StoreUnavailable) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_store_error()
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            self._last_log = now
+            log.error("rate-limit store unavailable (%s): %s", self.config.on_store_error, error)
+
+
+def rate_headers(decision: Decision) -> bytes:
+    """OpenAI's x-ratelimit-* headers for a decision (requests trio, and tokens trio where limited)."""
+    parts = []
+    if decision.requests_limit is not None:
+        parts.append(b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
+                     b"x-ratelimit-reset-requests: %s\r\n" % (decision.requests_limit, decision.requests_remaining or 0,
+                                                             _duration(decision.requests_reset or 0.0)))
+    if decision.tokens_limit is not None:
+        parts.append(b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %d\r\n"
+                     b"x-ratelimit-reset-tokens: %s\r\n" % (decision.tokens_limit, decision.tokens_remaining or 0,
+                                                           _duration(decision.tokens_reset or 0.0)))
+    return b"".join(parts)
+
+
+def _duration(seconds: float) -> bytes:
+    """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return b"%dms" % round(seconds * 1000)
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3g}s" if not minutes else f"{int(minutes)}m{rest:.0f}s"
+    return text.encode()
