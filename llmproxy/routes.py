@@ -36,6 +36,8 @@ def health(server: ProxyServer, ctx: RequestContext) -> None:
         "inflight": server.inflight,
         "upstreams": [_backend_state(b, now) for b in backends],
     }
+    if server.limiter is not None:
+        body["ratelimit"] = {"store": server.limiter.config.store, "admissions_held": server.limiter.held}
     ctx.send_response(503 if server.draining else 200, orjson.dumps(body))
 
 

@@ -129,11 +129,11 @@ class ProxyServer:
         if not rate.enabled:
             self.limiter = None
         elif old is not None and (old.config.store, old.config.redis_url) == (rate.store, rate.redis_url):
-            self.limiter = Limiter(rate, old.store, self.metrics, config.auth.metrics_per_key)
+            self.limiter = Limiter(rate, old.store, self.metrics, config.auth.metrics_per_key, previous=old)
         elif old is not None:
             log.warning("reload: rate_limit.store and redis_url changes need a restart; they are not applied")
             self.limiter = Limiter(dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url),
-                                   old.store, self.metrics, config.auth.metrics_per_key)
+                                   old.store, self.metrics, config.auth.metrics_per_key, previous=old)
         else:
             self.limiter = Limiter(rate, open_store(rate), self.metrics, config.auth.metrics_per_key)
 

@@ -78,7 +78,7 @@ class Admission:
 
 class Limiter:
     def __init__(self, config: RateLimitConfig, store: RateStore, metrics: Metrics | None,
-                 metrics_per_key: bool) -> None:
+                 metrics_per_key: bool, previous: Limiter | None = None) -> None:
         self.config = config
         self.store = store
         self._global = limits_for(config.global_limits)
@@ -86,6 +86,9 @@ class Limiter:
         self._per_key_labels = metrics_per_key
         self._local = type(store).__name__ == "MemoryStore"  # its coroutines never suspend: run them inline
         self._last_log = 0.0
+        # Admissions not settled yet in this process (0 whenever nothing is in flight), shared with the
+        # limiter a reload replaced: its admissions settle there.
+        self._held = previous._held if previous is not None else [0]
 
     async def admit(self, ctx: RequestContext, key: ApiKey | None) -> Admission | None:
         """Admit the request or raise ProxyError (429, or 503 with fail_closed); sets the x-ratelimit-* headers.
@@ -106,12 +109,18 @@ class Limiter:
         ctx.response_headers += rate_headers(decision)
         if not decision.allowed:
             self._refuse(ctx, key, decision)
+        self._held[0] += 1
         return Admission(self, checks, decision.leases, reserve)
 
     def settle(self, admission: Admission, record: dict[str, Any] | None) -> None:
+        self._held[0] -= 1
         tokens = (record["prompt_tokens"] + record["completion_tokens"]) if record else 0
         usd = (record.get("cost_usd") or 0.0) if record else 0.0
         self._run(self._settle(admission, tokens, usd))
+
+    @property
+    def held(self) -> int:
+        return self._held[0]
 
     async def close(self) -> None:
         await self.store.close()
