@@ -2,17 +2,31 @@
 
 Live gauges (in-flight requests, client connections, pool state) are read from the proxy's own
 counters at scrape time by a collector, so the request path pays nothing for them.
+
+With several worker processes (`server.workers`, see workers.py) the supervisor sets
+PROMETHEUS_MULTIPROC_DIR before any worker imports prometheus_client: every worker then writes its
+counters and histograms to memory-mapped files there, and whichever worker gets the scrape merges all
+of them (MultiProcessCollector). A scrape cannot read another process's counters, so there each worker
+publishes its live gauges into those files once a second instead; the process_* metrics are not
+available in that mode.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
+log = logging.getLogger("llmproxy")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LIVE_REFRESH_INTERVAL = 1.0  # multiprocess mode: how stale a worker's live gauges may be in a scrape
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_MS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
@@ -22,61 +36,71 @@ DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 class Metrics:
     def __init__(self, live_gauges: Callable[[], dict[str, Any]]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
-        self.registry.register(_LiveCollector(live_gauges))
+        self.multiprocess = multiprocess_dir() is not None
+        self._shared_live: _SharedLiveGauges | None = None
+        if self.multiprocess:
+            # The metrics below go to the shared files, not to a registry; a scrape merges every worker's.
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry)
+            self._shared_live = _SharedLiveGauges(live_gauges)
+            self._shared_live.start()
+            registry: CollectorRegistry | None = None
+        else:
+            self.registry = registry = CollectorRegistry(auto_describe=True)
+            ProcessCollector(registry=self.registry)
+            self.registry.register(_LiveCollector(live_gauges))
         self.requests_total = Counter(
             "llmproxy_requests_total", "Requests handled, by backend and status code.",
-            ["backend", "status"], registry=self.registry)
+            ["backend", "status"], registry=registry)
         self.latency_ms = Histogram(
             "llmproxy_latency_ms", "Request latency in milliseconds, from request head to response end.",
-            ["backend"], buckets=LATENCY_MS_BUCKETS, registry=self.registry)
+            ["backend"], buckets=LATENCY_MS_BUCKETS, registry=registry)
         self.ttft = Histogram(
             "llmproxy_time_to_first_token_seconds",
             "Time from the request head to the first response body byte sent to the client.",
-            ["backend"], buckets=TTFT_BUCKETS, registry=self.registry)
+            ["backend"], buckets=TTFT_BUCKETS, registry=registry)
         self.duration = Histogram(
             "llmproxy_request_duration_seconds", "Request duration from request head to response end.",
-            ["backend"], buckets=DURATION_BUCKETS, registry=self.registry)
+            ["backend"], buckets=DURATION_BUCKETS, registry=registry)
         self.terminations = Counter(
             "llmproxy_terminations_total", "Requests by termination code (see README: termination codes).",
-            ["termination"], registry=self.registry)
+            ["termination"], registry=registry)
         self.usage_tokens = Counter(
             "llmproxy_usage_tokens_total", "Tokens metered, by type (prompt|completion) and requested model.",
-            ["type", "model"], registry=self.registry)
+            ["type", "model"], registry=registry)
         self.usage_records = Counter(
             "llmproxy_usage_records_total", "Usage records built, by usage_source (reported|estimated).",
-            ["usage_source"], registry=self.registry)
+            ["usage_source"], registry=registry)
         self.cost = Counter(
             "llmproxy_estimated_cost_usd_total", "Cost of metered tokens at the configured prices.",
-            ["model"], registry=self.registry)
+            ["model"], registry=registry)
         self.webhook_success_total = Counter(
             "llmproxy_webhook_success_total", "Usage records delivered, by reporter.", ["reporter"],
-            registry=self.registry)
+            registry=registry)
         self.webhook_failure_total = Counter(
             "llmproxy_webhook_failure_total", "Failed delivery attempts (then retried or dead-lettered).",
-            ["reporter", "reason"], registry=self.registry)
+            ["reporter", "reason"], registry=registry)
         self.dead_letters_total = Counter(
             "llmproxy_usage_dead_letters_total", "Deliveries given up on, by reporter and reason.",
-            ["reporter", "reason"], registry=self.registry)
+            ["reporter", "reason"], registry=registry)
         self.retries = Counter(
             "llmproxy_upstream_retries_total",
             "Attempts on another backend after a failure before any byte reached the client, by condition.",
-            ["reason"], registry=self.registry)
+            ["reason"], registry=registry)
         self.ejections = Counter(
             "llmproxy_backend_ejections_total", "Backends ejected by passive health checks.", ["backend"],
-            registry=self.registry)
+            registry=registry)
         self.ratelimited = Counter(
             "llmproxy_ratelimited_total", "Requests refused by a rate limit or budget, by reason "
             "(requests, tokens, concurrency, budget) and key (key_id only when auth.metrics_per_key).",
-            ["reason", "key_id"], registry=self.registry)
+            ["reason", "key_id"], registry=registry)
         self.auth_failures = Counter(
             "llmproxy_auth_failures_total", "Requests refused for a missing, unknown or ambiguous API key.",
-            registry=self.registry)
+            registry=registry)
         self.store_errors = Counter(
             "llmproxy_ratelimit_store_errors_total",
             "Rate-limit store calls that failed (Redis unreachable), answered per rate_limit.on_store_error.",
-            registry=self.registry)
+            registry=registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -145,11 +169,41 @@ class Metrics:
         self.dead_letters_total.labels(reporter, reason).inc()
 
     def render(self) -> bytes:
+        if self._shared_live is not None:
+            self._shared_live.refresh()  # this worker's own gauges as of now; the others' are at most 1 s old
         return generate_latest(self.registry)
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode (set by the supervisor of several workers), or None."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+# The live gauges: (key in the state dict, name, help, multiprocess mode). Across workers the counts are
+# summed; a backend is reported healthy only if every worker sends it traffic (min), and the latency and
+# queue estimates each worker keeps are reported at their worst (max).
+_PROCESS_GAUGES = (
+    ("inflight", "llmproxy_inflight_requests", "Requests in progress.", "livesum"),
+    ("connections", "llmproxy_client_connections", "Open client connections.", "livesum"),
+)
+_BACKEND_GAUGES = (
+    ("checked_out", "llmproxy_upstream_connections_checked_out", "Upstream connections in use by a request.",
+     "livesum"),
+    ("idle", "llmproxy_upstream_connections_idle", "Idle pooled upstream connections.", "livesum"),
+    ("inflight", "llmproxy_backend_inflight_requests", "Requests in progress per backend.", "livesum"),
+    ("healthy", "llmproxy_backend_healthy", "1 if the backend gets traffic (healthy and not ejected), else 0.",
+     "livemin"),
+    ("ttft_ewma", "llmproxy_backend_ttft_ewma_seconds",
+     "Peak-EWMA of time to first token, as latency_based balancing sees it.", "livemax"),
+    ("queue_depth", "llmproxy_backend_queue_depth",
+     "Requests waiting + running as the backend last reported (queue_depth).", "livemax"),
+)
+_OUTBOX_GAUGE = ("outbox_pending", "llmproxy_usage_outbox_pending", "Usage deliveries waiting in the outbox.",
+                 "livesum")
+
+
 class _LiveCollector:
-    """Gauges computed at scrape time from the server's counters."""
+    """Gauges computed at scrape time from the server's counters (one process)."""
 
     def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
         self._read = read
@@ -159,34 +213,75 @@ class _LiveCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self._read()
-        yield GaugeMetricFamily("llmproxy_inflight_requests", "Requests in progress.",
-                                value=state["inflight"])
-        yield GaugeMetricFamily("llmproxy_client_connections", "Open client connections.",
-                                value=state["connections"])
-        checked_out = GaugeMetricFamily("llmproxy_upstream_connections_checked_out",
-                                        "Upstream connections in use by a request.", labels=["backend"])
-        idle = GaugeMetricFamily("llmproxy_upstream_connections_idle", "Idle pooled upstream connections.",
-                                 labels=["backend"])
-        backend_inflight = GaugeMetricFamily("llmproxy_backend_inflight_requests",
-                                             "Requests in progress per backend.", labels=["backend"])
-        healthy = GaugeMetricFamily("llmproxy_backend_healthy",
-                                    "1 if the backend gets traffic (healthy and not ejected), else 0.",
-                                    labels=["backend"])
-        ttft = GaugeMetricFamily("llmproxy_backend_ttft_ewma_seconds",
-                                 "Peak-EWMA of time to first token, as latency_based balancing sees it.",
-                                 labels=["backend"])
-        queue = GaugeMetricFamily("llmproxy_backend_queue_depth",
-                                  "Requests waiting + running as the backend last reported (queue_depth).",
-                                  labels=["backend"])
-        for name, backend in state["backends"].items():
-            checked_out.add_metric([name], backend["checked_out"])
-            idle.add_metric([name], backend["idle"])
-            backend_inflight.add_metric([name], backend["inflight"])
-            healthy.add_metric([name], 1 if backend["healthy"] else 0)
-            ttft.add_metric([name], backend["ttft_ewma"])
-            if backend["queue_depth"] is not None:
-                queue.add_metric([name], backend["queue_depth"])
-        yield from (checked_out, idle, backend_inflight, healthy, ttft, queue)
-        if "outbox_pending" in state:
-            yield GaugeMetricFamily("llmproxy_usage_outbox_pending", "Usage deliveries waiting in the outbox.",
-                                    value=state["outbox_pending"])
+        for key, name, help_text, _ in _PROCESS_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=state[key])
+        families = [(key, GaugeMetricFamily(name, help_text, labels=["backend"]))
+                    for key, name, help_text, _ in _BACKEND_GAUGES]
+        for backend_name, backend in state["backends"].items():
+            for key, family in families:
+                if backend[key] is not None:  # queue_depth: None until the backend reported one
+                    family.add_metric([backend_name], float(backend[key]))
+        for _, family in families:
+            yield family
+        key, name, help_text, _ = _OUTBOX_GAUGE
+        if key in state:
+            yield GaugeMetricFamily(name, help_text, value=state[key])
+
+
+class _SharedLiveGauges:
+    """Multiprocess mode: this worker's live gauges, written to the shared files every second.
+
+    "live" modes: the supervisor drops a worker's values when it exits (mark_process_dead). A periodic
+    copy, not an update per request: the request path keeps paying nothing for gauges.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+        self._process = [(key, Gauge(name, help_text, multiprocess_mode=mode, registry=None))
+                         for key, name, help_text, mode in _PROCESS_GAUGES]
+        self._backend = [(key, Gauge(name, help_text, ["backend"], multiprocess_mode=mode, registry=None))
+                         for key, name, help_text, mode in _BACKEND_GAUGES]
+        self._outbox: Gauge | None = None  # created when first seen: absent without usage delivery, as in one process
+        self._backends: set[str] = set()
+        self._failed = False
+
+    def start(self) -> None:
+        """Refresh every LIVE_REFRESH_INTERVAL on the running loop (a timer handle, not a task); no loop, no timer."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(LIVE_REFRESH_INTERVAL, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.refresh()
+        loop.call_later(LIVE_REFRESH_INTERVAL, self._tick, loop)
+
+    def refresh(self) -> None:
+        try:
+            self._publish(self._read())
+        except Exception:  # the gauges must never take the worker down; say it once, not every second
+            if not self._failed:
+                log.exception("publishing live gauges failed")
+            self._failed = True
+
+    def _publish(self, state: dict[str, Any]) -> None:
+        for key, gauge in self._process:
+            gauge.set(state[key])
+        backends = state["backends"]
+        for gone in self._backends - backends.keys():
+            # Removed by a reload: the shared files cannot forget a label set, so it reads 0 from now on.
+            for _, gauge in self._backend:
+                gauge.labels(gone).set(0)
+        self._backends = set(backends)
+        for backend_name, backend in backends.items():
+            for key, gauge in self._backend:
+                if backend[key] is not None:
+                    gauge.labels(backend_name).set(float(backend[key]))
+        key, name, help_text, mode = _OUTBOX_GAUGE
+        if key in state:
+            if self._outbox is None:
+                self._outbox = Gauge(name, help_text, multiprocess_mode=mode, registry=None)
+            self._outbox.set(state[key])
+
+
