@@ -1,10 +1,11 @@
-"""Command line: `llmproxy serve | demo | check-config | mock-backend`."""
+"""Command line: `llmproxy serve | demo | check-config | mock-backend | usage | keygen`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from . import __version__
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return mock_main(argv[1:])
     if argv and argv[0] == "usage":
         return _cmd_usage(argv[1:])
+    if argv and argv[0] == "keygen":
+        from .keygen import main as keygen_main
+
+        return keygen_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -37,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True, help="path to config.yaml")
     serve.add_argument("--listen", help="HOST:PORT, overrides server.listen (port 0 picks a free port)")
+    # Internal: how the supervisor of `server.workers: N` (N > 1) starts each worker (see workers.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="run the proxy with a built-in demo backend")
@@ -49,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("mock-backend", help="run a deterministic vLLM/TGI/Ollama mock (see --help)")
     sub.add_parser("usage", help="usage dead letters: usage dead-letters list|replay --config PATH")
+    sub.add_parser("keygen", help="make a new API key and print its digest for auth.keys")
     return parser
 
 
@@ -107,12 +117,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"llmproxy: {error}", file=sys.stderr)
             return 1
     _setup_logging(config.logging.level)
+    workers = config.server.workers
+    if args.worker_index is not None:
+        from .workers import serve_worker
+
+        # Until the server's own handler is installed, a SIGHUP forwarded to all workers must not kill
+        # this one (the default action): it has just read the config anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        _install_uvloop()
+        port = config.server.port if args.worker_port is None else args.worker_port
+        return asyncio.run(serve_worker(config, args.config, args.worker_index, port, args.ready_fd, workers))
+    if workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(config, args.config, workers, args.listen).run()
     _install_uvloop()
     return asyncio.run(_serve(config, config_path=args.config))
 
 
 async def _serve(config: Config, banner: str = "", config_path: str | None = None) -> int:
     from .server import ProxyServer
+    from .usage.spooldirs import LeftoverDelivery
 
     server = ProxyServer(config, config_path)
     try:
@@ -126,7 +151,10 @@ async def _serve(config: Config, banner: str = "", config_path: str | None = Non
     print(f"llmproxy {__version__} listening on http://{shown}:{server.port}", flush=True)
     if banner:
         print(banner.replace("{port}", str(server.port)), flush=True)
+    leftovers = LeftoverDelivery(config.usage, server.metrics, workers=1)  # spools of an earlier worker count
+    leftovers.start()
     await server.run_until_signalled()
+    await leftovers.close()
     log.info("stopped")
     return 0
 

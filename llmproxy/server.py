@@ -59,6 +59,7 @@ class ProxyServer:
         self._id_counter = 0
         self._server: asyncio.AbstractServer | None = None
         self._reload_lock = asyncio.Lock()
+        self._stop: asyncio.Future[None] = self.loop.create_future()  # set by SIGTERM/SIGINT
         self.port = 0
 
     # Lifecycle ------------------------------------------------------------------------------------
@@ -75,6 +76,7 @@ class ProxyServer:
         """Listen on host:port; `reuse_port` lets several worker processes share it (SO_REUSEPORT)."""
         self.usage.start()  # before accepting: records left undelivered by a previous run go out first
         await self.start_fleet()
+        self._handle_signals()
         self._server = await self.loop.create_server(
             lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -84,13 +86,17 @@ class ProxyServer:
 
         SIGHUP re-reads the config file and swaps in its backends and routing (see reload()).
         """
-        stop = self.loop.create_future()
+        await self._stop
+        await self.drain()
+
+    def _handle_signals(self) -> None:
+        # Before the port opens (and "listening on" is printed): a SIGHUP sent by anyone who saw the port
+        # must reload, not kill the process with the default action.
+        stop = self._stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         if self.config_path is not None:
             self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
-        await stop
-        await self.drain()
 
     async def reload(self) -> bool:
         """Re-read the config: a valid one swaps backends, weights, routing, health checks and prices

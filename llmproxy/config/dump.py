@@ -66,6 +66,7 @@ def _dump_server(server: ServerConfig) -> dict[str, Any]:
         "max_body_size": _format_size(server.max_body_size),
         "shutdown_timeout": _format_duration(server.shutdown_timeout),
         "trusted_proxies": list(server.trusted_proxies),
+        "workers": server.workers,
         "timeouts": {name: _format_duration(value) for name, value in dataclasses.asdict(server.timeouts).items()},
     }
 
