@@ -185,6 +185,8 @@ def multiprocess_dir() -> str | None:
 _PROCESS_GAUGES = (
     ("inflight", "llmproxy_inflight_requests", "Requests in progress.", "livesum"),
     ("connections", "llmproxy_client_connections", "Open client connections.", "livesum"),
+    ("ratelimit_held", "llmproxy_ratelimit_admissions_held",
+     "Admitted requests holding rate-limit slots until they end (0 when nothing is in flight).", "livesum"),
 )
 _BACKEND_GAUGES = (
     ("checked_out", "llmproxy_upstream_connections_checked_out", "Upstream connections in use by a request.",

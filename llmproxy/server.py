@@ -209,6 +209,7 @@ class ProxyServer:
         return {
             "inflight": self.inflight,
             "connections": len(self.connections),
+            "ratelimit_held": self.limiter.held if self.limiter is not None else 0,
             **({"outbox_pending": self.metrics.outbox_pending} if self.usage.enabled else {}),
             "backends": {
                 b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight,
