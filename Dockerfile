@@ -10,7 +10,7 @@ WORKDIR /home/llmproxy
 
 COPY pyproject.toml README.md /src/
 COPY llmproxy /src/llmproxy
-RUN pip install /src && rm -rf /src
+RUN pip install "/src[redis]" && rm -rf /src  # with redis-py: rate_limit.store: redis works in the image
 
 USER llmproxy
 EXPOSE 8000
