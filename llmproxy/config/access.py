@@ -31,6 +31,7 @@ from .values import (
     _clean_string,
     _int_at_least,
     _join,
+    _list_of,
     _non_negative_number,
     _optional,
     _parse_fields,
@@ -98,12 +99,7 @@ def _parse_key(value: Any, path: str) -> ApiKeyConfig:
     return ApiKeyConfig(key_sha256=key_digest(key) if key is not None else digest.lower(), **values)
 
 
-def _parse_keys(value: Any, path: str) -> list[ApiKeyConfig]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(path, f"must be a list of keys, got {_show(value)}")
-    return [_parse_key(item, f"{path}[{i}]") for i, item in enumerate(value)]
+_parse_keys = _list_of(_parse_key, "keys")
 
 
 def _header_names(value: Any, path: str) -> list[str]:

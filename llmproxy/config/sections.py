@@ -38,6 +38,7 @@ from .values import (
     _int_at_least,
     _is_visible_ascii,
     _join,
+    _list_of,
     _mapping,
     _non_negative_number,
     _optional,
@@ -217,12 +218,7 @@ def _parse_reporter(value: Any, path: str) -> ReporterConfig:
     return _dataclass_from(ReporterConfig, path, values)
 
 
-def _parse_reporters(value: Any, path: str) -> list[ReporterConfig]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(path, f"must be a list of reporters, got {_show(value)}")
-    return [_parse_reporter(item, f"{path}[{i}]") for i, item in enumerate(value)]
+_parse_reporters = _list_of(_parse_reporter, "reporters")
 
 
 def _parse_usage(value: Any, path: str) -> UsageConfig:

@@ -232,6 +232,19 @@ def _positive_duration(value: Any, path: str) -> float:
     return seconds
 
 
+def _list_of(parse: _Parser, what: str) -> _Parser:
+    """A list (null = empty) whose items `parse` checks, each error naming its index."""
+
+    def parse_list(value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list of {what}, got {_show(value)}")
+        return [parse(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+    return parse_list
+
+
 def _optional(parse: _Parser) -> _Parser:
     return lambda value, path: None if value is None else parse(value, path)
 
