@@ -149,10 +149,25 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
         time.sleep(interval)
 
 
-def assert_idle(proxy: Proc) -> None:
-    """The invariants after every test: nothing in flight, no pooled connection checked out."""
+def assert_idle(proxy: Proc, fd_baseline: int | None = None) -> None:
+    """The invariants after every test: nothing in flight, no pooled connection checked out, no rate-limit
+    slot held, and (given a baseline from open_fds) the proxy's open file descriptors back to it.
+
+    The fd count allows the idle pool: connections the proxy keeps to backends are not a leak.
+    """
     wait_for(lambda: metric_value(proxy, "llmproxy_inflight_requests") == 0
-             and metric_value(proxy, "llmproxy_upstream_connections_checked_out") == 0, timeout=5.0)
+             and metric_value(proxy, "llmproxy_upstream_connections_checked_out") == 0
+             and metric_value(proxy, "llmproxy_ratelimit_admissions_held") == 0, timeout=5.0)
+    if fd_baseline is not None:
+        def back_to_baseline() -> bool:
+            idle = metric_value(proxy, "llmproxy_upstream_connections_idle")
+            return open_fds(proxy.pid) <= fd_baseline + idle
+        wait_for(back_to_baseline, timeout=10.0)
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors the process has open (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def rss_kib(pid: int) -> int:
