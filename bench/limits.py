@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import itertools
 import math
 import os
@@ -28,54 +27,64 @@ import random
 import secrets
 import shlex
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import orjson
 import uvloop
-import yaml
 
-from bench.loadgen import Lane, StreamResult, build_request, fetch_json
-from bench.metering import core_seconds
-from bench.procs import Service, choose_cpus, pin_self, self_cpu_seconds
-from bench.stats import overhead_ms, summary_ms
-from bench.ttft import (
+from bench import interleave
+from bench.harness import (
     BODY,
     HOST,
-    Failures,
-    close_workers,
-    int_list,
-    machine,
-    open_lanes,
-    play_streams,
-    raise_fd_limit,
-    record_in_steady_state,
+    SATURATED,
+    add_level_args,
+    add_run_args,
+    chat_request,
+    core_busy_text,
+    failure_lines,
+    foreign_load,
+    level_failures,
+    logger,
+    md_row,
+    mock_service,
+    ms,
+    print_problems,
+    proxy_config,
+    report_head,
+    result_line,
+    start_proxies,
+    start_run,
     stop_children,
-    warm_up,
+    stream_p50s,
+    write_configs,
+    write_json,
 )
+from bench.interleave import DIRECT, Interleaving, Level
+from bench.loadgen import Lane, StreamResult, exchange, http_get
+from bench.procs import Service, pinned_core_seconds, self_cpu_seconds
 
-DIRECT, NONE, AUTH, MEMORY, REDIS = "direct", "none", "auth", "memory", "redis"
+NONE, AUTH, MEMORY, REDIS = "none", "auth", "memory", "redis"
 PATHS = (DIRECT, NONE, AUTH, MEMORY, REDIS)
 PROXIES = (NONE, AUTH, MEMORY, REDIS)
 KEYED = (AUTH, MEMORY, REDIS)  # proxies that need the API key
 LIMITED = (MEMORY, REDIS)
 STEP_OF = {AUTH: NONE, MEMORY: AUTH, REDIS: MEMORY}  # each proxy's configuration minus the one before it
+# every ordered (later, earlier) pair of paths: name, minuend, subtrahend
+PAIRS = tuple((f"{a}-{b}", a, b) for b, a in itertools.combinations(PATHS, 2))
+INTERLEAVING = Interleaving(PATHS, PAIRS, count_upstream=True)
+# our processes on the second core: name -> label
+MOCK_CORE = {"mock": "mock", "redis_server": "redis-server", "loadgen": "load generator"}
 # Every limit type, per key, far above anything this run can reach: admission and settlement run in full
 # (GCRA request check, token bucket, concurrency lease, budget charge), and nothing is ever refused.
 LIMITS = {"requests_per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 100_000,
           "tokens_per_minute": 1_000_000_000, "budget": {"tokens": 10**15, "per": "month"}}
-MIN_ROUNDS = 3
-MAX_ERRORS_SHOWN = 5
-SATURATED = 0.9  # busy share of the mock + load generator core above which it, not the proxies, sets the pace
 REDIS_START_S = 10.0
+
+log = logger("bench.limits")
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -83,19 +92,11 @@ REDIS_START_S = 10.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.limits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int_list, default=[1, 64], metavar="C1,C2,...",
-                        help="concurrency levels, each a number of concurrent workers (default 1,64)")
-    parser.add_argument("--requests", type=int, default=60, metavar="N",
-                        help="measured streams per path per level; each worker runs max(3, ceil(N/C)) rounds of "
-                             "five streams (default 60: about 1 3/4 minutes at C = 1)")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per stream (default 64)")
-    parser.add_argument("--delay-ms", type=float, default=5.0, help="backend pause between tokens (default 5)")
+    add_level_args(parser, [1, 64], 60, "measured streams per path per level; each worker runs max(3, ceil(N/C)) "
+                   "rounds of five streams (default 60: about 1 3/4 minutes at C = 1)")
     parser.add_argument("--redis-server", default="redis-server", metavar="PATH",
                         help="redis-server binary to start (default: redis-server on PATH)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    parser.add_argument("--seed", type=int, default=None, help="seed for the round order and start jitter")
-    parser.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    add_run_args(parser)
     args = parser.parse_args(argv)
     if args.requests < 1 or args.tokens < 1:
         parser.error("--requests and --tokens must be >= 1")
@@ -130,12 +131,7 @@ class RedisServer(Service):
         self.port = free_port()  # set before draining starts, so the `listening on` scan stays off
         self.argv = [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
                      "--dir", self.directory, "--databases", "1"]
-        self._proc = subprocess.Popen(self.argv, cwd=self.directory, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        if self.cpu is not None:
-            os.sched_setaffinity(self._proc.pid, {self.cpu})
-        self._thread = threading.Thread(target=self._drain, name="drain-redis-server", daemon=True)
-        self._thread.start()
+        self.spawn(cwd=self.directory)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
@@ -223,22 +219,8 @@ class Env:
         out = {name: run_seconds(service.pid) for name, service in services.items()}
         out.update({f"{name}_ticks": service.cpu_seconds() for name, service in services.items()})
         out["loadgen"] = self_cpu_seconds()
-        if self.pins is not None:
-            cores = core_seconds()
-            for name, cpu in zip(("proxy_core", "mock_core"), self.pins, strict=True):
-                out[f"{name}_busy"], out[f"{name}_steal"] = cores.get(cpu, (math.nan, math.nan))
-        return out
+        return {**out, **pinned_core_seconds(self.pins)}
 
-
-def foreign_load(cpu_s: dict[str, float], seconds: float) -> str:
-    """How much of each pinned core went to processes other than ours, and to the hypervisor (steal)."""
-    if "proxy_core_busy" not in cpu_s or not seconds:
-        return "other load: unknown (not pinned)"
-    proxy_other = cpu_s["proxy_core_busy"] - sum(cpu_s[px] for px in PROXIES)
-    mock_other = cpu_s["mock_core_busy"] - cpu_s["mock"] - cpu_s["redis_server"] - cpu_s["loadgen"]
-    return (f"other processes on the proxies' core {max(proxy_other, 0) / seconds:.0%}, on the mock's core "
-            f"{max(mock_other, 0) / seconds:.0%}; steal {cpu_s['proxy_core_steal'] / seconds:.0%} / "
-            f"{cpu_s['mock_core_steal'] / seconds:.0%}")
 
 
 def run_seconds(pid: int) -> float:
@@ -259,9 +241,8 @@ def run_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def write_configs(directory: str, mock_port: int, redis_port: int, api_key: str) -> dict[str, str]:
-    common = {"server": {"listen": f"{HOST}:0"}, "backends": [{"url": f"http://{HOST}:{mock_port}"}],
-              "logging": {"access_log": "off"}}
+def write_proxy_configs(directory: str, mock_port: int, redis_port: int, api_key: str) -> dict[str, str]:
+    common = proxy_config(mock_port)
     auth = {"enabled": True, "keys": [{"key": api_key, "user_id": "bench"}]}
 
     def limited(store: dict[str, Any]) -> dict[str, Any]:
@@ -269,153 +250,36 @@ def write_configs(directory: str, mock_port: int, redis_port: int, api_key: str)
         return {**common, "auth": auth, "rate_limit": {"enabled": True, **store, "on_store_error": "fail_closed",
                                                        "per_key": LIMITS}}
 
-    configs = {NONE: common, AUTH: {**common, "auth": auth}, MEMORY: limited({"store": "memory"}),
-               REDIS: limited({"store": "redis", "redis_url": f"redis://{HOST}:{redis_port}/0"})}
-    paths = {}
-    for name, config in configs.items():
-        path = Path(directory) / f"limits-{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        paths[name] = str(path)
-    return paths
+    return write_configs(directory, "limits", {
+        NONE: common, AUTH: {**common, "auth": auth}, MEMORY: limited({"store": "memory"}),
+        REDIS: limited({"store": "redis", "redis_url": f"redis://{HOST}:{redis_port}/0"})})
 
 
 # --- first-token phase ----------------------------------------------------------------------------
 
 
-@dataclass
-class Worker:
-    lanes: dict[str, CountingLane]
-
-
-def _pair_names() -> list[tuple[str, str, str]]:
-    """Every ordered (later, earlier) pair of paths: name, minuend, subtrahend."""
-    return [(f"{a}-{b}", a, b) for b, a in itertools.combinations(PATHS, 2)]
-
-
-PAIRS = _pair_names()
-
-
-@dataclass
-class TtftPhase:
-    ttft: dict[str, list[int]] = field(default_factory=lambda: {path: [] for path in PATHS})
-    total: dict[str, list[int]] = field(default_factory=lambda: {path: [] for path in PATHS})
-    pairs: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name, _, _ in PAIRS})
-    rounds: list[tuple[Any, ...]] = field(default_factory=list)  # order, then the TTFT of each path
-    errors: dict[str, Failures] = field(default_factory=lambda: {path: Failures() for path in PATHS})
-    wall_s: float = 0.0
-    cpu_s: dict[str, float] = field(default_factory=dict)
-    window_open: bool = False
-    window_streams: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))
-    upstream_connects: int | None = None  # by all four proxies together, while recording
-
-
-async def _mock_connections(env: Env) -> int | None:
-    try:
-        stats = await fetch_json(HOST, env.ports[DIRECT], "/_mock/stats")
-    except (OSError, RuntimeError, ValueError, asyncio.TimeoutError):
-        return None  # diagnostics only: the benchmark stands without it
-    return stats.get("connections_total") if isinstance(stats, dict) else None
-
-
-async def open_workers(env: Env, concurrency: int) -> list[Worker]:
-    workers = [Worker({path: env.lane(path) for path in PATHS}) for _ in range(concurrency)]
-    await open_lanes(workers)
-    return workers
-
-
-async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) -> None:
-    """One stream on each path, in random order, back to back on the worker's connections."""
-    order = list(PATHS)
-    env.rng.shuffle(order)
-    got = await play_streams(worker, order, phase, record)
-    if record:
-        phase.rounds.append((",".join(order), *(got.get(path) for path in PATHS)))
-        for name, a, b in PAIRS:
-            if a in got and b in got:
-                phase.pairs[name].append(got[a] - got[b])
-
-
-async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: int) -> TtftPhase:
-    """bench.ttft's steady-state scheme with five paths per round; CPU is sampled over the recording window."""
-    phase = TtftPhase()
-    spread_s = len(PATHS) * stream_ns / 1e9 if len(workers) > 1 else 0.0
-    before: dict[str, Any] = {}
-
-    async def opened() -> None:
-        before["reconnects"] = sum(worker.lanes[DIRECT].reconnects for worker in workers)
-        before["cpu"] = env.cpu()
-        before["started"] = time.perf_counter()
-        phase.window_open = True
-        before["stats"] = await _mock_connections(env)
-
-    async def closed() -> None:
-        phase.window_open = False
-        phase.wall_s = time.perf_counter() - before["started"]
-        after = env.cpu()
-        phase.cpu_s = {name: after[name] - before["cpu"][name] for name in after}
-        stats_after = await _mock_connections(env)
-        if before["stats"] is not None and stats_after is not None:
-            # connections the mock accepted in between, less one stats request and direct reopens
-            direct_reopens = sum(worker.lanes[DIRECT].reconnects for worker in workers) - before["reconnects"]
-            phase.upstream_connects = stats_after - before["stats"] - 1 - direct_reopens
-
-    await record_in_steady_state(workers, rounds, spread_s, spread_s + stream_ns / 1e9, env.rng,
-                                 lambda worker, record: _round(env, worker, phase, record=record), opened, closed)
-    return phase
-
-
-def _per_stream_ms(cpu_s: float, streams: int) -> float:
-    return cpu_s * 1000 / streams if streams else float("nan")
-
-
 async def run_level(env: Env, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
-    rounds = max(MIN_ROUNDS, math.ceil(args.requests / concurrency))
-    log(f"c={concurrency}: opening {len(PATHS) * concurrency} connections, warm-up")
-    workers = await open_workers(env, concurrency)
-    try:
-        stream_ns, warm_errors = await warm_up(workers)
-        if warm_errors.count:
-            log(f"c={concurrency}: {warm_errors.count} warm-up errors, first: {next(iter(warm_errors.kinds))}")
-        log(f"c={concurrency}: measuring {rounds} rounds x {concurrency} workers "
-            f"(median warm-up stream {stream_ns / 1e6:.0f} ms)")
-        gc.collect()
-        gc.disable()  # a collection pause would land on whichever stream is in flight: pure noise
-        try:
-            phase = await measure_ttft(env, workers, rounds, stream_ns)
-        finally:
-            gc.enable()
-        reconnects = {path: sum(worker.lanes[path].reconnects for worker in workers) for path in PATHS}
-    finally:
-        close_workers(workers)
-    ttft = {path: summary_ms(phase.ttft[path]) for path in PATHS}
-    wall = phase.wall_s or float("nan")
-    cpu = phase.cpu_s
-    streams = phase.window_streams
-    return {
-        "concurrency": concurrency,
-        "rounds_per_worker": rounds,
-        "ttft_ms": ttft,
-        "stream_ms": {path: summary_ms(phase.total[path]) for path in PATHS},
-        "overhead_ms": {px: overhead_ms(ttft[DIRECT], ttft[px]) for px in PROXIES},
-        "step_ms": {px: overhead_ms(ttft[base], ttft[px]) for px, base in STEP_OF.items()},
-        "paired_ms": {name: summary_ms(diffs) for name, diffs in phase.pairs.items()},
-        "proxy_cpu_ms_per_stream": {px: _per_stream_ms(cpu[px], streams[px]) for px in PROXIES},
-        "proxy_cpu_ms_per_stream_ticks": {px: _per_stream_ms(cpu[f"{px}_ticks"], streams[px]) for px in PROXIES},
-        "redis_cpu_ms_per_stream": _per_stream_ms(cpu["redis_server"], streams[REDIS]),
-        "mock_cpu_ms_per_stream": _per_stream_ms(cpu["mock"], sum(streams.values())),
-        "streams_in_cpu_window": streams,
-        "core_busy": {"proxies": sum(cpu[px] for px in PROXIES) / wall, **{px: cpu[px] / wall for px in PROXIES},
-                      "mock": cpu["mock"] / wall, "redis_server": cpu["redis_server"] / wall,
-                      "loadgen": cpu["loadgen"] / wall},
-        "wall_s": phase.wall_s,
-        "proxy_upstream_connects": phase.upstream_connects,
-        "cpu_s": cpu,
-        "reconnects": reconnects,
-        "errors": {path: phase.errors[path].as_dict() for path in PATHS},
-        "warmup_errors": warm_errors.as_dict(),
-        "raw": {"ttft_ns": phase.ttft, "stream_ns": phase.total, "paired_diff_ns": phase.pairs,
-                "round_columns": ["order", *PATHS], "rounds": phase.rounds},
-    }
+    return summarise(await interleave.run_level(env, INTERLEAVING, concurrency, args.requests, log))
+
+
+def summarise(level: Level) -> dict[str, Any]:
+    return level.summary({
+        "overhead_ms": {px: level.overhead_ms(px) for px in PROXIES},
+        "step_ms": {px: level.overhead_ms(px, base) for px, base in STEP_OF.items()},
+        "paired_ms": level.paired_ms,
+        "proxy_cpu_ms_per_stream": {px: level.cpu_ms_per_stream(px, [px]) for px in PROXIES},
+        # the same from the 10 ms ticks of /proc/<pid>/stat: too coarse for the table, kept as a cross-check
+        "proxy_cpu_ms_per_stream_ticks": {px: level.cpu_ms_per_stream(f"{px}_ticks", [px]) for px in PROXIES},
+        "redis_cpu_ms_per_stream": level.cpu_ms_per_stream("redis_server", [REDIS]),
+        "mock_cpu_ms_per_stream": level.cpu_ms_per_stream("mock", PATHS),
+        "streams_in_cpu_window": level.phase.window_streams,
+        "core_busy": {"proxies": level.busy(*PROXIES), **{px: level.busy(px) for px in PROXIES},
+                      "mock": level.busy("mock"), "redis_server": level.busy("redis_server"),
+                      "loadgen": level.busy("loadgen")},
+        "wall_s": level.phase.wall_s,
+        "proxy_upstream_connects": level.phase.upstream_connects,
+        "cpu_s": level.phase.cpu_s,
+    }, paired_raw=level.phase.paired, round_columns=["order", *PATHS])
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -423,13 +287,8 @@ async def run_level(env: Env, args: argparse.Namespace, concurrency: int) -> dic
 
 async def fetch_head(port: int, payload: bytes, timeout: float) -> tuple[int, dict[str, str]]:
     """Send one request on a throwaway connection, read the whole response; status and lower-cased headers."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
-    try:
-        writer.write(payload)
-        raw = await asyncio.wait_for(reader.read(-1), timeout)
-    finally:
-        writer.close()
-    head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    raw_head, _ = await exchange(HOST, port, payload, timeout)
+    head = raw_head.decode("latin-1").split("\r\n")
     status = int(head[0].split(" ", 2)[1]) if head and head[0].startswith("HTTP/") else 0
     headers = {}
     for line in head[1:]:
@@ -445,9 +304,8 @@ async def probe(env: Env, api_key: str) -> tuple[dict[str, Any], list[str]]:
     for px in PROXIES:
         port = env.ports[px]
         close = {"Connection": "close"}
-        keyed = build_request(HOST, port, "/v1/chat/completions", BODY,
-                              {**close, "Authorization": f"Bearer {api_key}"} if px in KEYED else close)
-        bare = build_request(HOST, port, "/v1/chat/completions", BODY, close)
+        keyed = chat_request(port, {**close, "Authorization": f"Bearer {api_key}"} if px in KEYED else close)
+        bare = chat_request(port, close)
         status, headers = await fetch_head(port, keyed, env.timeout)
         if status != 200:
             raise RuntimeError(f"probe request through the {px} proxy answered HTTP {status}")
@@ -461,29 +319,6 @@ async def probe(env: Env, api_key: str) -> tuple[dict[str, Any], list[str]]:
             failed.append(f"{px}: x-ratelimit-* headers {limit_headers or 'absent'}, expected them "
                           + ("present" if px in LIMITED else "absent"))
     return found, failed
-
-
-async def fetch_text(port: int, path: str, timeout: float = 5.0) -> str:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
-        raw = await asyncio.wait_for(reader.read(-1), timeout)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        status_line = head.split(b"\r\n", 1)[0]
-        raise RuntimeError(f"GET {path}: {status_line!r}")
-    if b"transfer-encoding: chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if not size:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        body = out
-    return body.decode()
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -501,7 +336,7 @@ async def refusals(env: Env) -> tuple[dict[str, Any], list[str]]:
     failed = []
     for px in PROXIES:
         try:
-            text = await fetch_text(env.ports[px], "/metrics")
+            text = (await http_get(HOST, env.ports[px], "/metrics")).decode()
         except (OSError, RuntimeError, ValueError, asyncio.TimeoutError) as exc:
             failed.append(f"{px}: could not read /metrics: {exc}")
             continue
@@ -541,12 +376,10 @@ async def run_all(env: Env, args: argparse.Namespace, api_key: str) -> dict[str,
     found, failed = await probe(env, api_key)
     out["checks"]["probe"] = found
     out["failed"] += failed
-    gc.collect()
-    gc.freeze()  # setup objects never die: keep them out of every later collection
-    for concurrency in args.concurrency:
-        out["levels"].append(await run_level(env, args, concurrency))
-        if not all_alive(env, f"c={concurrency}"):
-            break
+    # the checks below still run after a child exited: they say what went wrong
+    out["levels"], _ = await interleave.run_levels(args.concurrency,
+                                                   lambda concurrency: run_level(env, args, concurrency),
+                                                   [*env.proxies.values(), env.mock, env.redis], log)
     found, failed = await refusals(env)
     out["checks"]["metrics"] = found
     out["failed"] += failed
@@ -558,33 +391,13 @@ async def run_all(env: Env, args: argparse.Namespace, api_key: str) -> dict[str,
     return out
 
 
-def all_alive(env: Env, where: str) -> bool:
-    for service in (*env.proxies.values(), env.mock, env.redis):
-        if not service.alive():
-            log(f"{service.name} exited during {where}; stopping")
-            return False
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m bench.limits " + shlex.join(sys.argv[1:] if argv is None else argv)
-    raise_fd_limit()
-    # SIGTERM would otherwise end this process without its `finally`, orphaning the children
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    pins = None if args.no_pin else choose_cpus()
-    info = machine(pins)  # before pinning, which narrows what sched_getaffinity reports
-    if pins is not None:
-        pin_self(pins[1])  # first, so the mock backend, redis-server and every thread inherit CPU pins[1]
-        info["pinning"] = (f"all four proxies on CPU {pins[0]}; mock backend + redis-server + load generator "
-                           f"on CPU {pins[1]}")
-    if args.no_pin:
-        info["pinning"] = "none (--no-pin)"
-    log(f"pinning: {info['pinning']}")
+    command, pins, info = start_run("bench.limits", argv, args.no_pin, log,
+                                    pinning="all four proxies on CPU {proxy}; mock backend + redis-server + load "
+                                            "generator on CPU {mock}")
     api_key = "bench-" + secrets.token_urlsafe(24)
-    mock = Service("mock-backend", ["mock-backend", "--dialect", "vllm", "--listen", f"{HOST}:0", "--model", "m",
-                                    "--tokens", str(args.tokens), "--delay-ms", f"{args.delay_ms:g}"],
-                   cpu=pins[1] if pins else None)
+    mock = mock_service(args, pins)
     proxies: dict[str, Service] = {}
     redis: RedisServer | None = None
     result: dict[str, Any] = {"levels": [], "checks": {}, "failed": []}
@@ -595,17 +408,12 @@ def main(argv: list[str] | None = None) -> int:
             redis = RedisServer(args.redis_server, tmp, pins[1] if pins else None)
             redis_port = redis.start()
             info["redis"] = redis_command(redis_port, "INFO", "server")
-            configs = write_configs(tmp, mock_port, redis_port, api_key)
-            for px in PROXIES:
-                proxies[px] = Service(f"proxy-{px}", ["serve", "--config", configs[px], "--listen", f"{HOST}:0"],
-                                      cpu=pins[0] if pins else None)
-                proxies[px].start()
+            start_proxies(write_proxy_configs(tmp, mock_port, redis_port, api_key), pins, proxies)
             ports = {DIRECT: mock_port, **{px: proxies[px].port for px in PROXIES}}
             log(f"mock backend pid {mock.pid} on :{mock_port}, redis-server pid {redis.pid} on :{redis_port}, "
                 + ", ".join(f"proxy {px} pid {proxies[px].pid} on :{ports[px]}" for px in PROXIES))
             key_header = {"Authorization": f"Bearer {api_key}"}
-            payloads = {path: build_request(HOST, port, "/v1/chat/completions", BODY,
-                                            key_header if path in KEYED else None) for path, port in ports.items()}
+            payloads = {path: chat_request(port, key_header if path in KEYED else None) for path, port in ports.items()}
             env = Env(mock, redis, proxies, ports, payloads, args.timeout, random.Random(args.seed), pins)
             result = uvloop.run(run_all(env, args, api_key))
         except (RuntimeError, OSError) as exc:
@@ -616,23 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                                              redis if redis is not None and redis.started else None])
     info["redis"] = _redis_version(info.get("redis"))
     print(report(command, info, args, result), flush=True)
-    problems = error_report(result["levels"])
-    failed = result["failed"]
-    if failure or problems or failed:
-        print("\n## Problems\n", file=sys.stderr)
-        if failure:
-            print(f"aborted: {failure}\n", file=sys.stderr)
-        if problems:
-            print(problems, file=sys.stderr)
-        if failed:
-            print("\n".join(f"- check failed: {line}" for line in failed), file=sys.stderr)
-        print(f"\nLast output of the children:\n{children_output}", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_bytes(orjson.dumps({"command": command, "machine": info, "args": vars(args),
-                                                  "limits": LIMITS, **result},
-                                                 option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-        log(f"raw numbers written to {args.json}")
-    return 1 if failure or problems or failed else 0
+    troubled = print_problems(failure, error_report(result["levels"]), result["failed"], children_output)
+    write_json(args.json, {"command": command, "machine": info, "args": vars(args), "limits": LIMITS, **result}, log)
+    return 1 if troubled else 0
 
 
 def _redis_version(server_info: str | None) -> str:
@@ -645,33 +439,25 @@ def _redis_version(server_info: str | None) -> str:
 # --- reporting ------------------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(f"[bench.limits] {message}", file=sys.stderr, flush=True)
-
-
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
 def ttft_table(levels: list[dict[str, Any]]) -> str:
     head = ["concurrency", "path", "streams", "TTFT p50", "TTFT p90", "TTFT p99", "overhead p50", "overhead p90",
             "paired Δ p50 vs direct", "paired step Δ p50", "proxy CPU ms/stream", "errors"]
-    rows = ["| " + " | ".join(head) + " |", "|---:|:---|" + "---:|" * (len(head) - 2)]
+    rows = [md_row(head), "|---:|:---|" + "---:|" * (len(head) - 2)]
     for level in levels:
         ttft, paired = level["ttft_ms"], level["paired_ms"]
         for path in PATHS:
             errors = str(level["errors"][path]["count"])
             cells = [str(level["concurrency"]), path, str(ttft[path]["n"]),
-                     *(_ms(ttft[path].get(f"p{q}")) for q in (50, 90, 99))]
+                     *(ms(ttft[path].get(f"p{q}")) for q in (50, 90, 99))]
             if path == DIRECT:
                 cells += ["—"] * 5
             else:
                 over = level["overhead_ms"][path]
-                step = (f"{_ms(paired[f'{path}-{STEP_OF[path]}'].get('p50'))} (vs {STEP_OF[path]})"
+                step = (f"{ms(paired[f'{path}-{STEP_OF[path]}'].get('p50'))} (vs {STEP_OF[path]})"
                         if path in STEP_OF else "—")
-                cells += [_ms(over["p50"]), _ms(over["p90"]), _ms(paired[f"{path}-{DIRECT}"].get("p50")), step,
-                          _ms(level["proxy_cpu_ms_per_stream"][path])]
-            rows.append("| " + " | ".join([*cells, errors]) + " |")
+                cells += [ms(over["p50"]), ms(over["p90"]), ms(paired[f"{path}-{DIRECT}"].get("p50")), step,
+                          ms(level["proxy_cpu_ms_per_stream"][path])]
+            rows.append(md_row([*cells, errors]))
     return "\n".join(rows)
 
 
@@ -680,19 +466,15 @@ def diagnostics(levels: list[dict[str, Any]]) -> str:
     for level in levels:
         busy, stream, paired = level["core_busy"], level["stream_ms"], level["paired_ms"]
         line = (f"- c={level['concurrency']}: window {level['wall_s']:.1f}s; paired step Δ p90: "
-                + ", ".join(f"{px} - {base} {_ms(paired[f'{px}-{base}'].get('p90'))}" for px, base in STEP_OF.items())
-                + f", redis - none p50 {_ms(paired[f'{REDIS}-{NONE}'].get('p50'))} ms; "
-                f"redis-server CPU {_ms(level['redis_cpu_ms_per_stream'])} ms per redis-path stream "
-                "(with its idle 10 Hz housekeeping); core busy: "
-                f"proxies {busy['proxies']:.0%} (" + ", ".join(f"{px} {busy[px]:.0%}" for px in PROXIES)
-                + f"), mock {busy['mock']:.0%} + redis-server {busy['redis_server']:.0%} + load generator "
-                f"{busy['loadgen']:.0%}; "
-                "stream p50 " + ", ".join(f"{path} {_ms(stream[path].get('p50'))}" for path in PATHS)
-                + f" ms; {foreign_load(level['cpu_s'], level['wall_s'])}; "
+                + ", ".join(f"{px} - {base} {ms(paired[f'{px}-{base}'].get('p90'))}" for px, base in STEP_OF.items())
+                + f", redis - none p50 {ms(paired[f'{REDIS}-{NONE}'].get('p50'))} ms; "
+                f"redis-server CPU {ms(level['redis_cpu_ms_per_stream'])} ms per redis-path stream "
+                f"(with its idle 10 Hz housekeeping); {core_busy_text(busy, PROXIES, MOCK_CORE)}; "
+                f"{stream_p50s(stream, PATHS)}; {foreign_load(level['cpu_s'], level['wall_s'], PROXIES, MOCK_CORE)}; "
                 f"the mock accepted {level['proxy_upstream_connects']} connections from the proxies (with their "
                 "health probes, one per proxy every 5 s); "
                 f"client reconnects {sum(level['reconnects'].values())}")
-        if busy["mock"] + busy["redis_server"] + busy["loadgen"] >= SATURATED:
+        if sum(busy[name] for name in MOCK_CORE) >= SATURATED:
             line += ("\n  WARNING: the mock + redis + load generator core is saturated: TTFTs include queueing on "
                      "it, and the redis path waits for redis-server behind that queue")
         lines.append(line)
@@ -720,18 +502,16 @@ def checks_section(checks: dict[str, Any], failed: list[str]) -> str:
                      f"{redis['scripts_per_request']:.2f} Lua script calls (EVALSHA: admit, then charge at the end) "
                      f"and {redis['releases_per_request']:.2f} lease releases (ZREM), "
                      f"{redis['commands_per_request']:.1f} Redis commands in all, counting those the scripts run")
-    lines.append("- result: " + ("all checks passed" if not failed else f"{len(failed)} check(s) FAILED (see stderr)"))
+    lines.append(result_line(failed))
     return "\n".join(lines)
 
 
 def report(command: str, info: dict[str, Any], args: argparse.Namespace, result: dict[str, Any]) -> str:
     limits = ", ".join(f"{name} {value:,}" for name, value in LIMITS.items() if name != "budget")
     limits += f", budget {LIMITS['budget']['tokens']:.0e} tokens per {LIMITS['budget']['per']}"
-    parts = ["## bench.limits", "", f"- command: `{command}`",
-             f"- machine: nproc {info['nproc']}, {info['cpu_model']}, Python {info['python']}, "
-             f"redis-server {info.get('redis', 'unknown')}",
-             f"- pinning: {info['pinning']} (redis-server shares the load generator's core: its replies wait "
-             "behind the mock and the load generator when that core is busy)",
+    parts = [*report_head("bench.limits", command, info, f", redis-server {info.get('redis', 'unknown')}",
+                          " (redis-server shares the load generator's core: its replies wait behind the mock and "
+                          "the load generator when that core is busy)"),
              "- proxies, all access log off, in front of the same vLLM mock: **none** = no auth, no limits; "
              "**auth** = auth on, one key; **memory** = auth + rate_limit (store memory); **redis** = auth + "
              "rate_limit (store redis, on_store_error fail_closed)",
@@ -749,17 +529,7 @@ def report(command: str, info: dict[str, Any], args: argparse.Namespace, result:
 
 
 def error_report(levels: list[dict[str, Any]]) -> str:
-    lines = []
-    for level in levels:
-        where = f"c={level['concurrency']}"
-        sources = [(f"{where} {path}", level["errors"][path]) for path in PATHS]
-        sources.append((f"{where} warm-up", level["warmup_errors"]))
-        for name, failures in sources:
-            if failures["count"]:
-                lines.append(f"- {name}: {failures['count']} failed streams, e.g.:")
-                kinds = list(failures["kinds"].items())[:MAX_ERRORS_SHOWN]
-                lines += [f"    {count} x {message}" for message, count in kinds]
-    return "\n".join(lines)
+    return failure_lines(source for level in levels for source in level_failures(level, PATHS))
 
 
 if __name__ == "__main__":

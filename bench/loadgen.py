@@ -290,16 +290,44 @@ class Lane:
             self._client.close()
 
 
-async def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> object:
-    """GET a small JSON document over a throwaway connection (control endpoints, not the hot path)."""
+async def exchange(host: str, port: int, request: bytes, timeout: float = 5.0) -> tuple[bytes, bytes]:
+    """Write one request on a throwaway connection and read until the server closes it: (head, body).
+
+    For control endpoints and one-off probes, not the hot path: the request must ask for `Connection:
+    close`, so that the end of the connection is the end of the response.
+    """
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+        writer.write(request)
         raw = await asyncio.wait_for(reader.read(-1), timeout)
     finally:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> bytes:
+    """GET `path` over a throwaway connection and return the (de-chunked) body; anything but 200 raises."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+    head, body = await exchange(host, port, request, timeout)
     if not head.startswith(b"HTTP/1.1 200"):
         status_line = head.split(b"\r\n", 1)[0]
         raise RuntimeError(f"GET {path}: {status_line!r}")
-    return orjson.loads(body)
+    return _dechunk(body) if b"transfer-encoding: chunked" in head.lower() else body
+
+
+def _dechunk(body: bytes) -> bytes:
+    """The payload of a complete chunked body (a whole response read to EOF, so no framing checks)."""
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if not size:
+            break
+        out, rest = out + rest[:size], rest[size + 2:]
+    return out
+
+
+async def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> object:
+    """GET a small JSON document (control endpoints, not the hot path)."""
+    return orjson.loads(await http_get(host, port, path, timeout))

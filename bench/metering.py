@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import math
-import os
 import random
-import shlex
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -37,41 +33,67 @@ from typing import Any
 
 import orjson
 import uvloop
-import yaml
 
-from bench.loadgen import Lane, StreamClient, StreamResult, build_request
-from bench.procs import Service, choose_cpus, pin_self, self_cpu_seconds
-from bench.stats import overhead_ms, summary_ms
-from bench.ttft import (
+from bench import interleave
+from bench.harness import (
     BODY,
     HOST,
-    Failures,
-    close_workers,
-    int_list,
-    machine,
-    open_lanes,
-    play_streams,
-    raise_fd_limit,
-    record_in_steady_state,
+    SATURATED,
+    add_level_args,
+    add_run_args,
+    all_alive,
+    chat_request,
+    core_busy_text,
+    failure_lines,
+    foreign_load,
+    level_failures,
+    logger,
+    md_row,
+    mock_service,
+    ms,
+    num,
+    print_problems,
+    proxy_config,
+    report_head,
+    result_line,
+    start_proxies,
+    start_run,
     stop_children,
+    stream_p50s,
+    write_configs,
+    write_json,
+)
+from bench.interleave import (
+    DIRECT,
+    Failures,
+    Interleaving,
+    Level,
+    Worker,
+    close_workers,
+    cpu_delta,
+    gc_paused,
+    open_workers,
+    reconnects,
     warm_up,
 )
+from bench.loadgen import Lane, StreamClient, StreamResult
+from bench.procs import Service, pinned_core_seconds, self_cpu_seconds
 
-DIRECT, OFF, ON = "direct", "off", "on"
+OFF, ON = "off", "on"
 PATHS = (DIRECT, OFF, ON)
 PROXIES = (OFF, ON)
 PAIRS = (("off-direct", OFF, DIRECT), ("on-direct", ON, DIRECT), ("on-off", ON, OFF))  # name, minuend, subtrahend
+INTERLEAVING = Interleaving(PATHS, PAIRS)
+MOCK_CORE = {"mock": "mock", "loadgen": "load generator"}  # our processes on the second core: name -> label
 USAGE_ONLY = b'"choices":[]'  # the usage-only chunk the "on" proxy provokes upstream and must strip
 EVENT = b"data:"
 FINGERPRINT = b'"system_fingerprint"'  # vLLM puts it on the usage chunk when there is one, else on the finish chunk
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # bytes kept across pieces of the body, so that a pattern split between two of them is still seen
 _SEAM = max(len(EVENT), len(USAGE_ONLY), len(FINGERPRINT)) - 1
-MIN_ROUNDS = 3
-MAX_ERRORS_SHOWN = 5
-SATURATED = 0.9  # busy share of the mock + load generator core above which it, not the proxy, sets the pace
 RECORD_SETTLE_S = 0.3  # group commit (flush_interval 0.1 s) + file batch: the least wait before counting lines
 RECORD_WAIT_S = 10.0  # most wait for usage.jsonl to catch up before the proxy is stopped anyway
+
+log = logger("bench.metering")
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -79,22 +101,14 @@ RECORD_WAIT_S = 10.0  # most wait for usage.jsonl to catch up before the proxy i
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.metering", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int_list, default=[1, 64], metavar="C1,C2,...",
-                        help="first-token phase: concurrency levels (default 1,64)")
-    parser.add_argument("--requests", type=int, default=60, metavar="N",
-                        help="first-token phase: measured streams per path per level; each worker runs "
-                             "max(3, ceil(N/C)) rounds of three streams (default 60)")
-    parser.add_argument("--tokens", type=int, default=64, help="first-token phase: tokens per stream (default 64)")
-    parser.add_argument("--delay-ms", type=float, default=5.0, help="first-token phase: pause between tokens (5)")
+    add_level_args(parser, [1, 64], 60, "measured streams per path per level; each worker runs max(3, ceil(N/C)) "
+                   "rounds of three streams (default 60)", scope="first-token phase: ")
     parser.add_argument("--burst-tokens", type=int, default=2000, help="chunks phase: tokens per stream (2000)")
     parser.add_argument("--burst-concurrency", type=int, default=16, help="chunks phase: concurrent streams (16)")
     parser.add_argument("--slices", type=int, default=4,
                         help="chunks phase: slices per proxy, alternating off/on (default 4; 0 skips the phase)")
     parser.add_argument("--slice-seconds", type=float, default=2.0, help="chunks phase: slice length (default 2)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    parser.add_argument("--seed", type=int, default=None, help="seed for the round order and start jitter")
-    parser.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    add_run_args(parser)
     args = parser.parse_args(argv)
     if (args.requests < 1 or args.tokens < 1 or args.burst_tokens < 1 or args.burst_concurrency < 1
             or args.slices < 0 or args.slice_seconds <= 0):
@@ -214,7 +228,9 @@ class Env:
     rng: random.Random
     pins: tuple[int, int] | None = None
 
-    def lane(self, path: str, payload: bytes) -> CountingLane:
+    def lane(self, path: str, payload: bytes | None = None) -> CountingLane:
+        """A lane to `path` sending `payload`, by default the paced request of the first-token phase."""
+        payload = self.paced[path] if payload is None else payload
         return CountingLane(HOST, self.ports[path], payload, self.timeout, self.tallies[path])
 
     def cpu(self) -> dict[str, float]:
@@ -223,11 +239,7 @@ class Env:
                "mock": self.mock.cpu_seconds(), "loadgen": self_cpu_seconds()}
         for px in PROXIES:  # read and write system calls: how finely the proxy's event loop batches the stream
             out[f"{px}_syscr"], out[f"{px}_syscw"] = syscalls(self.proxies[px].pid)
-        if self.pins is not None:
-            cores = core_seconds()
-            for name, cpu in zip(("proxy_core", "mock_core"), self.pins, strict=True):
-                out[f"{name}_busy"], out[f"{name}_steal"] = cores.get(cpu, (math.nan, math.nan))
-        return out
+        return {**out, **pinned_core_seconds(self.pins)}
 
 
 def syscalls(pid: int) -> tuple[float, float]:
@@ -243,52 +255,17 @@ def syscalls(pid: int) -> tuple[float, float]:
         return math.nan, math.nan
 
 
-def core_seconds() -> dict[int, tuple[float, float]]:
-    """Per CPU: (busy seconds, stolen seconds) since boot, from /proc/stat. Busy excludes idle, iowait, steal."""
-    out = {}
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith("cpu") and line[3].isdigit():
-                    name, *ticks = line.split()
-                    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
-                    out[int(name[3:])] = ((user + nice + system + irq + softirq) / _CLK_TCK, steal / _CLK_TCK)
-    except (OSError, ValueError):
-        pass
-    return out
-
-
-def foreign_load(cpu_s: dict[str, float], seconds: float) -> str:
-    """How much of each pinned core went to processes other than ours, and to the hypervisor (steal)."""
-    if "proxy_core_busy" not in cpu_s or not seconds:
-        return "other load: unknown (not pinned)"
-    proxy_other = cpu_s["proxy_core_busy"] - cpu_s[OFF] - cpu_s[ON]
-    mock_other = cpu_s["mock_core_busy"] - cpu_s["mock"] - cpu_s["loadgen"]
-    return (f"other processes on the proxies' core {max(proxy_other, 0) / seconds:.0%}, on the mock's core "
-            f"{max(mock_other, 0) / seconds:.0%}; steal {cpu_s['proxy_core_steal'] / seconds:.0%} / "
-            f"{cpu_s['mock_core_steal'] / seconds:.0%}")
-
 
 def _sum_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {key: sum(d[key] for d in dicts) for key in dicts[0]} if dicts else {}
 
 
-def _cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {name: after[name] - before[name] for name in after}
-
-
-def write_configs(directory: str, mock_port: int) -> dict[str, str]:
-    common = {"server": {"listen": f"{HOST}:0"}, "backends": [{"url": f"http://{HOST}:{mock_port}"}],
-              "logging": {"access_log": "off"}}
+def write_proxy_configs(directory: str, mock_port: int) -> dict[str, str]:
+    common = proxy_config(mock_port)
     usage_on = {"enabled": True, "spool_dir": str(Path(directory) / "spool"),
                 "reporters": [{"name": "file", "type": "file", "file": {"path": usage_file(directory)}}]}
-    configs = {OFF: {**common, "usage": {"metering": False}}, ON: {**common, "usage": usage_on}}
-    paths = {}
-    for name, config in configs.items():
-        path = Path(directory) / f"metering-{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        paths[name] = str(path)
-    return paths
+    return write_configs(directory, "metering", {OFF: {**common, "usage": {"metering": False}},
+                                                 ON: {**common, "usage": usage_on}})
 
 
 def usage_file(directory: str) -> str:
@@ -298,113 +275,23 @@ def usage_file(directory: str) -> str:
 # --- first-token phase ----------------------------------------------------------------------------
 
 
-@dataclass
-class Worker:
-    lanes: dict[str, CountingLane]
-
-
-@dataclass
-class TtftPhase:
-    ttft: dict[str, list[int]] = field(default_factory=lambda: {path: [] for path in PATHS})
-    total: dict[str, list[int]] = field(default_factory=lambda: {path: [] for path in PATHS})
-    pairs: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name, _, _ in PAIRS})
-    rounds: list[tuple[str, int | None, int | None, int | None]] = field(default_factory=list)  # order, TTFTs
-    errors: dict[str, Failures] = field(default_factory=lambda: {path: Failures() for path in PATHS})
-    wall_s: float = 0.0
-    cpu_s: dict[str, float] = field(default_factory=dict)
-    window_open: bool = False
-    window_streams: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))
-
-
-async def open_workers(env: Env, concurrency: int, paths: tuple[str, ...], payloads: dict[str, bytes]) -> list[Worker]:
-    workers = [Worker({path: env.lane(path, payloads[path]) for path in paths}) for _ in range(concurrency)]
-    await open_lanes(workers)
-    return workers
-
-
-async def _round(env: Env, worker: Worker, phase: TtftPhase, *, record: bool) -> None:
-    """One direct, one off and one on stream, in random order, back to back on the worker's connections."""
-    order = list(PATHS)
-    env.rng.shuffle(order)
-    got = await play_streams(worker, order, phase, record)
-    if record:
-        phase.rounds.append((",".join(order), got.get(DIRECT), got.get(OFF), got.get(ON)))
-        for name, a, b in PAIRS:
-            if a in got and b in got:
-                phase.pairs[name].append(got[a] - got[b])
-
-
-async def measure_ttft(env: Env, workers: list[Worker], rounds: int, stream_ns: int) -> TtftPhase:
-    """Same steady-state scheme as bench.ttft, with three paths per round instead of two.
-
-    Workers start staggered over one round, stream unrecorded until all have started, record their
-    rounds, then keep streaming unrecorded until the last one is done, so every recorded stream ran
-    alongside C concurrent streams. CPU is sampled over that recording window.
-    """
-    phase = TtftPhase()
-    spread_s = len(PATHS) * stream_ns / 1e9 if len(workers) > 1 else 0.0
-    before: dict[str, Any] = {}
-
-    async def opened() -> None:
-        before["cpu"] = env.cpu()
-        before["started"] = time.perf_counter()
-        phase.window_open = True
-
-    async def closed() -> None:
-        phase.window_open = False
-        phase.wall_s = time.perf_counter() - before["started"]
-        phase.cpu_s = _cpu_delta(env.cpu(), before["cpu"])
-
-    await record_in_steady_state(workers, rounds, spread_s, spread_s + stream_ns / 1e9, env.rng,
-                                 lambda worker, record: _round(env, worker, phase, record=record), opened, closed)
-    return phase
-
-
-def _per_stream_ms(cpu_s: float, streams: int) -> float:
-    return cpu_s * 1000 / streams if streams else float("nan")
-
-
 async def run_level(env: Env, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
-    rounds = max(MIN_ROUNDS, math.ceil(args.requests / concurrency))
-    log(f"c={concurrency}: opening {len(PATHS) * concurrency} connections, warm-up")
-    workers = await open_workers(env, concurrency, PATHS, env.paced)
-    try:
-        stream_ns, warm_errors = await warm_up(workers)
-        log(f"c={concurrency}: measuring {rounds} rounds x {concurrency} workers "
-            f"(median warm-up stream {stream_ns / 1e6:.0f} ms)")
-        gc.collect()
-        gc.disable()  # a collection pause would land on whichever stream is in flight: pure noise
-        try:
-            phase = await measure_ttft(env, workers, rounds, stream_ns)
-        finally:
-            gc.enable()
-        reconnects = {path: sum(worker.lanes[path].reconnects for worker in workers) for path in PATHS}
-    finally:
-        close_workers(workers)
-    ttft = {path: summary_ms(phase.ttft[path]) for path in PATHS}
-    wall = phase.wall_s or float("nan")
-    cpu = phase.cpu_s
-    return {
-        "concurrency": concurrency,
-        "rounds_per_worker": rounds,
-        "ttft_ms": ttft,
-        "stream_ms": {path: summary_ms(phase.total[path]) for path in PATHS},
-        "overhead_ms": {OFF: overhead_ms(ttft[DIRECT], ttft[OFF]), ON: overhead_ms(ttft[DIRECT], ttft[ON])},
-        "on_minus_off_ms": overhead_ms(ttft[OFF], ttft[ON]),
-        "paired_ms": {name: summary_ms(diffs) for name, diffs in phase.pairs.items()},
-        "proxy_cpu_ms_per_stream": {px: _per_stream_ms(cpu[px], phase.window_streams[px]) for px in PROXIES},
-        "mock_cpu_ms_per_stream": _per_stream_ms(cpu["mock"], sum(phase.window_streams.values())),
-        "streams_in_cpu_window": phase.window_streams,
-        "core_busy": {"proxies": (cpu[OFF] + cpu[ON]) / wall, OFF: cpu[OFF] / wall, ON: cpu[ON] / wall,
-                      "mock": cpu["mock"] / wall, "loadgen": cpu["loadgen"] / wall},
-        "wall_s": phase.wall_s,
-        "cpu_s": cpu,
-        "reconnects": reconnects,
-        "errors": {path: phase.errors[path].as_dict() for path in PATHS},
-        "warmup_errors": warm_errors.as_dict(),
-        "raw": {"ttft_ns": phase.ttft, "stream_ns": phase.total, "paired_diff_ns": phase.pairs,
-                "rounds": phase.rounds},
-    }
+    return summarise(await interleave.run_level(env, INTERLEAVING, concurrency, args.requests, log))
+
+
+def summarise(level: Level) -> dict[str, Any]:
+    return level.summary({
+        "overhead_ms": {px: level.overhead_ms(px) for px in PROXIES},
+        "on_minus_off_ms": level.overhead_ms(ON, OFF),
+        "paired_ms": level.paired_ms,
+        "proxy_cpu_ms_per_stream": {px: level.cpu_ms_per_stream(px, [px]) for px in PROXIES},
+        "mock_cpu_ms_per_stream": level.cpu_ms_per_stream("mock", PATHS),
+        "streams_in_cpu_window": level.phase.window_streams,
+        "core_busy": {"proxies": level.busy(*PROXIES), **{px: level.busy(px) for px in PROXIES},
+                      "mock": level.busy("mock"), "loadgen": level.busy("loadgen")},
+        "wall_s": level.phase.wall_s,
+        "cpu_s": level.phase.cpu_s,
+    }, paired_raw=level.phase.paired)
 
 
 # --- chunks/s phase -------------------------------------------------------------------------------
@@ -421,7 +308,7 @@ async def measure_chunks(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     """
     concurrency = args.burst_concurrency
     log(f"chunks: opening {2 * concurrency} connections, warm-up")
-    workers = await open_workers(env, concurrency, PROXIES, env.burst)
+    workers = await open_workers(lambda px: env.lane(px, env.burst[px]), PROXIES, concurrency)
     errors = {px: Failures() for px in PROXIES}
     slices: list[dict[str, Any]] = []
     try:
@@ -429,14 +316,10 @@ async def measure_chunks(env: Env, args: argparse.Namespace) -> dict[str, Any]:
         order = [px for i in range(args.slices) for px in (PROXIES if i % 2 == 0 else PROXIES[::-1])]
         log(f"chunks: {len(order)} slices of {args.slice_seconds:g}s at c={concurrency} "
             f"(median warm-up stream {stream_ns / 1e6:.0f} ms)")
-        gc.collect()
-        gc.disable()
-        try:
+        with gc_paused():
             for px in order:
                 slices.append(await _slice(env, workers, px, args.slice_seconds, errors[px]))
-        finally:
-            gc.enable()
-        reconnects = {px: sum(worker.lanes[px].reconnects for worker in workers) for px in PROXIES}
+        lost = {px: reconnects(workers, px) for px in PROXIES}
     finally:
         close_workers(workers)
     per_proxy: dict[str, dict[str, Any]] = {}
@@ -481,7 +364,7 @@ async def measure_chunks(env: Env, args: argparse.Namespace) -> dict[str, Any]:
         "ratio_events_per_s": on["events_per_s"] / off["events_per_s"] if off["events_per_s"] else float("nan"),
         "ratio_cpu_per_event": (on["cpu_ms_per_1k_events"] / off["cpu_ms_per_1k_events"]
                                 if off["cpu_ms_per_1k_events"] else float("nan")),
-        "reconnects": reconnects, "warmup_errors": warm_errors.as_dict(), "slices": slices,
+        "reconnects": lost, "warmup_errors": warm_errors.as_dict(), "slices": slices,
     }
 
 
@@ -504,7 +387,7 @@ async def _slice(env: Env, workers: list[Worker], px: str, seconds: float, error
     state["run"] = state["counting"] = False
     await asyncio.gather(*tasks)  # let the streams in flight finish, uncounted, before the next slice
     return {"proxy": px, "seconds": t1 - t0, "events": events1 - events0, "bytes": bytes1 - bytes0,
-            "pieces": pieces1 - pieces0, "streams": state["streams"], "cpu_s": _cpu_delta(cpu1, cpu0)}
+            "pieces": pieces1 - pieces0, "streams": state["streams"], "cpu_s": cpu_delta(cpu1, cpu0)}
 
 
 # --- correctness ----------------------------------------------------------------------------------
@@ -606,18 +489,17 @@ def correctness(env: Env, args: argparse.Namespace, usage: dict[str, Any] | None
 async def run_all(env: Env, args: argparse.Namespace, directory: str) -> dict[str, Any]:
     out: dict[str, Any] = {"levels": [], "chunks": None, "usage_wait": None}
     for px in PROXIES:  # a proxy that cannot serve at all should fail loudly, not as 100% errors
-        probe = await env.lane(px, env.paced[px]).send()
+        probe = await env.lane(px).send()
         if not probe.ok:
             raise RuntimeError(f"probe request through the {px} proxy failed: {probe.error}")
-    gc.collect()
-    gc.freeze()  # setup objects never die: keep them out of every later collection
-    for concurrency in args.concurrency:
-        out["levels"].append(await run_level(env, args, concurrency))
-        if not all_alive(env, f"c={concurrency}"):
-            return out
+    services = [*env.proxies.values(), env.mock]
+    out["levels"], alive = await interleave.run_levels(
+        args.concurrency, lambda concurrency: run_level(env, args, concurrency), services, log)
+    if not alive:
+        return out
     if args.slices:
         out["chunks"] = await measure_chunks(env, args)
-        if not all_alive(env, "the chunks phase"):
+        if not all_alive(services, "the chunks phase", log):
             return out
     expected = env.tallies[ON].requests
     log(f"waiting for {expected} usage records in usage.jsonl")
@@ -625,31 +507,11 @@ async def run_all(env: Env, args: argparse.Namespace, directory: str) -> dict[st
     return out
 
 
-def all_alive(env: Env, where: str) -> bool:
-    for service in (*env.proxies.values(), env.mock):
-        if not service.alive():
-            log(f"{service.name} exited during {where}; stopping")
-            return False
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m bench.metering " + shlex.join(sys.argv[1:] if argv is None else argv)
-    raise_fd_limit()
-    # SIGTERM would otherwise end this process without its `finally`, orphaning the children
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    pins = None if args.no_pin else choose_cpus()
-    info = machine(pins)  # before pinning, which narrows what sched_getaffinity reports
-    if pins is not None:
-        pin_self(pins[1])  # first, so the mock backend and every thread inherit CPU pins[1]
-        info["pinning"] = f"both proxies on CPU {pins[0]}; mock backend + load generator on CPU {pins[1]}"
-    if args.no_pin:
-        info["pinning"] = "none (--no-pin)"
-    log(f"pinning: {info['pinning']}")
-    mock = Service("mock-backend", ["mock-backend", "--dialect", "vllm", "--listen", f"{HOST}:0", "--model", "m",
-                                    "--tokens", str(args.tokens), "--delay-ms", f"{args.delay_ms:g}"],
-                   cpu=pins[1] if pins else None)
+    command, pins, info = start_run("bench.metering", argv, args.no_pin, log,
+                                    pinning="both proxies on CPU {proxy}; mock backend + load generator on CPU {mock}")
+    mock = mock_service(args, pins)
     proxies: dict[str, Service] = {}
     result: dict[str, Any] = {"levels": [], "chunks": None, "usage_wait": None}
     usage = None
@@ -658,19 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-metering-") as tmp:
         try:
             mock_port = mock.start()
-            configs = write_configs(tmp, mock_port)
-            for px in PROXIES:
-                proxies[px] = Service(f"proxy-{px}", ["serve", "--config", configs[px], "--listen", f"{HOST}:0"],
-                                      cpu=pins[0] if pins else None)
-                proxies[px].start()
-            ports = {DIRECT: mock_port, OFF: proxies[OFF].port, ON: proxies[ON].port}
+            start_proxies(write_proxy_configs(tmp, mock_port), pins, proxies)
+            ports = {DIRECT: mock_port, **{px: proxies[px].port for px in PROXIES}}
             log(f"mock backend pid {mock.pid} on :{mock_port}, proxy off pid {proxies[OFF].pid} on :{ports[OFF]}, "
                 f"proxy on pid {proxies[ON].pid} on :{ports[ON]}")
             burst_headers = {"x-mock-delay-ms": "0", "x-mock-tokens": str(args.burst_tokens)}
-            env = Env(mock, proxies, ports,
-                      {path: build_request(HOST, port, "/v1/chat/completions", BODY) for path, port in ports.items()},
-                      {path: build_request(HOST, port, "/v1/chat/completions", BODY, burst_headers)
-                       for path, port in ports.items()},
+            env = Env(mock, proxies, ports, {path: chat_request(port) for path, port in ports.items()},
+                      {path: chat_request(port, burst_headers) for path, port in ports.items()},
                       {path: Tally() for path in PATHS}, args.timeout, random.Random(args.seed), pins)
             result = uvloop.run(run_all(env, args, tmp))
             if result["usage_wait"] is not None:
@@ -683,56 +539,31 @@ def main(argv: list[str] | None = None) -> int:
             children_output = stop_children([proxies.get(ON), proxies.get(OFF), mock])
     checks, failed = correctness(env, args, usage) if env is not None else ({}, [])
     print(report(command, info, args, result, checks, failed), flush=True)
-    problems = error_report(result)
-    if failure or problems or failed:
-        print("\n## Problems\n", file=sys.stderr)
-        if failure:
-            print(f"aborted: {failure}\n", file=sys.stderr)
-        if problems:
-            print(problems, file=sys.stderr)
-        if failed:
-            print("\n".join(f"- check failed: {line}" for line in failed), file=sys.stderr)
-        print(f"\nLast output of the children:\n{children_output}", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_bytes(orjson.dumps({"command": command, "machine": info, "args": vars(args),
-                                                  "levels": result["levels"], "chunks": result["chunks"],
-                                                  "checks": checks, "failed_checks": failed},
-                                                 option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-        log(f"raw numbers written to {args.json}")
-    return 1 if failure or problems or failed else 0
+    troubled = print_problems(failure, error_report(result), failed, children_output)
+    write_json(args.json, {"command": command, "machine": info, "args": vars(args), "levels": result["levels"],
+                           "chunks": result["chunks"], "checks": checks, "failed_checks": failed}, log)
+    return 1 if troubled else 0
 
 
 # --- reporting ------------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(f"[bench.metering] {message}", file=sys.stderr, flush=True)
-
-
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def _num(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None or math.isnan(value) else format(value, fmt)
 
 
 def ttft_table(levels: list[dict[str, Any]]) -> str:
     head = ["concurrency", "streams/path", "direct p50", "direct p99", "off p50", "off p99", "on p50", "on p99",
             "off - direct p50", "off - direct p99", "on - direct p50", "on - direct p99", "on - off p50",
             "on - off p99", "paired on - off p50", "proxy CPU ms/stream off", "proxy CPU ms/stream on", "errors"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    rows = [md_row(head), "|" + "---:|" * len(head)]
     for level in levels:
         ttft, over, diff = level["ttft_ms"], level["overhead_ms"], level["on_minus_off_ms"]
         cpu = level["proxy_cpu_ms_per_stream"]
         errors = sum(errs["count"] for errs in level["errors"].values())
         n = "/".join(str(ttft[path]["n"]) for path in PATHS)
         cells = [str(level["concurrency"]), n,
-                 *(_ms(ttft[path].get(f"p{q}")) for path in PATHS for q in (50, 99)),
-                 *(_ms(over[px][f"p{q}"]) for px in PROXIES for q in (50, 99)),
-                 _ms(diff["p50"]), _ms(diff["p99"]), _ms(level["paired_ms"]["on-off"].get("p50")),
-                 _ms(cpu[OFF]), _ms(cpu[ON]), str(errors)]
-        rows.append("| " + " | ".join(cells) + " |")
+                 *(ms(ttft[path].get(f"p{q}")) for path in PATHS for q in (50, 99)),
+                 *(ms(over[px][f"p{q}"]) for px in PROXIES for q in (50, 99)),
+                 ms(diff["p50"]), ms(diff["p99"]), ms(level["paired_ms"]["on-off"].get("p50")),
+                 ms(cpu[OFF]), ms(cpu[ON]), str(errors)]
+        rows.append(md_row(cells))
     return "\n".join(rows)
 
 
@@ -741,13 +572,12 @@ def ttft_diagnostics(levels: list[dict[str, Any]]) -> str:
     for level in levels:
         busy, stream, paired = level["core_busy"], level["stream_ms"], level["paired_ms"]
         line = (f"- c={level['concurrency']}: window {level['wall_s']:.1f}s; paired Δ p50: off - direct "
-                f"{_ms(paired['off-direct'].get('p50'))}, on - direct {_ms(paired['on-direct'].get('p50'))}, "
-                f"on - off {_ms(paired['on-off'].get('p50'))} (p90 {_ms(paired['on-off'].get('p90'))}) ms; "
-                f"core busy: proxies {busy['proxies']:.0%} (off {busy[OFF]:.0%}, on {busy[ON]:.0%}), "
-                f"mock {busy['mock']:.0%} + load generator {busy['loadgen']:.0%}; stream p50 "
-                + ", ".join(f"{path} {_ms(stream[path].get('p50'))}" for path in PATHS)
-                + f" ms; {foreign_load(level['cpu_s'], level['wall_s'])}; client reconnects {level['reconnects']}")
-        if busy["mock"] + busy["loadgen"] >= SATURATED:
+                f"{ms(paired['off-direct'].get('p50'))}, on - direct {ms(paired['on-direct'].get('p50'))}, "
+                f"on - off {ms(paired['on-off'].get('p50'))} (p90 {ms(paired['on-off'].get('p90'))}) ms; "
+                f"{core_busy_text(busy, PROXIES, MOCK_CORE)}; {stream_p50s(stream, PATHS)}; "
+                f"{foreign_load(level['cpu_s'], level['wall_s'], PROXIES, MOCK_CORE)}; "
+                f"client reconnects {level['reconnects']}")
+        if sum(busy[name] for name in MOCK_CORE) >= SATURATED:
             line += "\n  WARNING: the mock + load generator core is saturated: TTFTs include queueing on it"
         lines.append(line)
     return "\n".join(lines)
@@ -756,18 +586,18 @@ def ttft_diagnostics(levels: list[dict[str, Any]]) -> str:
 def chunks_table(chunks: dict[str, Any]) -> str:
     head = ["proxy", "slices", "seconds", "events", "events/s", "events/s per slice", "MB/s", "proxy CPU s",
             "proxy CPU ms / 1k events", "per slice", "proxy core busy", "events per proxy CPU-second", "errors"]
-    rows = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    rows = [md_row(head), "|:---|" + "---:|" * (len(head) - 1)]
     for px in PROXIES:
         p = chunks["per_proxy"][px]
         cells = [f"metering {px}", str(p["slices"]), f"{p['seconds']:.2f}", str(p["events"]),
-                 _num(p["events_per_s"], ",.0f"),
-                 " / ".join(_num(v, ",.0f") for v in p["events_per_s_by_slice"]),
-                 _num(p["mb_per_s"], ".1f"), f"{p['proxy_cpu_s']:.2f}", _num(p["cpu_ms_per_1k_events"], ".2f"),
-                 " / ".join(_num(v, ".2f") for v in p["cpu_ms_per_1k_events_by_slice"]),
-                 _num(p["proxy_core_busy"], ".0%"), _num(p["events_per_cpu_s"], ",.0f"), str(p["errors"]["count"])]
-        rows.append("| " + " | ".join(cells) + " |")
-    rows.append("| **on / off** | | | | " + _num(chunks["ratio_events_per_s"], ".3f") + " | | | | "
-                + _num(chunks["ratio_cpu_per_event"], ".3f") + " | | | | |")
+                 num(p["events_per_s"], ",.0f"),
+                 " / ".join(num(v, ",.0f") for v in p["events_per_s_by_slice"]),
+                 num(p["mb_per_s"], ".1f"), f"{p['proxy_cpu_s']:.2f}", num(p["cpu_ms_per_1k_events"], ".2f"),
+                 " / ".join(num(v, ".2f") for v in p["cpu_ms_per_1k_events_by_slice"]),
+                 num(p["proxy_core_busy"], ".0%"), num(p["events_per_cpu_s"], ",.0f"), str(p["errors"]["count"])]
+        rows.append(md_row(cells))
+    rows.append("| **on / off** | | | | " + num(chunks["ratio_events_per_s"], ".3f") + " | | | | "
+                + num(chunks["ratio_cpu_per_event"], ".3f") + " | | | | |")
     return "\n".join(rows)
 
 
@@ -778,12 +608,13 @@ def chunks_diagnostics(chunks: dict[str, Any]) -> str:
         other = OFF if px == ON else ON
         line = (f"- {px} slices: {p['streams_completed']} streams completed inside them; mock + load generator "
                 f"core {p['mock_loadgen_core_busy']:.0%} busy, CPU ms per 1k events: mock "
-                f"{_num(p['mock_cpu_ms_per_1k_events'], '.2f')}, load generator "
-                f"{_num(p['loadgen_cpu_ms_per_1k_events'], '.2f')}; the client parsed "
-                f"{_num(p['body_pieces_per_1k_events'], ',.0f')} body pieces per 1k events; the proxy made "
-                f"{_num(p['proxy_reads_per_1k_events'], '.0f')} read and "
-                f"{_num(p['proxy_writes_per_1k_events'], '.0f')} write system calls per 1k events; the {other} "
-                f"proxy used {p['idle_proxy_cpu_s']:.2f}s CPU meanwhile; {foreign_load(p['cpu_s'], p['seconds'])}")
+                f"{num(p['mock_cpu_ms_per_1k_events'], '.2f')}, load generator "
+                f"{num(p['loadgen_cpu_ms_per_1k_events'], '.2f')}; the client parsed "
+                f"{num(p['body_pieces_per_1k_events'], ',.0f')} body pieces per 1k events; the proxy made "
+                f"{num(p['proxy_reads_per_1k_events'], '.0f')} read and "
+                f"{num(p['proxy_writes_per_1k_events'], '.0f')} write system calls per 1k events; the {other} "
+                f"proxy used {p['idle_proxy_cpu_s']:.2f}s CPU meanwhile; "
+                f"{foreign_load(p['cpu_s'], p['seconds'], PROXIES, MOCK_CORE)}")
         if p["mock_loadgen_core_busy"] >= SATURATED:
             line += ("\n  WARNING: the mock + load generator core is saturated: events/s here is that core's limit, "
                      "not the proxy's; CPU per 1k events still holds")
@@ -806,15 +637,13 @@ def checks_section(checks: dict[str, Any], failed: list[str]) -> str:
                      f"proxy ({usage['lines_before_stop']} written {usage['waited_s']:.2f}s after the last one, "
                      f"before SIGTERM); usage_source {usage['usage_source']}; completion_tokens "
                      f"{usage['completion_tokens']}; spool after stop {usage['spool_after_stop']}")
-    lines.append("- result: " + ("all checks passed" if not failed else f"{len(failed)} check(s) FAILED (see stderr)"))
+    lines.append(result_line(failed))
     return "\n".join(lines)
 
 
 def report(command: str, info: dict[str, Any], args: argparse.Namespace, result: dict[str, Any],
            checks: dict[str, Any], failed: list[str]) -> str:
-    parts = ["## bench.metering", "", f"- command: `{command}`",
-             f"- machine: nproc {info['nproc']}, {info['cpu_model']}, Python {info['python']}",
-             f"- pinning: {info['pinning']}",
+    parts = [*report_head("bench.metering", command, info),
              "- proxies: **off** = `usage: {metering: false}`; **on** = default metering + usage file reporter "
              "(spool + usage.jsonl); both with access log off, in front of the same vLLM mock",
              f"- request: `{BODY.decode()}` (no stream_options: the on proxy injects include_usage and strips "
@@ -839,20 +668,12 @@ def report(command: str, info: dict[str, Any], args: argparse.Namespace, result:
 def error_report(result: dict[str, Any]) -> str:
     sources = []
     for level in result["levels"]:
-        where = f"c={level['concurrency']}"
-        sources += [(f"{where} {path}", level["errors"][path]) for path in PATHS]
-        sources.append((f"{where} warm-up", level["warmup_errors"]))
+        sources += level_failures(level, PATHS)
     chunks = result["chunks"]
     if chunks:
         sources += [(f"chunks {px}", chunks["per_proxy"][px]["errors"]) for px in PROXIES]
         sources.append(("chunks warm-up", chunks["warmup_errors"]))
-    lines = []
-    for name, failures in sources:
-        if failures["count"]:
-            lines.append(f"- {name}: {failures['count']} failed streams, e.g.:")
-            kinds = list(failures["kinds"].items())[:MAX_ERRORS_SHOWN]
-            lines += [f"    {count} x {message}" for message, count in kinds]
-    return "\n".join(lines)
+    return failure_lines(sources)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -41,18 +42,25 @@ class Service:
 
     def start(self, timeout: float = 15.0) -> int:
         """Start the child, pin it, and return the port from its `listening on` banner."""
-        self._proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.spawn()
+        if not self._port_found.wait(timeout) or not self.port:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not print its `listening on` banner within {timeout:g}s; "
+                               f"command: {' '.join(self.argv)}\noutput:\n{self.output()}")
+        return self.port
+
+    def spawn(self, cwd: str | Path = REPO_ROOT) -> None:
+        """Launch the child, pinned, with its output drained by a thread; start() waits for the banner after.
+
+        A child that prints no banner (redis-server) sets `port` itself first, which keeps the scan off.
+        """
+        self._proc = subprocess.Popen(self.argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, bufsize=1)
         if self.cpu is not None:
             # set at once, before the banner: nothing is measured while the child runs unpinned
             os.sched_setaffinity(self._proc.pid, {self.cpu})
         self._thread = threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True)
         self._thread.start()
-        if not self._port_found.wait(timeout) or not self.port:
-            self.stop()
-            raise RuntimeError(f"{self.name} did not print its `listening on` banner within {timeout:g}s; "
-                               f"command: {' '.join(self.argv)}\noutput:\n{self.output()}")
-        return self.port
 
     def _drain(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -126,3 +134,33 @@ def cpu_model() -> str:
 def self_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def core_seconds() -> dict[int, tuple[float, float]]:
+    """Per CPU: (busy seconds, stolen seconds) since boot, from /proc/stat. Busy excludes idle, iowait, steal."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *ticks = line.split()
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
+                    out[int(name[3:])] = ((user + nice + system + irq + softirq) / _CLK_TCK, steal / _CLK_TCK)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def pinned_core_seconds(pins: tuple[int, int] | None) -> dict[str, float]:
+    """Busy and stolen seconds so far of the proxy core and the mock core; {} when nothing is pinned.
+
+    Set against the CPU of our own processes, they show how much of each core went to someone else
+    (see bench.harness.foreign_load): a noisy neighbour explains numbers that our processes do not.
+    """
+    if pins is None:
+        return {}
+    cores = core_seconds()
+    out = {}
+    for name, cpu in zip(("proxy_core", "mock_core"), pins, strict=True):
+        out[f"{name}_busy"], out[f"{name}_steal"] = cores.get(cpu, (math.nan, math.nan))
+    return out

@@ -34,3 +34,8 @@ def summary_ms(samples_ns: Sequence[int]) -> dict[str, float]:
 def overhead_ms(direct: dict[str, float], proxied: dict[str, float]) -> dict[str, float]:
     """Proxied minus direct, percentile by percentile (a difference of percentiles, not of pairs)."""
     return {f"p{q}": proxied.get(f"p{q}", float("nan")) - direct.get(f"p{q}", float("nan")) for q in QUANTILES}
+
+
+def per_stream_ms(cpu_s: float, streams: int) -> float:
+    """CPU seconds spread over `streams`, in milliseconds per stream; NaN when there were none."""
+    return cpu_s * 1000 / streams if streams else float("nan")
