@@ -60,9 +60,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
 
     def reusable(self) -> bool:
-        """True if the last exchange ended cleanly and the connection can serve another request."""
+        """True if the last exchange ended cleanly and the connection can serve another request.
+
+        A backend may answer (an early 400) before reading the whole request body: what is still unsent in
+        the write buffer would go out ahead of the next request, so such a connection is closed instead.
+        """
         return (self.complete and not self.closed and not self._is_head
-                and self._framing != FRAMING_CLOSE and self._keep_alive)
+                and self._framing != FRAMING_CLOSE and self._keep_alive
+                and not self.transport.get_write_buffer_size())
 
     def abort(self) -> None:
         """Drop the connection at once (RST-free close is not needed: the backend must stop generating)."""
