@@ -66,8 +66,8 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 class RequestCodec:
     """Feeds bytes to httptools and reports requests to a sink, enforcing limits and strict rules."""
 
-    __slots__ = ("_body_size", "_error", "_fed_in_head", "_head_done", "_in_head", "_limits", "_parser", "_raw",
-                 "_sink", "_url")
+    __slots__ = ("_body_size", "_error", "_fed_in_head", "_fed_in_trailer", "_head_done", "_in_head", "_in_trailer",
+                 "_limits", "_parser", "_raw", "_sink", "_slice", "_url")
 
     def __init__(self, sink: RequestSink, limits: CodecLimits) -> None:
         self._sink = sink
@@ -78,8 +78,14 @@ class RequestCodec:
         self._raw: list[tuple[bytes, bytes]] = []  # header fields of the head being received, as sent
         self._head_done = False
         self._fed_in_head = 0
+        self._in_trailer = False  # after a chunk-size line, until chunk data: maybe the trailer section
+        self._fed_in_trailer = 0
         self._body_size = 0
         self._error: ProtocolError | None = None
+        # Reads are parsed in slices of this size, so a head (or a trailer section) is measured in steps of
+        # at most a quarter of the limit however large the read: whitespace llhttp strips, or a second head
+        # behind the end of a first request in the same read, cannot slip past the limit.
+        self._slice = max(1024, limits.max_header_size // 4)
 
     @property
     def in_head(self) -> bool:
@@ -90,17 +96,28 @@ class RequestCodec:
         """Parse `data`; raises ProtocolError on malformed or over-limit input (the codec is then dead)."""
         if self._error is not None:
             raise self._error
+        step = self._slice
+        if len(data) <= step:  # the usual read: one call
+            self._feed_slice(data)
+            return
+        for start in range(0, len(data), step):
+            self._feed_slice(data[start:start + step])
+
+    def _feed_slice(self, data: bytes) -> None:
+        limit = self._limits.max_header_size
         if not self._head_done:
-            # Conservative: the whole read counts against the head limit, which bounds the memory
+            # Conservative: the whole slice counts against the head limit, which bounds the memory
             # httptools uses for a head that never ends (it buffers header values of any length).
             self._fed_in_head += len(data)
+        elif self._in_trailer:
+            self._fed_in_trailer += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._after_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as exc:
             self._raise(self._error or ProtocolError("bad_request", f"malformed request: {exc}"))
-        if self._in_head and self._fed_in_head > self._limits.max_header_size:
+        if (self._in_head and self._fed_in_head > limit) or (self._in_trailer and self._fed_in_trailer > limit):
             self._raise(ProtocolError("header_too_large", "request header block is too large"))
 
     def _raise(self, error: ProtocolError) -> None:
@@ -137,11 +154,21 @@ class RequestCodec:
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_done = True
+        if self._fed_in_head > self._limits.max_header_size + self._slice:
+            # The head ended inside this slice, so at most a slice of what was counted is not head.
+            self._raise(ProtocolError("header_too_large", "request header block is too large"))
         self._fed_in_head = 0
         request = self._validate()
         self._sink.on_request_head(request)
 
+    def on_chunk_header(self) -> None:
+        # Until chunk data arrives this may be the last chunk, and what follows it the trailer section,
+        # which httptools buffers without limit: it is measured like a head.
+        self._in_trailer = True
+        self._fed_in_trailer = 0
+
     def on_body(self, body: bytes) -> None:
+        self._in_trailer = False
         self._body_size += len(body)
         if self._body_size > self._limits.max_body_size:
             self._raise(ProtocolError("body_too_large", "request body is too large"))
@@ -149,6 +176,7 @@ class RequestCodec:
 
     def on_message_complete(self) -> None:
         self._head_done = False  # between messages, bytes count towards the next head
+        self._in_trailer = False
         self._sink.on_request_complete()
 
     # Strict rules httptools does not enforce -----------------------------------------------------
