@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -67,6 +68,19 @@ def _setup_logging(level: str = "info") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard one: every connection is a file descriptor, and the
+    common soft default (1024) would cap server.max_connections far below its 10000 default."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -117,6 +131,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"llmproxy: {error}", file=sys.stderr)
             return 1
     _setup_logging(config.logging.level)
+    _raise_fd_limit()  # before any worker starts: they inherit it
     workers = config.server.workers
     if args.worker_index is not None:
         from .workers import serve_worker

@@ -72,6 +72,7 @@ ERRORS: dict[str, ErrorSpec] = {
     # A backend status the relay held back to retry elsewhere (never answered as such: the last attempt
     # relays the backend's own response).
     "upstream_status": ErrorSpec(502, "api_error", "upstream_status", "SH"),
+    "out_of_resources": ErrorSpec(503, "service_unavailable", "proxy_out_of_resources", "PC"),
     "shutting_down": ErrorSpec(503, "service_unavailable", "shutting_down", "PR", close=True),
     "internal_error": ErrorSpec(500, "api_error", "internal_error", "PR", close=True),
 }

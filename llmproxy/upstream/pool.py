@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ssl
 from collections import deque
 
@@ -18,6 +19,7 @@ from ..errors import ProxyError
 from .connection import UpstreamConnection
 
 SWEEP_INTERVAL = 1.0
+_LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UpstreamPool:
@@ -140,6 +142,10 @@ class UpstreamPool:
             raise
         except OSError as exc:
             self._connect_failed()
+            if exc.errno in _LOCAL_EXHAUSTION:
+                # Our own limits (file descriptors, buffers), not the backend's fault: no retry elsewhere
+                # would help, and the backend must not be ejected for it.
+                raise ProxyError("out_of_resources", f"proxy cannot open a connection: {exc.strerror}") from None
             raise ProxyError("connect_failed", f"backend {backend.name}: {exc.strerror or exc}") from None
         except BaseException:
             self._connect_failed()
