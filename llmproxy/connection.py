@@ -10,7 +10,9 @@ wait in `_pending`, and reading pauses while any do). Timers are `loop.call_late
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -27,9 +29,9 @@ WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_body_timer", "_codec", "_current", "_head_timer", "_idle_since", "_idle_timer", "_loop", "_parsing",
-                 "_pending", "_reading_paused", "_to_start", "closed", "peer", "server", "transport",
-                 "writing_paused")
+    __slots__ = ("_body_progress_at", "_body_timer", "_codec", "_current", "_head_timer", "_idle_since",
+                 "_idle_timer", "_loop", "_parsing", "_pending", "_reading_paused", "_to_start", "closed", "peer",
+                 "server", "transport", "writing_paused")
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -45,6 +47,7 @@ class ClientConnection(asyncio.Protocol):
         self._idle_since = 0.0  # loop time the connection last became idle
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._body_progress_at = 0.0  # loop time the request body last made progress
         self._reading_paused = False
         self.writing_paused = False
         self.closed = False
@@ -134,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
             self._pause_reading()
 
     def on_request_body(self, data: bytes) -> None:
+        self._body_progress_at = self._loop.time()
         self._parsing.body_received(data)
 
     def on_request_complete(self) -> None:
@@ -171,13 +175,22 @@ class ClientConnection(asyncio.Protocol):
 
     def arm_body_timer(self) -> None:
         if self._body_timer is None and self._parsing is not None:
-            self._body_timer = self._loop.call_later(self.server.timeouts.body, self._body_tick,
-                                                     len(self._parsing.body_parts))
+            self._body_progress_at = self._loop.time()  # the wait for the body starts now
+            self._body_timer = self._loop.call_later(self.server.timeouts.body, self._body_tick)
 
     def abort(self) -> None:
         """Drop the connection without finishing the response (the client sees a truncation)."""
         self.closed = True
         self.transport.abort()
+
+    def reset(self) -> None:
+        """Abort with a TCP reset, discarding what the kernel still holds for a client that stopped reading.
+
+        A plain abort leaves the socket orphaned in FIN-WAIT-1 with its whole send queue, still trickling
+        to the slow reader (kernel memory an attacker can pin); nginx's reset_timedout_connection.
+        """
+        _set_linger_zero(self.transport)
+        self.abort()
 
     def close_if_idle(self) -> None:
         """Close now if no request is in progress (used by graceful shutdown)."""
@@ -220,7 +233,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         transport.close()
         if transport.get_write_buffer_size():
-            self._loop.call_later(self.server.timeouts.write, transport.abort)
+            self._loop.call_later(self.server.timeouts.write, _reset_transport, transport)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
@@ -263,17 +276,20 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.abort()
 
-    def _body_tick(self, seen_parts: int) -> None:
+    def _body_tick(self) -> None:
+        # Lazy like the idle timer: progress only moves a timestamp; the timer, when it fires, measures the
+        # pause since the last body bytes and either cuts the request or sleeps for what is left of it.
         self._body_timer = None
         parsing = self._parsing
         if parsing is None or parsing.body_done:
             return
-        if len(parsing.body_parts) == seen_parts:
+        left = self._body_progress_at + self.server.timeouts.body - self._loop.time()
+        if left <= 0:
             self._parsing = None
             parsing.keep_alive = False
             parsing.body_finished(ProtocolError("request_timeout", "request body not received in time"))
             return
-        self.arm_body_timer()
+        self._body_timer = self._loop.call_later(left, self._body_tick)
 
     def _cancel_body_timer(self) -> None:
         if self._body_timer is not None:
@@ -285,3 +301,17 @@ class ClientConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._idle_timer = self._head_timer = self._body_timer = None
+
+
+def _set_linger_zero(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _reset_transport(transport: asyncio.Transport) -> None:
+    """The write timeout after a close: the client never read the rest, so drop it with a reset."""
+    if transport.get_write_buffer_size():
+        _set_linger_zero(transport)
+    transport.abort()

@@ -275,12 +275,15 @@ class Exchange:
         if self.ctx.exchange is self:
             self.ctx.exchange = None
 
-    def _abort_client(self, termination: str, reason: str) -> None:
+    def _abort_client(self, termination: str, reason: str, reset: bool = False) -> None:
         ctx = self.ctx
         ctx.termination = termination
         ctx.error_message = reason
         ctx.keep_alive = False
-        ctx.conn.abort()
+        if reset:
+            ctx.conn.reset()  # a client that stopped reading: free what the kernel still queues for it
+        else:
+            ctx.conn.abort()  # a truncation the client must see after reading what it was sent
         if not self.done.done():
             self.done.set_result(None)
 
@@ -310,4 +313,4 @@ class Exchange:
         self.upstream.detach()
         self.upstream.abort()
         self._end()
-        self._abort_client("cD", "client did not read the response in time")
+        self._abort_client("cD", "client did not read the response in time", reset=True)
