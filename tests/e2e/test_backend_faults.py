@@ -955,10 +955,14 @@ def test_early_400_before_the_request_body_was_read(after, tmp_path, procs, faul
         f"the next request got {response.status} after {waited:.1f}s: {response.body[:120]!r}")
     assert waited < 2, f"the next request waited {waited:.1f}s"
     harness.finish()
-    early_conn = server.posts(rid)[0].conn
-    assert [s.conn for s in server.posts(follow)] != [early_conn], (
-        "the connection whose request body was never fully sent went back to the pool and carried the next "
-        "request, queued behind the rest of the old body")
+    if after == "keep_alive_unread":
+        # The backend never reads the 16 MB: the proxy cannot have sent it all, so that connection must
+        # not carry the next request. (A backend that drains the body may legitimately get the connection
+        # back once all of it was written: the body is whole, the framing intact.)
+        early_conn = server.posts(rid)[0].conn
+        assert [s.conn for s in server.posts(follow)] != [early_conn], (
+            "the connection whose request body was never fully sent went back to the pool and carried the next "
+            "request, queued behind the rest of the old body")
 
 
 # 4. A burst of 5xx: passed through, then the backend is ejected ------------------------------------------
