@@ -723,19 +723,7 @@ def test_authenticated_heads_trickled_every_100ms_are_cut_at_the_head_deadline(a
     give_up = HEAD_S + 3
     cuts, normal, sampler = _authenticated(
         served, [_trickle(served.port, AUTH_HEAD + CHAT, 0.1, give_up) for _ in range(SLOW)], give_up)
-    after = [c.after for c in cuts]
-    report("auth slow heads", **normal.summary(), cut_after=spread(after),
-           rss_growth_mib=round((sampler.peak_rss - served.rss_baseline) / 1024, 1))
-    problems = normal.problems(min_requests=int(HEAD_S * 5))
-    not_408 = [c.answer[:40] for c in cuts if not c.answer.startswith(b"HTTP/1.1 408 ")]
-    if not_408:
-        problems.append(f"{len(not_408)} trickled heads were not answered 408: {not_408[:3]}")
-    off = [a for a in after if not HEAD_S - 0.05 <= a <= HEAD_S + TOLERANCE]
-    if off:
-        problems.append(f"{len(off)} heads were not cut at the {HEAD_S}s deadline: {spread(off)}")
-    if sampler.peak_rss - served.rss_baseline > RSS_SLACK_KIB:
-        problems.append(f"RSS grew {sampler.peak_rss - served.rss_baseline} KiB")
-    conclude(served, problems)
+    _conclude_408_cuts(served, "auth slow heads", "trickled heads", cuts, normal, sampler, HEAD_S)
 
 
 def test_authenticated_bodies_that_stall_are_cut_by_the_body_timeout(auth_served):
@@ -744,16 +732,21 @@ def test_authenticated_bodies_that_stall_are_cut_by_the_body_timeout(auth_served
     stalled = AUTH_HEAD + CHAT[:10]  # a valid, authenticated head and the start of its body
     cuts, normal, sampler = _authenticated(served, [_stall(served.port, stalled, give_up) for _ in range(SLOW)],
                                            give_up)
+    _conclude_408_cuts(served, "auth slow bodies", "stalled bodies", cuts, normal, sampler, BODY_S)
+
+
+def _conclude_408_cuts(served, label: str, what: str, cuts, normal, sampler, timeout: float) -> None:
+    """Every slow connection answered 408 at `timeout` (± TOLERANCE), normal clients served, RSS bounded."""
     after = [c.after for c in cuts]
-    report("auth slow bodies", **normal.summary(), cut_after=spread(after),
+    report(label, **normal.summary(), cut_after=spread(after),
            rss_growth_mib=round((sampler.peak_rss - served.rss_baseline) / 1024, 1))
-    problems = normal.problems(min_requests=int(BODY_S * 5))
+    problems = normal.problems(min_requests=int(timeout * 5))
     not_408 = [c.answer[:40] for c in cuts if not c.answer.startswith(b"HTTP/1.1 408 ")]
     if not_408:
-        problems.append(f"{len(not_408)} stalled bodies were not answered 408: {not_408[:3]}")
-    off = [a for a in after if not BODY_S - 0.05 <= a <= BODY_S + TOLERANCE]
+        problems.append(f"{len(not_408)} {what} were not answered 408: {not_408[:3]}")
+    off = [a for a in after if not timeout - 0.05 <= a <= timeout + TOLERANCE]
     if off:
-        problems.append(f"{len(off)} bodies were not cut at the {BODY_S}s body timeout: {spread(off)}")
+        problems.append(f"{len(off)} {what} were not cut at the {timeout}s timeout: {spread(off)}")
     if sampler.peak_rss - served.rss_baseline > RSS_SLACK_KIB:
         problems.append(f"RSS grew {sampler.peak_rss - served.rss_baseline} KiB")
     conclude(served, problems)
