@@ -376,7 +376,9 @@ def test_a_slow_consumer_costs_the_proxy_nothing_and_close_is_bounded(tmp_path: 
         started = time.perf_counter()
         for record in records(1000):
             svc.append(record)
-        assert time.perf_counter() - started < 0.1  # the request path only appends
+        # The request path only appends: it never waits for the consumer (which takes 5 s per delivery).
+        # A behaviour bound, not a speed claim: generous enough for a loaded CI machine.
+        assert time.perf_counter() - started < 2.0
         assert svc.pending_count() == 1000
         await asyncio.sleep(0.3)  # committed, and two attempts are now stuck in the consumer
         started = time.monotonic()
