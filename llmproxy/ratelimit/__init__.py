@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config_model import LimitConfig, RateLimitConfig
 from ..errors import ProxyError
+from .memory import MemoryStore
 from .store import Decision, Limits, RateStore, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -57,8 +58,6 @@ def open_store(config: RateLimitConfig) -> RateStore:
         from .redis_store import RedisStore
 
         return RedisStore(config.redis_url)
-    from .memory import MemoryStore
-
     return MemoryStore()
 
 
@@ -84,7 +83,7 @@ class Limiter:
         self._global = limits_for(config.global_limits)
         self._metrics = metrics
         self._per_key_labels = metrics_per_key
-        self._local = type(store).__name__ == "MemoryStore"  # its coroutines never suspend: run them inline
+        self._local = isinstance(store, MemoryStore)  # its coroutines never suspend: run them inline
         self._last_log = 0.0
         # Admissions not settled yet in this process (0 whenever nothing is in flight), shared with the
         # limiter a reload replaced: its admissions settle there.
