@@ -14,6 +14,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from .context import RequestContext
@@ -144,6 +145,7 @@ class ClientConnection(asyncio.Protocol):
         parsing = self._parsing
         if parsing is not None:
             self._parsing = None
+            parsing.t_ready = perf_counter()
             self._cancel_body_timer()
             parsing.body_finished()
 

@@ -24,6 +24,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from .overhead import OverheadExporter, ProxyOverhead
+
 log = logging.getLogger("llmproxy")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LIVE_REFRESH_INTERVAL = 1.0  # multiprocess mode: how stale a worker's live gauges may be in a scrape
@@ -35,20 +37,22 @@ DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 
 class Metrics:
-    def __init__(self, live_gauges: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, live_gauges: Callable[[], dict[str, Any]], overhead: ProxyOverhead) -> None:
         self.multiprocess = multiprocess_dir() is not None
         self._shared_live: _SharedLiveGauges | None = None
+        registry: CollectorRegistry | None = None
+        if not self.multiprocess:
+            self.registry = registry = CollectorRegistry(auto_describe=True)
+            ProcessCollector(registry=self.registry)
+            self.registry.register(_LiveCollector(live_gauges))
+        # Counted by the relay in plain lists, copied into these at scrape time (and on the tick below).
+        self._overhead = OverheadExporter(overhead, registry)
         if self.multiprocess:
             # The metrics below go to the shared files, not to a registry; a scrape merges every worker's.
             self.registry = CollectorRegistry()
             MultiProcessCollector(self.registry)
-            self._shared_live = _SharedLiveGauges(live_gauges)
+            self._shared_live = _SharedLiveGauges(live_gauges, self._overhead.flush)
             self._shared_live.start()
-            registry: CollectorRegistry | None = None
-        else:
-            self.registry = registry = CollectorRegistry(auto_describe=True)
-            ProcessCollector(registry=self.registry)
-            self.registry.register(_LiveCollector(live_gauges))
         self.requests_total = Counter(
             "llmproxy_requests_total", "Requests handled, by backend and status code.",
             ["backend", "status"], registry=registry)
@@ -169,6 +173,7 @@ class Metrics:
         self.dead_letters_total.labels(reporter, reason).inc()
 
     def render(self) -> bytes:
+        self._overhead.flush()
         if self._shared_live is not None:
             self._shared_live.refresh()  # this worker's own gauges as of now; the others' are at most 1 s old
         return generate_latest(self.registry)
@@ -237,8 +242,9 @@ class _SharedLiveGauges:
     copy, not an update per request: the request path keeps paying nothing for gauges.
     """
 
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], dict[str, Any]], flush: Callable[[], None]) -> None:
         self._read = read
+        self._flush = flush  # this worker's counted-in-place histograms
         self._process = [(key, Gauge(name, help_text, multiprocess_mode=mode, registry=None))
                          for key, name, help_text, mode in _PROCESS_GAUGES]
         self._backend = [(key, Gauge(name, help_text, ["backend"], multiprocess_mode=mode, registry=None))
@@ -261,6 +267,7 @@ class _SharedLiveGauges:
 
     def refresh(self) -> None:
         try:
+            self._flush()
             self._publish(self._read())
         except Exception:  # the gauges must never take the worker down; say it once, not every second
             if not self._failed:

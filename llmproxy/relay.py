@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from .errors import ProxyError
 from .http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
 from .metering import meter_for, meter_for_json_body
+from .overhead import server_timing
 from .upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -44,8 +45,8 @@ class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
     __slots__ = ("_awaiting_head", "_backend", "_chunked", "_collected", "_deadline", "_last_progress", "_loop",
-                 "_meter", "_out", "_pending_head", "_progress", "_refuse_statuses", "_stream_idle", "_sweeper",
-                 "_t_sent", "_write", "_write_timer", "ctx", "done", "upstream")
+                 "_meter", "_out", "_overhead", "_pending_head", "_progress", "_refuse_statuses", "_stream_idle",
+                 "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
                  refuse_statuses: frozenset[int] = frozenset()) -> None:
@@ -67,15 +68,21 @@ class Exchange:
         self._t_sent = 0.0
         self._write_timer: asyncio.TimerHandle | None = None
         self._sweeper = ctx.conn.server.sweeper
+        self._overhead = ctx.conn.server.overhead
         self._meter: Meter | None = None  # reads usage off a stream as it passes
         self._collected: list[bytes] | None = None  # a copy of a JSON body whose usage we read at the end
 
     def start(self, request: bytes) -> None:
-        self.ctx.exchange = self
-        self.ctx.upstream_sent = True
+        ctx = self.ctx
+        first_attempt = not ctx.upstream_sent
+        ctx.exchange = self
+        ctx.upstream_sent = True
         self._sweeper.active.add(self)
-        self._t_sent = perf_counter()
-        self.upstream.begin(self, request, self.ctx.head.method == b"HEAD")
+        self.upstream.begin(self, request, ctx.head.method == b"HEAD")
+        self._t_sent = now = perf_counter()
+        if first_attempt:  # a retry's time includes the failed attempt: not the proxy's overhead
+            ctx.proxy_s = now - (ctx.t_ready or ctx.t_start)
+            self._overhead.request.observe(ctx.proxy_s)
 
     def check_deadlines(self, now: float) -> None:
         """Called by the deadline sweeper on every tick."""
@@ -134,21 +141,22 @@ class Exchange:
         """Write what one upstream read produced, in one write: every event of that read leaves now, in
         one syscall and one packet (a burst of 300 events is not 300 writes), the head with the first."""
         out = self._out
-        if self._pending_head is not None:
-            out.insert(0, self._pending_head)
+        head = self._pending_head
+        if head is not None:
+            out.insert(0, head)
             self._pending_head = None
             self.ctx.response_started = True
-            if len(out) == 1:
-                self._write(out.pop())
-                return
-        if not out:
+        elif not out:
             return
         ctx = self.ctx
-        if not ctx.t_first_byte:
+        if not ctx.t_first_byte and (head is None or len(out) > 1):  # the first body bytes go now
             now = ctx.t_first_byte = perf_counter()
             self._backend.observe_ttft(now - self._t_sent, now)
         self._write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+        # The proxy's own time on this read: from the read to the write (the in-product overhead histograms).
+        histogram = self._overhead.chunk if head is None else self._overhead.first_byte
+        histogram.observe(perf_counter() - self.upstream.read_at)
 
     def on_response_complete(self) -> None:
         try:
@@ -251,6 +259,8 @@ class Exchange:
                 parts.append(b"x-accel-buffering: no\r\n")
         if ctx.response_headers:
             parts.append(ctx.response_headers)  # x-ratelimit-*
+        if not streaming:  # a streamed response's head leaves before the proxy's time is known
+            parts.append(server_timing(ctx.proxy_s + perf_counter() - self.upstream.read_at))
         if self._chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         if not ctx.keep_alive:

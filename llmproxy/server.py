@@ -22,6 +22,7 @@ from .fleet import Fleet, build_fleet, retire_removed
 from .fleet.backend import Backend
 from .http11.request import CodecLimits, ProtocolError, RequestHead
 from .metrics import Metrics
+from .overhead import ProxyOverhead
 from .pipeline import handle_request
 from .ratelimit import Limiter, open_store
 from .usage.delivery import DeliveryService
@@ -41,7 +42,8 @@ class ProxyServer:
             max_body_size=config.server.max_body_size,
         )
         self.fleet: Fleet | None = None  # built (and probed once) by start()
-        self.metrics = Metrics(self._live_state) if config.metrics.enabled else None
+        self.overhead = ProxyOverhead()  # always counted: it also feeds the Server-Timing header
+        self.metrics = Metrics(self._live_state, self.overhead) if config.metrics.enabled else None
         self.keys = KeyRing(config.auth, config.rate_limit)
         self.credential_headers = frozenset(self.keys.header_names)  # never forwarded upstream
         self.limiter = Limiter(config.rate_limit, open_store(config.rate_limit), self.metrics,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from time import perf_counter
 from typing import Protocol
 
 import httptools
@@ -28,7 +29,7 @@ class UpstreamConnection(asyncio.Protocol):
     """A pooled connection. Idle, it must receive nothing: any byte or EOF makes it dead (stale)."""
 
     __slots__ = ("_framing", "_headers", "_informational", "_is_head", "_keep_alive", "_parser",
-                 "_sink", "closed", "complete", "idle_since", "received_any", "reused", "transport")
+                 "_sink", "closed", "complete", "idle_since", "read_at", "received_any", "reused", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -44,6 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False  # any byte of the current response arrived
         self.reused = False
         self.idle_since = 0.0
+        self.read_at = 0.0  # when the bytes being handled now were read: the relay measures its overhead from it
 
     # Used by the pool and the relay --------------------------------------------------------------
 
@@ -87,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._sink is None:
             self.abort()  # bytes on an idle connection: the backend is confused, never reuse it
             return
+        self.read_at = perf_counter()
         self.received_any = True
         try:
             self._parser.feed_data(data)
@@ -99,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self._sink is not None and not self.complete and self._framing == FRAMING_CLOSE and self._headers_done:
+            self.read_at = perf_counter()
             self._finish()  # a close-delimited body ends here, cleanly
         return False
 

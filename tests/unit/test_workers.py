@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmproxy.metrics import Metrics
+from llmproxy.overhead import ProxyOverhead
 from llmproxy.workers import reserve_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,9 +51,15 @@ def _render(live_state: dict, multiprocess_dir: Path | None) -> str:
     script = textwrap.dedent(f"""
         import asyncio, json, sys
         from llmproxy.metrics import Metrics
+        from llmproxy.overhead import ProxyOverhead
         state = json.loads({json.dumps(json.dumps(live_state))})
-        metrics = Metrics(lambda: state)
+        overhead = ProxyOverhead()
+        metrics = Metrics(lambda: state, overhead)
         metrics.observe_request("a", 200, "--", 0.01, 0.001)
+        overhead.chunk.observe(0.00003)
+        overhead.first_byte.observe(0.0002)
+        metrics.render()  # copies the overhead counts so far: the next render must not count them again
+        overhead.chunk.observe(0.2)
         sys.stdout.write(metrics.render().decode())
     """)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -76,6 +83,16 @@ def test_multiprocess_mode_keeps_every_name_and_label_and_sums_workers(tmp_path:
     expected = {name for name in single if not name.startswith(("process_", "python_")) and "_created" not in name}
     assert expected <= set(merged)
     assert merged['llmproxy_requests_total{backend="a",status="200"}'] == 2
+    # the overhead histograms are counted in place and copied at scrape time: each worker's twice-rendered
+    # counts arrive once, summed over both workers
+    for samples, workers in ((single, 1), (merged, 2)):
+        assert samples["llmproxy_proxy_chunk_overhead_seconds_count"] == 2 * workers
+        assert samples['llmproxy_proxy_chunk_overhead_seconds_bucket{le="5e-05"}'] == workers
+        assert samples['llmproxy_proxy_chunk_overhead_seconds_bucket{le="0.1"}'] == workers
+        assert samples['llmproxy_proxy_chunk_overhead_seconds_bucket{le="+Inf"}'] == 2 * workers
+        assert samples["llmproxy_proxy_chunk_overhead_seconds_sum"] == pytest.approx(0.20003 * workers)
+        assert samples['llmproxy_proxy_first_byte_overhead_seconds_bucket{le="0.00025"}'] == workers
+        assert samples["llmproxy_proxy_request_overhead_seconds_count"] == 0
     assert merged["llmproxy_inflight_requests"] == 4  # "live" gauges: summed over processes still alive
     assert merged['llmproxy_backend_healthy{backend="a"}'] == 1  # min over the workers
     assert merged['llmproxy_backend_queue_depth{backend="a"}'] == 7  # max over the workers
@@ -85,7 +102,7 @@ def test_multiprocess_mode_keeps_every_name_and_label_and_sums_workers(tmp_path:
 def test_single_process_live_gauges_are_read_at_scrape_time() -> None:
     state = {**STATE, "backends": {"a": {**STATE["backends"]["a"], "queue_depth": None, "healthy": False}}}
     state.pop("outbox_pending")
-    samples = _samples(Metrics(lambda: state).render().decode())
+    samples = _samples(Metrics(lambda: state, ProxyOverhead()).render().decode())
     assert samples["llmproxy_inflight_requests"] == 2
     assert samples['llmproxy_backend_healthy{backend="a"}'] == 0
     assert not any(name.startswith(("llmproxy_backend_queue_depth", "llmproxy_usage_outbox")) for name in samples)
