@@ -26,6 +26,7 @@ OLLAMA_MAX_LINE = 8 * 1024 * 1024
 _JSON_START = (b"{", b" ", b"\t", b"\r", b"\n")
 # What the backends' lax validators (pydantic, serde-ish) also take for true: a client must not dodge
 # usage injection by writing "stream": 1 while the backend streams anyway.
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 
 
@@ -64,9 +65,22 @@ def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> b
         ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
         if inject:
             options = ctx.body_data.get("stream_options")
+            if not changes and "stream_options" not in ctx.body_data:
+                return _with_usage_option(body)
             changes["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
                 else {"include_usage": True}
     return orjson.dumps({**ctx.body_data, **changes}) if changes else body
+
+
+def _with_usage_option(body: bytes) -> bytes:
+    """The body with `stream_options.include_usage` added as its first key, every other byte as sent.
+
+    The usual streaming request: splicing costs a copy, where re-serialising would cost a second pass over
+    a prompt that may be hundreds of kilobytes (and would reorder nothing the backend cares about anyway).
+    Only called for a non-empty JSON object without the key, so the comma is right and no key is doubled.
+    """
+    brace = body.index(b"{") + 1
+    return b"".join((body[:brace], _USAGE_OPTION, body[brace:]))
 
 
 def _truthy(value: object) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import logging
 import os
@@ -28,6 +29,7 @@ from .ratelimit import Limiter, open_store
 from .usage.delivery import DeliveryService
 
 log = logging.getLogger("llmproxy")
+GC_YOUNG_THRESHOLD = 10_000  # net allocations between young-generation collections (CPython: 700); see settle_heap
 
 
 class ProxyServer:
@@ -79,6 +81,7 @@ class ProxyServer:
         self.usage.start()  # before accepting: records left undelivered by a previous run go out first
         await self.start_fleet()
         self._handle_signals()
+        settle_heap()
         self._server = await self.loop.create_server(
             lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -234,3 +237,18 @@ def _in_networks(peer: str, networks: tuple) -> bool:
     except ValueError:
         return False
     return any(address in network for network in networks)
+
+
+def settle_heap() -> None:
+    """Tune the cyclic garbage collector for serving, once start-up is done.
+
+    gc.freeze() moves everything built so far (imports, config, fleet: ~100k objects) out of the collector's
+    sight, so a full collection walks only what requests allocate. CPython's young-generation threshold of 700
+    net allocations makes a proxy with hundreds of streams in flight collect every few requests (about 250 us
+    each, with the middle generation's ~1.5 ms passes landing on whichever chunk is in flight); at 10,000 it
+    collects fifteen times less often and spends a third of the time in all (bench.ttft at c=512). Requests
+    make almost no reference cycles (a closed connection and its parser are one), so little waits longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])

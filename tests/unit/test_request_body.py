@@ -41,6 +41,25 @@ def test_streaming_chat_without_stream_options_gets_include_usage_and_a_strippin
     assert sent["messages"] == [] and sent["model"] == "m"
 
 
+def test_the_usage_option_is_spliced_in_and_every_other_byte_is_forwarded_as_sent():
+    # Key order, spacing and escapes as the client wrote them: the body is not re-serialised.
+    raw = b' \n{ "messages": [{"role": "user", "content": "caf\\u00e9 \\"q\\""}],\n  "stream": true, "model": "m"}'
+    ctx = _ctx(b"/v1/chat/completions")
+    inspect_body(ctx, raw)
+    sent = prepare_for_backend(ctx, _backend(), raw)
+    assert sent == raw.replace(b"{", b'{"stream_options":{"include_usage":true},', 1)
+    assert orjson.loads(sent) == {**orjson.loads(raw), "stream_options": {"include_usage": True}}
+
+
+def test_a_null_stream_options_is_replaced_not_doubled():
+    raw = b'{"stream": true, "stream_options": null, "model": "m"}'
+    ctx = _ctx(b"/v1/chat/completions")
+    inspect_body(ctx, raw)
+    sent = prepare_for_backend(ctx, _backend(), raw)
+    assert sent.count(b"stream_options") == 1
+    assert orjson.loads(sent)["stream_options"] == {"include_usage": True}
+
+
 def test_other_stream_options_are_kept():
     _, sent = _prepare(b"/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}})
     assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
