@@ -14,9 +14,14 @@ Phase: ``R`` request (head/body), ``Q`` queued for a pooled connection, ``C`` co
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 import orjson
+
+# A connect that fails with one of these hit the proxy's own limits (file descriptors, buffers), not the
+# backend's: no other backend would do better, and no backend may be marked down for it.
+LOCAL_EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +109,16 @@ class ProxyError(Exception):
 def error_body(spec: ErrorSpec, message: str) -> bytes:
     """Return the OpenAI-shaped JSON body for a local error."""
     return orjson.dumps({"error": {"message": message, "type": spec.type, "param": None, "code": spec.code}})
+
+
+def drop_traceback(error: BaseException) -> None:
+    """Forget where `error` was raised and what it was raised during.
+
+    A kept error (answered later, stored on a request) would otherwise hold its traceback's frames, and
+    they the connection and request that hold the error: a reference cycle only a GC pass frees, with
+    every buffer in it. httptools adds one more link: it wraps an error raised in a callback and the codec
+    re-raises the original from inside that handler, so each is the other's context.
+    """
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None

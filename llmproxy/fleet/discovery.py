@@ -76,10 +76,15 @@ def _json_or_none(body: bytes) -> Any:
 # --- health ------------------------------------------------------------------------------------------
 
 async def check_health(backend: BackendConfig, kind: str, timeout: float) -> tuple[bool, str]:
-    """(healthy, reason): healthy iff HEALTH_PATHS[kind] answers 2xx; reason is "" when healthy."""
+    """(healthy, reason): healthy iff HEALTH_PATHS[kind] answers 2xx; reason is "" when healthy.
+
+    Raises the ProbeError of a probe the proxy could not send for its own lack of resources (`local`).
+    """
     try:
         response = await probe_get(backend, HEALTH_PATHS[kind], timeout)
     except ProbeError as exc:
+        if exc.local:
+            raise
         return False, str(exc)
     if _ok(response):
         return True, ""

@@ -77,12 +77,23 @@ class HealthMonitor:
                 log.exception("health check of backend %s failed", backend.name)
 
     async def _refresh(self, backend: Backend, with_models: bool, first: bool = False) -> None:
+        try:
+            await self._check(backend, with_models, first)
+        except ProbeError as error:
+            if not error.local:
+                raise
+            # Out of file descriptors ourselves: the backend is as healthy as before, as far as we know.
+            log.warning("health check of backend %s skipped: %s", backend.name, error)
+
+    async def _check(self, backend: Backend, with_models: bool, first: bool) -> None:
         timeout = self.config.timeout
         if backend.kind == "auto":  # detected once: a flaky answer later must not turn Ollama into "openai"
             try:
                 backend.kind = await detect_kind(backend.config, timeout)
                 with_models = True
             except ProbeError as error:
+                if error.local:
+                    raise
                 self._probe_result(backend, False, f"cannot tell what server it is: {error}", first)
                 return
         if self.config.enabled:

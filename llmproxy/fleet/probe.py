@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import h11
 
 from ..config_model import BackendConfig
+from ..errors import LOCAL_EXHAUSTION_ERRNOS
 from ..upstream.pool import _ssl_context
 
 USER_AGENT = "llmproxy-health"
@@ -34,11 +35,14 @@ class ProbeError(Exception):
 
     `status` is the HTTP status when a response head did arrive (body too large, broken body): the server
     is up and speaks HTTP. It is None for transport failures (refused, timeout, TLS, reset, no response).
+    `local` is True when the proxy could not even open a socket (out of file descriptors): it says nothing
+    about the backend.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, local: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.local = local
 
 
 def host_header(backend: BackendConfig) -> str:
@@ -81,7 +85,7 @@ async def _connect(backend: BackendConfig) -> tuple[asyncio.StreamReader, asynci
         return await asyncio.open_connection(backend.host, backend.port, ssl=tls,
                                              server_hostname=backend.host if tls else None)
     except OSError as exc:
-        raise ProbeError(_describe(exc, "connect failed")) from None
+        raise ProbeError(_describe(exc, "connect failed"), local=exc.errno in LOCAL_EXHAUSTION_ERRNOS) from None
 
 
 def _request_headers(backend: BackendConfig) -> list[tuple[str, str]]:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ssl
 from collections import deque
 
 from ..config_model import BackendConfig
-from ..errors import ProxyError
+from ..errors import LOCAL_EXHAUSTION_ERRNOS, ProxyError
 from .connection import UpstreamConnection
 
 SWEEP_INTERVAL = 1.0
-_LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UpstreamPool:
@@ -142,7 +140,7 @@ class UpstreamPool:
             raise
         except OSError as exc:
             self._connect_failed()
-            if exc.errno in _LOCAL_EXHAUSTION:
+            if exc.errno in LOCAL_EXHAUSTION_ERRNOS:
                 # Our own limits (file descriptors, buffers), not the backend's fault: no retry elsewhere
                 # would help, and the backend must not be ejected for it.
                 raise ProxyError("out_of_resources", f"proxy cannot open a connection: {exc.strerror}") from None

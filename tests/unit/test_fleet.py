@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections import Counter
 from time import perf_counter
 from types import SimpleNamespace
@@ -215,5 +217,24 @@ def test_a_success_resets_the_failure_run_and_recovery_seen_by_probes_un_ejects(
         for _ in range(2):
             monitor._probe_result(a, True, "", first=False)  # ...and come back: it was restarted
         assert a.available(asyncio.get_running_loop().time())
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("error", "counted"), [(errno.EMFILE, False), (errno.ENFILE, False),
+                                                 (errno.ECONNREFUSED, True)])
+def test_a_probe_the_proxy_cannot_send_for_lack_of_descriptors_is_no_verdict_on_the_backend(
+        monkeypatch, error, counted):
+    async def no_socket(*args, **kwargs):
+        raise OSError(error, os.strerror(error))
+
+    async def run() -> None:
+        b = backend("b")
+        monitor, _ = _monitor([b])
+        monkeypatch.setattr(asyncio, "open_connection", no_socket)
+        for _ in range(3):  # unhealthy_threshold
+            await monitor._refresh(b, with_models=False)
+        assert b.probe_failures == (3 if counted else 0)
+        assert b.healthy is not counted
 
     asyncio.run(run())
