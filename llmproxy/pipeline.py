@@ -21,7 +21,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from .accounting import build_record
-from .errors import ProxyError, error_body
+from .errors import ProxyError, drop_traceback, error_body
 from .relay import Exchange
 from .request_body import inspect_body, prepare_for_backend
 from .routes import match_local, request_path
@@ -45,6 +45,7 @@ async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
         else:
             await proxy_request(server, ctx)
     except ProxyError as error:
+        drop_traceback(error)  # ctx -> body_error -> traceback -> frames -> ctx: no cycle left for the GC
         reply_error(ctx, error)
     except asyncio.CancelledError:
         pass  # the client went away; its termination code is already set

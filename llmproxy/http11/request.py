@@ -92,6 +92,16 @@ class RequestCodec:
         """True while part of a request head has arrived but not all of it."""
         return self._in_head
 
+    def release(self) -> None:
+        """The connection is gone: drop the parser and what it buffered now, not at the next GC pass.
+
+        Codec and parser point at each other (the parser calls the codec back), a reference cycle only the
+        cyclic collector frees, and with it whatever half-received head the parser holds.
+        """
+        self._parser = None
+        self._sink = None
+        self._raw = []
+
     def feed(self, data: bytes) -> None:
         """Parse `data`; raises ProtocolError on malformed or over-limit input (the codec is then dead)."""
         if self._error is not None:

@@ -4,7 +4,6 @@ hands every event to the current exchange (the relay) in the same callback it ar
 from __future__ import annotations
 
 import asyncio
-import socket
 from time import perf_counter
 from typing import Protocol
 
@@ -80,10 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
     # asyncio.Protocol -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = transport  # type: ignore[assignment]  (TCP_NODELAY: set by uvloop on every TCP transport)
 
     def data_received(self, data: bytes) -> None:
         if self._sink is None:
@@ -108,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._parser = None  # it points back at us: break the cycle so the memory goes now, not at a GC pass
         if self._sink is not None and not self.complete:
             self._lost("backend closed the connection" if exc is None else f"backend connection lost: {exc}")
 
