@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bench.harness import HOST, Log, all_alive
 from bench.loadgen import Lane, fetch_json
@@ -32,6 +32,7 @@ MIN_ROUNDS = 3  # recorded per worker: at high concurrency N/C would otherwise l
 OPEN_BATCH = 64  # connections opened at once: a SYN burst past the accept queue costs 1 s retransmits
 
 Pair = tuple[str, str, str]  # name, minuend, subtrahend
+T = TypeVar("T")
 
 
 class Env(Protocol):
@@ -88,6 +89,11 @@ class Phase:
     paired: dict[str, list[int]]
     errors: dict[str, Failures]
     window_streams: dict[str, int]  # streams completed inside the window, recorded or not: CPU is per these
+    # SSE events of the streams in window_streams (CPU per event divides by these)
+    window_events: dict[str, int] = field(default_factory=dict)
+    played: dict[str, int] = field(default_factory=dict)  # every stream sent in the phase, recorded, failed or not
+    # per path, the event arrival times of each recorded stream, when its lanes record them (Lane.record_arrivals)
+    arrivals: dict[str, list[list[int]]] = field(default_factory=dict)
     rounds: list[tuple[Any, ...]] = field(default_factory=list)  # label, then the TTFT of each path
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)  # Env.cpu() over the window
@@ -98,7 +104,9 @@ class Phase:
     def of(cls, spec: Interleaving) -> Phase:
         return cls(ttft={path: [] for path in spec.paths}, total={path: [] for path in spec.paths},
                    paired={name: [] for name, _, _ in spec.pairs},
-                   errors={path: Failures() for path in spec.paths}, window_streams=dict.fromkeys(spec.paths, 0))
+                   errors={path: Failures() for path in spec.paths}, window_streams=dict.fromkeys(spec.paths, 0),
+                   window_events=dict.fromkeys(spec.paths, 0), played=dict.fromkeys(spec.paths, 0),
+                   arrivals={path: [] for path in spec.paths})
 
 
 @dataclass
@@ -127,6 +135,11 @@ class Level:
     def cpu_ms_per_stream(self, name: str, paths: Iterable[str]) -> float:
         """CPU of `name` over the window per stream completed in it on `paths` (the streams it served)."""
         return per_stream_ms(self.phase.cpu_s[name], sum(self.phase.window_streams[path] for path in paths))
+
+    def cpu_us_per_event(self, name: str, paths: Iterable[str]) -> float:
+        """CPU of `name` over the window per SSE event of the streams completed in it on `paths`, in µs."""
+        # per_stream_ms gives ms per unit; events are counted instead of streams, and µs = 1000 x ms
+        return 1000 * per_stream_ms(self.phase.cpu_s[name], sum(self.phase.window_events[path] for path in paths))
 
     def busy(self, *names: str) -> float:
         """Share of one core that `names` used together over the window (NaN if the window never closed)."""
@@ -265,6 +278,7 @@ async def play_streams(worker: Worker, order: Sequence[str], phase: Phase, recor
     got: dict[str, int] = {}
     for path in order:
         result = await worker.lanes[path].send()
+        phase.played[path] += 1
         if not result.ok:
             phase.errors[path].add(result.error or "unknown error")
             continue
@@ -272,8 +286,11 @@ async def play_streams(worker: Worker, order: Sequence[str], phase: Phase, recor
             phase.ttft[path].append(result.ttft_ns)
             phase.total[path].append(result.total_ns)
             got[path] = result.ttft_ns
+            if result.arrivals_ns is not None:
+                phase.arrivals[path].append(result.arrivals_ns)
         if phase.window_open:
             phase.window_streams[path] += 1
+            phase.window_events[path] += result.events
     return got
 
 
@@ -341,12 +358,14 @@ Then = Callable[[list[Worker], Phase, int], Awaitable[Any]]
 
 
 async def run_level(env: Env, spec: Interleaving, concurrency: int, requests: int, log: Log,
-                    then: Then | None = None) -> Level:
+                    then: Then | None = None, before: Callable[[], Awaitable[None]] | None = None) -> Level:
     """Open the workers, warm up, record the rounds with the collector off, then run `then` (if any) on the
     same warm connections with the phase and the warm-up stream length (ns), and close the workers.
 
-    Each worker records max(MIN_ROUNDS, ceil(requests / C)) rounds, so a level has at least `requests`
-    streams per path.
+    `before` (if any) runs between the warm-up and the phase, and `then` right after the phase: no
+    stream is in flight at either moment, so what a proxy counts in between is exactly the phase's
+    streams (`Phase.played`). Each worker records max(MIN_ROUNDS, ceil(requests / C)) rounds, so a
+    level has at least `requests` streams per path.
     """
     rounds = max(MIN_ROUNDS, math.ceil(requests / concurrency))
     log(f"c={concurrency}: opening {len(spec.paths) * concurrency} connections, warm-up "
@@ -358,6 +377,8 @@ async def run_level(env: Env, spec: Interleaving, concurrency: int, requests: in
             log(f"c={concurrency}: {warm_errors.count} warm-up errors, first: {next(iter(warm_errors.kinds))}")
         log(f"c={concurrency}: measuring {rounds} rounds x {concurrency} workers "
             f"(median warm-up stream {stream_ns / 1e6:.0f} ms)")
+        if before is not None:
+            await before()
         with gc_paused():
             phase = await measure(env, spec, workers, rounds, stream_ns)
         extra = await then(workers, phase, stream_ns) if then is not None else None
@@ -367,18 +388,24 @@ async def run_level(env: Env, spec: Interleaving, concurrency: int, requests: in
     return Level(concurrency, rounds, phase, lost, warm_errors, extra)
 
 
-async def run_levels(concurrencies: list[int], run_one: Callable[[int], Awaitable[dict[str, Any]]],
-                     services: list[Service], log: Log) -> tuple[list[dict[str, Any]], bool]:
+def concurrency_label(level: Any) -> str:
+    return f"c={level}"
+
+
+async def run_levels(concurrencies: Sequence[T], run_one: Callable[[T], Awaitable[dict[str, Any]]],
+                     services: list[Service], log: Log,
+                     label: Callable[[T], str] = concurrency_label) -> tuple[list[dict[str, Any]], bool]:
     """Run each level in turn; stop early, returning False, when a child has exited meanwhile.
 
-    Whatever setup allocated so far (connections, probes) lives for the whole run: frozen first, it is
-    kept out of every later collection.
+    A level is usually a concurrency; it may be anything `run_one` takes, e.g. (concurrency, backend mode),
+    with `label` naming it in the log. Whatever setup allocated so far (connections, probes) lives for the
+    whole run: frozen first, it is kept out of every later collection.
     """
     gc.collect()
     gc.freeze()
     levels = []
-    for concurrency in concurrencies:
-        levels.append(await run_one(concurrency))
-        if not all_alive(services, f"c={concurrency}", log):
+    for level in concurrencies:
+        levels.append(await run_one(level))
+        if not all_alive(services, label(level), log):
             return levels, False
     return levels, True

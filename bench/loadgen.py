@@ -22,6 +22,9 @@ _MAX_HEAD = 64 * 1024
 _PREFIX_CAP = 64 * 1024  # body bytes kept while looking for the first event (and for error messages)
 _TAIL = 16  # body bytes kept from the end, enough to see the final `data: [DONE]` event
 _DONE_EVENT = b"data: [DONE]\n\n"
+_EVENT = b"data:"  # an SSE event start, counted in the de-chunked body
+# what the body so far may end with when an event start straddles two body pieces (reads or chunks)
+_EVENT_HEADS = tuple(_EVENT[:cut] for cut in range(1, len(_EVENT)))
 CONNECT_RETRY_PAUSE = 0.05
 
 
@@ -34,6 +37,10 @@ class StreamResult:
     ttft_ns: int  # first bytes of the first SSE `data:` event; -1 if none arrived
     total_ns: int  # terminating chunk, or the failure
     error: str | None = None
+    events: int = 0  # SSE `data:` events received, `data: [DONE]` included
+    # arrival time of each event, as the client's `data_received` saw it (one timestamp per read, repeated
+    # for each event that read held); None unless the client was asked to record them
+    arrivals_ns: list[int] | None = None
 
 
 class _BadFraming(Exception):
@@ -49,9 +56,13 @@ def build_request(host: str, port: int, path: str, body: bytes, extra_headers: d
 
 
 class StreamClient(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection running one streamed request at a time."""
+    """One keep-alive HTTP/1.1 connection running one streamed request at a time.
 
-    def __init__(self) -> None:
+    With `record_arrivals` each result also carries the arrival time of every event (for inter-event gaps).
+    """
+
+    def __init__(self, record_arrivals: bool = False) -> None:
+        self.record_arrivals = record_arrivals
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buf = bytearray()
@@ -68,6 +79,8 @@ class StreamClient(asyncio.Protocol):
         self._ttft = -1
         self._prefix = b""
         self._tail = b""
+        self._event_count = 0
+        self._arrivals: list[int] | None = [] if self.record_arrivals else None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -205,6 +218,16 @@ class StreamClient(asyncio.Protocol):
             self._keep_alive = False
 
     def _body(self, buf: bytearray, pos: int, n: int, now: int) -> None:
+        # one C-level scan per body piece (one per event on a paced stream); `now` is shared by the read
+        events = buf.count(_EVENT, pos, pos + n)
+        if self._tail.endswith(_EVENT_HEADS):  # rare: an event start may be split across pieces
+            events += self._split_event(buf, pos)
+        if events:
+            self._event_count += events
+            arrivals = self._arrivals
+            if arrivals is not None:
+                for _ in range(events):
+                    arrivals.append(now)
         if self._ttft < 0 and len(self._prefix) < _PREFIX_CAP:
             self._prefix += bytes(buf[pos:pos + n])
             prefix = self._prefix
@@ -215,6 +238,13 @@ class StreamClient(asyncio.Protocol):
             self._tail = bytes(buf[pos + n - _TAIL:pos + n])
         else:
             self._tail = (self._tail + bytes(buf[pos:pos + n]))[-_TAIL:]
+
+    def _split_event(self, buf: bytearray, pos: int) -> int:
+        """1 if the body so far ends with the first part of an event start and this piece begins with the rest."""
+        for cut in range(len(_EVENT) - 1, 0, -1):
+            if self._tail.endswith(_EVENT[:cut]):
+                return int(buf[pos:pos + len(_EVENT) - cut] == _EVENT[cut:])
+        return 0
 
     # --- outcomes -----------------------------------------------------------------------------------
 
@@ -238,6 +268,8 @@ class StreamClient(asyncio.Protocol):
         self._settle(StreamResult(False, self._status, self._ttft, now - self._t0, error))
 
     def _settle(self, result: StreamResult) -> None:
+        result.events = self._event_count
+        result.arrivals_ns = self._arrivals
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(result)
@@ -260,17 +292,19 @@ class Lane:
     new connections, since the TTFT clock starts only at the request write.
     """
 
-    def __init__(self, host: str, port: int, payload: bytes, timeout: float) -> None:
+    def __init__(self, host: str, port: int, payload: bytes, timeout: float, record_arrivals: bool = False) -> None:
         self.host = host
         self.port = port
         self.payload = payload
         self.timeout = timeout
+        self.record_arrivals = record_arrivals  # see StreamClient
         self.reconnects = 0
         self._client: StreamClient | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        _, self._client = await loop.create_connection(StreamClient, self.host, self.port)
+        _, self._client = await loop.create_connection(lambda: StreamClient(self.record_arrivals), self.host,
+                                                       self.port)
 
     async def send(self) -> StreamResult:
         if self._client is None or self._client.closed:
