@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import math
-import os
 import random
 import secrets
 import shlex
@@ -53,6 +52,7 @@ from bench.harness import (
     mock_service,
     ms,
     print_problems,
+    process_cpu_seconds,
     proxy_config,
     report_head,
     result_line,
@@ -216,29 +216,11 @@ class Env:
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of each process: run time in ns from schedstat, and the tick count (`*_ticks`)."""
         services = {**self.proxies, "mock": self.mock, "redis_server": self.redis}
-        out = {name: run_seconds(service.pid) for name, service in services.items()}
+        out = {name: process_cpu_seconds([service.pid]) for name, service in services.items()}
         out.update({f"{name}_ticks": service.cpu_seconds() for name, service in services.items()})
         out["loadgen"] = self_cpu_seconds()
         return {**out, **pinned_core_seconds(self.pins)}
 
-
-
-def run_seconds(pid: int) -> float:
-    """Time on CPU of all live threads of a process, from /proc/<pid>/task/*/schedstat (nanoseconds, unlike the
-    10 ms ticks of /proc/<pid>/stat: the proxies differ by fractions of a millisecond per stream). Threads that
-    exit are dropped from the sum; the proxies and redis-server keep theirs for the whole run."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return float("nan")
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread exited meanwhile
-    return total / 1e9
 
 
 def write_proxy_configs(directory: str, mock_port: int, redis_port: int, api_key: str) -> dict[str, str]:
