@@ -53,7 +53,7 @@ from bench.loadgen import Lane
 from bench.nginx import Nginx, find_nginx
 from bench.procs import Service, pinned_core_seconds
 from bench.stats import per_stream_ms, summary_ms
-from bench.ttft_report import BURST, NGINX, PACED, error_report, failed_checks, report, rig_bound
+from bench.ttft_report import BURST, NGINX, PACED, error_report, failed_checks, report, rig_bound, saturated
 
 # PROXIED, NGINX, PACED and BURST come from bench.inproduct and bench.ttft_report, which import nothing from here
 PATHS = (DIRECT, PROXIED)  # the throughput phase compares these two
@@ -373,6 +373,8 @@ def headline(levels: list[dict[str, Any]], concurrencies: list[int], backends: l
         level = measured.get((concurrency, mode))
         wanted = {**HEADLINE, **HEADLINE_PACED} if mode == PACED else HEADLINE
         out.update({f"{name}_c{concurrency}_{mode}": dig(level, *keys) for name, keys in wanted.items()})
+        # the mock + load generator core was saturated: TTFTs there are queueing on the rig, for every path
+        out[f"rig_saturated_c{concurrency}_{mode}"] = None if level is None else saturated(level["core_busy"])
     out["errors"] = sum(level_errors(level) for level in levels)
     return out
 

@@ -68,7 +68,9 @@ def ttft_document() -> dict:
                 "overhead_p90_ms_c1_paced": 0.43, "overhead_p50_ms_c64_paced": 0.3,
                 "overhead_p99_ms_c64_paced": 1.5, "throughput_ratio_c64_paced": 0.9,
                 "overhead_p50_ms_c1_burst": 0.5, "overhead_p99_ms_c1_burst": 0.9,
-                "cpu_ms_per_stream_c64_paced": 0.8, "nginx_cpu_ms_per_stream_c64_paced": 0.4, "errors": 0}
+                "cpu_ms_per_stream_c64_paced": 0.8, "nginx_cpu_ms_per_stream_c64_paced": 0.4, "errors": 0,
+                "overhead_p99_ms_c512_paced": 6.0, "cpu_ms_per_stream_c512_paced": 2.0,
+                "rig_saturated_c1_paced": False, "rig_saturated_c512_paced": True}
     ms = 1_000_000
     levels = [{"concurrency": c, "backend": mode,
                "raw": {"ttft_ns": {"direct": [ms + i * 1000 for i in range(50)],
@@ -107,6 +109,9 @@ def test_report_targets_and_readme_come_from_the_results_directory(tmp_path):
     assert by_key["overhead_p99_ms_c1_paced"]["text"] == "0.45 ms vs ≤ 0.5 ms: met"
     assert by_key["throughput_ratio_c64_paced"]["text"] == f"0.900 vs ≥ 0.95: missed by 0.050 (0.95{X})"
     assert by_key["overhead_p50_ms_c1_burst"]["status"] == "untargeted"
+    # a first-token tail on a level where the rig's own core was saturated says so; a CPU figure is still the proxy's
+    assert by_key["overhead_p99_ms_c512_paced"]["text"].endswith("(the mock + load generator core was saturated)")
+    assert by_key["cpu_ms_per_stream_c512_paced"]["text"] == f"2.000 ms vs ≤ 1.2 ms: missed by 0.800 ms (1.67{X})"
     assert by_key["rss_idle_mb"]["status"] == "met" and by_key["idle_conn_kib"]["status"] == "not measured"
     assert by_key["streams"]["status"] == "not measured"
 
@@ -116,7 +121,8 @@ def test_report_targets_and_readme_come_from_the_results_directory(tmp_path):
             in text)
     assert "the ttft report, verbatim" in text
     assert "**memory failed**: exit status 1" in text and "Traceback: something broke" in text
-    assert "| llmproxy / nginx CPU per stream (paced) | — | 2.00 |" in text
+    assert "| llmproxy / nginx CPU per stream (paced) | — | 2.00 | — |" in text
+    assert "|  | c=1 | c=64 | c=512 † |" in text and "† The core running the mock backend" in text
     for image in ("ttft_cdf_paced.png", "ttft_cdf_burst.png", "overhead_by_concurrency.png", "memory.png"):
         assert f"]({image})" in text and (tmp_path / image).stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())["targets"] == json.loads(json.dumps(targets))
