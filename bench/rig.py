@@ -33,6 +33,7 @@ from bench.harness import (
     Pins,
     foreign_load,
     mock_service,
+    process_cpu_seconds,
     proxy_config,
     proxy_service,
     stop_children,
@@ -257,17 +258,6 @@ def check_affinity(processes: dict[str, int], cpu: int) -> dict[str, Any]:
     return {"cpu": cpu, "found": found, "repinned": repinned}
 
 
-def pid_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc/<pid>/stat; NaN when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return math.nan
-    fields = stat[stat.rindex(b")") + 2:].split()  # the command name may contain spaces or ')'
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime and stime, fields 14 and 15 of proc(5)
-
-
 # --- proxy config, /metrics and CPU ---------------------------------------------------------------
 
 
@@ -378,7 +368,7 @@ class Rig:
         restarted inside the window counts from its start; the one it replaced drops out).
         """
         processes = self.proxy_processes()
-        each = {name: pid_cpu_seconds(pid) for name, pid in processes.items()}
+        each = {name: process_cpu_seconds([pid]) for name, pid in processes.items()}
         out = {"proxy": sum(each.values())}
         if len(each) > 1:
             out.update((f"proxy.{name}", seconds) for name, seconds in each.items())
