@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     out = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
     log(f"results in {out}")
     summary, interrupted = run_suite(args, out, command, log)
     partial = bool(args.only or args.skip or args.section_args)

@@ -145,7 +145,8 @@ class ClientConnection(asyncio.Protocol):
         parsing = self._parsing
         if parsing is not None:
             self._parsing = None
-            parsing.t_ready = perf_counter()
+            if parsing.run is not None:  # started already, waiting for this body (else _start stamps it)
+                parsing.t_ready = perf_counter()
             self._cancel_body_timer()
             parsing.body_finished()
 
@@ -203,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, ctx: RequestContext) -> None:
         if not self.closed:
+            if ctx.body_done:  # a pipelined request's wait behind the one before is not the proxy's overhead
+                ctx.t_ready = perf_counter()
             ctx.run = EagerRun(self.server.handle(ctx), self._loop)
 
     def _protocol_error(self, error: ProtocolError) -> None:

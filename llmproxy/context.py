@@ -69,7 +69,7 @@ class RequestContext:
     response_started: bool = False
     bytes_out: int = 0
     t_first_byte: float = 0.0
-    t_ready: float = 0.0  # the request body was fully read (0: it had none, t_start is that moment)
+    t_ready: float = 0.0  # the request was complete and its turn had come (pipelined ones wait their turn)
     proxy_s: float = 0.0  # request fully read -> written upstream (the request side of the proxy's overhead)
     exchange: Exchange | None = None
     run: EagerRun | None = None  # the running pipeline

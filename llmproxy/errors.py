@@ -116,8 +116,8 @@ def drop_traceback(error: BaseException) -> None:
 
     A kept error (answered later, stored on a request) would otherwise hold its traceback's frames, and
     they the connection and request that hold the error: a reference cycle only a GC pass frees, with
-    every buffer in it. httptools adds one more link: it wraps an error raised in a callback and the codec
-    re-raises the original from inside that handler, so each is the other's context.
+    every buffer in it. The context matters too: the codec re-raises its error while handling httptools'
+    wrapper of it, whose own traceback leads back to the codec.
     """
     error.__traceback__ = None
     error.__context__ = None

@@ -41,17 +41,19 @@ class Metrics:
         self.multiprocess = multiprocess_dir() is not None
         self._shared_live: _SharedLiveGauges | None = None
         registry: CollectorRegistry | None = None
-        if not self.multiprocess:
-            self.registry = registry = CollectorRegistry(auto_describe=True)
-            ProcessCollector(registry=self.registry)
-            self.registry.register(_LiveCollector(live_gauges))
-        # Counted by the relay in plain lists, copied into these at scrape time (and on the tick below).
-        self._overhead = OverheadExporter(overhead, registry)
         if self.multiprocess:
             # The metrics below go to the shared files, not to a registry; a scrape merges every worker's.
             self.registry = CollectorRegistry()
             MultiProcessCollector(self.registry)
-            self._shared_live = _SharedLiveGauges(live_gauges, self._overhead.flush)
+            self._shared_live = _SharedLiveGauges(live_gauges, self.flush)
+        else:
+            self.registry = registry = CollectorRegistry(auto_describe=True)
+            ProcessCollector(registry=self.registry)
+            self.registry.register(_LiveCollector(live_gauges))
+        # Counted by the relay in plain lists, copied into these at scrape time (and on the tick).
+        self._overhead = OverheadExporter(overhead, registry)
+        self._overhead_failed = False
+        if self._shared_live is not None:
             self._shared_live.start()
         self.requests_total = Counter(
             "llmproxy_requests_total", "Requests handled, by backend and status code.",
@@ -172,8 +174,17 @@ class Metrics:
     def dead_letter(self, reporter: str, reason: str) -> None:
         self.dead_letters_total.labels(reporter, reason).inc()
 
+    def flush(self) -> None:
+        """Copy the overhead histograms' new counts into the exported ones (never fails a scrape)."""
+        try:
+            self._overhead.flush()
+        except Exception:  # e.g. a prometheus_client whose Histogram internals changed: say it once
+            if not self._overhead_failed:
+                log.exception("exporting the overhead histograms failed")
+            self._overhead_failed = True
+
     def render(self) -> bytes:
-        self._overhead.flush()
+        self.flush()
         if self._shared_live is not None:
             self._shared_live.refresh()  # this worker's own gauges as of now; the others' are at most 1 s old
         return generate_latest(self.registry)
@@ -244,7 +255,7 @@ class _SharedLiveGauges:
 
     def __init__(self, read: Callable[[], dict[str, Any]], flush: Callable[[], None]) -> None:
         self._read = read
-        self._flush = flush  # this worker's counted-in-place histograms
+        self._flush = flush  # this worker's counted-in-place histograms (handles its own failures)
         self._process = [(key, Gauge(name, help_text, multiprocess_mode=mode, registry=None))
                          for key, name, help_text, mode in _PROCESS_GAUGES]
         self._backend = [(key, Gauge(name, help_text, ["backend"], multiprocess_mode=mode, registry=None))
@@ -266,8 +277,8 @@ class _SharedLiveGauges:
         loop.call_later(LIVE_REFRESH_INTERVAL, self._tick, loop)
 
     def refresh(self) -> None:
+        self._flush()
         try:
-            self._flush()
             self._publish(self._read())
         except Exception:  # the gauges must never take the worker down; say it once, not every second
             if not self._failed:

@@ -1,7 +1,10 @@
 """The time the proxy itself adds, measured in-process on every request and every chunk.
 
 Three histograms, each the difference of two monotonic clock reads:
-- request: the client's request fully read -> the request written to the backend;
+- request: the client's request complete (and its turn come, when pipelined) -> written to the backend. This
+  is everything the proxy does before the backend sees the request: parsing, routing, rate-limit
+  admission (a Redis round trip with the shared store) and getting an upstream connection (a connect when
+  none is idle). A retry's time is not counted;
 - first byte: the upstream read that brought the first response bytes -> those bytes written to the client;
 - chunk: every later upstream read -> its bytes written to the client.
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Histogram
 
 # From 10 us (a chunk relayed by a warm process) to 100 ms (a stalled event loop).
 OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
@@ -76,7 +79,7 @@ class ProxyOverhead:
 class OverheadExporter:
     """The Prometheus side: one histogram per kind, fed by `flush` (called at scrape time and on the tick)."""
 
-    def __init__(self, overhead: ProxyOverhead, registry: Any) -> None:
+    def __init__(self, overhead: ProxyOverhead, registry: CollectorRegistry | None) -> None:
         self._pairs = [(getattr(overhead, key), Histogram(name, help_text, buckets=OVERHEAD_BUCKETS,
                                                           registry=registry))
                        for key, name, help_text in HISTOGRAMS]

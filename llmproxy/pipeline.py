@@ -110,6 +110,7 @@ async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet:
             condition = error.retry_condition
             if last or condition not in fleet.retry_on or ctx.response_started or ctx.conn.closed:
                 raise
+            drop_traceback(error)  # swallowed: its frames hold the exchange, connection and ctx
             ctx.retries += 1
             if server.metrics is not None:
                 server.metrics.observe_retry(condition)
@@ -147,6 +148,7 @@ async def forward(ctx: RequestContext, backend: Backend, body: bytes, refuse_sta
                 # A pooled connection the backend closed while idle fails before any response byte:
                 # the backend never saw the request, so one retry on a fresh connection is safe.
                 if attempt == 1 and conn.reused and not conn.received_any and error.kind == "upstream_failed":
+                    drop_traceback(error)
                     continue
                 raise
             finally:

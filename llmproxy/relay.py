@@ -74,14 +74,14 @@ class Exchange:
 
     def start(self, request: bytes) -> None:
         ctx = self.ctx
-        first_attempt = not ctx.upstream_sent
+        first_attempt = ctx.retries == 0 and not ctx.upstream_sent
         ctx.exchange = self
         ctx.upstream_sent = True
         self._sweeper.active.add(self)
         self.upstream.begin(self, request, ctx.head.method == b"HEAD")
         self._t_sent = now = perf_counter()
         if first_attempt:  # a retry's time includes the failed attempt: not the proxy's overhead
-            ctx.proxy_s = now - (ctx.t_ready or ctx.t_start)
+            ctx.proxy_s = now - ctx.t_ready
             self._overhead.request.observe(ctx.proxy_s)
 
     def check_deadlines(self, now: float) -> None:

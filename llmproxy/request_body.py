@@ -65,7 +65,7 @@ def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> b
         ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
         if inject:
             options = ctx.body_data.get("stream_options")
-            if not changes and "stream_options" not in ctx.body_data:
+            if not changes and ctx.body_data and "stream_options" not in ctx.body_data:
                 return _with_usage_option(body)
             changes["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
                 else {"include_usage": True}

@@ -44,7 +44,7 @@ class ProxyServer:
             max_body_size=config.server.max_body_size,
         )
         self.fleet: Fleet | None = None  # built (and probed once) by start()
-        self.overhead = ProxyOverhead()  # always counted: it also feeds the Server-Timing header
+        self.overhead = ProxyOverhead()  # the relay counts into it; exported when metrics are enabled
         self.metrics = Metrics(self._live_state, self.overhead) if config.metrics.enabled else None
         self.keys = KeyRing(config.auth, config.rate_limit)
         self.credential_headers = frozenset(self.keys.header_names)  # never forwarded upstream
@@ -125,6 +125,8 @@ class ProxyServer:
             retire_removed(old, fleet)
         self.prices = config.pricing
         self._reload_access(config)
+        gc.unfreeze()  # the old fleet was frozen with the start-up heap: let a full pass free what it left
+        settle_heap()
         for section in ("server", "logging", "metrics", "usage"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
@@ -169,6 +171,8 @@ class ProxyServer:
         if self.limiter is not None:
             await self.limiter.close()
         self.access_log.close()
+        if self.metrics is not None:
+            self.metrics.flush()  # multiprocess: the last second's overhead counts reach the shared files
 
     # Per request ----------------------------------------------------------------------------------
 

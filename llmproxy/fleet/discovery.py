@@ -50,6 +50,8 @@ async def detect_kind(backend: BackendConfig, timeout: float) -> str:
         try:
             response = await probe_get(backend, path, timeout)
         except ProbeError as exc:
+            if exc.local:
+                raise  # not sent at all (out of descriptors): the other answers cannot settle the kind
             answered = answered or exc.status is not None  # a head arrived: it is up and speaks HTTP
             error = exc
             continue

@@ -79,7 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
     # asyncio.Protocol -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (TCP_NODELAY: set by uvloop on every TCP transport)
+        self.transport = transport  # type: ignore[assignment]  # TCP_NODELAY: uvloop sets it on every TCP transport
 
     def data_received(self, data: bytes) -> None:
         if self._sink is None:

@@ -73,3 +73,18 @@ def test_a_plain_response_says_how_long_the_proxy_held_it(proxy):
     # Server-Timing is the request side plus the response side up to the head: no more than both histograms
     proxy_ms = sum(after[kind][1] - before[kind][1] for kind in ("request", "first_byte")) * 1000
     assert float(match.group(1)) <= proxy_ms + 0.001
+
+
+def test_a_pipelined_request_is_not_charged_for_its_wait_behind_the_one_before(proxy):
+    slow = post_request("/v1/chat/completions", json.dumps({"model": "m", "messages": []}).encode(),
+                        {"x-mock-first-byte-delay-ms": "300"})
+    quick = post_request("/v1/chat/completions", json.dumps({"model": "m", "messages": []}).encode())
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(slow + quick)  # the second is complete at once but waits ~300 ms for its turn
+        timings = []
+        reader = ResponseReader(sock)  # one reader: what it buffered of the second response stays with it
+        for _ in range(2):
+            reader.read_head()
+            reader.read_body()
+            timings.append(float(SERVER_TIMING.match(reader.headers["server-timing"]).group(1)))
+    assert timings[1] < 100, timings

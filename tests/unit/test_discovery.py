@@ -149,6 +149,23 @@ def test_a_dead_backend_raises_instead_of_guessing() -> None:
     assert caught.value.status is None
 
 
+def test_a_probe_that_could_not_be_sent_settles_no_kind(monkeypatch) -> None:
+    # The first probe hits the proxy's own descriptor limit; the later ones would answer 404 (an openai-only
+    # server's answers): guessing "openai" from them would misfile an Ollama backend for good.
+    sent = []
+
+    async def probe(backend: BackendConfig, path: str, timeout: float) -> Any:
+        sent.append(path)
+        if len(sent) == 1:
+            raise ProbeError("connect failed: Too many open files", local=True)
+        raise ProbeError("status 404", 404)
+
+    monkeypatch.setattr("llmproxy.fleet.discovery.probe_get", probe)
+    with pytest.raises(ProbeError, match="Too many open files") as caught:
+        run(detect_kind(backend_for("http://127.0.0.1:9"), TIMEOUT))
+    assert caught.value.local and len(sent) == 1
+
+
 # --- health --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dialect", DIALECTS)
