@@ -99,16 +99,18 @@ class Spec:
     carries: Callable[[bytes], bool]  # may these bytes report usage? Only then are they parsed
     count: Callable[[bytes], int]  # content events in these complete lines
     extract: Callable[[Any], Usage | None]  # parsed event -> usage it reports, or None
+    marker: bytes  # the key `carries` looks for: every event that carries usage contains it
 
 
-_USAGE = _key_then(b'"usage":', b"{")
+_USAGE_KEY, _DETAILS_KEY, _DONE_KEY = b'"usage":', b'"details":', b'"done":'
+_USAGE = _key_then(_USAGE_KEY, b"{")
 SPECS = {
-    OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage),
-    OPENAI_COMPLETIONS_SSE: Spec(_USAGE, count_completions, openai_usage),
+    OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage, _USAGE_KEY),
+    OPENAI_COMPLETIONS_SSE: Spec(_USAGE, count_completions, openai_usage, _USAGE_KEY),
     # Only response.completed (or .incomplete) embeds a response whose usage is an object; the others say null.
-    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage),
-    TGI_GENERATE_SSE: Spec(_key_then(b'"details":', b"{"), count_tgi, tgi_usage),
-    OLLAMA_NDJSON: Spec(_key_then(b'"done":', b"t"), count_ollama, ollama_usage),
+    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY),
+    TGI_GENERATE_SSE: Spec(_key_then(_DETAILS_KEY, b"{"), count_tgi, tgi_usage, _DETAILS_KEY),
+    OLLAMA_NDJSON: Spec(_key_then(_DONE_KEY, b"t"), count_ollama, ollama_usage, _DONE_KEY),
 }
 
 _ANY = frozenset({"vllm", "tgi", "ollama", "openai"})

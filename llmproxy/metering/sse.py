@@ -36,7 +36,7 @@ class SSEMeter:
     """Meter for the SSE dialects; see llmproxy.metering.Meter for the contract."""
 
     __slots__ = ("_carries", "_count", "_event", "_event_size", "_extract", "_held", "_idle", "_lf", "_marked",
-                 "_max", "_strip", "_tail", "content_events", "overflowed", "usage")
+                 "_marker", "_max", "_strip", "_tail", "content_events", "overflowed", "usage")
 
     def __init__(self, spec: Spec, strip: bool, max_line: int) -> None:
         self.usage = None
@@ -45,6 +45,7 @@ class SSEMeter:
         self._carries = spec.carries
         self._count = spec.count
         self._extract = spec.extract
+        self._marker = spec.marker
         self._strip = strip
         self._max = max_line
         self._tail = bytearray()  # the unfinished trailing line
@@ -63,6 +64,8 @@ class SSEMeter:
             self.content_events += self._count(data)
             if not self._carries(data):
                 return data  # nothing to parse, nothing to remember: the same bytes object goes on
+            if b"\r" not in data:  # LF line ends only, as every backend sends: events end at "\n\n"
+                return self._read_marked_events(data)
             out = self._walk_lines(data, True)
             return out if self._strip else data
         return self._feed_lines(data)
@@ -86,6 +89,40 @@ class SSEMeter:
         return b"" if usage_only else pending
 
     # internals ------------------------------------------------------------------------------------
+
+    def _read_marked_events(self, data: bytes) -> bytes:
+        """Whole LF-terminated events, nothing open before them: parse only the events holding the marker.
+
+        A fast backend puts dozens of events in one read, and the one with the usage among them; finding it
+        with `find` costs a fraction of walking every line in Python. Returns `data` itself unless a
+        usage-only event is stripped from it.
+        """
+        marker, kept, emit, pos = self._marker, [], 0, 0
+        while (hit := data.find(marker, pos)) >= 0:
+            boundary = data.rfind(b"\n\n", 0, hit)  # the blank line that ends the event before
+            start = 0 if boundary < 0 else boundary + 2
+            end = data.find(b"\n\n", hit) + 2  # found: `data` ends with a blank line
+            event = data[start:end]
+            if self._carries(event) and self._usage_only(event) and self._strip:
+                kept.append(data[emit:start])
+                emit = end
+            if self.overflowed:
+                return data if not kept else b"".join((*kept, data[emit:]))
+            pos = end
+        if not kept:
+            return data
+        kept.append(data[emit:])
+        return b"".join(kept)
+
+    def _usage_only(self, event: bytes) -> bool:
+        """Read one whole event (its blank line included); True if it is a usage-only event."""
+        for line in event.split(b"\n"):
+            n = len(line)
+            if n and _is_data(line, n):
+                self._add_data(line, n, True)
+                if self.overflowed:
+                    return False
+        return bool(self._event) and self._dispatch()
 
     def _feed_lines(self, data: bytes) -> bytes:
         body, prefix = self._after_cr(data) if self._lf else (data, b"")

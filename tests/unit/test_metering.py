@@ -641,3 +641,34 @@ def test_unknown_dialects_are_refused_and_fixture_aliases_accepted():
 ])
 def test_dialect_for(path: str, backend: str | None, expected: str | None):
     assert dialect_for(path, backend) == expected
+
+
+def _burst(events: int) -> tuple[bytes, bytes]:
+    """A whole chat stream in one read, as a fast backend sends it, and its usage-only event."""
+    chunk = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"t%d"}}]}\n\n'
+    usage = (b'data: {"id":"x","object":"chat.completion.chunk","choices":[],'
+             b'"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (events, events + 5))
+    body = b"".join(chunk % i for i in range(events))
+    return body + usage + b"data: [DONE]\n\n", usage
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_a_whole_burst_in_one_read_is_parsed_only_where_usage_is(strip):
+    data, usage_event = _burst(64)
+    meter = meter_for("openai-chat-sse", strip_usage_event=strip)
+    out = meter.feed(data)
+    assert meter.finish() == b""
+    assert meter.usage.completion_tokens == 64 and meter.content_events == 64
+    if strip:
+        assert out == data.replace(usage_event, b"")
+    else:
+        assert out is data  # nothing changed: the same object goes on, no copy
+
+
+def test_a_usage_marker_inside_a_content_string_is_not_usage():
+    # The marker escaped inside a string cannot match; a real "usage": null is not an object either.
+    data = (b'data: {"choices":[{"delta":{"content":"say \\"usage\\": {1}"}}],"usage":null}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n')
+    meter = meter_for("openai-chat-sse", strip_usage_event=True)
+    assert meter.feed(data) == data.split(b"\n\n")[0] + b"\n\n"
+    assert meter.usage.total_tokens == 3
