@@ -198,6 +198,7 @@ class Outbox:
 
     async def apply(self, actions: list[Action]) -> None:
         await self.call(self._db.apply, actions, time.time())
+        self.metrics.outbox_depth(self.pending_count())  # delivered rows leave the gauge now, not at the next commit
 
     # Gauges (cheap, callable from any thread) ------------------------------------------------------------
 

@@ -17,7 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import REPO, Proc, ResponseReader, post_request, raw_connect, wait_for, write_config
+from tests.support import (
+    REPO,
+    Proc,
+    ResponseReader,
+    metric_value,
+    post_request,
+    raw_connect,
+    wait_for,
+    write_config,
+)
 from tests.webhook_consumer import Answer, WebhookConsumer
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -90,6 +99,8 @@ def test_record_is_delivered_signed_with_the_request_id(tmp_path, mock_vllm, con
     assert record["request_id"] == request_id and record["usage_source"] == "reported"
     assert record["completion_tokens"] == 2
     assert received[0].headers["content-type"] == "application/json"
+    # delivered: the outbox gauge says nothing is pending (it once kept the count of the last commit)
+    wait_for(lambda: metric_value(proxy, "llmproxy_usage_outbox_pending") == 0, timeout=5)
 
 
 def test_consumer_down_30s_while_300_requests_complete_loses_nothing(tmp_path, mock_vllm, consumer, procs):
