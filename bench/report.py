@@ -134,7 +134,7 @@ def evaluate(results: Results) -> list[dict[str, Any]]:
         value = headline.get(target.key)
         status, text = verdict(target, value if isinstance(value, int | float) else None)
         level = re.search(r"_(c\d+_(?:paced|burst))$", target.key)
-        if status == "missed" and level and target.key.startswith("overhead_") \
+        if status == "missed" and level and target.key.startswith(("overhead_", "throughput_ratio_")) \
                 and headline.get(f"rig_saturated_{level.group(1)}"):
             text += " † (the mock + load generator core was saturated)"
         section_status = results.sections.get(target.section, {}).get("status", "not run")

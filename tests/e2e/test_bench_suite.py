@@ -70,6 +70,7 @@ def ttft_document() -> dict:
                 "overhead_p50_ms_c1_burst": 0.5, "overhead_p99_ms_c1_burst": 0.9,
                 "cpu_ms_per_stream_c64_paced": 0.8, "nginx_cpu_ms_per_stream_c64_paced": 0.4, "errors": 0,
                 "overhead_p99_ms_c512_paced": 6.0, "cpu_ms_per_stream_c512_paced": 2.0,
+                "throughput_ratio_c512_paced": 0.9,
                 "rig_saturated_c1_paced": False, "rig_saturated_c512_paced": True}
     ms = 1_000_000
     levels = [{"concurrency": c, "backend": mode,
@@ -111,6 +112,7 @@ def test_report_targets_and_readme_come_from_the_results_directory(tmp_path):
     assert by_key["overhead_p50_ms_c1_burst"]["status"] == "untargeted"
     # a first-token tail on a level where the rig's own core was saturated says so; a CPU figure is still the proxy's
     assert by_key["overhead_p99_ms_c512_paced"]["text"].endswith("(the mock + load generator core was saturated)")
+    assert by_key["throughput_ratio_c512_paced"]["text"].endswith("(the mock + load generator core was saturated)")
     assert by_key["cpu_ms_per_stream_c512_paced"]["text"] == f"2.000 ms vs ≤ 1.2 ms: missed by 0.800 ms (1.67{X})"
     assert by_key["rss_idle_mb"]["status"] == "met" and by_key["idle_conn_kib"]["status"] == "not measured"
     assert by_key["streams"]["status"] == "not measured"
