@@ -40,9 +40,9 @@ class Service:
         assert self._proc is not None
         return self._proc.pid
 
-    def start(self, timeout: float = 15.0) -> int:
-        """Start the child, pin it, and return the port from its `listening on` banner."""
-        self.spawn()
+    def start(self, timeout: float = 15.0, cwd: str | Path = REPO_ROOT) -> int:
+        """Start the child in `cwd` (whose llmproxy it runs), pin it, and return the port from its banner."""
+        self.spawn(cwd)
         if not self._port_found.wait(timeout) or not self.port:
             self.stop()
             raise RuntimeError(f"{self.name} did not print its `listening on` banner within {timeout:g}s; "
