@@ -24,9 +24,9 @@ _STREAM_BY_DEFAULT = ("/api/chat", "/api/generate")
 _ALWAYS_STREAM = ("/generate_stream",)
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
 _JSON_START = (b"{", b" ", b"\t", b"\r", b"\n")
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'  # spliced in as the body's first key
 # What the backends' lax validators (pydantic, serde-ish) also take for true: a client must not dodge
 # usage injection by writing "stream": 1 while the backend streams anyway.
-_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 
 
@@ -64,9 +64,9 @@ def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> b
         max_line = OLLAMA_MAX_LINE if dialect == OLLAMA_NDJSON else DEFAULT_MAX_LINE
         ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
         if inject:
-            options = ctx.body_data.get("stream_options")
             if not changes and ctx.body_data and "stream_options" not in ctx.body_data:
                 return _with_usage_option(body)
+            options = ctx.body_data.get("stream_options")
             changes["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
                 else {"include_usage": True}
     return orjson.dumps({**ctx.body_data, **changes}) if changes else body

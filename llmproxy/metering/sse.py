@@ -107,7 +107,7 @@ class SSEMeter:
                 kept.append(data[emit:start])
                 emit = end
             if self.overflowed:
-                return data if not kept else b"".join((*kept, data[emit:]))
+                break  # metering gave up: the rest goes on untouched
             pos = end
         if not kept:
             return data
