@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 if TYPE_CHECKING:
-    from .context import RequestContext
+    from llmproxy.context import RequestContext
 
 
 class AccessLog:

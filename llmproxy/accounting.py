@@ -13,11 +13,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from .accesslog import rfc3339
+from llmproxy.accesslog import rfc3339
 
 if TYPE_CHECKING:
-    from .config_model import PriceConfig
-    from .context import RequestContext
+    from llmproxy.config_model import PriceConfig
+    from llmproxy.context import RequestContext
 
 CHARS_PER_TOKEN = 4
 

@@ -16,10 +16,10 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from .config_model import ApiKeyConfig, AuthConfig, LimitConfig, RateLimitConfig
-from .errors import ProxyError
-from .http11.request import RequestHead
-from .ratelimit import limits_for
+from llmproxy.config_model import ApiKeyConfig, AuthConfig, LimitConfig, RateLimitConfig
+from llmproxy.errors import ProxyError
+from llmproxy.http11.request import RequestHead
+from llmproxy.ratelimit import limits_for
 
 KEY_ID_LENGTH = 12  # hex digits of the digest shown in logs and metrics: unique enough, useless to an attacker
 

@@ -21,7 +21,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .fleet.backend import Backend
+    from llmproxy.fleet.backend import Backend
 
 TTFT_FLOOR = 0.001  # seconds
 Strategy = Callable[[list["Backend"]], "Backend"]

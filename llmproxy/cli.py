@@ -9,9 +9,9 @@ import logging
 import signal
 import sys
 
-from . import __version__
-from .config import ConfigError, dump_config, load_config, parse_listen
-from .config_model import Config
+from llmproxy import __version__
+from llmproxy.config import ConfigError, dump_config, load_config, parse_listen
+from llmproxy.config_model import Config
 
 log = logging.getLogger("llmproxy")
 
@@ -19,13 +19,13 @@ log = logging.getLogger("llmproxy")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "mock-backend":
-        from .mockbackend import main as mock_main
+        from llmproxy.mockbackend import main as mock_main
 
         return mock_main(argv[1:])
     if argv and argv[0] == "usage":
         return _cmd_usage(argv[1:])
     if argv and argv[0] == "keygen":
-        from .keygen import main as keygen_main
+        from llmproxy.keygen import main as keygen_main
 
         return keygen_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -108,7 +108,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_usage(argv: list[str]) -> int:
     """`llmproxy usage dead-letters list|replay ... --config PATH`, beside a running proxy or not."""
-    from .usage.cli import dead_letters_main
+    from llmproxy.usage.cli import dead_letters_main
 
     parser = argparse.ArgumentParser(prog="llmproxy usage")
     parser.add_argument("what", choices=["dead-letters"])
@@ -134,7 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()  # before any worker starts: they inherit it
     workers = config.server.workers
     if args.worker_index is not None:
-        from .workers import serve_worker
+        from llmproxy.workers import serve_worker
 
         # Until the server's own handler is installed, a SIGHUP forwarded to all workers must not kill
         # this one (the default action): it has just read the config anyway.
@@ -143,7 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port = config.server.port if args.worker_port is None else args.worker_port
         return asyncio.run(serve_worker(config, args.config, args.worker_index, port, args.ready_fd, workers))
     if workers > 1:
-        from .workers import Supervisor
+        from llmproxy.workers import Supervisor
 
         return Supervisor(config, args.config, workers, args.listen).run()
     _install_uvloop()
@@ -151,8 +151,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, banner: str = "", config_path: str | None = None) -> int:
-    from .server import ProxyServer
-    from .usage.spooldirs import LeftoverDelivery
+    from llmproxy.server import ProxyServer
+    from llmproxy.usage.spooldirs import LeftoverDelivery
 
     server = ProxyServer(config, config_path)
     try:
@@ -175,7 +175,7 @@ async def _serve(config: Config, banner: str = "", config_path: str | None = Non
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from llmproxy.demo import run_demo
 
     try:
         host, port = parse_listen(args.listen, "--listen")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .usage.config import UsageConfig
+from llmproxy.usage.config import UsageConfig
 
 LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based", "queue_depth")
 BUDGET_PERIODS = ("day", "week", "month")

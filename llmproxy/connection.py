@@ -16,14 +16,14 @@ import struct
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from .context import RequestContext
-from .eager import EagerRun
-from .errors import ProxyError, drop_traceback, error_body
-from .http11.request import ProtocolError, RequestCodec, RequestHead
-from .http11.wire import status_line
+from llmproxy.context import RequestContext
+from llmproxy.eager import EagerRun
+from llmproxy.errors import ProxyError, drop_traceback, error_body
+from llmproxy.http11.request import ProtocolError, RequestCodec, RequestHead
+from llmproxy.http11.wire import status_line
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from llmproxy.server import ProxyServer
 
 WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
 

@@ -7,17 +7,17 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProxyError
-from .http11.request import RequestHead
-from .http11.wire import CONTINUE_100, status_line
+from llmproxy.errors import ProxyError
+from llmproxy.http11.request import RequestHead
+from llmproxy.http11.wire import CONTINUE_100, status_line
 
 if TYPE_CHECKING:
-    from .auth import ApiKey
-    from .connection import ClientConnection
-    from .eager import EagerRun
-    from .metering import Meter, Usage
-    from .ratelimit import Admission
-    from .relay import Exchange
+    from llmproxy.auth import ApiKey
+    from llmproxy.connection import ClientConnection
+    from llmproxy.eager import EagerRun
+    from llmproxy.metering import Meter, Usage
+    from llmproxy.ratelimit import Admission
+    from llmproxy.relay import Exchange
 
 
 # A client may pass its own X-Request-Id (1-128 visible ASCII characters) through to the backend.

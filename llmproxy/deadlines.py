@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .relay import Exchange
+    from llmproxy.relay import Exchange
 
 MAX_TICK = 1.0
 MIN_TICK = 0.05

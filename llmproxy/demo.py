@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from .config_model import BackendConfig, Config, LoggingConfig, ServerConfig
-from .mockbackend import MockOptions, start_mock_backend
+from llmproxy.config_model import BackendConfig, Config, LoggingConfig, ServerConfig
+from llmproxy.mockbackend import MockOptions, start_mock_backend
 
 DEMO_MODEL = "demo-model"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import secrets
 
-from .auth import KEY_ID_LENGTH
-from .config.access import key_digest
+from llmproxy.auth import KEY_ID_LENGTH
+from llmproxy.config.access import key_digest
 
 KEY_BYTES = 32  # 256 bits of randomness: 43 URL-safe characters
 

@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from .overhead import OverheadExporter, ProxyOverhead
+from llmproxy.overhead import OverheadExporter, ProxyOverhead
 
 log = logging.getLogger("llmproxy")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -20,18 +20,18 @@ import random
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from .accounting import build_record
-from .errors import ProxyError, drop_traceback, error_body
-from .relay import Exchange
-from .request_body import inspect_body, prepare_for_backend
-from .routes import match_local, request_path
-from .upstream_request import build_upstream_request
+from llmproxy.accounting import build_record
+from llmproxy.errors import ProxyError, drop_traceback, error_body
+from llmproxy.relay import Exchange
+from llmproxy.request_body import inspect_body, prepare_for_backend
+from llmproxy.routes import match_local, request_path
+from llmproxy.upstream_request import build_upstream_request
 
 if TYPE_CHECKING:
-    from .context import RequestContext
-    from .fleet import Fleet
-    from .fleet.backend import Backend
-    from .server import ProxyServer
+    from llmproxy.context import RequestContext
+    from llmproxy.fleet import Fleet
+    from llmproxy.fleet.backend import Backend
+    from llmproxy.server import ProxyServer
 
 log = logging.getLogger("llmproxy")
 

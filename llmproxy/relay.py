@@ -18,16 +18,16 @@ import logging
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from .errors import ProxyError
-from .http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
-from .metering import meter_for, meter_for_json_body
-from .overhead import server_timing
-from .upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from llmproxy.errors import ProxyError
+from llmproxy.http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
+from llmproxy.metering import meter_for, meter_for_json_body
+from llmproxy.overhead import server_timing
+from llmproxy.upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
-    from .context import RequestContext
-    from .fleet.backend import Backend
-    from .metering import Meter
+    from llmproxy.context import RequestContext
+    from llmproxy.fleet.backend import Backend
+    from llmproxy.metering import Meter
 
 log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")

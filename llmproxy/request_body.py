@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, dialect_for, meter_for
+from llmproxy.metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, dialect_for, meter_for
 
 if TYPE_CHECKING:
-    from .context import RequestContext
-    from .fleet.backend import Backend
+    from llmproxy.context import RequestContext
+    from llmproxy.fleet.backend import Backend
 
 # Native paths that stream unless the body says "stream": false (Ollama) or always stream (TGI).
 _STREAM_BY_DEFAULT = ("/api/chat", "/api/generate")

@@ -12,13 +12,13 @@ from urllib.parse import unquote
 
 import orjson
 
-from .errors import ProxyError
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from llmproxy.errors import ProxyError
+from llmproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from .context import RequestContext
-    from .fleet.backend import Backend
-    from .server import ProxyServer
+    from llmproxy.context import RequestContext
+    from llmproxy.fleet.backend import Backend
+    from llmproxy.server import ProxyServer
 
 LocalHandler = Callable[["ProxyServer", "RequestContext"], None]
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .http11.wire import CRLF, HOP_BY_HOP
+from llmproxy.http11.wire import CRLF, HOP_BY_HOP
 
 if TYPE_CHECKING:
-    from .context import RequestContext
-    from .fleet.backend import Backend
+    from llmproxy.context import RequestContext
+    from llmproxy.fleet.backend import Backend
 
 # Replaced by the proxy, or never sent upstream (client credentials are for the proxy only).
 DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {

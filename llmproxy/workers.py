@@ -33,11 +33,11 @@ from dataclasses import dataclass, replace
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from . import __version__
-from .config_model import Config
-from .metrics import MULTIPROC_ENV
-from .usage.delivery import DeliveryService
-from .usage.spooldirs import LeftoverDelivery, worker_spool_dir
+from llmproxy import __version__
+from llmproxy.config_model import Config
+from llmproxy.metrics import MULTIPROC_ENV
+from llmproxy.usage.delivery import DeliveryService
+from llmproxy.usage.spooldirs import LeftoverDelivery, worker_spool_dir
 
 log = logging.getLogger("llmproxy")
 
@@ -277,7 +277,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 async def serve_worker(config: Config, config_path: str, index: int, port: int, ready_fd: int | None,
                        workers: int) -> int:
     """Serve as worker `index` of `workers` on the supervisor's `port` until SIGTERM/SIGINT. Returns the exit status."""
-    from .server import ProxyServer
+    from llmproxy.server import ProxyServer
 
     supervisor = os.getppid()
     server = ProxyServer(config, config_path)

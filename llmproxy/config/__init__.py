@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 
-from ..config_model import Config
-from .access import check_access, load_keys_file
-from .dump import dump_config
-from .sections import _TOP_LEVEL_FIELDS
-from .values import (
+from llmproxy.config.access import check_access, load_keys_file
+from llmproxy.config.dump import dump_config
+from llmproxy.config.sections import _TOP_LEVEL_FIELDS
+from llmproxy.config.values import (
     ConfigError,
     _parse_fields,
     _show,
@@ -26,6 +25,7 @@ from .values import (
     parse_listen,
     parse_size,
 )
+from llmproxy.config_model import Config
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading

@@ -6,24 +6,8 @@ import dataclasses
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from ..config_model import (
-    BACKEND_TYPES,
-    LOAD_BALANCE_STRATEGIES,
-    RETRY_CONDITIONS,
-    BackendConfig,
-    BackendTimeouts,
-    HealthCheckConfig,
-    LoggingConfig,
-    MetricsConfig,
-    PassiveHealthConfig,
-    PriceConfig,
-    RoutingConfig,
-    ServerConfig,
-    Timeouts,
-)
-from ..usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
-from .access import parse_auth, parse_rate_limit
-from .values import (
+from llmproxy.config.access import parse_auth, parse_rate_limit
+from llmproxy.config.values import (
     LOG_LEVELS,
     ConfigError,
     _access_log,
@@ -54,6 +38,22 @@ from .values import (
     parse_duration,
     parse_listen,
 )
+from llmproxy.config_model import (
+    BACKEND_TYPES,
+    LOAD_BALANCE_STRATEGIES,
+    RETRY_CONDITIONS,
+    BackendConfig,
+    BackendTimeouts,
+    HealthCheckConfig,
+    LoggingConfig,
+    MetricsConfig,
+    PassiveHealthConfig,
+    PriceConfig,
+    RoutingConfig,
+    ServerConfig,
+    Timeouts,
+)
+from llmproxy.usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
 
 _TIMEOUT_FIELDS: dict[str, _Parser] = {f.name: _positive_duration for f in dataclasses.fields(Timeouts)}
 _BACKEND_TIMEOUT_FIELDS: dict[str, _Parser] = {

@@ -11,11 +11,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from ..balancer import Balancer
-from ..config_model import BackendConfig, Config, RoutingConfig
-from .backend import Backend
-from .health import HealthEvents, HealthMonitor
-from .router import Router
+from llmproxy.balancer import Balancer
+from llmproxy.config_model import BackendConfig, Config, RoutingConfig
+from llmproxy.fleet.backend import Backend
+from llmproxy.fleet.health import HealthEvents, HealthMonitor
+from llmproxy.fleet.router import Router
 
 log = logging.getLogger("llmproxy")
 RETIRE_POLL = 0.2  # seconds between checks that a removed backend's last request has ended

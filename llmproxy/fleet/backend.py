@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config_model import BackendConfig, Config
-from ..upstream.pool import UpstreamPool
+from llmproxy.config_model import BackendConfig, Config
+from llmproxy.upstream.pool import UpstreamPool
 
 # How fast a new TTFT sample replaces the estimate (seconds; time-based, so independent of traffic rate).
 TTFT_SMOOTHING = 2.0

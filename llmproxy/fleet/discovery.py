@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..config_model import BackendConfig
-from .probe import ProbeError, ProbeResponse, probe_get
+from llmproxy.config_model import BackendConfig
+from llmproxy.fleet.probe import ProbeError, ProbeResponse, probe_get
 
 BACKEND_KINDS = ("vllm", "tgi", "ollama", "openai")
 HEALTH_PATHS = {"vllm": "/health", "tgi": "/health", "ollama": "/api/version", "openai": "/v1/models"}

@@ -21,12 +21,12 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
-from .discovery import check_health, detect_kind, fetch_models, fetch_queue_depth
-from .probe import ProbeError
+from llmproxy.fleet.discovery import check_health, detect_kind, fetch_models, fetch_queue_depth
+from llmproxy.fleet.probe import ProbeError
 
 if TYPE_CHECKING:
-    from ..config_model import HealthCheckConfig
-    from .backend import Backend
+    from llmproxy.config_model import HealthCheckConfig
+    from llmproxy.fleet.backend import Backend
 
 log = logging.getLogger("llmproxy")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import h11
 
-from ..config_model import BackendConfig
-from ..errors import LOCAL_EXHAUSTION_ERRNOS
-from ..upstream.pool import _ssl_context
+from llmproxy.config_model import BackendConfig
+from llmproxy.errors import LOCAL_EXHAUSTION_ERRNOS
+from llmproxy.upstream.pool import _ssl_context
 
 USER_AGENT = "llmproxy-health"
 READ_SIZE = 64 * 1024

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ProxyError
+from llmproxy.errors import ProxyError
 
 if TYPE_CHECKING:
-    from .backend import Backend
+    from llmproxy.fleet.backend import Backend
 
 # Native endpoints only one kind of server has (PROTOCOLS.md §2-4); everything else (/v1/...) any has.
 _OLLAMA_PREFIX = "/api/"

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import httptools
 
-from ..errors import ProxyError
+from llmproxy.errors import ProxyError
 
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 

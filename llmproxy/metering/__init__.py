@@ -18,7 +18,7 @@ from typing import Protocol
 
 import orjson
 
-from .dialects import (
+from llmproxy.metering.dialects import (
     DIALECTS,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
@@ -30,9 +30,9 @@ from .dialects import (
     dialect_for,
     resolve,
 )
-from .ndjson import NDJSONMeter
-from .sse import SSEMeter
-from .usage import Usage, ollama_usage, openai_usage, responses_body_usage, tgi_usage
+from llmproxy.metering.ndjson import NDJSONMeter
+from llmproxy.metering.sse import SSEMeter
+from llmproxy.metering.usage import Usage, ollama_usage, openai_usage, responses_body_usage, tgi_usage
 
 __all__ = [
     "DEFAULT_MAX_LINE",

@@ -17,7 +17,7 @@ from time import perf_counter_ns
 
 import orjson
 
-from . import OLLAMA_NDJSON, OPENAI_CHAT_SSE, TGI_GENERATE_SSE, meter_for
+from llmproxy.metering import OLLAMA_NDJSON, OPENAI_CHAT_SSE, TGI_GENERATE_SSE, meter_for
 
 _BASE = {"id": "chatcmpl-7f3c9a1e5b2d4c6f8e0a1b2c3d4e5f60", "object": "chat.completion.chunk",
          "created": 1779012345, "model": "Qwen/Qwen2.5-7B-Instruct"}

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .usage import Usage, ollama_usage, openai_usage, responses_event_usage, tgi_usage
+from llmproxy.metering.usage import Usage, ollama_usage, openai_usage, responses_event_usage, tgi_usage
 
 OPENAI_CHAT_SSE = "openai-chat-sse"
 OPENAI_COMPLETIONS_SSE = "openai-completions-sse"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from .dialects import Spec
+from llmproxy.metering.dialects import Spec
 
 
 class NDJSONMeter:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import orjson
 
-from .dialects import Spec
+from llmproxy.metering.dialects import Spec
 
 _EVENT_END = (b"\n\n", b"\r\n\r\n")  # bytes ending so end in a blank line: no event is left open
 _LF_NONE = 0  # the last read did not end in a line-ending CR

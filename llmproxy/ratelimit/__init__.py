@@ -21,15 +21,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config_model import LimitConfig, RateLimitConfig
-from ..errors import ProxyError
-from .memory import MemoryStore
-from .store import Decision, Limits, RateStore, StoreUnavailable
+from llmproxy.config_model import LimitConfig, RateLimitConfig
+from llmproxy.errors import ProxyError
+from llmproxy.ratelimit.memory import MemoryStore
+from llmproxy.ratelimit.store import Decision, Limits, RateStore, StoreUnavailable
 
 if TYPE_CHECKING:
-    from ..auth import ApiKey
-    from ..context import RequestContext
-    from ..metrics import Metrics
+    from llmproxy.auth import ApiKey
+    from llmproxy.context import RequestContext
+    from llmproxy.metrics import Metrics
 
 log = logging.getLogger("llmproxy")
 LOG_EVERY = 10.0
@@ -55,7 +55,7 @@ def limits_for(base: LimitConfig, override: LimitConfig | None = None) -> Limits
 
 def open_store(config: RateLimitConfig) -> RateStore:
     if config.store == "redis":
-        from .redis_store import RedisStore
+        from llmproxy.ratelimit.redis_store import RedisStore
 
         return RedisStore(config.redis_url)
     return MemoryStore()

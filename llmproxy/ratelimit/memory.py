@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .store import (
+from llmproxy.ratelimit.store import (
     CONCURRENCY_RETRY_AFTER,
     EPSILON,
     Decision,

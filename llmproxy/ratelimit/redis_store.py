@@ -25,7 +25,14 @@ import secrets
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from .store import CONCURRENCY_RETRY_AFTER, EPSILON, MIN_RETRY_AFTER, Decision, Limits, StoreUnavailable
+from llmproxy.ratelimit.store import (
+    CONCURRENCY_RETRY_AFTER,
+    EPSILON,
+    MIN_RETRY_AFTER,
+    Decision,
+    Limits,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("llmproxy")
 

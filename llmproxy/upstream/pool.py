@@ -13,9 +13,9 @@ import contextlib
 import ssl
 from collections import deque
 
-from ..config_model import BackendConfig
-from ..errors import LOCAL_EXHAUSTION_ERRNOS, ProxyError
-from .connection import UpstreamConnection
+from llmproxy.config_model import BackendConfig
+from llmproxy.errors import LOCAL_EXHAUSTION_ERRNOS, ProxyError
+from llmproxy.upstream.connection import UpstreamConnection
 
 SWEEP_INTERVAL = 1.0
 
