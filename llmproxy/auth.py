@@ -16,7 +16,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from llmproxy.config_model import ApiKeyConfig, AuthConfig, LimitConfig, RateLimitConfig
+from llmproxy.config.model import ApiKeyConfig, AuthConfig, LimitConfig, RateLimitConfig
 from llmproxy.errors import ProxyError
 from llmproxy.http11.request import RequestHead
 from llmproxy.ratelimit import limits_for

@@ -11,7 +11,7 @@ import sys
 
 from llmproxy import __version__
 from llmproxy.config import ConfigError, dump_config, load_config, parse_listen
-from llmproxy.config_model import Config
+from llmproxy.config.model import Config
 
 log = logging.getLogger("llmproxy")
 
@@ -108,7 +108,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_usage(argv: list[str]) -> int:
     """`llmproxy usage dead-letters list|replay ... --config PATH`, beside a running proxy or not."""
-    from llmproxy.usage.cli import dead_letters_main
+    from llmproxy.delivery.cli import dead_letters_main
 
     parser = argparse.ArgumentParser(prog="llmproxy usage")
     parser.add_argument("what", choices=["dead-letters"])
@@ -151,8 +151,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, banner: str = "", config_path: str | None = None) -> int:
+    from llmproxy.delivery.spooldirs import LeftoverDelivery
     from llmproxy.server import ProxyServer
-    from llmproxy.usage.spooldirs import LeftoverDelivery
 
     server = ProxyServer(config, config_path)
     try:

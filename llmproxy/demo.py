@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from llmproxy.config_model import BackendConfig, Config, LoggingConfig, ServerConfig
+from llmproxy.config.model import BackendConfig, Config, LoggingConfig, ServerConfig
 from llmproxy.mockbackend import MockOptions, start_mock_backend
 
 DEMO_MODEL = "demo-model"

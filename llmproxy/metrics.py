@@ -161,7 +161,7 @@ class Metrics:
     def observe_store_error(self) -> None:
         self.store_errors.inc()
 
-    # The hooks usage delivery calls (llmproxy.usage.metrics.UsageMetrics).
+    # The hooks usage delivery calls (llmproxy.delivery.metrics.UsageMetrics).
     def webhook_success(self, reporter: str) -> None:
         self.webhook_success_total.labels(reporter).inc()
 

@@ -20,11 +20,11 @@ import random
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from llmproxy.accounting import build_record
 from llmproxy.errors import ProxyError, drop_traceback, error_body
+from llmproxy.own_endpoints import match_local, request_path
+from llmproxy.record import build_record
 from llmproxy.relay import Exchange
 from llmproxy.request_body import inspect_body, prepare_for_backend
-from llmproxy.routes import match_local, request_path
 from llmproxy.upstream_request import build_upstream_request
 
 if TYPE_CHECKING:

@@ -15,10 +15,11 @@ from time import perf_counter
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
 from llmproxy.config import ConfigError, load_config
-from llmproxy.config_model import Config
+from llmproxy.config.model import Config
 from llmproxy.connection import ClientConnection
 from llmproxy.context import RequestContext, valid_client_request_id
 from llmproxy.deadlines import DeadlineSweeper, tick_for
+from llmproxy.delivery.dispatch import DeliveryService
 from llmproxy.fleet import Fleet, build_fleet, retire_removed
 from llmproxy.fleet.backend import Backend
 from llmproxy.http11.request import CodecLimits, ProtocolError, RequestHead
@@ -26,7 +27,6 @@ from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
 from llmproxy.pipeline import handle_request
 from llmproxy.ratelimit import Limiter, open_store
-from llmproxy.usage.delivery import DeliveryService
 
 log = logging.getLogger("llmproxy")
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young-generation collections (CPython: 700); see settle_heap

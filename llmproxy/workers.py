@@ -34,10 +34,10 @@ from dataclasses import dataclass, replace
 from prometheus_client.multiprocess import mark_process_dead
 
 from llmproxy import __version__
-from llmproxy.config_model import Config
+from llmproxy.config.model import Config
+from llmproxy.delivery.dispatch import DeliveryService
+from llmproxy.delivery.spooldirs import LeftoverDelivery, worker_spool_dir
 from llmproxy.metrics import MULTIPROC_ENV
-from llmproxy.usage.delivery import DeliveryService
-from llmproxy.usage.spooldirs import LeftoverDelivery, worker_spool_dir
 
 log = logging.getLogger("llmproxy")
 

@@ -1,6 +1,6 @@
 """A webhook consumer for tests: an h11 server on 127.0.0.1 that verifies Standard Webhooks signatures.
 
-It shares no code with llmproxy.usage: the verification below is an independent implementation of
+It shares no code with llmproxy.delivery: the verification below is an independent implementation of
 the spec (https://www.standardwebhooks.com/), so a signing bug cannot hide behind a matching one.
 Answers are scripted (`script` is consumed first, then `default_status`); `down()` closes the listener
 and every open connection, `up()` listens again on the same port.

@@ -1,4 +1,4 @@
-"""Load the YAML configuration into the dataclasses of `llmproxy.config_model`, validating every key.
+"""Load the YAML configuration into the dataclasses of `llmproxy.config.model`, validating every key.
 
 Validation is strict on purpose: an unknown key, a wrong type or an out-of-range value stops the proxy with a
 message naming the key path (`backends[1].weight: must be a positive integer, got "abc"`). A silently ignored
@@ -15,6 +15,7 @@ import yaml
 
 from llmproxy.config.access import check_access, load_keys_file
 from llmproxy.config.dump import dump_config
+from llmproxy.config.model import Config
 from llmproxy.config.sections import _TOP_LEVEL_FIELDS
 from llmproxy.config.values import (
     ConfigError,
@@ -25,7 +26,6 @@ from llmproxy.config.values import (
     parse_listen,
     parse_size,
 )
-from llmproxy.config_model import Config
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading

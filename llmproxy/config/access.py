@@ -13,6 +13,17 @@ from typing import Any
 
 import yaml
 
+from llmproxy.config.model import (
+    BUDGET_PERIODS,
+    RATE_LIMIT_STORES,
+    STORE_ERROR_POLICIES,
+    ApiKeyConfig,
+    AuthConfig,
+    BudgetConfig,
+    Config,
+    LimitConfig,
+    RateLimitConfig,
+)
 from llmproxy.config.values import (
     ConfigError,
     _bool,
@@ -26,17 +37,6 @@ from llmproxy.config.values import (
     _parse_fields,
     _show,
     _string_list,
-)
-from llmproxy.config_model import (
-    BUDGET_PERIODS,
-    RATE_LIMIT_STORES,
-    STORE_ERROR_POLICIES,
-    ApiKeyConfig,
-    AuthConfig,
-    BudgetConfig,
-    Config,
-    LimitConfig,
-    RateLimitConfig,
 )
 
 MIN_KEY_LENGTH = 16  # shorter keys can be guessed; `llmproxy keygen` makes 43-character ones

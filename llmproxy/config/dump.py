@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
+from llmproxy.config.model import BackendConfig, Config, ServerConfig
 from llmproxy.config.values import _format_duration, _format_host, _format_size
-from llmproxy.config_model import BackendConfig, Config, ServerConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # Dumping (`llmproxy check-config`): the config-file shape, so the output is itself a loadable config.

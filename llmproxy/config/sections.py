@@ -7,6 +7,26 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from llmproxy.config.access import parse_auth, parse_rate_limit
+from llmproxy.config.model import (
+    BACKEND_TYPES,
+    LOAD_BALANCE_STRATEGIES,
+    REPORTER_TYPES,
+    RETRY_CONDITIONS,
+    BackendConfig,
+    BackendTimeouts,
+    FileReporterConfig,
+    HealthCheckConfig,
+    LoggingConfig,
+    MetricsConfig,
+    PassiveHealthConfig,
+    PriceConfig,
+    ReporterConfig,
+    RoutingConfig,
+    ServerConfig,
+    Timeouts,
+    UsageConfig,
+    WebhookConfig,
+)
 from llmproxy.config.values import (
     LOG_LEVELS,
     ConfigError,
@@ -38,22 +58,6 @@ from llmproxy.config.values import (
     parse_duration,
     parse_listen,
 )
-from llmproxy.config_model import (
-    BACKEND_TYPES,
-    LOAD_BALANCE_STRATEGIES,
-    RETRY_CONDITIONS,
-    BackendConfig,
-    BackendTimeouts,
-    HealthCheckConfig,
-    LoggingConfig,
-    MetricsConfig,
-    PassiveHealthConfig,
-    PriceConfig,
-    RoutingConfig,
-    ServerConfig,
-    Timeouts,
-)
-from llmproxy.usage.config import REPORTER_TYPES, FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
 
 _TIMEOUT_FIELDS: dict[str, _Parser] = {f.name: _positive_duration for f in dataclasses.fields(Timeouts)}
 _BACKEND_TIMEOUT_FIELDS: dict[str, _Parser] = {

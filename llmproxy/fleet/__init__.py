@@ -11,9 +11,9 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from llmproxy.balancer import Balancer
-from llmproxy.config_model import BackendConfig, Config, RoutingConfig
+from llmproxy.config.model import BackendConfig, Config, RoutingConfig
 from llmproxy.fleet.backend import Backend
+from llmproxy.fleet.balancer import Balancer
 from llmproxy.fleet.health import HealthEvents, HealthMonitor
 from llmproxy.fleet.router import Router
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmproxy.config_model import BackendConfig, Config
+from llmproxy.config.model import BackendConfig, Config
 from llmproxy.upstream.pool import UpstreamPool
 
 # How fast a new TTFT sample replaces the estimate (seconds; time-based, so independent of traffic rate).

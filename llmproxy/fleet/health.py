@@ -21,11 +21,11 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
-from llmproxy.fleet.discovery import check_health, detect_kind, fetch_models, fetch_queue_depth
+from llmproxy.fleet.introspect import check_health, detect_kind, fetch_models, fetch_queue_depth
 from llmproxy.fleet.probe import ProbeError
 
 if TYPE_CHECKING:
-    from llmproxy.config_model import HealthCheckConfig
+    from llmproxy.config.model import HealthCheckConfig
     from llmproxy.fleet.backend import Backend
 
 log = logging.getLogger("llmproxy")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import h11
 
-from llmproxy.config_model import BackendConfig
+from llmproxy.config.model import BackendConfig
 from llmproxy.errors import LOCAL_EXHAUSTION_ERRNOS
 from llmproxy.upstream.pool import _ssl_context
 

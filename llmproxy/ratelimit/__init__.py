@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmproxy.config_model import LimitConfig, RateLimitConfig
+from llmproxy.config.model import LimitConfig, RateLimitConfig
 from llmproxy.errors import ProxyError
 from llmproxy.ratelimit.memory import MemoryStore
 from llmproxy.ratelimit.store import Decision, Limits, RateStore, StoreUnavailable

@@ -13,7 +13,7 @@ import contextlib
 import ssl
 from collections import deque
 
-from llmproxy.config_model import BackendConfig
+from llmproxy.config.model import BackendConfig
 from llmproxy.errors import LOCAL_EXHAUSTION_ERRNOS, ProxyError
 from llmproxy.upstream.connection import UpstreamConnection
 

@@ -21,7 +21,7 @@ from llmproxy.config import (
     parse_listen,
     parse_size,
 )
-from llmproxy.config_model import (
+from llmproxy.config.model import (
     AuthConfig,
     BackendConfig,
     BackendTimeouts,

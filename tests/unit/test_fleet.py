@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmproxy.balancer import Balancer
-from llmproxy.config_model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
+from llmproxy.config.model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
 from llmproxy.errors import ProxyError
 from llmproxy.fleet.backend import TTFT_FADE, Backend
+from llmproxy.fleet.balancer import Balancer
 from llmproxy.fleet.health import HealthMonitor
 from llmproxy.fleet.router import Router, kinds_for_path
 

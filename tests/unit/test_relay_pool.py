@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from llmproxy.config_model import BackendConfig, Config, HealthCheckConfig, LoggingConfig, ServerConfig
+from llmproxy.config.model import BackendConfig, Config, HealthCheckConfig, LoggingConfig, ServerConfig
 from llmproxy.connection import ClientConnection
 from llmproxy.errors import ProxyError
 from llmproxy.server import ProxyServer

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from llmproxy.config_model import BackendConfig
+from llmproxy.config.model import BackendConfig
 from llmproxy.http11.request import RequestHead
 from llmproxy.request_body import inspect_body, prepare_for_backend
 

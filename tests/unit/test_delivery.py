@@ -29,19 +29,11 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 
-from llmproxy.usage import (
-    DeliveryService,
-    FileReporterConfig,
-    ReporterConfig,
-    SpoolError,
-    UsageConfig,
-    WebhookConfig,
-    dead_letters_main,
-)
-from llmproxy.usage.config import signing_key
-from llmproxy.usage.retry import AttemptResult, RetryPolicy, backoff, decide, parse_retry_after
-from llmproxy.usage.spool import Row, SpoolDB
-from llmproxy.usage.webhook import sign
+from llmproxy.config.model import FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig, signing_key
+from llmproxy.delivery import DeliveryService, SpoolError, dead_letters_main
+from llmproxy.delivery.retry import AttemptResult, RetryPolicy, backoff, decide, parse_retry_after
+from llmproxy.delivery.spool import Row, SpoolDB
+from llmproxy.delivery.webhook import sign
 from tests.webhook_consumer import Answer, WebhookConsumer, verify_standard_webhook
 
 REPO = Path(__file__).resolve().parents[2]
@@ -408,7 +400,8 @@ def test_the_spool_belongs_to_one_process(tmp_path: Path) -> None:
 
 SIGKILL_CHILD = textwrap.dedent("""
     import asyncio, pathlib, sys
-    from llmproxy.usage import DeliveryService, ReporterConfig, UsageConfig, WebhookConfig
+    from llmproxy.config.model import ReporterConfig, UsageConfig, WebhookConfig
+    from llmproxy.delivery import DeliveryService
 
     async def main():
         hook = ReporterConfig(name="billing", type="webhook", webhook=WebhookConfig(url=sys.argv[2]))

@@ -32,10 +32,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from llmproxy.usage.metrics import NullMetrics, UsageMetrics
-from llmproxy.usage.spool import OUTBOX_FULL, Action, Row, SpoolDB, SpoolError
+from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
+from llmproxy.delivery.spool import OUTBOX_FULL, Action, Row, SpoolDB, SpoolError
 
-log = logging.getLogger("llmproxy.usage")
+log = logging.getLogger("llmproxy.delivery")
 T = TypeVar("T")
 LOCK_NAME = "usage.lock"
 SPOOL_UNWRITABLE = "spool_unwritable"

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from llmproxy.config import parse_config
-from llmproxy.config_model import BackendConfig
-from llmproxy.fleet.discovery import (
+from llmproxy.config.model import BackendConfig
+from llmproxy.fleet.introspect import (
     check_health,
     detect_kind,
     fetch_models,
@@ -160,7 +160,7 @@ def test_a_probe_that_could_not_be_sent_settles_no_kind(monkeypatch) -> None:
             raise ProbeError("connect failed: Too many open files", local=True)
         raise ProbeError("status 404", 404)
 
-    monkeypatch.setattr("llmproxy.fleet.discovery.probe_get", probe)
+    monkeypatch.setattr("llmproxy.fleet.introspect.probe_get", probe)
     with pytest.raises(ProbeError, match="Too many open files") as caught:
         run(detect_kind(backend_for("http://127.0.0.1:9"), TIMEOUT))
     assert caught.value.local and len(sent) == 1

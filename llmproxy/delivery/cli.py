@@ -18,8 +18,8 @@ from typing import Any, TextIO
 
 import orjson
 
-from llmproxy.usage.spool import SpoolDB, SpoolError
-from llmproxy.usage.spooldirs import BASE, existing_spools
+from llmproxy.delivery.spool import SpoolDB, SpoolError
+from llmproxy.delivery.spooldirs import BASE, existing_spools
 
 
 def dead_letters_main(argv: list[str], spool_dir: str, out: TextIO | None = None, err: TextIO | None = None) -> int:

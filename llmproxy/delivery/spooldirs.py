@@ -16,12 +16,12 @@ import re
 import sqlite3
 from dataclasses import replace
 
-from llmproxy.usage.config import UsageConfig
-from llmproxy.usage.delivery import DeliveryService
-from llmproxy.usage.metrics import NullMetrics, UsageMetrics
-from llmproxy.usage.spool import SpoolDB, SpoolError, db_path
+from llmproxy.config.model import UsageConfig
+from llmproxy.delivery.dispatch import DeliveryService
+from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
+from llmproxy.delivery.spool import SpoolDB, SpoolError, db_path
 
-log = logging.getLogger("llmproxy.usage")
+log = logging.getLogger("llmproxy.delivery")
 
 BASE = "."  # the name of the spool in spool_dir itself
 _WORKER = re.compile(r"worker-(\d+)")

@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from llmproxy.usage.spool import EXPIRED, REJECTED, Action, Row
+from llmproxy.delivery.spool import EXPIRED, REJECTED, Action, Row
 
 EXCERPT_BYTES = 512
 

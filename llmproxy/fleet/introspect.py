@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmproxy.config_model import BackendConfig
+from llmproxy.config.model import BackendConfig
 from llmproxy.fleet.probe import ProbeError, ProbeResponse, probe_get
 
 BACKEND_KINDS = ("vllm", "tgi", "ollama", "openai")

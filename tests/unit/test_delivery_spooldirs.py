@@ -11,9 +11,10 @@ from pathlib import Path
 
 import uvloop
 
-from llmproxy.usage import FileReporterConfig, ReporterConfig, UsageConfig, dead_letters_main
-from llmproxy.usage.spool import SpoolDB
-from llmproxy.usage.spooldirs import LeftoverDelivery, existing_spools, leftover_spools, worker_spool_dir
+from llmproxy.config.model import FileReporterConfig, ReporterConfig, UsageConfig
+from llmproxy.delivery import dead_letters_main
+from llmproxy.delivery.spool import SpoolDB
+from llmproxy.delivery.spooldirs import LeftoverDelivery, existing_spools, leftover_spools, worker_spool_dir
 
 
 def _spool(path: Path, *request_ids: str, cap: int = 1_000_000) -> None:

@@ -13,9 +13,9 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from llmproxy.usage.config import FileReporterConfig
-from llmproxy.usage.retry import AttemptResult, RetryPolicy, decide
-from llmproxy.usage.spool import Action, Row
+from llmproxy.config.model import FileReporterConfig
+from llmproxy.delivery.retry import AttemptResult, RetryPolicy, decide
+from llmproxy.delivery.spool import Action, Row
 
 BATCH_SIZE = 512
 

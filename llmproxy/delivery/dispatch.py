@@ -24,15 +24,15 @@ import random
 import time
 from typing import Any, Protocol
 
-from llmproxy.usage.config import ReporterConfig, UsageConfig
-from llmproxy.usage.filereporter import BATCH_SIZE, FileSender
-from llmproxy.usage.metrics import NullMetrics, UsageMetrics
-from llmproxy.usage.outbox import Outbox
-from llmproxy.usage.retry import AttemptResult, RetryPolicy, backoff, decide
-from llmproxy.usage.spool import Action, Row
-from llmproxy.usage.webhook import WebhookSender
+from llmproxy.config.model import ReporterConfig, UsageConfig
+from llmproxy.delivery.filereporter import BATCH_SIZE, FileSender
+from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
+from llmproxy.delivery.outbox import Outbox
+from llmproxy.delivery.retry import AttemptResult, RetryPolicy, backoff, decide
+from llmproxy.delivery.spool import Action, Row
+from llmproxy.delivery.webhook import WebhookSender
 
-log = logging.getLogger("llmproxy.usage")
+log = logging.getLogger("llmproxy.delivery")
 POLL_INTERVAL = 1.0  # longest idle sleep: picks up rows replayed by the CLI from another process
 
 

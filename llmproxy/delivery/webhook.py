@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 import h11
 
-from llmproxy.usage.config import WebhookConfig, signing_key
-from llmproxy.usage.retry import EXCERPT_BYTES, AttemptResult, RetryPolicy, decide, parse_retry_after
-from llmproxy.usage.spool import Action, Row
+from llmproxy.config.model import WebhookConfig, signing_key
+from llmproxy.delivery.retry import EXCERPT_BYTES, AttemptResult, RetryPolicy, decide, parse_retry_after
+from llmproxy.delivery.spool import Action, Row
 
 READ_SIZE = 65536
 MAX_RESPONSE_BODY = 64 * 1024  # read past this and the connection is closed instead of reused

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmproxy.accounting import cost_usd, estimate_prompt_tokens
-from llmproxy.config_model import PriceConfig
+from llmproxy.config.model import PriceConfig
+from llmproxy.record import cost_usd, estimate_prompt_tokens
 
 
 @pytest.mark.parametrize(("body", "tokens"), [

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from llmproxy.accesslog import rfc3339
 
 if TYPE_CHECKING:
-    from llmproxy.config_model import PriceConfig
+    from llmproxy.config.model import PriceConfig
     from llmproxy.context import RequestContext
 
 CHARS_PER_TOKEN = 4

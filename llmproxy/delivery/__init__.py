@@ -7,20 +7,15 @@ size-cap policy, delivery.py and retry.py for the delivery rules, cli.py for dea
 
 from __future__ import annotations
 
-from llmproxy.usage.cli import dead_letters_main
-from llmproxy.usage.config import FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig
-from llmproxy.usage.delivery import DeliveryService
-from llmproxy.usage.metrics import NullMetrics, UsageMetrics
-from llmproxy.usage.spool import SpoolError
+from llmproxy.delivery.cli import dead_letters_main
+from llmproxy.delivery.dispatch import DeliveryService
+from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
+from llmproxy.delivery.spool import SpoolError
 
 __all__ = [
     "DeliveryService",
-    "FileReporterConfig",
     "NullMetrics",
-    "ReporterConfig",
     "SpoolError",
-    "UsageConfig",
     "UsageMetrics",
-    "WebhookConfig",
     "dead_letters_main",
 ]
