@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmproxy.catalogue import OTHER, Endpoint
 from llmproxy.errors import ProxyError
 from llmproxy.http11.request import RequestHead
 from llmproxy.http11.wire import CONTINUE_100, status_line
@@ -40,6 +41,7 @@ class RequestContext:
     forwarded_request_id: bytes  # the X-Request-Id sent upstream and back: the client's own, else ours
     client_request_id: str | None  # the client's valid X-Request-Id, recorded beside ours
     path: str = ""  # decoded path without the query
+    endpoint: Endpoint = OTHER  # the path's row of the catalogue
     # Request body, filled by the connection as it arrives.
     body_parts: list[bytes] = field(default_factory=list)
     body_done: bool = False

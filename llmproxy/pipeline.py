@@ -20,6 +20,7 @@ import random
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from llmproxy.catalogue import lookup
 from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.own_endpoints import match_local, request_path
 from llmproxy.record import build_record
@@ -29,8 +30,8 @@ from llmproxy.upstream_request import build_upstream_request
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
-    from llmproxy.fleet import Fleet
     from llmproxy.fleet.backend import Backend
+    from llmproxy.fleet.fleet import Fleet
     from llmproxy.server import ProxyServer
 
 log = logging.getLogger("llmproxy")
@@ -76,6 +77,7 @@ async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
     server.inflight += 1  # requests in progress, the proxy's own endpoints excepted
     try:
         body = await ctx.read_body()
+        ctx.endpoint = lookup(ctx.path)
         inspect_body(ctx, body)
         fleet = server.fleet  # kept to the end of this request, whatever a reload does meanwhile
         requested = ctx.model
@@ -83,7 +85,7 @@ async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
         ctx.model_aliased = ctx.model != requested
         if ctx.api_key is not None and not ctx.api_key.may_use(requested, ctx.model):
             raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
-        candidates = fleet.router.candidates(ctx.path, ctx.model, server.loop.time())
+        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, server.loop.time())
         if server.limiter is not None:
             ctx.admission = await server.limiter.admit(ctx, ctx.api_key)
         await forward_with_failover(server, ctx, fleet, candidates, body)

@@ -13,15 +13,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from llmproxy.metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, dialect_for, meter_for
+from llmproxy.catalogue import STREAMS_ALWAYS, STREAMS_UNLESS_DECLINED
+from llmproxy.metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, meter_for
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
     from llmproxy.fleet.backend import Backend
 
-# Native paths that stream unless the body says "stream": false (Ollama) or always stream (TGI).
-_STREAM_BY_DEFAULT = ("/api/chat", "/api/generate")
-_ALWAYS_STREAM = ("/generate_stream",)
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
 _JSON_START = (b"{", b" ", b"\t", b"\r", b"\n")
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'  # spliced in as the body's first key
@@ -31,9 +29,8 @@ _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 
 
 def inspect_body(ctx: RequestContext, body: bytes) -> None:
-    """Fill ctx.path, model, is_stream and body_data from the request; never fails the request."""
-    target = ctx.head.target
-    ctx.path = (target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1")
+    """Fill ctx.model, is_stream and body_data from the request body; never fails the request."""
+    streams = ctx.endpoint.streams
     data = None
     if body[:1] in _JSON_START:
         try:
@@ -41,20 +38,20 @@ def inspect_body(ctx: RequestContext, body: bytes) -> None:
         except orjson.JSONDecodeError:
             data = None  # the backend answers malformed JSON in its own words
     if not isinstance(data, dict):
-        ctx.is_stream = ctx.path in _ALWAYS_STREAM
+        ctx.is_stream = streams == STREAMS_ALWAYS
         return
     ctx.body_data = data
     model = data.get("model")
     ctx.model = model if isinstance(model, str) else None
-    stream = data.get("stream", ctx.path in _STREAM_BY_DEFAULT)
-    ctx.is_stream = _truthy(stream) or ctx.path in _ALWAYS_STREAM
+    stream = data.get("stream", streams == STREAMS_UNLESS_DECLINED)
+    ctx.is_stream = _truthy(stream) or streams == STREAMS_ALWAYS
 
 
 def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
     """Set up metering for this request on `backend`; return the body to send (alias resolved, usage
     option injected)."""
     changes = {"model": ctx.model} if ctx.model_aliased else {}
-    dialect = dialect_for(ctx.path, backend.kind) if ctx.conn.server.metering else None
+    dialect = ctx.endpoint.dialect_on(backend.kind) if ctx.conn.server.metering else None
     ctx.dialect = dialect
     if dialect is None or not ctx.is_stream:
         ctx.meter = None

@@ -20,8 +20,8 @@ from llmproxy.connection import ClientConnection
 from llmproxy.context import RequestContext, valid_client_request_id
 from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.delivery.dispatch import DeliveryService
-from llmproxy.fleet import Fleet, build_fleet, retire_removed
 from llmproxy.fleet.backend import Backend
+from llmproxy.fleet.fleet import Fleet, build_fleet, retire_removed
 from llmproxy.http11.request import CodecLimits, ProtocolError, RequestHead
 from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
@@ -179,6 +179,7 @@ class ProxyServer:
     def new_context(self, conn: ClientConnection, head: RequestHead) -> RequestContext:
         request_id = self._request_id()
         supplied = valid_client_request_id(head)  # checked once per request, not at every use
+        target = head.target
         return RequestContext(
             conn=conn,
             head=head,
@@ -187,6 +188,7 @@ class ProxyServer:
             keep_alive=head.keep_alive and not self.draining,
             forwarded_request_id=supplied or request_id.encode(),
             client_request_id=None if supplied is None else supplied.decode(),
+            path=(target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1"),
         )
 
     def handle(self, ctx: RequestContext):

@@ -12,13 +12,11 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-LOAD_BALANCE_STRATEGIES = ("round_robin", "weighted", "least_connections", "latency_based", "queue_depth")
 BUDGET_PERIODS = ("day", "week", "month")
 RATE_LIMIT_STORES = ("memory", "redis")
 STORE_ERROR_POLICIES = ("fail_open", "fail_closed")
 # What may be retried on another backend, before any byte reached the client (routing.retry_on).
 RETRY_CONDITIONS = ("connect_error", "reset", "timeout", "429", "500", "502", "503", "504")
-BACKEND_TYPES = ("auto", "vllm", "tgi", "ollama", "openai")
 
 
 @dataclass(slots=True)
@@ -60,7 +58,7 @@ class BackendConfig:
     url: str  # scheme://host[:port][/base-path]
     name: str = ""  # defaults to host:port
     weight: int = 1
-    type: str = "auto"
+    type: str = "auto"  # a kind of llmproxy.catalogue.KINDS, or auto: detected
     api_key: str | None = None  # sent upstream as "Authorization: Bearer <key>"
     max_connections: int = 1024  # pool cap (in use + idle)
     max_idle: int = 1024  # idle connections kept (as many as may be in use: steady load never reconnects)
@@ -79,7 +77,7 @@ class BackendConfig:
 
 @dataclass(slots=True)
 class RoutingConfig:
-    load_balance: str = "round_robin"
+    load_balance: str = "round_robin"  # a name of llmproxy.fleet.balancer.STRATEGIES
     retries: int = 2  # further attempts after the first, on another backend when there is one
     retry_on: list[str] = field(default_factory=lambda: ["connect_error", "reset", "502", "503"])
     retry_backoff: float = 0.025  # full jitter: each retry waits uniform(0, retry_backoff * 2**(n-1))

@@ -6,10 +6,9 @@ import dataclasses
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from llmproxy.catalogue import AUTO, BACKEND_KINDS
 from llmproxy.config.access import parse_auth, parse_rate_limit
 from llmproxy.config.model import (
-    BACKEND_TYPES,
-    LOAD_BALANCE_STRATEGIES,
     REPORTER_TYPES,
     RETRY_CONDITIONS,
     BackendConfig,
@@ -58,6 +57,7 @@ from llmproxy.config.values import (
     parse_duration,
     parse_listen,
 )
+from llmproxy.fleet.balancer import STRATEGIES
 
 _TIMEOUT_FIELDS: dict[str, _Parser] = {f.name: _positive_duration for f in dataclasses.fields(Timeouts)}
 _BACKEND_TIMEOUT_FIELDS: dict[str, _Parser] = {
@@ -144,7 +144,7 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "url": _backend_url,
     "name": _clean_string("name"),
     "weight": _int_at_least(1),
-    "type": _choice(BACKEND_TYPES),
+    "type": _choice((AUTO, *BACKEND_KINDS)),
     "api_key": _api_key,
     "max_connections": _int_at_least(1),
     "max_idle": _int_at_least(0),
@@ -275,7 +275,7 @@ def _model_aliases(value: Any, path: str) -> dict[str, str]:
 
 
 _ROUTING_FIELDS: dict[str, _Parser] = {
-    "load_balance": _choice(LOAD_BALANCE_STRATEGIES),
+    "load_balance": _choice(tuple(STRATEGIES)),
     "retries": _int_at_least(0),
     "retry_on": _retry_on,
     "retry_backoff": parse_duration,

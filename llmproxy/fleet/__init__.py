@@ -1,80 +1,8 @@
-"""The backends and how requests are spread over them, as one unit that a reload (SIGHUP) swaps whole.
+"""The backends: what each is and serves, its health, and how requests are spread over them.
 
-A request takes the fleet current when it starts and keeps it to its end, so a reload never changes the
-rules under a request in flight; backends kept across a reload keep their pool, health and latency state.
+fleet.py     the fleet as one unit that a reload swaps whole (backends, router, balancer, health)
+backend.py   one backend: its pool and the live state balancing and health read
+router.py    which backends may serve a request (by endpoint and model)
+balancer.py  the load-balancing strategies
+health.py    active probes and passive ejection; introspect.py and probe.py ask the backends
 """
-
-from __future__ import annotations
-
-import asyncio
-import dataclasses
-import logging
-from dataclasses import dataclass
-
-from llmproxy.config.model import BackendConfig, Config, RoutingConfig
-from llmproxy.fleet.backend import Backend
-from llmproxy.fleet.balancer import Balancer
-from llmproxy.fleet.health import HealthEvents, HealthMonitor
-from llmproxy.fleet.router import Router
-
-log = logging.getLogger("llmproxy")
-RETIRE_POLL = 0.2  # seconds between checks that a removed backend's last request has ended
-
-
-@dataclass(eq=False)
-class Fleet:
-    backends: list[Backend]
-    router: Router
-    balancer: Balancer
-    health: HealthMonitor
-    routing: RoutingConfig
-    retry_on: frozenset[str]
-    retry_statuses: frozenset[int]  # backend statuses held back from the client to retry elsewhere
-
-    def stop(self) -> None:
-        self.health.stop()
-
-
-async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None) -> Fleet:
-    """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged."""
-    kept = {b.name: b for b in previous.backends} if previous is not None else {}
-    backends = [_reuse_or_create(backend, config, kept.get(backend.name)) for backend in config.backends]
-    routing = config.routing
-    health = HealthMonitor(backends, config.health_check, routing.load_balance == "queue_depth", events)
-    await health.discover()
-    health.start()
-    retry_on = frozenset(routing.retry_on)
-    return Fleet(
-        backends=backends,
-        router=Router(backends, routing.model_aliases),
-        balancer=Balancer(routing.load_balance),
-        health=health,
-        routing=routing,
-        retry_on=retry_on,
-        retry_statuses=frozenset(int(c) for c in retry_on if c.isdigit()),
-    )
-
-
-def _reuse_or_create(config: BackendConfig, server: Config, old: Backend | None) -> Backend:
-    # Same backend but for its weight: keep the object, with its warm pool and what we learned about it.
-    if old is not None and dataclasses.replace(old.config, weight=config.weight) == config:
-        old.config = config
-        old.weight = config.weight
-        return old
-    return Backend.create(config, server)
-
-
-def retire_removed(old: Fleet, new: Fleet) -> None:
-    """Close the pools of backends the new fleet dropped, once their last request has ended."""
-    old.stop()
-    remaining = {id(b) for b in new.backends}
-    for backend in old.backends:
-        if id(backend) not in remaining:
-            asyncio.get_running_loop().create_task(_close_when_idle(backend))
-
-
-async def _close_when_idle(backend: Backend) -> None:
-    while backend.in_flight:
-        await asyncio.sleep(RETIRE_POLL)
-    backend.pool.close()
-    log.info("backend %s removed", backend.name)

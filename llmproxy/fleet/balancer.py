@@ -18,13 +18,25 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from llmproxy.fleet.backend import Backend
+from typing import Protocol, TypeVar
 
 TTFT_FLOOR = 0.001  # seconds
-Strategy = Callable[[list["Backend"]], "Backend"]
+
+
+class Candidate(Protocol):
+    """What the strategies read of a backend (fleet/backend.py); wrr_current is theirs to write."""
+
+    weight: int
+    in_flight: int
+    wrr_current: int
+
+    def ttft_estimate(self, now: float) -> float: ...
+
+    def estimated_load(self) -> float: ...
+
+
+Backend = TypeVar("Backend", bound=Candidate)
+Strategy = Callable[[list[Backend]], Backend]
 
 
 def smooth_weighted(candidates: list[Backend]) -> Backend:
@@ -68,14 +80,15 @@ def queue_depth(candidates: list[Backend]) -> Backend:
     return _least(candidates, _estimated_load)
 
 
-def _in_flight(backend: Backend) -> float:
+def _in_flight(backend: Candidate) -> float:
     return backend.in_flight
 
 
-def _estimated_load(backend: Backend) -> float:
+def _estimated_load(backend: Candidate) -> float:
     return backend.estimated_load()
 
 
+# routing.load_balance: the one list of strategy names (the config is checked against it).
 STRATEGIES: dict[str, Strategy] = {
     "round_robin": smooth_weighted,
     "weighted": smooth_weighted,

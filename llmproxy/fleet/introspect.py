@@ -1,7 +1,7 @@
 """What kind of server a backend is, whether it is healthy, what it serves and how loaded it is.
 
 Everything here is one or a few GETs through `probe.probe_get`; the wire facts come from
-shared/PROTOCOLS.md §2-4 (vLLM, TGI, Ollama).
+docs/protocols.md §2-4 (vLLM, TGI, Ollama); the facts of each kind are rows of catalogue.KINDS.
 """
 
 from __future__ import annotations
@@ -14,26 +14,14 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmproxy.catalogue import GENERIC_KIND, KINDS
 from llmproxy.config.model import BackendConfig
 from llmproxy.fleet.probe import ProbeError, ProbeResponse, probe_get
 
-BACKEND_KINDS = ("vllm", "tgi", "ollama", "openai")
-HEALTH_PATHS = {"vllm": "/health", "tgi": "/health", "ollama": "/api/version", "openai": "/v1/models"}
-
-# Detection order matters: vLLM's /version and TGI's /info both carry "version" too, and only Ollama
-# answers /api/version. (path, key the JSON object must hold, key must be a string, kind)
-_KIND_PROBES = (
-    ("/api/version", "version", True, "ollama"),
-    ("/info", "model_id", False, "tgi"),
-    ("/version", "version", True, "vllm"),
-)
-
-# Load = waiting + running. Sample names compare with ":" as "_": colons are legal in Prometheus names,
-# but some exposition paths rewrite them, and either spelling means the same gauge.
-_LOAD_METRICS = {
-    "vllm": frozenset({"vllm_num_requests_waiting", "vllm_num_requests_running"}),
-    "tgi": frozenset({"tgi_queue_size", "tgi_batch_current_size"}),
-}
+# Sample names compare with ":" as "_": colons are legal in Prometheus names, but some exposition paths
+# rewrite them, and either spelling means the same gauge.
+_LOAD_METRICS = {kind.name: frozenset(name.replace(":", "_") for name in kind.load_metrics)
+                 for kind in KINDS.values() if kind.load_metrics}
 
 # Go's RFC 3339 (time.RFC3339Nano): fractional digits up to 9, which datetime.fromisoformat rejects
 # before Python 3.11, as it rejects "Z".
@@ -43,12 +31,14 @@ _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.\d+)?([Z
 # --- kind --------------------------------------------------------------------------------------------
 
 async def detect_kind(backend: BackendConfig, timeout: float) -> str:
-    """Return one of BACKEND_KINDS; raises ProbeError when no probe got any HTTP answer (retry later)."""
+    """Return the name of a catalogue kind; raises ProbeError when no probe got any HTTP answer (retry later)."""
     answered = False
     error: ProbeError | None = None
-    for path, key, needs_str, kind in _KIND_PROBES:
+    for kind in KINDS.values():
+        if kind.detect_path is None:
+            continue
         try:
-            response = await probe_get(backend, path, timeout)
+            response = await probe_get(backend, kind.detect_path, timeout)
         except ProbeError as exc:
             if exc.local:
                 raise  # not sent at all (out of descriptors): the other answers cannot settle the kind
@@ -56,10 +46,10 @@ async def detect_kind(backend: BackendConfig, timeout: float) -> str:
             error = exc
             continue
         answered = True
-        if response.status == 200 and _holds(_json_or_none(response.body), key, needs_str):
-            return kind
+        if response.status == 200 and _holds(_json_or_none(response.body), kind.detect_key, kind.key_is_str):
+            return kind.name
     if answered:
-        return "openai"
+        return GENERIC_KIND
     assert error is not None
     raise error
 
@@ -78,12 +68,12 @@ def _json_or_none(body: bytes) -> Any:
 # --- health ------------------------------------------------------------------------------------------
 
 async def check_health(backend: BackendConfig, kind: str, timeout: float) -> tuple[bool, str]:
-    """(healthy, reason): healthy iff HEALTH_PATHS[kind] answers 2xx; reason is "" when healthy.
+    """(healthy, reason): healthy iff the kind's health path answers 2xx; reason is "" when healthy.
 
     Raises the ProbeError of a probe the proxy could not send for its own lack of resources (`local`).
     """
     try:
-        response = await probe_get(backend, HEALTH_PATHS[kind], timeout)
+        response = await probe_get(backend, KINDS[kind].health_path, timeout)
     except ProbeError as exc:
         if exc.local:
             raise

@@ -1,4 +1,4 @@
-"""Which backends may serve a request: by model (after aliases) and by the kind of server a path needs.
+"""Which backends may serve a request: by model (after aliases) and by the kinds of server its endpoint needs.
 
 A backend serves the models of its `models:` list or, without one, the ones it reports; a backend whose
 list is not known yet may serve anything. Of the backends that can serve a request, those available
@@ -13,24 +13,8 @@ from typing import TYPE_CHECKING
 from llmproxy.errors import ProxyError
 
 if TYPE_CHECKING:
+    from llmproxy.catalogue import Endpoint
     from llmproxy.fleet.backend import Backend
-
-# Native endpoints only one kind of server has (PROTOCOLS.md §2-4); everything else (/v1/...) any has.
-_OLLAMA_PREFIX = "/api/"
-_TGI_PATHS = frozenset({"/generate", "/generate_stream", "/info", "/chat_tokenize", "/"})
-_VLLM_TGI_PATHS = frozenset({"/tokenize", "/detokenize"})
-
-
-def kinds_for_path(path: str) -> frozenset[str] | None:
-    """The server kinds that have `path`, or None when any OpenAI-compatible server has it."""
-    if path.startswith(_OLLAMA_PREFIX):
-        return frozenset({"ollama"})
-    if path in _TGI_PATHS:
-        return frozenset({"tgi"})
-    if path in _VLLM_TGI_PATHS:
-        return frozenset({"vllm", "tgi"})
-    return None
-
 
 class Router:
     def __init__(self, backends: list[Backend], aliases: dict[str, str]) -> None:
@@ -43,13 +27,13 @@ class Router:
             return None
         return self.aliases.get(requested, requested)
 
-    def candidates(self, path: str, model: str | None, now: float) -> list[Backend]:
-        """The backends to balance this request over; raises ProxyError if none can serve it.
+    def candidates(self, endpoint: Endpoint, path: str, model: str | None, now: float) -> list[Backend]:
+        """The backends to balance a request for `path` over; raises ProxyError if none can serve it.
 
-        `model` is the resolved name (after aliases); `now` is loop time.
+        `endpoint` is the path's catalogue row (which kinds serve it); `model` is the resolved name (after
+        aliases); `now` is loop time.
         """
-        kinds = kinds_for_path(path)
-        able = [b for b in self.backends if kinds is None or b.kind in kinds or b.kind == "auto"]
+        able = [b for b in self.backends if endpoint.served_by(b.kind)]
         if not able:
             raise ProxyError("no_backend", f"no backend serves {path}")
         if model is not None:

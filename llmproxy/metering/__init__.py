@@ -3,7 +3,7 @@
 The relay makes one meter per metered response and calls `feed` with every upstream body chunk (transfer
 framing already removed), forwarding what it returns, then `finish` once at the end:
 
-    meter = meter_for(dialect_for(ctx.path, backend.type), strip_usage_event=injected)
+    meter = meter_for(endpoint.dialect_on(backend.kind), strip_usage_event=injected)
     ... write(meter.feed(chunk)) ...            # usually `chunk` itself, untouched
     write(meter.finish()); record(meter.usage or estimate_from(meter.content_events))
 
@@ -27,7 +27,6 @@ from llmproxy.metering.dialects import (
     SPECS,
     STRIPPABLE,
     TGI_GENERATE_SSE,
-    dialect_for,
     resolve,
 )
 from llmproxy.metering.ndjson import NDJSONMeter
@@ -45,7 +44,6 @@ __all__ = [
     "TGI_GENERATE_SSE",
     "Meter",
     "Usage",
-    "dialect_for",
     "meter_for",
     "meter_for_json_body",
 ]

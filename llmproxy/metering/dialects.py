@@ -113,44 +113,9 @@ SPECS = {
     OLLAMA_NDJSON: Spec(_key_then(_DONE_KEY, b"t"), count_ollama, ollama_usage, _DONE_KEY),
 }
 
-_ANY = frozenset({"vllm", "tgi", "ollama", "openai"})
-# path -> (dialect, backend types that serve it). Native TGI and Ollama paths belong to their backend only.
-_ROUTES: dict[str, tuple[str, frozenset[str]]] = {
-    "/v1/chat/completions": (OPENAI_CHAT_SSE, _ANY),
-    "/v1/completions": (OPENAI_COMPLETIONS_SSE, _ANY),
-    "/v1/responses": (OPENAI_RESPONSES_SSE, frozenset({"vllm", "ollama", "openai"})),
-    "/generate_stream": (TGI_GENERATE_SSE, frozenset({"tgi"})),
-    "/generate": (TGI_GENERATE_SSE, frozenset({"tgi"})),
-    "/api/chat": (OLLAMA_NDJSON, frozenset({"ollama"})),
-    "/api/generate": (OLLAMA_NDJSON, frozenset({"ollama"})),
-    # TGI's compat route streams or not by body; only a backend known to be TGI makes `/` a generation.
-    "/": (TGI_GENERATE_SSE, frozenset({"tgi"})),
-}
-
-
 def resolve(dialect: str) -> str:
     """Return the canonical dialect name; raises ValueError for an unknown one."""
     name = ALIASES.get(dialect, dialect)
     if name not in SPECS:
         raise ValueError(f"unknown metering dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     return name
-
-
-def dialect_for(path: str, backend_type: str | None = None) -> str | None:
-    """Return the dialect a request path is answered in, or None if such responses are not metered.
-
-    The dialect names the API family, not the framing: the caller meters a streamed response
-    (text/event-stream, application/x-ndjson) with meter_for() and a JSON one with meter_for_json_body().
-    `backend_type` ("vllm", "tgi", "ollama", "openai"; None or "auto" for unknown) rules out paths that
-    backend does not serve, and makes TGI's compat route `/` metered.
-    """
-    path = path.split("?", 1)[0]
-    if len(path) > 1:
-        path = path.rstrip("/") or "/"
-    entry = _ROUTES.get(path)
-    if entry is None:
-        return None
-    dialect, served_by = entry
-    if backend_type is None or backend_type == "auto":
-        return None if path == "/" else dialect
-    return dialect if backend_type in served_by else None

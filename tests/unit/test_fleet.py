@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmproxy.catalogue import lookup
 from llmproxy.config.model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
 from llmproxy.errors import ProxyError
 from llmproxy.fleet.backend import TTFT_FADE, Backend
 from llmproxy.fleet.balancer import Balancer
 from llmproxy.fleet.health import HealthMonitor
-from llmproxy.fleet.router import Router, kinds_for_path
+from llmproxy.fleet.router import Router
 
 
 def backend(name: str, weight: int = 1, kind: str = "vllm", models: list[str] | None = None) -> Backend:
@@ -34,6 +35,10 @@ def picks(strategy: str, backends: list[Backend], n: int) -> Counter:
 
 
 # --- strategies ---------------------------------------------------------------------------------------------
+
+
+def candidates(router: Router, path: str, model: str | None, now: float) -> list[Backend]:
+    return router.candidates(lookup(path), path, model, now)
 
 
 def test_weighted_is_exact_and_interleaved():
@@ -102,32 +107,32 @@ def test_candidates_by_model_alias_and_path():
     vllm = backend("vllm", models=["qwen"])
     ollama = backend("ollama", kind="ollama", models=["llama3.2:latest"])
     router = Router([vllm, ollama], {"gpt-4o": "qwen"})
-    assert router.candidates("/v1/chat/completions", router.resolve_model("gpt-4o"), 0) == [vllm]
-    assert router.candidates("/v1/chat/completions", "llama3.2", 0) == [ollama]  # Ollama's implicit :latest
-    assert router.candidates("/api/tags", None, 0) == [ollama]
-    assert router.candidates("/v1/embeddings", None, 0) == [vllm, ollama]
+    assert candidates(router, "/v1/chat/completions", router.resolve_model("gpt-4o"), 0) == [vllm]
+    assert candidates(router, "/v1/chat/completions", "llama3.2", 0) == [ollama]  # Ollama's implicit :latest
+    assert candidates(router, "/api/tags", None, 0) == [ollama]
+    assert candidates(router, "/v1/embeddings", None, 0) == [vllm, ollama]
     with pytest.raises(ProxyError) as missing:
-        router.candidates("/v1/chat/completions", "gpt-5", 0)
+        candidates(router, "/v1/chat/completions", "gpt-5", 0)
     assert missing.value.spec.status == 404 and missing.value.spec.code == "model_not_found"
     with pytest.raises(ProxyError) as nobody:
-        router.candidates("/generate_stream", None, 0)
+        candidates(router, "/generate_stream", None, 0)
     assert nobody.value.kind == "no_backend"
 
 
 def test_a_backend_whose_models_are_unknown_may_serve_anything():
     known, unknown = backend("known", models=["a"]), backend("unknown")
     router = Router([known, unknown], {})
-    assert router.candidates("/v1/completions", "b", 0) == [unknown]
+    assert candidates(router, "/v1/completions", "b", 0) == [unknown]
 
 
 def test_unavailable_backends_are_skipped_unless_all_are():
     a, b = backend("a"), backend("b")
     a.healthy = False
     router = Router([a, b], {})
-    assert router.candidates("/v1/completions", None, 0) == [b]
+    assert candidates(router, "/v1/completions", None, 0) == [b]
     b.ejected_until = 10.0
-    assert router.candidates("/v1/completions", None, 5.0) == [a, b]  # all down: keep trying them
-    assert router.candidates("/v1/completions", None, 11.0) == [b]
+    assert candidates(router, "/v1/completions", None, 5.0) == [a, b]  # all down: keep trying them
+    assert candidates(router, "/v1/completions", None, 11.0) == [b]
 
 
 def test_models_listing_is_the_union_with_aliases_and_configured_lists_filter_reported_cards():
@@ -139,14 +144,6 @@ def test_models_listing_is_the_union_with_aliases_and_configured_lists_filter_re
     assert [c["id"] for c in listing] == ["qwen", "llama", "gpt-4o"]
     assert listing[0]["max_model_len"] == 32768 and listing[2]["max_model_len"] == 32768
     assert listing[2]["root"] == "qwen"
-
-
-@pytest.mark.parametrize(("path", "kinds"), [
-    ("/api/chat", {"ollama"}), ("/generate_stream", {"tgi"}), ("/tokenize", {"vllm", "tgi"}),
-    ("/v1/chat/completions", None), ("/v1/models/x", None),
-])
-def test_native_paths_need_their_kind(path: str, kinds: set[str] | None):
-    assert kinds_for_path(path) == (None if kinds is None else frozenset(kinds))
 
 
 # --- health verdicts ----------------------------------------------------------------------------------------

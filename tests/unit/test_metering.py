@@ -27,7 +27,6 @@ from llmproxy.metering import (
     OPENAI_RESPONSES_SSE,
     TGI_GENERATE_SSE,
     Usage,
-    dialect_for,
     meter_for,
     meter_for_json_body,
 )
@@ -615,32 +614,6 @@ def test_unknown_dialects_are_refused_and_fixture_aliases_accepted():
 
 
 # --- paths ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("path", "backend", "expected"), [
-    ("/v1/chat/completions", None, OPENAI_CHAT_SSE),
-    ("/v1/chat/completions?x=1", "vllm", OPENAI_CHAT_SSE),
-    ("/v1/chat/completions/", "auto", OPENAI_CHAT_SSE),
-    ("/v1/completions", "tgi", OPENAI_COMPLETIONS_SSE),
-    ("/v1/responses", "vllm", OPENAI_RESPONSES_SSE),
-    ("/v1/responses", "ollama", OPENAI_RESPONSES_SSE),
-    ("/v1/responses", "tgi", None),
-    ("/generate_stream", None, TGI_GENERATE_SSE),
-    ("/generate", "tgi", TGI_GENERATE_SSE),
-    ("/generate_stream", "vllm", None),
-    ("/api/chat", None, OLLAMA_NDJSON),
-    ("/api/generate", "ollama", OLLAMA_NDJSON),
-    ("/api/chat", "vllm", None),
-    ("/", "tgi", TGI_GENERATE_SSE),
-    ("/", None, None),
-    ("/v1/embeddings", None, None),
-    ("/v1/models", "vllm", None),
-    ("/chat/completions", None, None),
-    ("/health", None, None),
-    ("/v1/messages", "vllm", None),
-])
-def test_dialect_for(path: str, backend: str | None, expected: str | None):
-    assert dialect_for(path, backend) == expected
 
 
 def _burst(events: int) -> tuple[bytes, bytes]:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
+from llmproxy.catalogue import lookup
 from llmproxy.config.model import BackendConfig
 from llmproxy.http11.request import RequestHead
 from llmproxy.request_body import inspect_body, prepare_for_backend
@@ -15,7 +16,9 @@ from llmproxy.request_body import inspect_body, prepare_for_backend
 def _ctx(target: bytes):
     head = RequestHead(b"POST", target, "1.1", [], b"h", None, False, True, False)
     server = SimpleNamespace(metering=True)
-    return SimpleNamespace(head=head, conn=SimpleNamespace(server=server), path="", body_data=None, model=None,
+    path = target.split(b"?", 1)[0].decode()
+    return SimpleNamespace(head=head, conn=SimpleNamespace(server=server), path=path, endpoint=lookup(path),
+                           body_data=None, model=None,
                            model_aliased=False,
                            is_stream=False, dialect=None, meter=None)
 

@@ -1,0 +1,121 @@
+"""The catalogue: the kinds of backend the proxy knows, and every API path it forwards, one row each.
+
+A backend kind is a row of KINDS: how to recognise it, how to probe its health and its load. An endpoint
+is a row of ENDPOINTS: its API family, the kinds that serve it, the metering dialect its responses are
+read in, whether it streams by default (or always) and whether it is billed. The router, the metering
+plan and the reading of request bodies all look here, so a new endpoint is one row (plus a meter when it
+speaks a new dialect), and a new kind is one row of KINDS plus its name in the endpoints it serves.
+Wire facts behind each row: docs/protocols.md §2-4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmproxy.metering.dialects import (
+    OLLAMA_NDJSON,
+    OPENAI_CHAT_SSE,
+    OPENAI_COMPLETIONS_SSE,
+    OPENAI_RESPONSES_SSE,
+    TGI_GENERATE_SSE,
+)
+
+AUTO = "auto"  # a backend whose kind is not known yet: detected by probing it
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """A kind of backend server and how to talk to it outside of requests."""
+
+    name: str
+    health_path: str  # GET answered 2xx while it serves
+    # Detection: GET `path` answers 200 with a JSON object holding `key` (a string when `key_is_str`).
+    detect_path: str | None
+    detect_key: str = ""
+    key_is_str: bool = True
+    # Queue depth: Prometheus samples on GET /metrics whose sum is requests waiting + running.
+    load_metrics: frozenset[str] = frozenset()
+
+
+# Detection tries the kinds in this order: vLLM's /version and TGI's /info both carry "version" too, and
+# only Ollama answers /api/version. A server that answers none of them is a generic OpenAI-compatible one.
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    Kind("ollama", "/api/version", "/api/version", "version"),
+    Kind("tgi", "/health", "/info", "model_id", key_is_str=False,
+         load_metrics=frozenset({"tgi_queue_size", "tgi_batch_current_size"})),
+    Kind("vllm", "/health", "/version", "version",
+         load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"})),
+    Kind("openai", "/v1/models", None),
+)}
+BACKEND_KINDS = tuple(KINDS)
+GENERIC_KIND = "openai"
+ANY_KIND = frozenset(BACKEND_KINDS)
+
+# Whether a response streams: as the body's "stream" says (default false), unless it says false (native
+# Ollama), or always (TGI's /generate_stream).
+STREAMS_IF_ASKED, STREAMS_UNLESS_DECLINED, STREAMS_ALWAYS = "if_asked", "unless_declined", "always"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    api: str  # the API family: "openai-chat", "tgi-generate", "ollama-native", ...
+    kinds: frozenset[str]  # the backend kinds that serve it
+    dialect: str | None = None  # the metering dialect of its responses (llmproxy.metering); None: not metered
+    streams: str = STREAMS_IF_ASKED
+    billable: bool = True  # a POST sent to a backend gets a usage record
+    usage_option: bool = False  # OpenAI's stream_options.include_usage: the proxy may ask for usage
+    # A backend of unknown kind (AUTO) may serve it and is metered as if it did. False for a path that
+    # means a generation only on one kind (TGI's `/`): metering anything else would misread it.
+    guess_unknown_kind: bool = True
+
+    def served_by(self, kind: str) -> bool:
+        return kind in self.kinds or kind == AUTO
+
+    def dialect_on(self, kind: str) -> str | None:
+        """The metering dialect of this endpoint's responses from a backend of `kind`; None: not metered."""
+        if self.dialect is None:
+            return None
+        if kind == AUTO:
+            return self.dialect if self.guess_unknown_kind else None
+        return self.dialect if kind in self.kinds else None
+
+
+_OLLAMA, _TGI = frozenset({"ollama"}), frozenset({"tgi"})
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True),
+    "/v1/completions": Endpoint("openai-completions", ANY_KIND, OPENAI_COMPLETIONS_SSE, usage_option=True),
+    "/v1/responses": Endpoint("openai-responses", frozenset({"vllm", "ollama", "openai"}), OPENAI_RESPONSES_SSE),
+    "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND),
+    "/generate": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE),
+    "/generate_stream": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE, STREAMS_ALWAYS),
+    # TGI's compat route: /generate or /generate_stream by the body's "stream".
+    "/": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE, guess_unknown_kind=False),
+    "/info": Endpoint("tgi-native", _TGI),
+    "/chat_tokenize": Endpoint("tgi-native", _TGI),
+    "/tokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi"})),
+    "/detokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi"})),
+    "/api/chat": Endpoint("ollama-chat", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
+    "/api/generate": Endpoint("ollama-generate", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
+}
+# Paths under a prefix that only one kind serves, whatever follows it.
+PREFIXES: tuple[tuple[str, Endpoint], ...] = (("/api/", Endpoint("ollama-native", _OLLAMA)),)
+# Any other path: forwarded to any backend, not metered.
+OTHER = Endpoint("other", ANY_KIND)
+
+
+def lookup(path: str) -> Endpoint:
+    """The catalogue row of a request path (without its query); OTHER when the catalogue has none.
+
+    A trailing slash names the same endpoint ("/v1/chat/completions/").
+    """
+    endpoint = ENDPOINTS.get(path)
+    if endpoint is not None:
+        return endpoint
+    if len(path) > 1 and path.endswith("/"):
+        endpoint = ENDPOINTS.get(path.rstrip("/") or "/")
+        if endpoint is not None:
+            return endpoint
+    for prefix, native in PREFIXES:
+        if path.startswith(prefix):
+            return native
+    return OTHER

@@ -1,0 +1,88 @@
+"""The catalogue: which kinds serve a path, how its responses are metered, whether it streams by default."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmproxy.catalogue import (
+    ANY_KIND,
+    AUTO,
+    BACKEND_KINDS,
+    ENDPOINTS,
+    KINDS,
+    OTHER,
+    STREAMS_ALWAYS,
+    STREAMS_IF_ASKED,
+    STREAMS_UNLESS_DECLINED,
+    lookup,
+)
+from llmproxy.metering.dialects import (
+    OLLAMA_NDJSON,
+    OPENAI_CHAT_SSE,
+    OPENAI_COMPLETIONS_SSE,
+    OPENAI_RESPONSES_SSE,
+    SPECS,
+    TGI_GENERATE_SSE,
+)
+
+
+@pytest.mark.parametrize(("path", "kind", "expected"), [
+    ("/v1/chat/completions", AUTO, OPENAI_CHAT_SSE),
+    ("/v1/chat/completions", "vllm", OPENAI_CHAT_SSE),
+    ("/v1/chat/completions/", AUTO, OPENAI_CHAT_SSE),
+    ("/v1/completions", "tgi", OPENAI_COMPLETIONS_SSE),
+    ("/v1/responses", "vllm", OPENAI_RESPONSES_SSE),
+    ("/v1/responses", "ollama", OPENAI_RESPONSES_SSE),
+    ("/v1/responses", "tgi", None),
+    ("/generate_stream", AUTO, TGI_GENERATE_SSE),
+    ("/generate", "tgi", TGI_GENERATE_SSE),
+    ("/generate_stream", "vllm", None),
+    ("/api/chat", AUTO, OLLAMA_NDJSON),
+    ("/api/generate", "ollama", OLLAMA_NDJSON),
+    ("/api/chat", "vllm", None),
+    ("/", "tgi", TGI_GENERATE_SSE),
+    ("/", AUTO, None),  # only a backend known to be TGI makes `/` a generation
+    ("/v1/embeddings", AUTO, None),
+    ("/v1/models", "vllm", None),
+    ("/chat/completions", AUTO, None),
+    ("/health", AUTO, None),
+    ("/v1/messages", "vllm", None),
+])
+def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, kind: str, expected: str | None):
+    assert lookup(path).dialect_on(kind) == expected
+
+
+@pytest.mark.parametrize(("path", "kinds"), [
+    ("/api/chat", {"ollama"}), ("/api/tags", {"ollama"}), ("/generate_stream", {"tgi"}), ("/", {"tgi"}),
+    ("/tokenize", {"vllm", "tgi"}), ("/v1/chat/completions", set(BACKEND_KINDS)), ("/v1/models/x", set(BACKEND_KINDS)),
+])
+def test_native_paths_are_served_by_their_kinds_only(path: str, kinds: set[str]):
+    endpoint = lookup(path)
+    assert {kind for kind in BACKEND_KINDS if endpoint.served_by(kind)} == kinds
+    assert endpoint.served_by(AUTO)  # a backend of unknown kind may serve anything until detected
+
+
+@pytest.mark.parametrize(("path", "streams"), [
+    ("/v1/chat/completions", STREAMS_IF_ASKED), ("/api/chat", STREAMS_UNLESS_DECLINED),
+    ("/api/generate", STREAMS_UNLESS_DECLINED), ("/generate_stream", STREAMS_ALWAYS), ("/generate", STREAMS_IF_ASKED),
+    ("/anything/else", STREAMS_IF_ASKED),
+])
+def test_whether_a_path_streams_by_default(path: str, streams: str):
+    assert lookup(path).streams == streams
+
+
+def test_an_unknown_path_is_forwarded_to_any_backend_unmetered():
+    assert lookup("/v2/whatever") is OTHER
+    assert OTHER.kinds == ANY_KIND and OTHER.dialect is None
+
+
+def test_every_row_names_known_kinds_and_dialects():
+    for path, endpoint in ENDPOINTS.items():
+        assert endpoint.kinds <= ANY_KIND, path
+        assert endpoint.dialect is None or endpoint.dialect in SPECS, path
+        assert endpoint.streams in (STREAMS_IF_ASKED, STREAMS_UNLESS_DECLINED, STREAMS_ALWAYS), path
+
+
+def test_kinds_are_listed_once_and_the_generic_one_is_not_detected_by_a_probe():
+    assert tuple(KINDS) == BACKEND_KINDS
+    assert [kind.name for kind in KINDS.values() if kind.detect_path is None] == ["openai"]
