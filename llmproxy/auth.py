@@ -14,32 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
 
 from llmproxy.config.model import ApiKeyConfig, AuthConfig, LimitConfig, RateLimitConfig
 from llmproxy.errors import ProxyError
 from llmproxy.http11.request import RequestHead
 from llmproxy.ratelimit import limits_for
+from llmproxy.tenant import Tenant
 
 KEY_ID_LENGTH = 12  # hex digits of the digest shown in logs and metrics: unique enough, useless to an attacker
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    key_id: str
-    user_id: str | None
-    models: frozenset[str] | None  # None: any model
-    limits: object  # ratelimit.store.Limits of this key (rate_limit.per_key, then the key's overrides)
-    digest: str
-
-    @property
-    def scope(self) -> str:
-        return f"key:{self.key_id}"
-
-    def may_use(self, *models: str | None) -> bool:
-        """True if the key may use a model known by any of these names (the requested one, an alias's target)."""
-        allowed = self.models
-        return allowed is None or any(m in allowed for m in models if m is not None)
 
 
 class KeyRing:
@@ -48,19 +30,21 @@ class KeyRing:
         self.skip_paths = frozenset(path.encode() for path in auth.skip_paths)
         # Lower-case names, as the codec gives them; True marks the one that carries "Bearer <key>".
         self.header_names = {name.lower().encode(): name.lower() == "authorization" for name in auth.header_names}
-        self._keys = {k.key_sha256: _api_key(k, rate_limit.per_key) for k in auth.keys}
+        # digest -> (digest, tenant): the stored digest is what the lookup result is compared with
+        self._keys = {k.key_sha256: (k.key_sha256, _tenant(k, rate_limit.per_key)) for k in auth.keys}
 
     def skips(self, path: bytes) -> bool:
         return path in self.skip_paths
 
-    def authenticate(self, head: RequestHead) -> ApiKey:
-        """The key this request carries; raises ProxyError "unauthorized" (401) or "ambiguous_credentials" (400)."""
+    def authenticate(self, head: RequestHead) -> Tenant:
+        """The caller of the key this request carries; raises ProxyError "unauthorized" (401) or
+        "ambiguous_credentials" (400)."""
         token = self._credential(head)
         digest = hashlib.sha256(token).hexdigest()
-        key = self._keys.get(digest)
-        if key is None or not hmac.compare_digest(key.digest, digest):
+        found = self._keys.get(digest)
+        if found is None or not hmac.compare_digest(found[0], digest):
             raise ProxyError("unauthorized", "Incorrect API key provided.")
-        return key
+        return found[1]
 
     def _credential(self, head: RequestHead) -> bytes:
         found: bytes | None = None
@@ -84,11 +68,10 @@ def _bearer_token(value: bytes) -> bytes:
     return parts[1].strip()
 
 
-def _api_key(config: ApiKeyConfig, per_key: LimitConfig) -> ApiKey:
-    return ApiKey(
+def _tenant(config: ApiKeyConfig, per_key: LimitConfig) -> Tenant:
+    return Tenant(
         key_id=config.key_sha256[:KEY_ID_LENGTH],
         user_id=config.user_id,
         models=None if config.models is None else frozenset(config.models),
         limits=limits_for(per_key, config.rate_limit),
-        digest=config.key_sha256,
     )

@@ -13,32 +13,70 @@ import asyncio
 import contextlib
 import socket
 import struct
+from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING
 
-from llmproxy.context import RequestContext
+from llmproxy.config.model import Timeouts
+from llmproxy.context import RequestContext, RequestIds, new_context
 from llmproxy.eager import EagerRun
 from llmproxy.errors import ProxyError, drop_traceback, error_body
-from llmproxy.http11.request import ProtocolError, RequestCodec, RequestHead
+from llmproxy.http11.request import CodecLimits, ProtocolError, RequestCodec, RequestHead
 from llmproxy.http11.wire import status_line
-
-if TYPE_CHECKING:
-    from llmproxy.server import ProxyServer
+from llmproxy.pipeline import handle_request, reject_malformed
+from llmproxy.services import Services
+from llmproxy.traffic import Traffic
 
 WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
 
 
-class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_body_progress_at", "_body_timer", "_codec", "_current", "_head_timer", "_idle_since",
-                 "_idle_timer", "_loop", "_parsing", "_pending", "_reading_paused", "_to_start", "closed", "peer",
-                 "server", "transport", "writing_paused")
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """What every client connection obeys; fixed at start (server.* needs a restart)."""
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        self._loop = server.loop
+    codec_limits: CodecLimits
+    timeouts: Timeouts
+    max_connections: int
+
+
+class Clients:
+    """The client connections of this process and what they share: their settings, the traffic counts,
+    request ids, and the current Services, which a reload replaces (here, and only here). Called, it makes
+    a connection: it is the listening socket's protocol factory."""
+
+    __slots__ = ("connections", "ids", "loop", "services", "settings", "traffic")
+
+    def __init__(self, settings: ClientSettings, services: Services, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.services = services
+        self.traffic: Traffic = services.traffic
+        self.loop = loop
+        self.ids = RequestIds()
+        self.connections: set[ClientConnection] = set()
+
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def close_idle(self) -> None:
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = ("_body_progress_at", "_body_timer", "_clients", "_codec", "_current", "_head_timer", "_idle_since",
+                 "_idle_timer", "_loop", "_parsing", "_pending", "_reading_paused", "_timeouts", "_to_start",
+                 "closed", "peer", "transport", "writing_paused")
+
+    def __init__(self, clients: Clients) -> None:
+        self._clients = clients
+        self._loop = clients.loop
+        self._timeouts = clients.settings.timeouts
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self._codec = RequestCodec(self, server.codec_limits)
+        self._codec = RequestCodec(self, clients.settings.codec_limits)
         self._current: RequestContext | None = None  # the request being answered
         self._parsing: RequestContext | None = None  # the request whose body is arriving
         # Pipelined requests are rare: a list (56 bytes) rather than a deque (760) on every idle connection.
@@ -57,12 +95,12 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        server = self.server
-        if len(server.connections) >= server.config.server.max_connections or server.draining:
+        clients = self._clients
+        if len(clients.connections) >= clients.settings.max_connections or clients.traffic.draining:
             transport.abort()  # refuse cheaply; the connections already served are untouched
             self.closed = True
             return
-        server.connections.add(self)
+        clients.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         # TCP_NODELAY is already set: uvloop (like asyncio) sets it on every TCP transport.
@@ -94,7 +132,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        self._clients.connections.discard(self)
         self._cancel_timers()
         self._codec.release()
         current = self._current
@@ -126,7 +164,8 @@ class ClientConnection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        ctx = self.server.new_context(self, head)
+        clients = self._clients
+        ctx = new_context(self, head, clients.ids.next(), head.keep_alive and not clients.traffic.draining)
         self._parsing = ctx if head.has_body else None
         if not head.has_body:
             ctx.body_done = True
@@ -157,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
         self._current = None
         if self.closed:
             return
-        if not ctx.keep_alive or not ctx.body_done or self.server.draining:
+        if not ctx.keep_alive or not ctx.body_done or self._clients.traffic.draining:
             # An unread request body would be parsed as the next request: close instead.
             self._close()
             return
@@ -179,7 +218,7 @@ class ClientConnection(asyncio.Protocol):
     def arm_body_timer(self) -> None:
         if self._body_timer is None and self._parsing is not None:
             self._body_progress_at = self._loop.time()  # the wait for the body starts now
-            self._body_timer = self._loop.call_later(self.server.timeouts.body, self._body_tick)
+            self._body_timer = self._loop.call_later(self._timeouts.body, self._body_tick)
 
     def abort(self) -> None:
         """Drop the connection without finishing the response (the client sees a truncation)."""
@@ -206,7 +245,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             if ctx.body_done:  # a pipelined request's wait behind the one before is not the proxy's overhead
                 ctx.t_ready = perf_counter()
-            ctx.run = EagerRun(self.server.handle(ctx), self._loop)
+            # The request's one snapshot of the configuration: a reload from now on is the next request's.
+            ctx.run = EagerRun(handle_request(self._clients.services, ctx), self._loop)
 
     def _protocol_error(self, error: ProtocolError) -> None:
         parsing = self._parsing
@@ -223,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _reply_error_and_close(self, error: ProtocolError) -> None:
         """Answer a request that never became a RequestContext (bad head) and close."""
-        self.server.log_protocol_error(self, error)
+        reject_malformed(self._clients.services, self.peer, error)
         spec = error.spec
         body = error_body(spec, error.message)
         self.transport.write(status_line(spec.status) + b"content-type: application/json\r\n"
@@ -238,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         transport.close()
         if transport.get_write_buffer_size():
-            self._loop.call_later(self.server.timeouts.write, _reset_transport, transport)
+            self._loop.call_later(self._timeouts.write, _reset_transport, transport)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
@@ -255,13 +295,13 @@ class ClientConnection(asyncio.Protocol):
         # a re-arm per request). When it fires it closes the connection only if it has been idle long enough.
         self._idle_since = self._loop.time()
         if self._idle_timer is None:
-            self._idle_timer = self._loop.call_later(self.server.timeouts.keepalive, self._idle_timeout)
+            self._idle_timer = self._loop.call_later(self._timeouts.keepalive, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
         self._idle_timer = None
         if self.closed or self._current is not None or self._codec.in_head:
             return  # busy: request_finished arms it again
-        remaining = self._idle_since + self.server.timeouts.keepalive - self._loop.time()
+        remaining = self._idle_since + self._timeouts.keepalive - self._loop.time()
         if remaining > 0:
             self._idle_timer = self._loop.call_later(remaining, self._idle_timeout)
             return
@@ -269,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
-            self._head_timer = self._loop.call_later(self.server.timeouts.request_head, self._head_timeout)
+            self._head_timer = self._loop.call_later(self._timeouts.request_head, self._head_timeout)
 
     def _head_timeout(self) -> None:
         self._head_timer = None
@@ -288,7 +328,7 @@ class ClientConnection(asyncio.Protocol):
         parsing = self._parsing
         if parsing is None or parsing.body_done:
             return
-        left = self._body_progress_at + self.server.timeouts.body - self._loop.time()
+        left = self._body_progress_at + self._timeouts.body - self._loop.time()
         if left <= 0:
             self._parsing = None
             parsing.keep_alive = False

@@ -1,28 +1,76 @@
-"""Per-request state, created when a request head arrives and dropped when its response ends."""
+"""Per-request state, created when a request head arrives and dropped when its response ends.
+
+Who writes what: the client connection creates the context and fills the body as it arrives; the
+pipeline records the phases' outcomes (endpoint, caller, admission, model, backend, retries, errors);
+request_body.py what the body says (model, stream, the parsed JSON); the relay what the response did
+(status, bytes, first byte, how it ended). The metering session is an object of its own (`meter`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmproxy.catalogue import OTHER, Endpoint
 from llmproxy.errors import ProxyError
+from llmproxy.http11.headers import connection_line, local_response
 from llmproxy.http11.request import RequestHead
-from llmproxy.http11.wire import CONTINUE_100, status_line
+from llmproxy.http11.wire import CONTINUE_100
 
 if TYPE_CHECKING:
-    from llmproxy.auth import ApiKey
-    from llmproxy.connection import ClientConnection
     from llmproxy.eager import EagerRun
-    from llmproxy.metering import Meter, Usage
+    from llmproxy.metering.session import MeteringSession
     from llmproxy.ratelimit import Admission
-    from llmproxy.relay import Exchange
+    from llmproxy.tenant import Tenant
 
 
 # A client may pass its own X-Request-Id (1-128 visible ASCII characters) through to the backend.
 _VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+class ClientSide(Protocol):
+    """The client connection as a request sees it (connection.py)."""
+
+    transport: asyncio.Transport
+    peer: str
+    closed: bool
+    writing_paused: bool  # the client's socket buffer is over its high-water mark
+
+    def arm_body_timer(self) -> None: ...
+
+    def request_finished(self, ctx: RequestContext) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class ResponseStream(Protocol):
+    """A response being relayed (relay.py), told what the client connection sees."""
+
+    def client_lost(self) -> None: ...
+
+    def client_paused(self) -> None: ...
+
+    def client_resumed(self) -> None: ...
+
+
+class RequestIds:
+    """Request ids unique to this process: a random prefix and a counter (cheap, and sortable per process)."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = 0
+
+    def next(self) -> str:
+        self._counter += 1
+        return f"{self._prefix}{self._counter:08x}"
 
 
 def valid_client_request_id(head: RequestHead) -> bytes | None:
@@ -33,35 +81,30 @@ def valid_client_request_id(head: RequestHead) -> bytes | None:
 
 @dataclass(slots=True, eq=False)
 class RequestContext:
-    conn: ClientConnection
+    conn: ClientSide
     head: RequestHead
     request_id: str  # ours, unique per request: usage records and webhook-ids rely on it
     t_start: float
     keep_alive: bool
     forwarded_request_id: bytes  # the X-Request-Id sent upstream and back: the client's own, else ours
     client_request_id: str | None  # the client's valid X-Request-Id, recorded beside ours
-    path: str = ""  # decoded path without the query
+    path: str  # decoded path without the query
     endpoint: Endpoint = OTHER  # the path's row of the catalogue
     # Request body, filled by the connection as it arrives.
     body_parts: list[bytes] = field(default_factory=list)
     body_done: bool = False
     body_error: ProxyError | None = None
     body_waiter: asyncio.Future[None] | None = None
-    # Facts read from the body (request_body.py), and what the meter read off the response.
+    # Read from the body (request_body.py).
     model: str | None = None  # as forwarded: an alias is already resolved to its target
     model_aliased: bool = False  # the client named an alias: the body's model is rewritten
     is_stream: bool = False
-    body_data: Any = None  # the parsed JSON body, kept for estimating prompt tokens
-    dialect: str | None = None  # metering dialect of this endpoint, None if not metered
-    meter: Meter | None = None
-    usage: Usage | None = None  # as reported by the backend
-    content_events: int = 0  # content-bearing events relayed (the completion estimate without usage)
+    body_data: Any = None  # the parsed JSON body
+    meter: MeteringSession | None = None  # this request's metering, planned per attempt
     upstream_sent: bool = False  # the request was written to a backend: it gets a usage record
-    user_id: str | None = None
-    key_id: str | None = None
-    api_key: ApiKey | None = None  # the caller's key, when auth is enabled
+    tenant: Tenant | None = None  # the caller, when auth is enabled
     admission: Admission | None = None  # rate-limit slots held until the request ends
-    response_headers: bytes = b""  # extra header lines for the response (x-ratelimit-*, retry-after)
+    response_headers: bytes = b""  # extra header lines for the response (x-ratelimit-*)
     # Outcome.
     backend: str = ""  # the last one tried
     retries: int = 0  # attempts on further backends after the first failed
@@ -73,8 +116,16 @@ class RequestContext:
     t_first_byte: float = 0.0
     t_ready: float = 0.0  # the request was complete and its turn had come (pipelined ones wait their turn)
     proxy_s: float = 0.0  # request fully read -> written upstream (the request side of the proxy's overhead)
-    exchange: Exchange | None = None
+    exchange: ResponseStream | None = None
     run: EagerRun | None = None  # the running pipeline
+
+    @property
+    def key_id(self) -> str | None:
+        return self.tenant.key_id if self.tenant is not None else None
+
+    @property
+    def user_id(self) -> str | None:
+        return self.tenant.user_id if self.tenant is not None else None
 
     async def read_body(self) -> bytes:
         """Return the whole request body; raises ProxyError if the client sent a bad or oversize one."""
@@ -100,22 +151,28 @@ class RequestContext:
             waiter.set_result(None)
 
     def send_response(self, status: int, body: bytes, content_type: bytes = b"application/json",
-                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """Write a complete local response (not relayed from a backend)."""
+                      headers: bytes = b"") -> None:
+        """Write a complete local response (not relayed from a backend); `headers` are extra header lines."""
         self.status = status
         self.response_started = True
-        parts = [status_line(status), b"content-type: ", content_type, b"\r\ncontent-length: %d\r\n" % len(body),
-                 b"x-request-id: ", self.forwarded_request_id, b"\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if self.response_headers:
-            parts.append(self.response_headers)
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif self.head.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        if self.head.method != b"HEAD":
-            parts.append(body)
         self.bytes_out += len(body)
-        self.conn.transport.write(b"".join(parts))
+        self.conn.transport.write(local_response(
+            status, content_type, body, request_id=self.forwarded_request_id, extra=headers + self.response_headers,
+            connection=connection_line(self.keep_alive, self.head.version == "1.0"),
+            with_body=self.head.method != b"HEAD"))
+
+
+def new_context(conn: ClientSide, head: RequestHead, request_id: str, keep_alive: bool) -> RequestContext:
+    """The context of a request whose head just arrived on `conn`."""
+    supplied = valid_client_request_id(head)  # checked once per request, not at every use
+    target = head.target
+    return RequestContext(
+        conn=conn,
+        head=head,
+        request_id=request_id,
+        t_start=perf_counter(),
+        keep_alive=keep_alive,
+        forwarded_request_id=supplied or request_id.encode(),
+        client_request_id=None if supplied is None else supplied.decode(),
+        path=(target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1"),
+    )

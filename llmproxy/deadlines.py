@@ -8,10 +8,7 @@ precision: a deadline fires up to one tick late (a quarter of the shortest timeo
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from llmproxy.relay import Exchange
+from typing import Protocol
 
 MAX_TICK = 1.0
 MIN_TICK = 0.05
@@ -22,11 +19,17 @@ def tick_for(timeouts: list[float]) -> float:
     return max(MIN_TICK, min(MAX_TICK, min(timeouts) / 4))
 
 
+class Watched(Protocol):
+    """An exchange in flight (relay.py): it compares its own deadlines with the time it is given."""
+
+    def check_deadlines(self, now: float) -> None: ...
+
+
 class DeadlineSweeper:
     __slots__ = ("_handle", "_interval", "_loop", "active")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self.active: set[Exchange] = set()
+        self.active: set[Watched] = set()
         self._loop = loop
         self._interval = interval
         self._handle = loop.call_later(interval, self._tick)

@@ -86,14 +86,15 @@ ERRORS: dict[str, ErrorSpec] = {
 class ProxyError(Exception):
     """Raised by any phase to end a request with a local error reply (or an abort once bytes were sent)."""
 
-    __slots__ = ("kind", "message", "spec", "status")
+    __slots__ = ("headers", "kind", "message", "spec", "status")
 
-    def __init__(self, kind: str, message: str, status: int = 0) -> None:
+    def __init__(self, kind: str, message: str, status: int = 0, headers: bytes = b"") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.spec = ERRORS[kind]
         self.status = status  # the backend's status, for "upstream_status"
+        self.headers = headers  # header lines for the reply (retry-after, www-authenticate), each CRLF-ended
 
     @property
     def retry_condition(self) -> str | None:

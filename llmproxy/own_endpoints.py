@@ -18,27 +18,29 @@ from llmproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
     from llmproxy.fleet.backend import Backend
-    from llmproxy.server import ProxyServer
+    from llmproxy.services import Services
 
-LocalHandler = Callable[["ProxyServer", "RequestContext"], None]
+OwnHandler = Callable[["Services", "RequestContext"], None]
 
 
-def health(server: ProxyServer, ctx: RequestContext) -> None:
+def health(services: Services, ctx: RequestContext) -> None:
     """The proxy's own state and each backend's. 200 while serving (even "degraded": no backend available,
     requests are still tried); 503 while draining, so a load balancer in front stops sending."""
-    now = server.loop.time()
-    backends = server.backends
+    now = services.clock()
+    backends = services.fleet.backends
+    draining = services.traffic.draining
     available = sum(1 for b in backends if b.available(now))
     body = {
-        "status": "draining" if server.draining else "ok" if available else "degraded",
+        "status": "draining" if draining else "ok" if available else "degraded",
         "backends": len(backends),
         "available": available,
-        "inflight": server.inflight,
+        "inflight": services.traffic.inflight,
         "upstreams": [_backend_state(b, now) for b in backends],
     }
-    if server.limiter is not None:
-        body["ratelimit"] = {"store": server.limiter.config.store, "admissions_held": server.limiter.held}
-    ctx.send_response(503 if server.draining else 200, orjson.dumps(body))
+    limiter = services.limiter
+    if limiter is not None:
+        body["ratelimit"] = {"store": limiter.config.store, "admissions_held": limiter.held}
+    ctx.send_response(503 if draining else 200, orjson.dumps(body))
 
 
 def _backend_state(backend: Backend, now: float) -> dict:
@@ -53,32 +55,32 @@ def _backend_state(backend: Backend, now: float) -> dict:
     }
 
 
-def models(server: ProxyServer, ctx: RequestContext) -> None:
+def models(services: Services, ctx: RequestContext) -> None:
     """GET /v1/models: the union of the available backends' models, aliases included."""
-    cards = server.fleet.router.model_cards(server.loop.time())
-    key = ctx.api_key
-    if key is not None and key.models is not None:
-        cards = [card for card in cards if key.may_use(card["id"], card.get("root"))]  # what this key may use
+    cards = services.fleet.router.model_cards(services.clock())
+    tenant = ctx.tenant
+    if tenant is not None and tenant.models is not None:
+        cards = [card for card in cards if tenant.may_use(card["id"], card.get("root"))]  # what it may use
     ctx.send_response(200, orjson.dumps({"object": "list", "data": cards}))
 
 
-def model(server: ProxyServer, ctx: RequestContext) -> None:
+def model(services: Services, ctx: RequestContext) -> None:
     """GET /v1/models/{id} (the id may contain slashes: "Qwen/Qwen2.5-7B-Instruct")."""
     path = request_path(ctx)
     model_id = unquote(path[len(MODELS_PREFIX):].decode("latin-1"))
-    card = server.fleet.router.model_card(model_id, server.loop.time())
-    if ctx.api_key is not None and not ctx.api_key.may_use(card["id"], card.get("root")):
+    card = services.fleet.router.model_card(model_id, services.clock())
+    if ctx.tenant is not None and not ctx.tenant.may_use(card["id"], card.get("root")):
         raise ProxyError("model_not_found", f"The model `{model_id}` does not exist.")
     ctx.send_response(200, orjson.dumps(card))
 
 
-def metrics(server: ProxyServer, ctx: RequestContext) -> None:
-    if server.metrics is None:
+def metrics(services: Services, ctx: RequestContext) -> None:
+    if services.metrics is None:
         raise ProxyError("not_found", "metrics are disabled")
-    ctx.send_response(200, server.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+    ctx.send_response(200, services.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
 
-LOCAL_ROUTES: dict[bytes, LocalHandler] = {
+OWN_ENDPOINTS: dict[bytes, OwnHandler] = {
     b"/health": health,
     b"/metrics": metrics,
     b"/v1/models": models,
@@ -92,13 +94,13 @@ def request_path(ctx: RequestContext) -> bytes:
     return target.split(b"?", 1)[0] if b"?" in target else target
 
 
-def match_local(ctx: RequestContext) -> LocalHandler | None:
-    """Return the handler of a proxy-owned endpoint, or None if the request is to be forwarded.
+def match_own(ctx: RequestContext) -> OwnHandler | None:
+    """Return the handler of one of the proxy's own endpoints, or None if the request is to be forwarded.
 
     Raises ProxyError (405) for a proxy-owned path with a method other than GET or HEAD.
     """
     path = request_path(ctx)
-    handler = LOCAL_ROUTES.get(path)
+    handler = OWN_ENDPOINTS.get(path)
     if handler is None and path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
         handler = model
     if handler is not None and ctx.head.method not in (b"GET", b"HEAD"):

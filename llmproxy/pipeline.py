@@ -1,9 +1,12 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    authenticate -> local route? -> read body -> inspect body -> route (model, path -> candidates)
+    authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates)
     -> admit (rate limits)
-    -> [choose backend -> prepare body (alias, metering) -> acquire connection -> relay] x attempts
+    -> [choose backend -> plan metering, prepare body -> acquire connection -> relay] x attempts
     -> finish (records, releases rate-limit slots, charges usage)
+
+Every phase works on the one Services snapshot the request started with (services.py), so a reload
+in the middle of a stream never mixes two configurations in one request.
 
 Attempts: a failure before any byte reached the client is retried on another backend when
 `routing.retry_on` allows it (a connect failure always may: nothing was sent); once a byte was sent, never.
@@ -22,29 +25,31 @@ from typing import TYPE_CHECKING
 
 from llmproxy.catalogue import lookup
 from llmproxy.errors import ProxyError, drop_traceback, error_body
-from llmproxy.own_endpoints import match_local, request_path
+from llmproxy.metering.session import MeteringSession
+from llmproxy.own_endpoints import match_own, request_path
 from llmproxy.record import build_record
 from llmproxy.relay import Exchange
-from llmproxy.request_body import inspect_body, prepare_for_backend
-from llmproxy.upstream_request import build_upstream_request
+from llmproxy.request_body import body_for_backend, inspect_body
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
     from llmproxy.fleet.backend import Backend
     from llmproxy.fleet.fleet import Fleet
-    from llmproxy.server import ProxyServer
+    from llmproxy.http11.request import ProtocolError
+    from llmproxy.services import Services
 
 log = logging.getLogger("llmproxy")
+WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="llmproxy"\r\n'
 
 
-async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
+async def handle_request(services: Services, ctx: RequestContext) -> None:
     try:
-        authenticate(server, ctx)
-        local = match_local(ctx)
-        if local is not None:
-            local(server, ctx)
+        authenticate(services, ctx)
+        own = match_own(ctx)
+        if own is not None:
+            own(services, ctx)
         else:
-            await proxy_request(server, ctx)
+            await proxy_request(services, ctx)
     except ProxyError as error:
         drop_traceback(error)  # ctx -> body_error -> traceback -> frames -> ctx: no cycle left for the GC
         reply_error(ctx, error)
@@ -54,47 +59,49 @@ async def handle_request(server: ProxyServer, ctx: RequestContext) -> None:
         log.exception("internal error handling request %s", ctx.request_id)
         reply_error(ctx, ProxyError("internal_error", f"internal error: {type(exc).__name__}"))
     finally:
-        finish(server, ctx)
+        finish(services, ctx)
 
 
-def authenticate(server: ProxyServer, ctx: RequestContext) -> None:
-    """Who is calling: sets ctx.api_key, or raises ProxyError (401/400) before any body byte is read."""
-    keys = server.keys
+def authenticate(services: Services, ctx: RequestContext) -> None:
+    """Who is calling: sets ctx.tenant, or raises ProxyError (401/400) before any body byte is read."""
+    keys = services.keys
     if not keys.enabled or keys.skips(request_path(ctx)):
         return
     try:
-        key = keys.authenticate(ctx.head)
-    except ProxyError:
-        ctx.response_headers += b'www-authenticate: Bearer realm="llmproxy"\r\n'
-        if server.metrics is not None:
-            server.metrics.observe_auth_failure()
+        ctx.tenant = keys.authenticate(ctx.head)
+    except ProxyError as error:
+        error.headers += WWW_AUTHENTICATE
+        if services.metrics is not None:
+            services.metrics.observe_auth_failure()
         raise
-    ctx.api_key, ctx.key_id, ctx.user_id = key, key.key_id, key.user_id
 
 
-async def proxy_request(server: ProxyServer, ctx: RequestContext) -> None:
+async def proxy_request(services: Services, ctx: RequestContext) -> None:
     """read body -> route -> admit (rate limits) -> forward, retrying on another backend where safe."""
-    server.inflight += 1  # requests in progress, the proxy's own endpoints excepted
+    traffic = services.traffic
+    traffic.inflight += 1
     try:
         body = await ctx.read_body()
         ctx.endpoint = lookup(ctx.path)
         inspect_body(ctx, body)
-        fleet = server.fleet  # kept to the end of this request, whatever a reload does meanwhile
+        fleet = services.fleet
         requested = ctx.model
         ctx.model = fleet.router.resolve_model(requested)
         ctx.model_aliased = ctx.model != requested
-        if ctx.api_key is not None and not ctx.api_key.may_use(requested, ctx.model):
+        if ctx.tenant is not None and not ctx.tenant.may_use(requested, ctx.model):
             raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
-        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, server.loop.time())
-        if server.limiter is not None:
-            ctx.admission = await server.limiter.admit(ctx, ctx.api_key)
-        await forward_with_failover(server, ctx, fleet, candidates, body)
+        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, services.clock())
+        if services.limiter is not None:
+            ctx.admission = await services.limiter.admit(ctx.tenant, ctx.body_data)
+            if ctx.admission is not None:
+                ctx.response_headers += ctx.admission.headers
+        await forward_with_failover(services, ctx, fleet, candidates, body)
     finally:
-        server.inflight -= 1
+        traffic.inflight -= 1
 
 
-async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet: Fleet,
-                                candidates: list[Backend], body: bytes) -> None:
+async def forward_with_failover(services: Services, ctx: RequestContext, fleet: Fleet, candidates: list[Backend],
+                                body: bytes) -> None:
     """Forward to one backend after another until one answers or retrying is no longer allowed."""
     routing = fleet.routing
     tried: list[Backend] = []
@@ -104,7 +111,7 @@ async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet:
         tried.append(backend)
         last = attempt == routing.retries
         try:
-            await forward(ctx, backend, prepare_for_backend(ctx, backend, body),
+            await forward(services, ctx, backend, prepare_attempt(services, ctx, backend, body),
                           frozenset() if last else fleet.retry_statuses)
         except ProxyError as error:
             if error.backend_fault:
@@ -114,8 +121,8 @@ async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet:
                 raise
             drop_traceback(error)  # swallowed: its frames hold the exchange, connection and ctx
             ctx.retries += 1
-            if server.metrics is not None:
-                server.metrics.observe_retry(condition)
+            if services.metrics is not None:
+                services.metrics.observe_retry(condition)
             # Full jitter: retries of many requests that failed together do not arrive together.
             await asyncio.sleep(random.uniform(0.0, routing.retry_backoff * 2 ** attempt))
             continue
@@ -126,7 +133,17 @@ async def forward_with_failover(server: ProxyServer, ctx: RequestContext, fleet:
         return
 
 
-async def forward(ctx: RequestContext, backend: Backend, body: bytes, refuse_statuses: frozenset[int]) -> None:
+def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
+    """Plan this attempt's metering on `backend`; return the body to send it (alias resolved, usage asked)."""
+    if services.metering:
+        ctx.meter = MeteringSession.plan(ctx.endpoint.dialect_on(backend.kind),
+                                         inject_allowed=backend.config.inject_usage, is_stream=ctx.is_stream,
+                                         body=ctx.body_data)
+    return body_for_backend(ctx, body, ctx.meter is not None and ctx.meter.injects_usage)
+
+
+async def forward(services: Services, ctx: RequestContext, backend: Backend, body: bytes,
+                  refuse_statuses: frozenset[int]) -> None:
     """Send the request to `backend` and relay the response; raises ProxyError before any byte is sent.
 
     A response whose status is in `refuse_statuses` is not relayed: it raises ProxyError("upstream_status").
@@ -134,14 +151,15 @@ async def forward(ctx: RequestContext, backend: Backend, body: bytes, refuse_sta
     ctx.backend = backend.name
     backend.in_flight += 1
     try:
-        request = build_upstream_request(ctx, backend, body)
+        request = services.headers.upstream_request(ctx.head, ctx.conn.peer, ctx.forwarded_request_id, backend,
+                                                    body)
         pool = backend.pool
         for attempt in (1, 2):
             conn = await pool.acquire()
             if ctx.conn.closed:  # the client left in the same moment a connection was handed to it
                 pool.release(conn, True)  # unused: keep it
                 return
-            exchange = Exchange(ctx, conn, backend, refuse_statuses)
+            exchange = Exchange(ctx, conn, backend, services.relay, refuse_statuses)
             try:
                 exchange.start(request)
                 await exchange.done
@@ -170,10 +188,10 @@ def reply_error(ctx: RequestContext, error: ProxyError) -> None:
         return
     if error.spec.close or not ctx.body_done:
         ctx.keep_alive = False  # an unread body would be parsed as the next request: say we close
-    ctx.send_response(error.spec.status, error_body(error.spec, error.message))
+    ctx.send_response(error.spec.status, error_body(error.spec, error.message), headers=error.headers)
 
 
-def finish(server: ProxyServer, ctx: RequestContext) -> None:
+def finish(services: Services, ctx: RequestContext) -> None:
     """Record the request exactly once and let the connection go on."""
     now = perf_counter()
     duration = now - ctx.t_start
@@ -182,17 +200,27 @@ def finish(server: ProxyServer, ctx: RequestContext) -> None:
         ctx.status = 499  # the client left before any response (nginx's convention)
     record = None
     try:
-        if server.metrics is not None:
-            server.metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
-        if ctx.upstream_sent and ctx.head.method == b"POST" and server.metering:
-            record = build_record(ctx, duration, ttft, server.prices)
-            server.record_usage(record)
-        server.access_log.write(ctx, duration, ttft)
+        metrics = services.metrics
+        if metrics is not None:
+            metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
+        if ctx.upstream_sent and ctx.head.method == b"POST" and ctx.meter is not None and ctx.endpoint.billable:
+            record = build_record(ctx, ctx.meter.final_usage(), duration, ttft, services.prices)
+            if metrics is not None:
+                metrics.observe_usage(record)
+            services.outbox.append(record)
+        services.access_log.write(ctx, duration, ttft)
     except Exception:  # recording must never strand the connection
         log.exception("recording request %s failed", ctx.request_id)
     finally:
         _settle(ctx, record)
         ctx.conn.request_finished(ctx)
+
+
+def reject_malformed(services: Services, peer: str, error: ProtocolError) -> None:
+    """Record a request rejected before it had a context (a malformed or over-limit head)."""
+    services.access_log.write_rejected(peer, error.spec.status, error.spec.termination, error.message)
+    if services.metrics is not None:
+        services.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
 
 
 def _settle(ctx: RequestContext, record: dict | None) -> None:

@@ -15,23 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from llmproxy.deadlines import DeadlineSweeper
 from llmproxy.errors import ProxyError
-from llmproxy.http11.wire import CRLF, HOP_BY_HOP, LAST_CHUNK, connection_tokens, status_line
-from llmproxy.metering import meter_for, meter_for_json_body
-from llmproxy.overhead import server_timing
+from llmproxy.http11.headers import connection_line, response_head
+from llmproxy.http11.wire import LAST_CHUNK
+from llmproxy.overhead import ProxyOverhead, server_timing
+from llmproxy.traffic import Traffic
 from llmproxy.upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
     from llmproxy.fleet.backend import Backend
-    from llmproxy.metering import Meter
 
 log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
-MAX_METERED_JSON = 8 * 1024 * 1024  # non-streaming bodies larger than this are not parsed for usage
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """What every exchange of a process shares (one per configuration generation, see services.py)."""
+
+    sweeper: DeadlineSweeper  # first-byte and stream-idle deadlines
+    overhead: ProxyOverhead  # the proxy's own time per read, counted in place
+    write_timeout: float  # a client that reads nothing for this long is cut
+    traffic: Traffic  # draining: responses tell the client the connection closes
 
 
 def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -44,12 +56,12 @@ def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:
 class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
-    __slots__ = ("_awaiting_head", "_backend", "_chunked", "_collected", "_deadline", "_last_progress", "_loop",
-                 "_meter", "_out", "_overhead", "_pending_head", "_progress", "_refuse_statuses", "_stream_idle",
+    __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_last_progress", "_loop", "_out",
+                 "_overhead", "_pending_head", "_progress", "_refuse_statuses", "_settings", "_stream_idle",
                  "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
-                 refuse_statuses: frozenset[int] = frozenset()) -> None:
+                 settings: RelaySettings, refuse_statuses: frozenset[int] = frozenset()) -> None:
         self.ctx = ctx
         self.upstream = upstream
         self._backend = backend  # told the time to first token, for latency-based balancing
@@ -67,10 +79,10 @@ class Exchange:
         self._stream_idle = backend.stream_idle_timeout
         self._t_sent = 0.0
         self._write_timer: asyncio.TimerHandle | None = None
-        self._sweeper = ctx.conn.server.sweeper
-        self._overhead = ctx.conn.server.overhead
-        self._meter: Meter | None = None  # reads usage off a stream as it passes
-        self._collected: list[bytes] | None = None  # a copy of a JSON body whose usage we read at the end
+        self._settings = settings
+        self._sweeper = settings.sweeper
+        self._overhead = settings.overhead
+        self._feed: Callable[[bytes], bytes] | None = None  # the metering session's reader of this response
 
     def start(self, request: bytes) -> None:
         ctx = self.ctx
@@ -106,11 +118,15 @@ class Exchange:
         ctx = self.ctx
         ctx.status = status
         streaming = _is_streaming(headers)
-        self._setup_metering(status, streaming)
-        if self._meter is not None and framing == FRAMING_LENGTH:
-            framing = FRAMING_CHUNKED  # the meter may drop an event: the original length would be wrong
+        session = ctx.meter
+        if session is not None:
+            self._feed = session.response_started(status, streaming)
+            if session.streamed:
+                ctx.is_stream = True
+            if session.rewrites and framing == FRAMING_LENGTH:
+                framing = FRAMING_CHUNKED  # the meter may drop an event: the original length would be wrong
         self._chunked = framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.1"
-        if ctx.conn.server.draining:
+        if self._settings.traffic.draining:
             ctx.keep_alive = False  # shutting down: tell the client this connection ends with the response
         if framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.0":
             ctx.keep_alive = False  # an HTTP/1.0 client can only see the end of this body as a close
@@ -120,17 +136,15 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         self._progress += 1
-        meter = self._meter
-        if meter is not None:
+        feed = self._feed
+        if feed is not None:
             try:
-                data = meter.feed(data)  # the same bytes, unless it removed the usage event we injected
+                data = feed(data)  # the same bytes, unless it removed the usage event we injected
             except Exception:  # a metering bug must never cost the client its stream
                 log.exception("meter failed; relaying the rest of request %s unmetered", self.ctx.request_id)
-                self._meter = None
+                self._feed = None
             if not data:
                 return
-        elif self._collected is not None:
-            self._collect(data)
         self._forward(data)
 
     def _forward(self, data: bytes) -> None:
@@ -159,15 +173,13 @@ class Exchange:
         histogram.observe(perf_counter() - self.upstream.read_at)
 
     def on_response_complete(self) -> None:
-        try:
-            if self._meter is not None:
-                tail = self._meter.finish()
+        if self._feed is not None:
+            try:
+                tail = self.ctx.meter.response_ended()
                 if tail:
                     self._forward(tail)
-            elif self._collected is not None:
-                self.ctx.usage = meter_for_json_body(b"".join(self._collected), self.ctx.dialect)
-        except Exception:  # a metering bug must never cost the client the end of its response
-            log.exception("metering the end of request %s failed", self.ctx.request_id)
+            except Exception:  # a metering bug must never cost the client the end of its response
+                log.exception("metering the end of request %s failed", self.ctx.request_id)
         if self._chunked:
             self._out.append(LAST_CHUNK)
         self.end_of_read()
@@ -189,7 +201,7 @@ class Exchange:
         if not self.upstream.closed:
             self.upstream.transport.pause_reading()
         if self._write_timer is None:
-            self._write_timer = self._loop.call_later(self.ctx.conn.server.timeouts.write, self._write_timeout)
+            self._write_timer = self._loop.call_later(self._settings.write_timeout, self._write_timeout)
 
     def client_resumed(self) -> None:
         if not self.upstream.closed:
@@ -209,76 +221,21 @@ class Exchange:
 
     # internals ------------------------------------------------------------------------------------
 
-    def _setup_metering(self, status: int, streaming: bool) -> None:
-        ctx = self.ctx
-        if ctx.dialect is None or not 200 <= status < 300:
-            ctx.meter = None
-        elif streaming:
-            # Metered by what the backend sends, whatever the request said: a client cannot dodge metering
-            # with an odd "stream" value the backend still honours.
-            ctx.is_stream = True
-            if ctx.meter is None:
-                ctx.meter = meter_for(ctx.dialect)
-            self._meter = ctx.meter
-        else:
-            ctx.meter = None
-            self._collected = []
-
-    def _collect(self, data: bytes) -> None:
-        collected = self._collected
-        collected.append(data)
-        if len(collected) % 64 == 0 and sum(map(len, collected)) > MAX_METERED_JSON:
-            self._collected = None  # too large to parse for usage: the record will be estimated
-
     def _response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
                        streaming: bool) -> bytes:
         ctx = self.ctx
-        extra_hop = connection_tokens(headers)
-        parts = [status_line(status)]
-        has_request_id = False
-        cache_control = accel = False
-        for name, value in headers:
-            if name in HOP_BY_HOP or name in extra_hop:
-                continue
-            if name == b"x-request-id":
-                has_request_id = True
-            elif name == b"content-length" and framing != FRAMING_LENGTH:
-                continue  # re-framed as chunked
-            elif name == b"cache-control":
-                cache_control = True
-            elif name == b"x-accel-buffering":
-                accel = True
-            parts += (name, b": ", value, CRLF)
-        if not has_request_id:
-            parts += (b"x-request-id: ", ctx.forwarded_request_id, CRLF)
-        if streaming:
-            # Tell any buffering layer in front of us (nginx, CDNs) to pass events through at once.
-            if not cache_control:
-                parts.append(b"cache-control: no-cache\r\n")
-            if not accel:
-                parts.append(b"x-accel-buffering: no\r\n")
-        if ctx.response_headers:
-            parts.append(ctx.response_headers)  # x-ratelimit-*
+        extra = ctx.response_headers  # x-ratelimit-*
         if not streaming:  # a streamed response's head leaves before the proxy's time is known
-            parts.append(server_timing(ctx.proxy_s + perf_counter() - self.upstream.read_at))
-        if self._chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        if not ctx.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif ctx.head.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(CRLF)
-        return b"".join(parts)
+            extra += server_timing(ctx.proxy_s + perf_counter() - self.upstream.read_at)
+        return response_head(status, headers, keeps_length=framing == FRAMING_LENGTH, chunked=self._chunked,
+                             streaming=streaming, request_id=ctx.forwarded_request_id, extra=extra,
+                             connection=connection_line(ctx.keep_alive, ctx.head.version == "1.0"))
 
     def _end(self) -> None:
         self._sweeper.active.discard(self)
         upstream = self.upstream
         if upstream.transport is not None and not upstream.closed and not upstream.transport.is_reading():
             upstream.transport.resume_reading()  # paused for a slow client: the pool must get it reading
-        meter = self._meter
-        if meter is not None:
-            self.ctx.usage = meter.usage  # whatever the ending: the record needs what was seen
-            self.ctx.content_events = meter.content_events
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None

@@ -14,13 +14,10 @@ from typing import TYPE_CHECKING
 import orjson
 
 from llmproxy.catalogue import STREAMS_ALWAYS, STREAMS_UNLESS_DECLINED
-from llmproxy.metering import DEFAULT_MAX_LINE, OLLAMA_NDJSON, STRIPPABLE, meter_for
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
-    from llmproxy.fleet.backend import Backend
 
-OLLAMA_MAX_LINE = 8 * 1024 * 1024
 _JSON_START = (b"{", b" ", b"\t", b"\r", b"\n")
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'  # spliced in as the body's first key
 # What the backends' lax validators (pydantic, serde-ish) also take for true: a client must not dodge
@@ -47,25 +44,16 @@ def inspect_body(ctx: RequestContext, body: bytes) -> None:
     ctx.is_stream = _truthy(stream) or streams == STREAMS_ALWAYS
 
 
-def prepare_for_backend(ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
-    """Set up metering for this request on `backend`; return the body to send (alias resolved, usage
-    option injected)."""
+def body_for_backend(ctx: RequestContext, body: bytes, inject_usage: bool) -> bytes:
+    """The body to send: a model alias resolved, `stream_options.include_usage` added when `inject_usage`
+    (the metering session asked for it); otherwise `body` itself, byte for byte."""
     changes = {"model": ctx.model} if ctx.model_aliased else {}
-    dialect = ctx.endpoint.dialect_on(backend.kind) if ctx.conn.server.metering else None
-    ctx.dialect = dialect
-    if dialect is None or not ctx.is_stream:
-        ctx.meter = None
-    else:
-        inject = dialect in STRIPPABLE and backend.config.inject_usage and not _client_asked_usage(ctx.body_data)
-        # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
-        max_line = OLLAMA_MAX_LINE if dialect == OLLAMA_NDJSON else DEFAULT_MAX_LINE
-        ctx.meter = meter_for(dialect, strip_usage_event=inject, max_line=max_line)
-        if inject:
-            if not changes and ctx.body_data and "stream_options" not in ctx.body_data:
-                return _with_usage_option(body)
-            options = ctx.body_data.get("stream_options")
-            changes["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
-                else {"include_usage": True}
+    if inject_usage:
+        if not changes and ctx.body_data and "stream_options" not in ctx.body_data:
+            return _with_usage_option(body)
+        options = ctx.body_data.get("stream_options")
+        changes["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
+            else {"include_usage": True}
     return orjson.dumps({**ctx.body_data, **changes}) if changes else body
 
 
@@ -86,10 +74,3 @@ def _truthy(value: object) -> bool:
     if isinstance(value, int | float):
         return value == 1
     return isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS
-
-
-def _client_asked_usage(data: object) -> bool:
-    if not isinstance(data, dict):
-        return True  # not JSON we understand: leave it alone
-    options = data.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True

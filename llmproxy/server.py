@@ -1,66 +1,64 @@
-"""The proxy server: long-lived singletons, the listening socket, graceful drain."""
+"""The proxy server: the listening socket, signals, configuration reload and graceful drain.
+
+It builds the Services of each configuration generation (services.py) and hands the current one to the
+client connections (connection.Clients); a reload builds the next generation and swaps it in one
+assignment. Requests never see the server: they get their Services snapshot when they start.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
-import ipaddress
 import logging
-import os
 import signal
-from functools import lru_cache
-from time import perf_counter
+from dataclasses import replace
 
 from llmproxy.accesslog import AccessLog
-from llmproxy.auth import KeyRing
 from llmproxy.config import ConfigError, load_config
 from llmproxy.config.model import Config
-from llmproxy.connection import ClientConnection
-from llmproxy.context import RequestContext, valid_client_request_id
+from llmproxy.connection import Clients, ClientSettings
 from llmproxy.deadlines import DeadlineSweeper, tick_for
-from llmproxy.delivery.dispatch import DeliveryService
-from llmproxy.fleet.backend import Backend
-from llmproxy.fleet.fleet import Fleet, build_fleet, retire_removed
-from llmproxy.http11.request import CodecLimits, ProtocolError, RequestHead
+from llmproxy.delivery import DeliveryService
+from llmproxy.fleet.fleet import retire_removed
+from llmproxy.http11.request import CodecLimits
 from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
-from llmproxy.pipeline import handle_request
-from llmproxy.ratelimit import Limiter, open_store
+from llmproxy.relay import RelaySettings
+from llmproxy.services import Lasting, Services, build_services
+from llmproxy.traffic import Traffic
 
 log = logging.getLogger("llmproxy")
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young-generation collections (CPython: 700); see settle_heap
+DRAIN_POLL = 0.05  # seconds between checks that the last request in flight has ended
 
 
 class ProxyServer:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
-        self.config = config
+    def __init__(self, config: Config, config_path: str | None = None, spool_dir: str | None = None) -> None:
+        """`spool_dir` overrides usage.spool_dir (a worker of several has its own)."""
+        self.config = config  # as started: its server, logging, metrics and usage sections are the ones running
         self.config_path = config_path  # re-read on SIGHUP
         self.loop = asyncio.get_running_loop()
-        self.timeouts = config.server.timeouts
-        self.codec_limits = CodecLimits(
-            max_header_size=config.server.max_header_size,
-            max_request_line=config.server.max_request_line,
-            max_body_size=config.server.max_body_size,
+        overhead = ProxyOverhead()  # the relay counts into it; exported when metrics are enabled
+        metrics = Metrics(self._live_state, overhead) if config.metrics.enabled else None
+        traffic = Traffic()
+        self.lasting = Lasting(
+            metrics=metrics,
+            access_log=AccessLog(config.logging.access_log),
+            outbox=DeliveryService(replace(config.usage, spool_dir=spool_dir) if spool_dir else config.usage, metrics),
+            relay=RelaySettings(sweeper=DeadlineSweeper(self.loop, tick_for(_backend_timeouts(config))),
+                                overhead=overhead, write_timeout=config.server.timeouts.write, traffic=traffic),
+            traffic=traffic,
+            clock=self.loop.time,
+            trusted_proxies=tuple(config.server.trusted_proxies),
         )
-        self.fleet: Fleet | None = None  # built (and probed once) by start()
-        self.overhead = ProxyOverhead()  # the relay counts into it; exported when metrics are enabled
-        self.metrics = Metrics(self._live_state, self.overhead) if config.metrics.enabled else None
-        self.keys = KeyRing(config.auth, config.rate_limit)
-        self.credential_headers = frozenset(self.keys.header_names)  # never forwarded upstream
-        self.limiter = Limiter(config.rate_limit, open_store(config.rate_limit), self.metrics,
-                               config.auth.metrics_per_key) if config.rate_limit.enabled else None
-        self.access_log = AccessLog(config.logging.access_log)
-        self.prices = config.pricing
-        self.metering = config.usage.metering
-        self.usage = DeliveryService(config.usage, self.metrics)
-        self.sweeper = DeadlineSweeper(self.loop, tick_for(_backend_timeouts(config)))
-        self.connections: set[ClientConnection] = set()
-        self.inflight = 0
-        self.draining = False
-        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies]
-        self._id_prefix = os.urandom(6).hex()
-        self._id_counter = 0
+        self.settings = ClientSettings(
+            codec_limits=CodecLimits(max_header_size=config.server.max_header_size,
+                                     max_request_line=config.server.max_request_line,
+                                     max_body_size=config.server.max_body_size),
+            timeouts=config.server.timeouts,
+            max_connections=config.server.max_connections,
+        )
+        self.clients: Clients | None = None  # with the first Services, by start_services()
         self._server: asyncio.AbstractServer | None = None
         self._reload_lock = asyncio.Lock()
         self._stop: asyncio.Future[None] = self.loop.create_future()  # set by SIGTERM/SIGINT
@@ -69,27 +67,35 @@ class ProxyServer:
     # Lifecycle ------------------------------------------------------------------------------------
 
     @property
-    def backends(self) -> list[Backend]:
-        return self.fleet.backends if self.fleet is not None else []
+    def services(self) -> Services:
+        """The current generation (what a request starting now gets)."""
+        assert self.clients is not None, "start_services() first"
+        return self.clients.services
 
-    async def start_fleet(self) -> None:
-        """Build the backends and probe them once (kinds, models, health), so routing is right at once."""
-        self.fleet = await build_fleet(self.config, self.metrics)
+    @property
+    def metrics(self) -> Metrics | None:
+        return self.lasting.metrics
+
+    async def start_services(self) -> None:
+        """Build the first generation: the backends probed once (kinds, models, health), so routing is right
+        from the first request."""
+        services = await build_services(self.config, self.lasting)
+        self.clients = Clients(self.settings, services, self.loop)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         """Listen on host:port; `reuse_port` lets several worker processes share it (SO_REUSEPORT)."""
-        self.usage.start()  # before accepting: records left undelivered by a previous run go out first
-        await self.start_fleet()
+        self.lasting.outbox.start()  # before accepting: records left undelivered by a previous run go out first
+        await self.start_services()
         self._handle_signals()
         settle_heap()
         self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port)
+            self.clients, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain in-flight requests (up to shutdown_timeout).
 
-        SIGHUP re-reads the config file and swaps in its backends and routing (see reload()).
+        SIGHUP re-reads the config file and swaps in the next generation of services (see reload()).
         """
         await self._stop
         await self.drain()
@@ -104,8 +110,8 @@ class ProxyServer:
             self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
 
     async def reload(self) -> bool:
-        """Re-read the config: a valid one swaps backends, weights, routing, health checks and prices
-        atomically (requests in flight finish on what they started with); an invalid one changes nothing."""
+        """Re-read the config: a valid one swaps in a new generation of services at once (requests in flight
+        finish on the one they started with); an invalid one changes nothing."""
         async with self._reload_lock:  # two quick SIGHUPs: the second builds on what the first swapped in
             return await self._reload()
 
@@ -115,117 +121,64 @@ class ProxyServer:
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s: %s", self.config_path, error)
             return False
-        old = self.fleet
-        fleet = await build_fleet(config, self.metrics, previous=old)
-        if self.draining:
-            fleet.stop()
+        old = self.services
+        services = await build_services(config, self.lasting, previous=old)
+        if self.lasting.traffic.draining:
+            services.fleet.stop()
             return False
-        self.fleet = fleet
-        if old is not None:
-            retire_removed(old, fleet)
-        self.prices = config.pricing
-        self._reload_access(config)
+        self.clients.services = services  # the swap: every request from now on starts with this generation
+        retire_removed(old.fleet, services.fleet)
         gc.unfreeze()  # the old fleet was frozen with the start-up heap: let a full pass free what it left
         settle_heap()
         for section in ("server", "logging", "metrics", "usage"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
-        log.warning("reloaded %s: %d backends, %s", self.config_path, len(fleet.backends),
+        log.warning("reloaded %s: %d backends, %s", self.config_path, len(services.fleet.backends),
                     config.routing.load_balance)
         return True
 
-    def _reload_access(self, config: Config) -> None:
-        """New keys and limits; the limiter keeps its store (and so the counters) unless it must change."""
-        self.keys = KeyRing(config.auth, config.rate_limit)
-        self.credential_headers = frozenset(self.keys.header_names)
-        rate, old = config.rate_limit, self.limiter
-        if not rate.enabled:
-            self.limiter = None
-        elif old is not None and (old.config.store, old.config.redis_url) == (rate.store, rate.redis_url):
-            self.limiter = Limiter(rate, old.store, self.metrics, config.auth.metrics_per_key, previous=old)
-        elif old is not None:
-            log.warning("reload: rate_limit.store and redis_url changes need a restart; they are not applied")
-            self.limiter = Limiter(dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url),
-                                   old.store, self.metrics, config.auth.metrics_per_key, previous=old)
-        else:
-            self.limiter = Limiter(rate, open_store(rate), self.metrics, config.auth.metrics_per_key)
-
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""
-        self.draining = True
+        traffic = self.lasting.traffic
+        traffic.draining = True
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
-            conn.close_if_idle()
+        clients = self.clients
+        if clients is not None:
+            clients.close_idle()
         deadline = self.loop.time() + self.config.server.shutdown_timeout
-        while self.inflight and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.abort()
-        for backend in self.backends:
-            backend.pool.close()
-        if self.fleet is not None:
-            self.fleet.stop()
-        self.sweeper.close()
-        await self.usage.close()  # every record of every finished request is on disk before we exit
-        if self.limiter is not None:
-            await self.limiter.close()
-        self.access_log.close()
+        while traffic.inflight and self.loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+        if clients is not None:
+            clients.abort_all()
+            services = clients.services
+            for backend in services.fleet.backends:
+                backend.pool.close()
+            services.fleet.stop()
+            if services.limiter is not None:
+                await services.limiter.close()
+        self.lasting.relay.sweeper.close()
+        await self.lasting.outbox.close()  # every record of every finished request is on disk before we exit
+        self.lasting.access_log.close()
         if self.metrics is not None:
             self.metrics.flush()  # multiprocess: the last second's overhead counts reach the shared files
 
-    # Per request ----------------------------------------------------------------------------------
-
-    def new_context(self, conn: ClientConnection, head: RequestHead) -> RequestContext:
-        request_id = self._request_id()
-        supplied = valid_client_request_id(head)  # checked once per request, not at every use
-        target = head.target
-        return RequestContext(
-            conn=conn,
-            head=head,
-            request_id=request_id,
-            t_start=perf_counter(),
-            keep_alive=head.keep_alive and not self.draining,
-            forwarded_request_id=supplied or request_id.encode(),
-            client_request_id=None if supplied is None else supplied.decode(),
-            path=(target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1"),
-        )
-
-    def handle(self, ctx: RequestContext):
-        return handle_request(self, ctx)
-
-    def record_usage(self, record: dict) -> None:
-        """Count a finished request's usage record and hand it to the durable outbox."""
-        if self.metrics is not None:
-            self.metrics.observe_usage(record)
-        self.usage.append(record)
-
-    def is_trusted_proxy(self, peer: str) -> bool:
-        return bool(self._trusted) and _in_networks(peer, tuple(self._trusted))
-
-    def log_protocol_error(self, conn: ClientConnection, error: ProtocolError) -> None:
-        """Record a request rejected before it had a context (malformed head)."""
-        self.access_log.write_rejected(conn.peer, error.spec.status, error.spec.termination, error.message)
-        if self.metrics is not None:
-            self.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
-
-    def _request_id(self) -> str:
-        # Always ours, even when the client sends an X-Request-Id (that one is forwarded, see context.py):
-        # a client reusing its id must not make its usage records look like duplicates of each other.
-        self._id_counter += 1
-        return f"{self._id_prefix}{self._id_counter:08x}"
-
     def _live_state(self) -> dict:
+        clients = self.clients
+        if clients is None:
+            return {"inflight": 0, "connections": 0, "ratelimit_held": 0, "backends": {}}
+        services = clients.services
         now = self.loop.time()
+        limiter = services.limiter
         return {
-            "inflight": self.inflight,
-            "connections": len(self.connections),
-            "ratelimit_held": self.limiter.held if self.limiter is not None else 0,
-            **({"outbox_pending": self.metrics.outbox_pending} if self.usage.enabled else {}),
+            "inflight": self.lasting.traffic.inflight,
+            "connections": len(clients.connections),
+            "ratelimit_held": limiter.held if limiter is not None else 0,
+            **({"outbox_pending": self.metrics.outbox_pending} if self.lasting.outbox.enabled else {}),
             "backends": {
                 b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight,
                          "healthy": b.available(now), "ttft_ewma": b.ttft_ewma, "queue_depth": b.queue_depth}
-                for b in self.backends
+                for b in services.fleet.backends
             },
         }
 
@@ -234,15 +187,6 @@ def _backend_timeouts(config: Config) -> list[float]:
     timeouts = config.server.timeouts
     return [t for b in config.backends for t in (b.timeouts.first_byte or timeouts.first_byte,
                                                     b.timeouts.stream_idle or timeouts.stream_idle)]
-
-
-@lru_cache(maxsize=4096)
-def _in_networks(peer: str, networks: tuple) -> bool:
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
 
 
 def settle_heap() -> None:

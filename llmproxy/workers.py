@@ -29,13 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from llmproxy import __version__
 from llmproxy.config.model import Config
-from llmproxy.delivery.dispatch import DeliveryService
 from llmproxy.delivery.spooldirs import LeftoverDelivery, worker_spool_dir
 from llmproxy.metrics import MULTIPROC_ENV
 
@@ -280,11 +279,8 @@ async def serve_worker(config: Config, config_path: str, index: int, port: int, 
     from llmproxy.server import ProxyServer
 
     supervisor = os.getppid()
-    server = ProxyServer(config, config_path)
-    if server.usage.enabled:
-        # Its own spool: a spool is locked by the one process that appends to it.
-        own = replace(config.usage, spool_dir=worker_spool_dir(config.usage.spool_dir, index))
-        server.usage = DeliveryService(own, server.metrics)
+    # Its own spool: a spool is locked by the one process that appends to it.
+    server = ProxyServer(config, config_path, spool_dir=worker_spool_dir(config.usage.spool_dir, index))
     try:
         await server.start(config.server.host, port, reuse_port=True)
     except OSError as error:

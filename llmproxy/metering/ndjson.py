@@ -87,7 +87,9 @@ class NDJSONMeter:
             return  # malformed: ignored
         usage = self._extract(obj)
         if usage is not None:
-            self.usage = usage  # the last one wins
+            # Counts are cumulative (vLLM continuous stats, Ollama's zeros): each one reported replaces the last,
+            # and one an event does not carry (a dialect that splits usage over events) is kept.
+            self.usage = usage if self.usage is None else self.usage.merged(usage)
 
     def _overflow(self) -> None:
         self.overflowed = True

@@ -260,7 +260,9 @@ class SSEMeter:
         usage = self._extract(obj)
         if usage is None:
             return False
-        self.usage = usage  # the last one wins: vLLM continuous stats and Ollama's zeros are cumulative
+        # Counts are cumulative (vLLM continuous stats, Ollama's zeros): each one reported replaces the last,
+        # and one an event does not carry (a dialect that splits usage over events) is kept.
+        self.usage = usage if self.usage is None else self.usage.merged(usage)
         return isinstance(obj, dict) and not obj.get("choices")
 
     def _overflow_in(self, parts: list[bytes], unsent: bytes) -> None:

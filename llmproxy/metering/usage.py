@@ -2,6 +2,7 @@
 
 Every function here takes whatever `orjson.loads` produced (any JSON type: upstreams are not trusted to
 send objects) and returns a Usage or None. None means "this payload reports no usage"; it never raises.
+A payload that reports usage but omits one of the two counts means 0 for it (a JSON omitempty).
 """
 
 from __future__ import annotations
@@ -15,10 +16,23 @@ _OLLAMA_NO_USAGE = ("load", "unload")
 
 @dataclass(slots=True)
 class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int  # as reported; prompt + completion when the backend omits it
+    """Token counts as reported. A dialect that reports them across several events (input in one, output in
+    another) reports None for a count an event does not carry; `merged` folds events together."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None  # as reported; prompt + completion when the backend omits it
     cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens (vLLM) when reported
+
+    def merged(self, later: Usage) -> Usage:
+        """These counts updated by a later event's: each count the later one reports replaces this one's
+        (counts are cumulative in every dialect), the others are kept."""
+        return Usage(
+            self.prompt_tokens if later.prompt_tokens is None else later.prompt_tokens,
+            self.completion_tokens if later.completion_tokens is None else later.completion_tokens,
+            self.total_tokens if later.total_tokens is None else later.total_tokens,
+            self.cached_tokens if later.cached_tokens is None else later.cached_tokens,
+        )
 
 
 def _count(value: Any) -> int | None:

@@ -27,9 +27,8 @@ from llmproxy.ratelimit.memory import MemoryStore
 from llmproxy.ratelimit.store import Decision, Limits, RateStore, StoreUnavailable
 
 if TYPE_CHECKING:
-    from llmproxy.auth import ApiKey
-    from llmproxy.context import RequestContext
     from llmproxy.metrics import Metrics
+    from llmproxy.tenant import Tenant
 
 log = logging.getLogger("llmproxy")
 LOG_EVERY = 10.0
@@ -69,6 +68,7 @@ class Admission:
     checks: list[tuple[str, Limits]]
     leases: list[tuple[str, str]]
     reserved: int
+    headers: bytes  # OpenAI's x-ratelimit-* header lines, for the response
 
     def settle(self, record: dict[str, Any] | None) -> None:
         """Give back the concurrency slots and charge the usage of `record` (None: nothing was used)."""
@@ -89,15 +89,16 @@ class Limiter:
         # limiter a reload replaced: its admissions settle there.
         self._held = previous._held if previous is not None else [0]
 
-    async def admit(self, ctx: RequestContext, key: ApiKey | None) -> Admission | None:
-        """Admit the request or raise ProxyError (429, or 503 with fail_closed); sets the x-ratelimit-* headers.
+    async def admit(self, tenant: Tenant | None, body: Any) -> Admission | None:
+        """Admit a request of `tenant` (None: anonymous) whose parsed JSON body is `body`, or raise ProxyError
+        (429 with retry-after and the x-ratelimit-* headers, or 503 with fail_closed).
 
         Returns None when no limit applies (or the store is down and fail_open lets the request through).
         """
-        checks = self._checks(key)
+        checks = self._checks(tenant)
         if not checks:
             return None
-        reserve = self._reservation(ctx, checks)
+        reserve = self._reservation(body, checks)
         try:
             decision = await self.store.admit(checks, reserve)
         except StoreUnavailable as error:
@@ -105,11 +106,11 @@ class Limiter:
             if self.config.on_store_error == "fail_closed":
                 raise ProxyError("ratelimit_unavailable", "rate limiting is unavailable; try again shortly") from None
             return None
-        ctx.response_headers += rate_headers(decision)
+        headers = rate_headers(decision)
         if not decision.allowed:
-            self._refuse(ctx, key, decision)
+            self._refuse(tenant, decision, headers)
         self._held[0] += 1
-        return Admission(self, checks, decision.leases, reserve)
+        return Admission(self, checks, decision.leases, reserve, headers)
 
     def settle(self, admission: Admission, record: dict[str, Any] | None) -> None:
         self._held[0] -= 1
@@ -126,34 +127,33 @@ class Limiter:
 
     # internals ------------------------------------------------------------------------------------
 
-    def _checks(self, key: ApiKey | None) -> list[tuple[str, Limits]]:
+    def _checks(self, tenant: Tenant | None) -> list[tuple[str, Limits]]:
         checks = []
-        if key is not None and key.limits != Limits():
-            checks.append((key.scope, key.limits))
+        if tenant is not None and tenant.limits != Limits():
+            checks.append((tenant.scope, tenant.limits))
         if self._global != Limits():
             checks.append((GLOBAL_SCOPE, self._global))
         return checks
 
-    def _reservation(self, ctx: RequestContext, checks: list[tuple[str, Limits]]) -> int:
+    def _reservation(self, body: Any, checks: list[tuple[str, Limits]]) -> int:
         if not self.config.reserve_max_tokens or not any(limits.tokens_per_minute for _, limits in checks):
             return 0
-        data = ctx.body_data
-        wanted = data.get("max_completion_tokens") or data.get("max_tokens") if isinstance(data, dict) else None
+        wanted = body.get("max_completion_tokens") or body.get("max_tokens") if isinstance(body, dict) else None
         return wanted if isinstance(wanted, int) and wanted > 0 else 0
 
-    def _refuse(self, ctx: RequestContext, key: ApiKey | None, decision: Decision) -> None:
+    def _refuse(self, tenant: Tenant | None, decision: Decision, headers: bytes) -> None:
         reason = decision.reason or "requests"
         if self._metrics is not None:
-            self._metrics.observe_ratelimited(reason, key.key_id if key and self._per_key_labels else "")
+            self._metrics.observe_ratelimited(reason, tenant.key_id if tenant and self._per_key_labels else "")
         retry_after = max(1, math.ceil(decision.retry_after))
-        ctx.response_headers += b"retry-after: %d\r\n" % retry_after
+        headers += b"retry-after: %d\r\n" % retry_after
         who = "this API key" if decision.scope != GLOBAL_SCOPE else "the proxy"
         if reason == "budget":
             resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + decision.retry_after))
             message = f"You exceeded the usage budget of {who}; it resets at {resets}."
         else:
             message = f"Rate limit reached for {who} ({reason}). Retry after {retry_after}s."
-        raise ProxyError(_DENIAL_KINDS[reason], message)
+        raise ProxyError(_DENIAL_KINDS[reason], message, headers=headers)
 
     async def _settle(self, admission: Admission, tokens: int, usd: float) -> None:
         try:

@@ -109,8 +109,7 @@ def test_keygen_prints_a_key_whose_digest_it_prints(capsys):
 # --- limiter ----------------------------------------------------------------------------------------------
 
 
-def _ctx() -> SimpleNamespace:
-    return SimpleNamespace(response_headers=b"", body_data={"max_tokens": 50})
+BODY = {"max_tokens": 50}
 
 
 def _limiter(store, **rate: Any) -> Limiter:
@@ -129,13 +128,14 @@ def _limiter(store, **rate: Any) -> Limiter:
 def test_admission_sets_headers_refusal_raises_429_and_settle_gives_slots_back():
     async def run() -> None:
         limiter = _limiter(MemoryStore())
-        first = await limiter.admit(ctx := _ctx(), None)
-        assert b"x-ratelimit-limit-requests: 2\r\nx-ratelimit-remaining-requests: 1\r\n" in ctx.response_headers
-        second = await limiter.admit(_ctx(), None)
+        first = await limiter.admit(None, BODY)
+        assert b"x-ratelimit-limit-requests: 2\r\nx-ratelimit-remaining-requests: 1\r\n" in first.headers
+        second = await limiter.admit(None, BODY)
         with pytest.raises(ProxyError) as refused:
-            await limiter.admit(ctx := _ctx(), None)
+            await limiter.admit(None, BODY)
         assert refused.value.spec.status == 429 and refused.value.kind == "rate_limited_requests"
-        assert b"retry-after: 1\r\n" in ctx.response_headers
+        assert b"retry-after: 1\r\n" in refused.value.headers
+        assert b"x-ratelimit-remaining-requests: 0\r\n" in refused.value.headers
         assert limiter.held == 2 and limiter._metrics.limited == ["requests"]
         for admission in (first, second):
             admission.settle({"prompt_tokens": 3, "completion_tokens": 4, "cost_usd": None})
@@ -163,10 +163,10 @@ def test_an_unreachable_store_fails_open_or_closed(policy: str):
     async def run() -> None:
         limiter = _limiter(DownStore(), on_store_error=policy)
         if policy == "fail_open":
-            assert await limiter.admit(_ctx(), None) is None
+            assert await limiter.admit(None, BODY) is None
         else:
             with pytest.raises(ProxyError) as error:
-                await limiter.admit(_ctx(), None)
+                await limiter.admit(None, BODY)
             assert error.value.spec.status == 503
         assert limiter._metrics.errors == 1
 
@@ -177,9 +177,9 @@ def test_max_tokens_is_reserved_only_when_asked_and_a_token_limit_exists():
     async def run() -> None:
         limiter = _limiter(MemoryStore(), reserve_max_tokens=True,
                            per_key=None, **{"global": {"tokens_per_minute": 1000}})
-        admission = await limiter.admit(ctx := _ctx(), None)
+        admission = await limiter.admit(None, BODY)
         assert admission.reserved == 50
-        assert b"x-ratelimit-remaining-tokens: 950\r\n" in ctx.response_headers
+        assert b"x-ratelimit-remaining-tokens: 950\r\n" in admission.headers
 
     asyncio.run(run())
 

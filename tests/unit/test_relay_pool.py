@@ -62,8 +62,8 @@ async def _server(**server_options) -> tuple[ProxyServer, UpstreamConnection]:
                     health_check=HealthCheckConfig(enabled=False),
                     logging=LoggingConfig(access_log="off"))
     server = ProxyServer(config)
-    await server.start_fleet()
-    pool = server.backends[0].pool
+    await server.start_services()
+    pool = server.services.fleet.backends[0].pool
     upstream = UpstreamConnection()
     upstream.connection_made(FakeTransport())
     upstream.idle_since = 1e18
@@ -73,7 +73,7 @@ async def _server(**server_options) -> tuple[ProxyServer, UpstreamConnection]:
 
 
 def _client(server: ProxyServer) -> ClientConnection:
-    client = ClientConnection(server)
+    client = ClientConnection(server.clients)
     client.connection_made(FakeTransport())
     return client
 
@@ -90,7 +90,7 @@ async def _paused_connection_goes_back_reading() -> None:
     assert not upstream.transport.is_reading()
     upstream.data_received(RESPONSE)  # ...but the whole response was already in that read
     await asyncio.sleep(0)
-    assert server.backends[0].pool.idle_count == 1
+    assert server.services.fleet.backends[0].pool.idle_count == 1
     assert upstream.transport.is_reading(), "a paused connection in the pool would hang the next request"
 
 
@@ -100,7 +100,7 @@ def test_closing_with_unsent_data_is_bounded_by_the_write_timeout():
 
 async def _close_is_bounded() -> None:
     server, _ = await _server()
-    server.timeouts.write = 0.05
+    server.settings.timeouts.write = 0.05
     client = _client(server)
     client.transport.buffered = 10_000  # the client never reads what we wrote
     client.close_if_idle()
@@ -115,7 +115,7 @@ def test_dead_pool_waiters_do_not_count_against_max_waiters():
 
 async def _dead_waiters() -> None:
     server, upstream = await _server()
-    pool = server.backends[0].pool
+    pool = server.services.fleet.backends[0].pool
     pool._idle.clear()  # the only connection is in use
     pool.backend.max_waiters = 1
     pool.connect_timeout = 0.05

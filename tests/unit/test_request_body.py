@@ -9,23 +9,27 @@ import pytest
 
 from llmproxy.catalogue import lookup
 from llmproxy.config.model import BackendConfig
+from llmproxy.context import RequestContext, new_context
 from llmproxy.http11.request import RequestHead
-from llmproxy.request_body import inspect_body, prepare_for_backend
+from llmproxy.pipeline import prepare_attempt
+from llmproxy.request_body import inspect_body
 
 
-def _ctx(target: bytes):
+def _ctx(target: bytes) -> RequestContext:
     head = RequestHead(b"POST", target, "1.1", [], b"h", None, False, True, False)
-    server = SimpleNamespace(metering=True)
-    path = target.split(b"?", 1)[0].decode()
-    return SimpleNamespace(head=head, conn=SimpleNamespace(server=server), path=path, endpoint=lookup(path),
-                           body_data=None, model=None,
-                           model_aliased=False,
-                           is_stream=False, dialect=None, meter=None)
+    ctx = new_context(SimpleNamespace(), head, "r1", True)
+    ctx.endpoint = lookup(ctx.path)
+    return ctx
 
 
 def _backend(**options):
     config = BackendConfig(url="http://b", **options)
     return SimpleNamespace(config=config, kind=config.type)
+
+
+def prepare_for_backend(ctx: RequestContext, backend, body: bytes) -> bytes:
+    """What the pipeline sends `backend` on an attempt (metering on)."""
+    return prepare_attempt(SimpleNamespace(metering=True), ctx, backend, body)
 
 
 def _prepare(target: bytes, body: dict, **backend) -> tuple[object, dict]:

@@ -1,0 +1,128 @@
+"""One request's metering, from the plan to the usage its record reports.
+
+The pipeline plans a session for each attempt, from the endpoint and the backend chosen for it; the
+request body carries the usage option when the session says so (`injects_usage`). The relay gives it
+the response head and then only feeds it: every body chunk through the callable `response_started`
+returned (the same bytes come back, unless the usage event the proxy asked for is removed), and the
+bytes still held back at a clean end. The usage record only reads `final_usage()`: the backend's own
+counts when they arrived, else an estimate from the request and the content relayed so far.
+
+    session = MeteringSession.plan(endpoint, backend.kind, inject_allowed, is_stream, body_data)
+    feed = session.response_started(status, streaming)   # None: nothing to read in this response
+    ... data = feed(data) ...                             # per upstream chunk
+    tail = session.response_ended()
+    prompt, completion, cached, source = session.final_usage()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from llmproxy.metering import DEFAULT_MAX_LINE, Meter, meter_for, meter_for_json_body
+from llmproxy.metering.dialects import OLLAMA_NDJSON, STRIPPABLE
+from llmproxy.metering.estimate import estimate_prompt_tokens
+from llmproxy.metering.usage import Usage
+
+# Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
+OLLAMA_MAX_LINE = 8 * 1024 * 1024
+MAX_METERED_JSON = 8 * 1024 * 1024  # non-streamed bodies larger than this are not parsed for usage
+REPORTED, ESTIMATED = "reported", "estimated"
+
+
+class MeteredUsage(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None
+    source: str  # REPORTED: the backend's counts; ESTIMATED: none arrived
+
+
+class MeteringSession:
+    """What metering decided and read for one attempt at a request; see the module docstring."""
+
+    __slots__ = ("_body", "_collected", "_collected_size", "_meter", "_usage", "dialect", "injects_usage",
+                 "rewrites")
+
+    def __init__(self, dialect: str | None, injects_usage: bool, body: Any) -> None:
+        self.dialect = dialect  # None: the response is not read; the record is estimated
+        self.injects_usage = injects_usage  # the request asks for usage on the client's behalf
+        # A stream is metered: the body relayed may differ from the backend's (a usage event removed, bytes
+        # held back until an event ends), so its Content-Length cannot be trusted to hold.
+        self.rewrites = False
+        self._body = body  # the parsed request, for the estimate
+        self._meter: Meter | None = None
+        self._collected: list[bytes] | None = None  # a non-streamed body whose usage is read at its end
+        self._collected_size = 0
+        self._usage: Usage | None = None  # of a non-streamed body
+
+    @classmethod
+    def plan(cls, dialect: str | None, *, inject_allowed: bool, is_stream: bool, body: Any) -> MeteringSession:
+        """The session for a request in `dialect` (None: not metered) whose parsed JSON body is `body`.
+
+        The usage option is injected for a streamed request of a dialect that has one, when the backend
+        allows it (`inject_allowed`) and the client did not ask for usage itself.
+        """
+        inject = (dialect in STRIPPABLE and is_stream and inject_allowed and not _client_asked_usage(body))
+        return cls(dialect, inject, body)
+
+    def response_started(self, status: int, streaming: bool) -> Callable[[bytes], bytes] | None:
+        """The response head arrived: return what the relay passes each body chunk through, or None when
+        this response is not read (not metered, or not a success)."""
+        if self.dialect is None or not 200 <= status < 300:
+            return None
+        if streaming:
+            # Metered by what the backend sends, whatever the request said: a client cannot dodge metering
+            # with an odd "stream" value the backend still honours.
+            max_line = OLLAMA_MAX_LINE if self.dialect == OLLAMA_NDJSON else DEFAULT_MAX_LINE
+            self._meter = meter_for(self.dialect, strip_usage_event=self.injects_usage, max_line=max_line)
+            self.rewrites = True
+            return self._meter.feed
+        self._collected = []
+        return self._collect
+
+    def response_ended(self) -> bytes:
+        """The response ended cleanly: return the bytes a meter still held back (usually b"")."""
+        if self._meter is not None:
+            return self._meter.finish()
+        collected = self._collected
+        if collected is not None:
+            self._collected = None
+            self._usage = meter_for_json_body(b"".join(collected), self.dialect)
+        return b""
+
+    @property
+    def streamed(self) -> bool:
+        """The backend's response was a stream (whatever the request said)."""
+        return self._meter is not None
+
+    @property
+    def reported(self) -> Usage | None:
+        """The usage the backend reported so far, or None."""
+        meter = self._meter
+        return meter.usage if meter is not None else self._usage
+
+    def final_usage(self) -> MeteredUsage:
+        """The counts of the record: the backend's own, else estimated from the request and the content
+        events relayed (a stream cut off before its usage event, a failure, a backend that reports none)."""
+        usage = self.reported
+        if usage is not None:
+            return MeteredUsage(usage.prompt_tokens or 0, usage.completion_tokens or 0, usage.cached_tokens,
+                                REPORTED)
+        relayed = self._meter.content_events if self._meter is not None else 0
+        return MeteredUsage(estimate_prompt_tokens(self._body), relayed, None, ESTIMATED)
+
+    def _collect(self, data: bytes) -> bytes:
+        collected = self._collected
+        if collected is not None:
+            collected.append(data)
+            self._collected_size += len(data)
+            if self._collected_size > MAX_METERED_JSON:
+                self._collected = None  # too large to parse for usage: the record will be estimated
+        return data
+
+
+def _client_asked_usage(body: Any) -> bool:
+    if not isinstance(body, dict):
+        return True  # not JSON we understand: leave it alone
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True

@@ -1,0 +1,98 @@
+"""What a request needs, as one configuration generation: built at start and by every reload, then read-only.
+
+A request takes the current Services once, when it starts, and uses that snapshot to its end: a reload
+that lands mid-stream changes the next request, never this one (its backends, keys, limits, prices,
+header rules). What must outlive a generation (metrics, the access log, the record outbox, the deadline
+sweeper, the overhead counters, traffic counts; the rate-limit store with its counters) is handed on
+from each generation to the next; those sections need a restart to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmproxy.accesslog import AccessLog
+from llmproxy.auth import KeyRing
+from llmproxy.config.model import Config, PriceConfig
+from llmproxy.delivery import DeliveryService
+from llmproxy.fleet.fleet import Fleet, build_fleet
+from llmproxy.http11.headers import HeaderRules
+from llmproxy.metrics import Metrics
+from llmproxy.ratelimit import Limiter, open_store
+from llmproxy.relay import RelaySettings
+from llmproxy.traffic import Traffic
+
+log = logging.getLogger("llmproxy")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Lasting:
+    """The parts of Services that live as long as the process (their config sections need a restart)."""
+
+    metrics: Metrics | None
+    access_log: AccessLog
+    outbox: DeliveryService  # every finished request's usage record goes here
+    relay: RelaySettings
+    traffic: Traffic
+    clock: Callable[[], float]  # the event loop's time: health and ejection deadlines are in it
+    trusted_proxies: tuple[str, ...]  # server.trusted_proxies
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Services:
+    generation: int  # 1 at start, +1 per reload
+    config: Config
+    fleet: Fleet
+    keys: KeyRing
+    limiter: Limiter | None  # None: rate_limit disabled
+    prices: dict[str, PriceConfig]
+    metering: bool  # usage.metering: responses are metered and every request sent upstream gets a record
+    headers: HeaderRules
+    # Handed on from generation to generation (see Lasting), flat here: the request path reads them often.
+    metrics: Metrics | None
+    access_log: AccessLog
+    outbox: DeliveryService
+    relay: RelaySettings
+    traffic: Traffic
+    clock: Callable[[], float]
+    lasting: Lasting
+
+
+async def build_services(config: Config, lasting: Lasting, previous: Services | None = None) -> Services:
+    """The services `config` describes; with `previous`, the next generation after it: backends kept with
+    the same settings keep their pools and what was learned of them, and the limiter keeps its store."""
+    keys = KeyRing(config.auth, config.rate_limit)
+    fleet = await build_fleet(config, lasting.metrics, previous=previous.fleet if previous is not None else None)
+    return Services(
+        generation=previous.generation + 1 if previous is not None else 1,
+        config=config,
+        fleet=fleet,
+        keys=keys,
+        limiter=_limiter(config, lasting.metrics, previous.limiter if previous is not None else None),
+        prices=config.pricing,
+        metering=config.usage.metering,
+        headers=HeaderRules(frozenset(keys.header_names), lasting.trusted_proxies),
+        metrics=lasting.metrics,
+        access_log=lasting.access_log,
+        outbox=lasting.outbox,
+        relay=lasting.relay,
+        traffic=lasting.traffic,
+        clock=lasting.clock,
+        lasting=lasting,
+    )
+
+
+def _limiter(config: Config, metrics: Metrics | None, old: Limiter | None) -> Limiter | None:
+    """The limiter of `config`; it keeps the old one's store (and so its counters) unless that must change."""
+    rate, per_key_labels = config.rate_limit, config.auth.metrics_per_key
+    if not rate.enabled:
+        return None
+    if old is None:
+        return Limiter(rate, open_store(rate), metrics, per_key_labels)
+    if (old.config.store, old.config.redis_url) != (rate.store, rate.redis_url):
+        log.warning("reload: rate_limit.store and redis_url changes need a restart; they are not applied")
+        rate = dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url)
+    return Limiter(rate, old.store, metrics, per_key_labels, previous=old)
