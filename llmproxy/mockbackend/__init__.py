@@ -34,7 +34,8 @@ Request headers steer one request (each overrides the CLI default):
                                     an {"error": ...} line and the end. Other routes ignore it.
   x-mock-reset-after-bytes: N       send N body (payload) bytes, then a TCP RST
   x-mock-close-delimited: 1         no Content-Length/chunking: Connection: close, body ends at EOF
-  x-mock-fixture: NAME              replay a recorded stream from the fixtures directory verbatim
+  x-mock-fixture: NAME              replay a recorded stream verbatim from the fixtures directory
+                                    ($LLMPROXY_FIXTURES_DIR, else tests/fixtures/streams in the checkout)
   x-mock-gate: TOKEN                each event after the first waits for POST /_mock/release/TOKEN
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
 POST /_mock/reset-stats, and two whose state reset-stats keeps:

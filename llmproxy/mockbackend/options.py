@@ -39,7 +39,7 @@ class MockOptions:
     first_byte_delay_ms: float = 0.0  # before the response head (and the first event)
     # None or "": the dialect's default (DEFAULT_MODELS); "a,b": serve both, the first is the default
     model: str | None = None
-    fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/../shared/fixtures/streams
+    fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/tests/fixtures/streams
     strict_models: bool = False  # answer a request naming an unserved model like the real server does
 
     def __post_init__(self) -> None:
