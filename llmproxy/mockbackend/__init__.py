@@ -8,7 +8,7 @@ Completions are `tokens` tokens long (capped by the request's max_tokens / max_n
 options.num_predict); token i is `word(i)` = " tok<i>", finish_reason is "length", and
 prompt_tokens is `prompt_tokens(body)` = ceil(len(prompt text) / 4).
 
-What the request body asks for is honoured the way the real server does it (PROTOCOLS.md §2-4):
+What the request body asks for is honoured the way the real server does it (docs/protocols.md §2-4):
   stream_options.include_usage      a usage chunk (choices: []) before [DONE] (vLLM, TGI chat, Ollama /v1)
   stream_options.continuous_usage_stats   with include_usage, vLLM also puts the cumulative usage on
                                     every chunk, the role chunk included (completion_tokens 0 there)

@@ -1,4 +1,4 @@
-"""Ollama (PROTOCOLS.md §4): native NDJSON API plus the OpenAI-compatible /v1 routes (v0.32.6+ shapes).
+"""Ollama (docs/protocols.md §4): native NDJSON API plus the OpenAI-compatible /v1 routes (v0.32.6+ shapes).
 
 Generations stop at the token budget: done_reason / finish_reason "length", and eval_count equals the
 number of content lines, since no EOS token is generated.

@@ -1,4 +1,4 @@
-"""Hugging Face TGI (PROTOCOLS.md §3): native /generate(_stream) plus its OpenAI-compatible routes.
+"""Hugging Face TGI (docs/protocols.md §3): native /generate(_stream) plus its OpenAI-compatible routes.
 
 Generations stop at the token budget: finish_reason "length", the last token is an ordinary one.
 """

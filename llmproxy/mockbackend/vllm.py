@@ -1,4 +1,4 @@
-"""vLLM's OpenAI-compatible server (PROTOCOLS.md §2): routes, chunk shapes and error shape.
+"""vLLM's OpenAI-compatible server (docs/protocols.md §2): routes, chunk shapes and error shape.
 
 Every text generation stops at the token budget, so finish_reason is "length" and sits on the last
 content chunk, as vLLM does when max_tokens is reached (no separate EOS chunk). A chat request with
@@ -67,7 +67,7 @@ def error(status: int, message: str, path: str) -> Reply:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    # pydantic class order, which is also the wire order (PROTOCOLS §2.4)
+    # pydantic class order, which is also the wire order (§2.4)
     return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
 
