@@ -25,8 +25,8 @@ import yaml
 from llmproxy.mockbackend.options import DEFAULT_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("LLMPROXY_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "streams"))
-# The recorded streams live beside the checkout (../shared); a run without them must fail, not skip.
+# The project's recorded streams (python -m tests.fixtures.record); the variable points tests elsewhere.
+FIXTURES = Path(os.environ.get("LLMPROXY_FIXTURES_DIR") or REPO / "tests" / "fixtures" / "streams")
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*") if p.suffix in (".sse", ".ndjson"))
 LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
 START_TIMEOUT = 15.0

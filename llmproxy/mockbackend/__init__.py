@@ -8,6 +8,18 @@ Completions are `tokens` tokens long (capped by the request's max_tokens / max_n
 options.num_predict); token i is `word(i)` = " tok<i>", finish_reason is "length", and
 prompt_tokens is `prompt_tokens(body)` = ceil(len(prompt text) / 4).
 
+What the request body asks for is honoured the way the real server does it (docs/protocols.md §2-4):
+  stream_options.include_usage      a usage chunk (choices: []) before [DONE] (vLLM, TGI chat, Ollama /v1)
+  stream_options.continuous_usage_stats   with include_usage, vLLM also puts the cumulative usage on
+                                    every chunk, the role chunk included (completion_tokens 0 there)
+  tools (vLLM chat)                 answered with one call per function tool, in order (`textgen.tool_calls`;
+                                    tool_choice "none" or a named tool: plain text; parallel_tool_calls
+                                    false: the first call only), streamed like vLLM's hermes parser: a
+                                    delta with id, type and function.name, then argument fragments, and
+                                    finish_reason "tool_calls" on an empty delta. The length is that of
+                                    the call markup plus an EOS token (`textgen.tool_call_completion_tokens`);
+                                    x-mock-tokens and max_tokens do not apply.
+
 Request headers steer one request (each overrides the CLI default):
   x-mock-tokens: N                  completion length
   x-mock-delay-ms: D                pause between two events
@@ -15,9 +27,15 @@ Request headers steer one request (each overrides the CLI default):
   x-mock-status: S                  answer S with the dialect's JSON error instead
   x-mock-retry-after: V             add Retry-After: V
   x-mock-stall-after: N             send N events, then nothing, connection left open
+  x-mock-error-after: N             send N events, then the dialect's in-band error instead of the rest:
+                                    vLLM an error event (json.dumps spacing) and [DONE]; TGI /generate_stream
+                                    an ErrorResponse event and the end; TGI chat {"error":{...,
+                                    "http_status_code":422}} and [DONE]; Ollama /api/chat and /api/generate
+                                    an {"error": ...} line and the end. Other routes ignore it.
   x-mock-reset-after-bytes: N       send N body (payload) bytes, then a TCP RST
   x-mock-close-delimited: 1         no Content-Length/chunking: Connection: close, body ends at EOF
-  x-mock-fixture: NAME              replay a recorded stream from the fixtures directory verbatim
+  x-mock-fixture: NAME              replay a recorded stream verbatim from the fixtures directory
+                                    ($LLMPROXY_FIXTURES_DIR, else tests/fixtures/streams in the checkout)
   x-mock-gate: TOKEN                each event after the first waits for POST /_mock/release/TOKEN
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
 POST /_mock/reset-stats, and two whose state reset-stats keeps:

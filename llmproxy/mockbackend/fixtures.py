@@ -16,11 +16,11 @@ _FRAMING = frozenset({"transfer-encoding", "content-length", "connection"})
 
 
 def default_fixtures_dir() -> Path:
-    """$LLMPROXY_FIXTURES_DIR, else shared/fixtures/streams beside the repository checkout."""
+    """$LLMPROXY_FIXTURES_DIR, else the project's recorded streams, tests/fixtures/streams in the checkout."""
     env = os.environ.get("LLMPROXY_FIXTURES_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared/fixtures/streams"
+    return Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "streams"
 
 
 def split_events(data: bytes, name: str) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""Ollama (PROTOCOLS.md §4): native NDJSON API plus the OpenAI-compatible /v1 routes (v0.32.6+ shapes).
+"""Ollama (docs/protocols.md §4): native NDJSON API plus the OpenAI-compatible /v1 routes (v0.32.6+ shapes).
 
 Generations stop at the token budget: done_reason / finish_reason "length", and eval_count equals the
 number of content lines, since no EOS token is generated.
@@ -20,6 +20,7 @@ from llmproxy.mockbackend.reply import (
     Reply,
     Template,
     dumps,
+    error_after,
     generated,
     json_reply,
     sse,
@@ -51,6 +52,8 @@ _MODIFIED_AT = "2026-05-01T09:00:00.123456789Z"
 _DIGEST = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
 
 _OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+# A native stream that fails after its first line gets one more line, the error, and ends (§4.4).
+NDJSON_ERROR = (dumps({"error": "mock generation failure (x-mock-error-after)"}) + b"\n",)
 
 
 def error(status: int, message: str, path: str) -> Reply:
@@ -105,7 +108,8 @@ def _native(call: Call, field: str, extra_done: dict[str, Any]) -> Reply:
             yield template.fill(_created_at(i), word(i))
         yield dumps(done) + b"\n"
 
-    return stream_reply(events(), NDJSON, prompt_tokens=p, completion_tokens=n)
+    return stream_reply(error_after(events(), call.error_after, NDJSON_ERROR), NDJSON, prompt_tokens=p,
+                        completion_tokens=n)
 
 
 def api_chat(call: Call) -> Reply:

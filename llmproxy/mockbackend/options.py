@@ -39,7 +39,7 @@ class MockOptions:
     first_byte_delay_ms: float = 0.0  # before the response head (and the first event)
     # None or "": the dialect's default (DEFAULT_MODELS); "a,b": serve both, the first is the default
     model: str | None = None
-    fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/../shared/fixtures/streams
+    fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/tests/fixtures/streams
     strict_models: bool = False  # answer a request naming an unserved model like the real server does
 
     def __post_init__(self) -> None:
@@ -74,6 +74,7 @@ class Knobs:
     status: int | None = None
     retry_after: str | None = None
     stall_after: int | None = None
+    error_after: int | None = None
     reset_after_bytes: int | None = None
     close_delimited: bool = False
     fixture: str | None = None
@@ -116,6 +117,7 @@ def parse_knobs(headers: dict[str, str], options: MockOptions) -> Knobs:
         status=_int(headers, "x-mock-status", 100, 599),
         retry_after=headers.get("x-mock-retry-after"),
         stall_after=_int(headers, "x-mock-stall-after", 0, MAX_TOKENS),
+        error_after=_int(headers, "x-mock-error-after", 0, MAX_TOKENS),
         reset_after_bytes=_int(headers, "x-mock-reset-after-bytes", 0, 1 << 40),
         close_delimited=headers.get("x-mock-close-delimited", "0").strip().lower() in ("1", "true", "yes"),
         fixture=headers.get("x-mock-fixture"),

@@ -45,6 +45,7 @@ class Call:
     model: str  # the served model (CLI --model or the dialect default)
     gauges: Callable[[], tuple[int, int, int, int]]  # (running, waiting, prompt total, generation total)
     models: tuple[str, ...] = ()  # every served model, `model` first; empty means just `model`
+    error_after: int | None = None  # the x-mock-error-after knob
     _json: Any = None
 
     def json(self) -> dict[str, Any]:
@@ -152,6 +153,22 @@ def prometheus_reply(rows: Iterable[tuple[str, str, str, float]], labels: str = 
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {float(value)}"]
     return Reply(content_type=b"text/plain; version=0.0.4; charset=utf-8",
                  body=("\n".join(lines) + "\n").encode())
+
+
+def error_after(events: Iterable[bytes], after: int | None, error: Iterable[bytes]) -> Iterator[bytes]:
+    """Pass the first `after` events through, then the dialect's in-band `error` events instead of the rest.
+
+    None passes the stream whole, and so does a stream of no more than `after` events: nothing was left
+    to fail.
+    """
+    if after is None:
+        yield from events
+        return
+    for sent, event in enumerate(events):
+        if sent == after:
+            yield from error
+            return
+        yield event
 
 
 def json_lines(objs: Iterable[Any]) -> Iterator[bytes]:

@@ -121,7 +121,7 @@ class MockState:
         if self.health != 200 and path in self.dialect.HEALTH_PATHS:
             return _health_reply(self.dialect, self.health)
         call = Call(method=method, path=path, headers=headers, body=request.body, tokens=knobs.tokens,
-                    model=self.models[0], models=self.models, gauges=self.gauges)
+                    model=self.models[0], models=self.models, gauges=self.gauges, error_after=knobs.error_after)
         refused = self._refuse_model(call)
         return handler(call) if refused is None else refused
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import struct
 import zlib
 from typing import Any
@@ -112,3 +113,74 @@ def capped(tokens: int, *limits: Any) -> int:
         if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
             return min(tokens, limit)
     return tokens
+
+
+# --- tool calls --------------------------------------------------------------------------------------
+# A request whose `tools` the mock answers with calls (vLLM with a hermes-style parser) gets one call per
+# function tool, in order. The "model" writes each call as hermes markup, tokenised like any text, and
+# ends with one EOS token that renders as nothing:
+#   <tool_call>\n{"name": "NAME", "arguments": ARGS}\n</tool_call>\n
+# ARGS has every property of the tool's JSON schema, in schema order: an enum's first value, "tok<k>"
+# for a string, k for an integer, k + 0.5 for a number, true for a boolean, null otherwise (k is the
+# property's position). Key order and separators are json.dumps' defaults with raw UTF-8.
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+
+
+def _argument(schema: Any, k: int) -> Any:
+    if not isinstance(schema, dict):
+        return None
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    return {"string": f"tok{k}", "integer": k, "number": k + 0.5, "boolean": True}.get(kind)
+
+
+def tool_calls(body: Any) -> list[tuple[str, str]]:
+    """Return the calls the mock makes for a chat request, as (name, arguments JSON text); [] for none.
+
+    No calls when the request has no function tools or sets tool_choice "none" (or names one tool:
+    vLLM streams forced calls differently, and the mock does not imitate that). With
+    parallel_tool_calls false only the first call is kept.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("tools"), list):
+        return []
+    choice = body.get("tool_choice", "auto")
+    if choice not in ("auto", "required"):
+        return []
+    calls = []
+    for tool in body["tools"]:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            continue
+        params = function.get("parameters")
+        props = params.get("properties") if isinstance(params, dict) else None
+        props = props if isinstance(props, dict) else {}
+        args = {name: _argument(schema, k) for k, (name, schema) in enumerate(props.items())}
+        calls.append((function["name"], json.dumps(args, ensure_ascii=False)))
+    return calls[:1] if body.get("parallel_tool_calls") is False else calls
+
+
+def tool_call_markup(calls: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, int]]]:
+    """The raw model output behind `calls` (EOS excluded) and, per call, where in it its name ends
+    (after the closing quote) and where its arguments start and end."""
+    parts, spans, offset = [], [], 0
+    for name, args in calls:
+        head = f'{TOOL_CALL_START}\n{{"name": {json.dumps(name, ensure_ascii=False)}'
+        middle = ', "arguments": '
+        spans.append((offset + len(head), offset + len(head) + len(middle),
+                      offset + len(head) + len(middle) + len(args)))
+        part = f"{head}{middle}{args}}}\n{TOOL_CALL_END}\n"
+        parts.append(part)
+        offset += len(part)
+    return "".join(parts), spans
+
+
+def tool_call_text(calls: list[tuple[str, str]]) -> str:
+    """The raw model output (hermes markup) behind `calls`, EOS excluded."""
+    return tool_call_markup(calls)[0]
+
+
+def tool_call_completion_tokens(calls: list[tuple[str, str]]) -> int:
+    """completion_tokens of a tool-call answer: the markup's tokens plus the EOS token."""
+    return count_tokens(tool_call_text(calls)) + 1

@@ -1,4 +1,4 @@
-"""Hugging Face TGI (PROTOCOLS.md §3): native /generate(_stream) plus its OpenAI-compatible routes.
+"""Hugging Face TGI (docs/protocols.md §3): native /generate(_stream) plus its OpenAI-compatible routes.
 
 Generations stop at the token budget: finish_reason "length", the last token is an ordinary one.
 """
@@ -18,6 +18,7 @@ from llmproxy.mockbackend.reply import (
     Template,
     dumps,
     empty_reply,
+    error_after,
     generated,
     json_reply,
     prometheus_reply,
@@ -43,6 +44,13 @@ PLACEHOLDER_MODEL = "tgi"  # a request naming this model means the served one (�
 
 _ERROR_TYPES = {404: "not_found", 422: "validation", 424: "generation", 429: "overloaded",
                 500: "incomplete_generation", 503: "unhealthy"}
+
+
+# What a failed generation sends in-band once the stream has begun (§3.5): the native route ends after an
+# ErrorResponse event; the chat route sends OpenAI-ish error (always 422) and still ends with [DONE].
+_FAILURE = "Request failed during generation: mock generation failure (x-mock-error-after)"
+NATIVE_STREAM_ERROR = (sse(dumps({"error": _FAILURE, "error_type": "generation"})),)
+CHAT_STREAM_ERROR = (sse(dumps({"error": {"message": _FAILURE, "http_status_code": 422}})), DONE)
 
 
 def error(status: int, message: str, path: str) -> Reply:
@@ -92,8 +100,8 @@ def generate_stream(call: Call) -> Reply:
     n = max(1, capped(call.tokens, params.get("max_new_tokens")))
     p = prompt_tokens(req)
     details = bool(params.get("details"))
-    return stream_reply(_generate_events(n, p, details), SSE, headers=_stream_headers(call),
-                        prompt_tokens=p, completion_tokens=n)
+    events = error_after(_generate_events(n, p, details), call.error_after, NATIVE_STREAM_ERROR)
+    return stream_reply(events, SSE, headers=_stream_headers(call), prompt_tokens=p, completion_tokens=n)
 
 
 def _generate_events(n: int, p: int, details: bool) -> Iterator[bytes]:
@@ -114,7 +122,8 @@ def chat(call: Call) -> Reply:
             "model": call.request_model(PLACEHOLDER_MODEL), "system_fingerprint": FINGERPRINT}
     usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
     if req.get("stream"):
-        events = _chat_events(base, n, usage, call.include_usage())
+        events = error_after(_chat_events(base, n, usage, call.include_usage()), call.error_after,
+                             CHAT_STREAM_ERROR)
         return stream_reply(events, SSE, headers=_stream_headers(call), prompt_tokens=p, completion_tokens=n)
     body = {**base, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion_text(n)},

@@ -1,11 +1,15 @@
-"""vLLM's OpenAI-compatible server (PROTOCOLS.md §2): routes, chunk shapes and error shape.
+"""vLLM's OpenAI-compatible server (docs/protocols.md §2): routes, chunk shapes and error shape.
 
-Every generation stops at the token budget, so finish_reason is always "length" and sits on the
-last content chunk, as vLLM does when max_tokens is reached (no separate EOS chunk).
+Every text generation stops at the token budget, so finish_reason is "length" and sits on the last
+content chunk, as vLLM does when max_tokens is reached (no separate EOS chunk). A chat request with
+`tools` is answered with tool calls instead (textgen.tool_calls), streamed the way vLLM's hermes tool
+parser streams them (§2.2).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
@@ -20,6 +24,7 @@ from llmproxy.mockbackend.reply import (
     Template,
     dumps,
     empty_reply,
+    error_after,
     generated,
     json_reply,
     prometheus_reply,
@@ -35,6 +40,9 @@ from llmproxy.mockbackend.textgen import (
     prompt_tokens,
     token_id,
     tokenize,
+    tool_call_completion_tokens,
+    tool_call_markup,
+    tool_calls,
     word,
 )
 
@@ -59,7 +67,7 @@ def error(status: int, message: str, path: str) -> Reply:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    # pydantic class order, which is also the wire order (PROTOCOLS §2.4)
+    # pydantic class order, which is also the wire order (§2.4)
     return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
 
@@ -79,20 +87,39 @@ def _request_id(call: Call, prefix: str) -> str:
     return prefix + (call.request_id or call.digest())
 
 
+# vLLM's in-band error after a GenerationError: json.dumps of its ErrorResponse, hence the spaces (§2.5)
+MIDSTREAM_ERROR = (sse(json.dumps({"error": {"message": "Internal server error", "type": "InternalServerError",
+                                             "param": None, "code": 500}}).encode()), DONE)
+
+
 def chat(call: Call) -> Reply:
     req = call.json()
     stream, include, continuous = _stream_flags(req)
-    n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
+    calls = tool_calls(req)
+    if calls:
+        n = tool_call_completion_tokens(calls)
+    else:
+        n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
     p = prompt_tokens(req)
     base = {"id": _request_id(call, "chatcmpl-"), "object": "chat.completion.chunk", "created": CREATED,
             "model": call.request_model()}
     if stream:
-        events = _chat_events(base, n, p, include, continuous)
-        return stream_reply(events, EVENT_STREAM, prompt_tokens=p, completion_tokens=n)
+        if calls:
+            events = _tool_call_events(base, _tool_call_ids(call, len(calls)), calls, p, include, continuous)
+        else:
+            events = _chat_events(base, n, p, include, continuous)
+        return stream_reply(error_after(events, call.error_after, MIDSTREAM_ERROR), EVENT_STREAM,
+                            prompt_tokens=p, completion_tokens=n)
     message = {"role": "assistant", "content": completion_text(n), "refusal": None, "annotations": None,
                "audio": None, "function_call": None, "tool_calls": [], "reasoning": None}
+    finish = "length"
+    if calls:
+        ids = _tool_call_ids(call, len(calls))
+        message["content"], finish = None, "tool_calls"
+        message["tool_calls"] = [{"id": ids[i], "type": "function", "function": {"name": name, "arguments": args}}
+                                 for i, (name, args) in enumerate(calls)]
     body = {**base, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "length",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish,
                          "stop_reason": None, "token_ids": None}],
             "service_tier": None, "system_fingerprint": FINGERPRINT,
             "usage": {**_usage(p, n), "prompt_tokens_details": None},
@@ -126,6 +153,65 @@ def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous
     yield DONE
 
 
+def _tool_call_ids(call: Call, count: int) -> list[str]:
+    # vLLM draws a random uuid per call (make_tool_call_id); the mock derives them from the body instead
+    return ["chatcmpl-tool-" + hashlib.sha256(call.body + b"#%d" % i).hexdigest()[:32] for i in range(count)]
+
+
+def _tool_call_steps(calls: list[tuple[str, str]], ids: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """The tool_calls deltas after each generated token ([]: nothing new), the final EOS step included.
+
+    This is what the hermes parser makes of the markup as it grows: a call's first delta (id, type,
+    index, function.name) once its name is complete, then each new stretch of its arguments text.
+    """
+    text, spans = tool_call_markup(calls)
+    named, sent = [False] * len(calls), [0] * len(calls)
+    seen = 0
+    for piece in [*tokenize(text), ""]:  # "": the EOS token, which renders as nothing
+        seen += len(piece)
+        deltas: list[dict[str, Any]] = []
+        for i, (name_end, args_start, args_end) in enumerate(spans):
+            if not named[i]:
+                if seen < name_end:
+                    break  # a later call cannot start before this one is named
+                named[i] = True
+                deltas.append({"id": ids[i], "type": "function", "index": i, "function": {"name": calls[i][0]}})
+            got = min(seen, args_end) - args_start
+            if got > sent[i]:
+                deltas.append({"index": i, "function": {"arguments": text[args_start + sent[i]:args_start + got]}})
+                sent[i] = got
+        yield deltas
+
+
+def _tool_call_events(base: dict[str, Any], ids: list[str], calls: list[tuple[str, str]], p: int, include: bool,
+                      continuous: bool) -> Iterator[bytes]:
+    role: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+    if continuous:
+        role["usage"] = _usage(p, 0)
+    yield sse(dumps({**role, "prompt_token_ids": None, "prompt_text": None}))
+    steps = list(_tool_call_steps(calls, ids))
+    n = len(steps)
+    for t, deltas in enumerate(steps, 1):
+        if not deltas and t < n:
+            continue  # a step that only grew the markup sends no chunk
+        # the parser's DeltaMessage sets content explicitly (to None), so it is dumped; an empty step is {}
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": None, "tool_calls": deltas} if deltas else {},
+                                  "logprobs": None, "finish_reason": None}
+        if t == n:
+            choice.update(finish_reason="tool_calls", stop_reason=None)  # ended by EOS: no stop_reason
+        choice["token_ids"] = None
+        chunk: dict[str, Any] = {**base, "choices": [choice]}
+        if continuous:
+            chunk["usage"] = _usage(p, t)
+        if t == n and not include:
+            chunk["system_fingerprint"] = FINGERPRINT
+        yield sse(dumps(chunk))
+    if include:
+        yield sse(dumps({**base, "choices": [], "usage": _usage(p, n), "system_fingerprint": FINGERPRINT}))
+    yield DONE
+
+
 def completions(call: Call) -> Reply:
     req = call.json()
     stream, include, continuous = _stream_flags(req)
@@ -134,7 +220,8 @@ def completions(call: Call) -> Reply:
     base = {"id": _request_id(call, "cmpl-"), "object": "text_completion", "created": CREATED,
             "model": call.request_model()}
     if stream:
-        events = _completion_events(base, n, p, include, continuous)
+        events = error_after(_completion_events(base, n, p, include, continuous), call.error_after,
+                             MIDSTREAM_ERROR)
         return stream_reply(events, EVENT_STREAM, prompt_tokens=p, completion_tokens=n)
     body = {**base, "choices": [{"index": 0, "text": completion_text(n), "logprobs": None,
                                  "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None,

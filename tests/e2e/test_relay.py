@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.fixtures.record import SPECS
 from tests.support import (
     FIXTURE_FILES,
     FIXTURES,
@@ -49,7 +50,9 @@ def _fixture_dialect(name: str) -> str:
 
 
 def test_recorded_fixtures_are_present():
-    assert len(FIXTURE_FILES) >= 11, f"no recorded streams in {FIXTURES}: need ../shared or LLMPROXY_FIXTURES_DIR"
+    # every stream the recorder makes, so a missing one fails here instead of silently not being relayed
+    missing = {spec.name + spec.ext for spec in SPECS} - set(FIXTURE_FILES)
+    assert not missing, f"recorded streams missing from {FIXTURES}: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("fixture", FIXTURE_FILES)

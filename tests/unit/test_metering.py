@@ -30,6 +30,7 @@ from llmproxy.metering import (
     meter_for,
     meter_for_json_body,
 )
+from tests.fixtures.record import SPECS as RECORDED
 from tests.support import FIXTURES
 
 SPECS = sorted(FIXTURES.glob("*.json"))
@@ -43,6 +44,7 @@ class Fixture:
     dialect: str
     data: bytes
     usage: tuple[int, int, int] | None
+    content_events: int  # counted by the recorder's own parse when it made the fixture
 
 
 def load(spec: Path) -> Fixture:
@@ -51,7 +53,7 @@ def load(spec: Path) -> Fixture:
     expected = (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) if usage else None
     # The recordings name Ollama's two native endpoints apart; both are one dialect here.
     dialect = OLLAMA_NDJSON if meta["dialect"] in ("ollama-chat-ndjson", "ollama-generate-ndjson") else meta["dialect"]
-    return Fixture(spec.stem, dialect, (FIXTURES / meta["fixture"]).read_bytes(), expected)
+    return Fixture(spec.stem, dialect, (FIXTURES / meta["fixture"]).read_bytes(), expected, meta["content_events"])
 
 
 ALL = [load(spec) for spec in SPECS]
@@ -59,7 +61,9 @@ IDS = [f.name for f in ALL]
 
 
 def test_recorded_fixtures_are_present():
-    assert len(ALL) >= 11, f"no recorded streams in {FIXTURES}: need ../shared or LLMPROXY_FIXTURES_DIR"
+    # every stream the recorder makes: a missing one must fail here, not drop out of the parametrized tests
+    missing = {spec.name for spec in RECORDED} - set(IDS)
+    assert not missing, f"recorded streams missing from {FIXTURES}: {sorted(missing)}"
 
 
 # --- reference parser: whole stream, every event parsed -------------------------------------------------
@@ -176,13 +180,22 @@ def test_fixture_random_splits(fx: Fixture, eol: str, cuts: st.DataObject):
     check_passthrough(fx, eol, chunks_at(data, points))
 
 
-def test_fixture_content_events_match_the_recordings():
-    # The heuristics agree with what the recordings say about themselves.
-    by_name = {fx.name: fx for fx in ALL}
-    assert ref_content_events(by_name["vllm_chat_stream_with_usage"].data, OPENAI_CHAT_SSE) == 12
-    assert ref_content_events(by_name["vllm_error_midstream"].data, OPENAI_CHAT_SSE) == 8
-    assert ref_content_events(by_name["ollama_chat"].data, OLLAMA_NDJSON) == 21
-    assert ref_content_events(by_name["tgi_generate_stream"].data, TGI_GENERATE_SSE) == 16
+BY_NAME = {fx.name: fx for fx in ALL}
+
+
+@pytest.mark.parametrize("fx", ALL, ids=IDS)
+def test_fixture_content_events_match_the_recordings(fx: Fixture):
+    # The reference parser agrees with what the recorder counted when it made the fixture...
+    assert ref_content_events(fx.data, fx.dialect) == fx.content_events
+
+
+def test_fixture_content_events_are_what_the_recorder_asked_the_mock_for():
+    # ...and both agree with the requests behind the recordings (x-mock-tokens, x-mock-error-after).
+    assert ref_content_events(BY_NAME["vllm_chat_stream_with_usage"].data, OPENAI_CHAT_SSE) == 12
+    assert ref_content_events(BY_NAME["vllm_error_midstream"].data, OPENAI_CHAT_SSE) == 8
+    assert ref_content_events(BY_NAME["ollama_chat"].data, OLLAMA_NDJSON) == 22
+    assert ref_content_events(BY_NAME["ollama_chat_error_midstream"].data, OLLAMA_NDJSON) == 5
+    assert ref_content_events(BY_NAME["tgi_generate_stream"].data, TGI_GENERATE_SSE) == 17
 
 
 # --- strip mode -----------------------------------------------------------------------------------------
@@ -442,17 +455,18 @@ def test_responses_stream_usage_from_response_completed():
 
 
 def test_old_tgi_without_space_after_data():
-    fx = next(f for f in ALL if f.dialect == TGI_GENERATE_SSE)
+    fx = BY_NAME["tgi_generate_stream"]
     data = fx.data.replace(b"data: ", b"data:")
     out, meter = run(TGI_GENERATE_SSE, [data])
-    assert out == data and triple(meter.usage) == fx.usage and meter.content_events == 16
+    assert out == data and triple(meter.usage) == fx.usage and meter.content_events == 17
 
 
 def test_tgi_stream_without_details_has_no_usage_but_counts_tokens():
-    fx = next(f for f in ALL if f.dialect == TGI_GENERATE_SSE)
+    fx = BY_NAME["tgi_generate_stream"]
     data = re.sub(rb'"details":\{[^}]*\}', b'"details":null', fx.data)
+    assert data != fx.data
     _, meter = run(TGI_GENERATE_SSE, [data])
-    assert meter.usage is None and meter.content_events == 16
+    assert meter.usage is None and meter.content_events == 17
 
 
 def test_tgi_top_tokens_are_not_counted_as_events():

@@ -30,6 +30,7 @@ import uvloop
 
 from llmproxy.mockbackend import MockOptions, completion_text, prompt_tokens, start_mock_backend
 from llmproxy.mockbackend.fixtures import default_fixtures_dir, split_events
+from llmproxy.mockbackend.textgen import tool_call_completion_tokens, tool_calls
 
 TIMEOUT = 5.0
 REPO = Path(__file__).resolve().parents[2]
@@ -164,7 +165,8 @@ def test_fixture_replay_is_byte_identical_with_one_chunk_per_event(vllm: Backend
     assert len(resp.chunks) > 3
 
 
-@pytest.mark.parametrize("name", ["../PROTOCOLS.md", "a/b.sse", "..", "missing.sse"])
+# a traversal out of the fixtures directory must be refused, not served
+@pytest.mark.parametrize("name", ["../record.py", "a/b.sse", "..", "missing.sse"])
 def test_bad_fixture_names_are_refused(vllm: Backend, name: str) -> None:
     resp = request(vllm.port, "POST", "/v1/chat/completions", CHAT, {"x-mock-fixture": name})
     assert resp.status in (400, 404)
@@ -232,6 +234,98 @@ def test_vllm_continuous_usage_is_cumulative_on_every_chunk(vllm: Backend) -> No
     assert payloads[-1] == "[DONE]"
     completions = [json.loads(p)["usage"]["completion_tokens"] for p in payloads[:-1]]
     assert completions == [0, 1, 2, 3, 3]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Zürich", "Genève"]},
+                                     "days": {"type": "integer"}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"type": "string"}}}}}
+
+
+def test_vllm_streams_tool_calls_like_the_hermes_parser_and_counts_the_markup(vllm: Backend) -> None:
+    body = {**CHAT, "tools": [WEATHER, CLOCK]}
+    expected = tool_calls(body)
+    assert expected == [("get_weather", '{"city": "Zürich", "days": 1}'), ("get_time", '{"tz": "tok0"}')]
+    chunks = list(vllm.openai().chat.completions.create(model="m", messages=CHAT["messages"], tools=body["tools"],
+                                                        stream=True, stream_options={"include_usage": True},
+                                                        extra_headers={"x-mock-tokens": "2"}))
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, {"ids": [], "name": None, "arguments": ""})
+            if delta.id:  # id, type and name come once, on a call's first delta
+                call["ids"].append(delta.id)
+                call["name"] = delta.function.name
+                assert delta.type == "function" and delta.function.arguments is None
+            else:
+                assert delta.function.name is None
+                call["arguments"] += delta.function.arguments
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == expected
+    assert all(len(c["ids"]) == 1 and c["ids"][0].startswith("chatcmpl-tool-") for c in calls.values())
+    finish = chunks[-2].choices[0]
+    assert (finish.finish_reason, finish.delta.content, finish.delta.tool_calls) == ("tool_calls", None, None)
+    n = tool_call_completion_tokens(expected)
+    assert chunks[-1].usage.completion_tokens == n > len(chunks)  # markup tokens send no chunk
+    single = vllm.openai().chat.completions.create(model="m", messages=CHAT["messages"], tools=body["tools"])
+    assert single.choices[0].finish_reason == "tool_calls" and single.usage.completion_tokens == n
+    assert [(c.function.name, c.function.arguments) for c in single.choices[0].message.tool_calls] == expected
+
+
+@pytest.mark.parametrize("extra,calls", [({"tool_choice": "none"}, 0), ({"parallel_tool_calls": False}, 1),
+                                         ({"tool_choice": "required"}, 2)])
+def test_vllm_tool_choice_none_answers_text_and_parallel_false_keeps_one_call(vllm: Backend, extra: dict,
+                                                                              calls: int) -> None:
+    body = {**CHAT, "tools": [WEATHER, CLOCK], **extra}
+    message = json.loads(request(vllm.port, "POST", "/v1/chat/completions", body).body)["choices"][0]["message"]
+    assert len(message["tool_calls"]) == calls == len(tool_calls(body))
+    assert (message["content"] is None) == (calls > 0)
+
+
+def test_vllm_continuous_usage_follows_the_tokens_of_a_tool_call_stream(vllm: Backend) -> None:
+    body = {**CHAT, "tools": [CLOCK], "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    payloads = [json.loads(p) for p in sse_payloads(request(vllm.port, "POST", "/v1/chat/completions", body).body)[:-1]]
+    counts = [p["usage"]["completion_tokens"] for p in payloads]
+    n = tool_call_completion_tokens(tool_calls(body))
+    assert counts[0] == 0 and counts[-2:] == [n, n] and counts == sorted(counts)
+    assert len(set(counts)) == len(counts) - 1  # one chunk per token that produced a delta, then the usage chunk
+
+
+@pytest.mark.parametrize("dialect,path,body,error_at,tail", [
+    ("vllm", "/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, 3,
+     [b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", "param": null, '
+      b'"code": 500}}\n\n', b"data: [DONE]\n\n"]),
+    ("vllm", "/v1/completions", {"prompt": "x", "stream": True}, 2, [b'"code": 500}}\n\n', b"data: [DONE]\n\n"]),
+    ("tgi", "/generate_stream", {"inputs": "x", "parameters": {"details": True}}, 2,
+     [b'"error_type":"generation"}\n\n']),
+    ("tgi", "/v1/chat/completions", {**CHAT, "stream": True}, 1,
+     [b'"http_status_code":422}}\n\n', b"data: [DONE]\n\n"]),
+    ("ollama", "/api/chat", CHAT, 4, [b'(x-mock-error-after)"}\n']),
+    ("ollama", "/api/generate", {"prompt": "x"}, 0, [b'(x-mock-error-after)"}\n']),
+])
+def test_error_after_sends_n_events_then_the_dialects_in_band_error(backends: dict[str, Backend], dialect: str,
+                                                                     path: str, body: dict, error_at: int,
+                                                                     tail: list[bytes]) -> None:
+    port = backends[dialect].port
+    whole = request(port, "POST", path, body, {"x-mock-tokens": "6"})
+    failed = request(port, "POST", path, body, {"x-mock-tokens": "6", "x-mock-error-after": str(error_at)})
+    assert failed.status == whole.status == 200
+    assert failed.chunks[:error_at] == whole.chunks[:error_at]  # the same events up to the failure...
+    assert len(failed.chunks) == error_at + len(tail)  # ...then only the error (and the terminator)
+    assert all(chunk.endswith(end) for chunk, end in zip(failed.chunks[error_at:], tail, strict=True))
+    assert b"usage" not in b"".join(failed.chunks[error_at:])
+    # a stream that ends before the N-th event is sent whole
+    assert request(port, "POST", path, body, {"x-mock-tokens": "6", "x-mock-error-after": "1000"}).body == whole.body
+
+
+def test_sdk_raises_on_vllm_in_band_error_after_the_content_it_got(vllm: Backend) -> None:
+    text = ""
+    with pytest.raises(openai.APIError, match="Internal server error"):
+        for chunk in vllm.openai().chat.completions.create(model="m", messages=CHAT["messages"], stream=True,
+                                                           extra_headers={"x-mock-error-after": "3"}):
+            text += chunk.choices[0].delta.content or ""
+    assert text == completion_text(2)  # role chunk, tok0, tok1, then the error
 
 
 def test_vllm_rejects_stream_options_without_stream(vllm: Backend) -> None:
