@@ -1,4 +1,4 @@
-"""Token usage read off a response as the relay forwards it (PROTOCOLS §5).
+"""Token usage read off a response as the relay forwards it (docs/protocols.md §5).
 
 The relay makes one meter per metered response and calls `feed` with every upstream body chunk (transfer
 framing already removed), forwarding what it returns, then `finish` once at the end:

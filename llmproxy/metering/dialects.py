@@ -43,7 +43,7 @@ OPENAI_RESPONSES_SSE = "openai-responses-sse"
 TGI_GENERATE_SSE = "tgi-generate-sse"
 OLLAMA_NDJSON = "ollama-ndjson"
 DIALECTS = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE, OPENAI_RESPONSES_SSE, TGI_GENERATE_SSE, OLLAMA_NDJSON)
-# The names PROTOCOLS §5 and the recorded fixtures use for the two Ollama native endpoints.
+# The names docs/protocols.md §5 and the recorded fixtures (§7) use for the two Ollama native endpoints.
 ALIASES = {"ollama-chat-ndjson": OLLAMA_NDJSON, "ollama-generate-ndjson": OLLAMA_NDJSON}
 # Dialects whose usage-only event a client may not expect (the proxy injected include_usage).
 STRIPPABLE = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE)

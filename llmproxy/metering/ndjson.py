@@ -1,4 +1,4 @@
-"""Incremental NDJSON metering (Ollama /api/chat and /api/generate, PROTOCOLS §4.2).
+"""Incremental NDJSON metering (Ollama /api/chat and /api/generate, docs/protocols.md §4.2).
 
 One JSON object per line, LF-terminated (a CR before it is JSON whitespace). Only the unfinished trailing line
 is kept between reads, capped by `max_line`. Nothing is ever held back or removed: output is input.

@@ -1,6 +1,6 @@
 """Incremental SSE metering, and removal of the usage-only event the proxy asked for on a client's behalf.
 
-Parsing follows WHATWG / openai-python (PROTOCOLS §1): lines end in CRLF, LF or CR; a blank line ends an event;
+Parsing follows WHATWG / openai-python (docs/protocols.md §1): lines end in CRLF, LF or CR; a blank line ends an event;
 `data:` loses one optional space and several data lines join with LF; comments and other fields are ignored.
 State between reads is the unfinished trailing line plus the data lines of the event being read, both capped
 by `max_line`: past it the meter gives up on the stream (`overflowed`) but bytes keep flowing untouched.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Ollama bills nothing for these: they only load or unload a model (PROTOCOLS §4.2).
+# Ollama bills nothing for these: they only load or unload a model (docs/protocols.md §4.2).
 _OLLAMA_NO_USAGE = ("load", "unload")
 
 
@@ -42,7 +42,7 @@ def _count(value: Any) -> int | None:
 
 def _from_counts(obj: Any, prompt_key: str, completion_key: str, details_key: str) -> Usage | None:
     if not isinstance(obj, dict):
-        return None  # a missing key and an explicit null are the same thing (PROTOCOLS §1)
+        return None  # a missing key and an explicit null are the same thing (docs/protocols.md §1)
     prompt = _count(obj.get(prompt_key))
     completion = _count(obj.get(completion_key))
     if prompt is None and completion is None:

@@ -6,15 +6,13 @@ import asyncio
 import socket
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
 from llmproxy.http11.wire import CONTINUE_100
+from llmproxy.mockbackend.stats import MockStats
 from llmproxy.mockbackend.writer import ResponseWriter, abort_with_rst
-
-if TYPE_CHECKING:
-    from llmproxy.mockbackend.server import MockState
 
 _BAD_REQUEST_BODY = b'{"error":"malformed request"}'
 _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -31,6 +29,18 @@ class ParsedRequest:
     http10: bool
 
 
+class Responder(Protocol):
+    """What answers the requests of every connection (server.MockState)."""
+
+    stats: MockStats
+
+    def connection_opened(self, conn: MockConnection) -> None: ...
+
+    def connection_closed(self, conn: MockConnection) -> None: ...
+
+    def respond(self, conn: MockConnection, request: ParsedRequest) -> ResponseWriter: ...
+
+
 class MockConnection(asyncio.Protocol):
     """Parses requests as they arrive and answers them one at a time, in order."""
 
@@ -39,7 +49,7 @@ class MockConnection(asyncio.Protocol):
         "loop", "state", "stats", "transport", "write_paused", "writer",
     )
 
-    def __init__(self, state: MockState, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, state: Responder, loop: asyncio.AbstractEventLoop) -> None:
         self.state = state
         self.stats = state.stats
         self.loop = loop

@@ -9,7 +9,9 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl
 
-from llmproxy.mockbackend import ollama, tgi, vllm
+import llmproxy.mockbackend.ollama as ollama
+import llmproxy.mockbackend.tgi as tgi
+import llmproxy.mockbackend.vllm as vllm
 from llmproxy.mockbackend.connection import MockConnection, ParsedRequest
 from llmproxy.mockbackend.fixtures import FixtureStore
 from llmproxy.mockbackend.options import BadRequest, Knobs, MockOptions, parse_knobs

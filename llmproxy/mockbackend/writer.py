@@ -13,19 +13,29 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from llmproxy.http11.wire import LAST_CHUNK, chunk, status_line
 from llmproxy.mockbackend.options import Knobs
 from llmproxy.mockbackend.reply import Reply
 from llmproxy.mockbackend.stats import Gate, MockStats, RequestRecord
 
-if TYPE_CHECKING:
-    from llmproxy.mockbackend.connection import MockConnection
-
 CHUNKED, LENGTH, CLOSE = 0, 1, 2
 _FLUSH_AT = 64 * 1024  # bytes gathered before writing when events need no pacing
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
+
+
+class Client(Protocol):
+    """The connection a response is written to (connection.py)."""
+
+    stats: MockStats
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    write_paused: bool
+
+    def response_done(self) -> None: ...
+
+    def reset_when_flushed(self) -> None: ...
 
 
 class ResponseWriter:
@@ -35,7 +45,7 @@ class ResponseWriter:
         "_reply", "_sent", "_stats", "_timer", "keep_alive", "waiting",
     )
 
-    def __init__(self, conn: MockConnection, reply: Reply, knobs: Knobs, record: RequestRecord | None,
+    def __init__(self, conn: Client, reply: Reply, knobs: Knobs, record: RequestRecord | None,
                  *, keep_alive: bool, http10: bool, request_id: str | None, gate: Gate | None,
                  head_only: bool = False) -> None:
         self._conn = conn
