@@ -73,7 +73,9 @@ ERRORS: dict[str, ErrorSpec] = {
     "upstream_failed": ErrorSpec(502, "api_error", "upstream_failed", "SH", retry_on="reset", backend_fault=True),
     "first_byte_timeout": ErrorSpec(504, "api_error", "upstream_first_byte_timeout", "sH",
                                     retry_on="timeout", backend_fault=True),
-    "bad_upstream_response": ErrorSpec(502, "api_error", "bad_upstream_response", "SH", backend_fault=True),
+    # A response that is not one (malformed, or a head over server.max_header_size): the backend did get
+    # the request, so it is not retried.
+    "upstream_protocol_error": ErrorSpec(502, "api_error", "upstream_protocol_error", "SH", backend_fault=True),
     # A backend status the relay held back to retry elsewhere (never answered as such: the last attempt
     # relays the backend's own response).
     "upstream_status": ErrorSpec(502, "api_error", "upstream_status", "SH"),

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 from llmproxy.deadlines import DeadlineSweeper
 from llmproxy.errors import ProxyError
 from llmproxy.http11.headers import connection_line, response_head
+from llmproxy.http11.response import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
 from llmproxy.http11.wire import LAST_CHUNK
 from llmproxy.overhead import ProxyOverhead, server_timing
 from llmproxy.traffic import Traffic
-from llmproxy.upstream.connection import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from llmproxy.upstream.connection import UPSTREAM_FAILED, UpstreamConnection
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
@@ -187,13 +188,13 @@ class Exchange:
         if not self.done.done():
             self.done.set_result(None)
 
-    def on_upstream_lost(self, reason: str) -> None:
+    def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
         self._out.clear()
         self._end()
         if self.ctx.response_started:
             self._abort_client("SD", reason)
         elif not self.done.done():
-            self.done.set_exception(ProxyError("upstream_failed", reason))
+            self.done.set_exception(ProxyError(kind, reason))
 
     # Client-side events, from the client connection ------------------------------------------------
 

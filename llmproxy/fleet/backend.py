@@ -60,7 +60,7 @@ class Backend:
         host_header = host if config.port == default_port else f"{host}:{config.port}"
         backend = cls(
             config=config,
-            pool=UpstreamPool(config, config.timeouts.connect or timeouts.connect),
+            pool=UpstreamPool(config, config.timeouts.connect or timeouts.connect, server.server.max_header_size),
             name=config.name,
             host_header=host_header.encode(),
             base_path=config.base_path.encode(),

@@ -1,5 +1,5 @@
-"""One HTTP/1.1 connection to a backend: an asyncio.Protocol that parses responses with httptools and
-hands every event to the current exchange (the relay) in the same callback it arrives in."""
+"""One HTTP/1.1 connection to a backend: an asyncio.Protocol that parses responses with the response codec
+(http11/response.py) and hands every event to the current exchange (the relay) in the callback it arrives in."""
 
 from __future__ import annotations
 
@@ -7,38 +7,31 @@ import asyncio
 from time import perf_counter
 from typing import Protocol
 
-import httptools
+from llmproxy.http11.response import FRAMING_CLOSE, FRAMING_NONE, MalformedBody, ResponseCodec, ResponseError
 
-# How the response body is delimited, decided once the head has arrived.
-FRAMING_NONE = 0  # no body: HEAD, 204, 304
-FRAMING_LENGTH = 1  # Content-Length
-FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
-FRAMING_CLOSE = 3  # read until the backend closes
+UPSTREAM_FAILED = "upstream_failed"  # the connection broke: the backend crashed, restarted or reset it
+PROTOCOL_ERROR = "upstream_protocol_error"  # the backend answered something that is not an acceptable response
 
 
 class ResponseSink(Protocol):
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
-    def on_upstream_lost(self, reason: str) -> None: ...
+    def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None: ...
     def end_of_read(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
     """A pooled connection. Idle, it must receive nothing: any byte or EOF makes it dead (stale)."""
 
-    __slots__ = ("_framing", "_headers", "_informational", "_is_head", "_keep_alive", "_parser",
-                 "_sink", "closed", "complete", "idle_since", "read_at", "received_any", "reused", "transport")
+    __slots__ = ("_codec", "_is_head", "_sink", "closed", "complete", "idle_since", "read_at", "received_any",
+                 "reused", "transport")
 
-    def __init__(self) -> None:
+    def __init__(self, max_header_size: int = 32 * 1024) -> None:
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._codec = ResponseCodec(self, max_header_size)
         self._sink: ResponseSink | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._framing = FRAMING_NONE
-        self._informational = False
         self._is_head = False
-        self._keep_alive = False
         self.closed = False
         self.complete = False  # the current response ended cleanly
         self.received_any = False  # any byte of the current response arrived
@@ -54,11 +47,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._is_head = is_head
         self.complete = False
         self.received_any = False
-        self._headers = []
+        self._codec.expect(is_head, sink.on_response_body)
         self.transport.write(request)
 
     def detach(self) -> None:
         self._sink = None
+        self._codec.drop_body()
 
     def reusable(self) -> bool:
         """True if the last exchange ended cleanly and the connection can serve another request.
@@ -66,8 +60,9 @@ class UpstreamConnection(asyncio.Protocol):
         A backend may answer (an early 400) before reading the whole request body: what is still unsent in
         the write buffer would go out ahead of the next request, so such a connection is closed instead.
         """
+        codec = self._codec
         return (self.complete and not self.closed and not self._is_head
-                and self._framing != FRAMING_CLOSE and self._keep_alive
+                and codec.framing != FRAMING_CLOSE and codec.keep_alive
                 and not self.transport.get_write_buffer_size())
 
     def abort(self) -> None:
@@ -87,89 +82,57 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.read_at = perf_counter()
         self.received_any = True
+        codec = self._codec
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._lost(f"malformed response from backend: {exc}")
+            if codec.in_head:
+                codec.feed(data)
+            else:
+                codec.feed_body(data)  # the usual read: body bytes straight to the parser, and on to the relay
+        except ResponseError as error:
+            self._lost(str(error), PROTOCOL_ERROR)
+            return
+        except MalformedBody as error:
+            self._lost(f"malformed response body: {error}", PROTOCOL_ERROR)
             return
         sink = self._sink
         if sink is not None:
             sink.end_of_read()  # one client write per upstream read (the sink is gone if the response ended)
 
     def eof_received(self) -> bool:
-        if self._sink is not None and not self.complete and self._framing == FRAMING_CLOSE and self._headers_done:
+        codec = self._codec
+        if self._sink is not None and not self.complete and codec.framing == FRAMING_CLOSE and not codec.in_head:
             self.read_at = perf_counter()
             self._finish()  # a close-delimited body ends here, cleanly
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._parser = None  # it points back at us: break the cycle so the memory goes now, not at a GC pass
+        self._codec.release()  # its parser points back at it: the memory goes now, not at a GC pass
         if self._sink is not None and not self.complete:
             self._lost("backend closed the connection" if exc is None else f"backend connection lost: {exc}")
 
-    # httptools callbacks --------------------------------------------------------------------------
+    # ResponseEvents: called by the codec ----------------------------------------------------------
 
-    @property
-    def _headers_done(self) -> bool:
-        return self._headers is None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._headers is None:
-            return  # a trailer field after a chunked body: not forwarded
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        headers = self._headers
-        if 100 <= status < 200:
-            # 100 Continue / 103 Early Hints: not forwarded; the real status follows on this connection.
-            self._informational = True
-            self._headers = []
-            if status == 101:
-                self._lost("backend switched protocols")
-            return
-        self._headers = None  # marks "head done"
-        self._keep_alive = self._parser.should_keep_alive()  # reset by httptools once the message ends
-        self._framing = self._body_framing(status, headers)
-        self._sink.on_response_head(status, headers, self._framing)
-        if self._framing == FRAMING_NONE and self._is_head and self._sink is not None:
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self._sink.on_response_head(status, headers, framing)
+        if framing == FRAMING_NONE and self._is_head and self._sink is not None:
             self._finish()  # httptools does not know a HEAD response has no body
 
-    def on_body(self, body: bytes) -> None:
-        sink = self._sink
-        if sink is not None:  # None: the relay refused this response at its head (to retry it elsewhere)
-            sink.on_response_body(body)
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
+    def on_complete(self) -> None:
         if self._sink is not None and not self.complete:
             self._finish()
 
     # internals ------------------------------------------------------------------------------------
 
-    def _body_framing(self, status: int, headers: list[tuple[bytes, bytes]]) -> int:
-        if self._is_head or status in (204, 304):
-            return FRAMING_NONE
-        for name, value in headers:
-            if name == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
-                return FRAMING_CHUNKED
-        for name, _ in headers:
-            if name == b"content-length":
-                return FRAMING_LENGTH
-        return FRAMING_CLOSE
-
     def _finish(self) -> None:
         self.complete = True
         sink = self._sink
-        self._sink = None
+        self.detach()
         sink.on_response_complete()
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
         sink = self._sink
-        self._sink = None
+        self.detach()
         self.abort()
         if sink is not None:
-            sink.on_upstream_lost(reason)
+            sink.on_upstream_lost(reason, kind)

@@ -21,12 +21,14 @@ SWEEP_INTERVAL = 1.0
 
 
 class UpstreamPool:
-    __slots__ = ("_closed", "_idle", "_loop", "_ssl", "_sweeper", "_waiters", "backend", "checked_out",
-                 "connect_timeout", "open_count")
+    __slots__ = ("_closed", "_idle", "_loop", "_new_connection", "_ssl", "_sweeper", "_waiters", "backend",
+                 "checked_out", "connect_timeout", "open_count")
 
-    def __init__(self, backend: BackendConfig, connect_timeout: float) -> None:
+    def __init__(self, backend: BackendConfig, connect_timeout: float, max_header_size: int = 32 * 1024) -> None:
+        """`max_header_size` bounds a response head (server.max_header_size): over it is a protocol error."""
         self.backend = backend
         self.connect_timeout = connect_timeout
+        self._new_connection = lambda: UpstreamConnection(max_header_size)
         self._loop = asyncio.get_running_loop()
         self._idle: deque[UpstreamConnection] = deque()
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
@@ -122,7 +124,7 @@ class UpstreamPool:
         backend = self.backend
         self.open_count += 1
         connecting = asyncio.ensure_future(self._loop.create_connection(
-            UpstreamConnection, backend.host, backend.port, ssl=self._ssl,
+            self._new_connection, backend.host, backend.port, ssl=self._ssl,
             server_hostname=backend.host if self._ssl else None))
         timed_out: list[bool] = []  # set by the timer, to tell its cancellation from the caller's
 

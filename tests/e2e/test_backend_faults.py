@@ -987,6 +987,35 @@ def test_5xx_burst_is_passed_through_then_the_backend_is_ejected(tmp_path, procs
 
 # 5. A 200 MB SSE line without a newline -----------------------------------------------------------
 
+class PeakRss:
+    """The proxy's peak RSS while the block runs, sampled every 20 ms from another thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = self.peak = rss_kib(pid)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def growth_kib(self) -> int:
+        return self.peak - self.before
+
+    def __enter__(self) -> PeakRss:
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._sampler.join(5)
+        with contextlib.suppress(OSError, RuntimeError):
+            self.peak = max(self.peak, rss_kib(self.pid))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            with contextlib.suppress(OSError, RuntimeError):
+                self.peak = max(self.peak, rss_kib(self.pid))
+
+
 HUGE = 200 << 20
 
 
@@ -1007,30 +1036,71 @@ def test_a_200_mb_sse_line_without_newline_is_forwarded_with_bounded_memory(tmp_
     harness = Harness(tmp_path, procs, [_backend(server)])
     warm = harness.rid("warm")
     assert harness.send(warm, PLAIN_CHAT, usage_due=True, headers={"x-fault": "warm"}).status == 200
-    rss_before = rss_kib(harness.proxy.pid)
-    peak = [rss_before]
-    sampling = threading.Event()
-
-    def sample() -> None:
-        while not sampling.wait(0.02):
-            with contextlib.suppress(OSError, RuntimeError):
-                peak[0] = max(peak[0], rss_kib(harness.proxy.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     rid = harness.rid("huge")
-    try:
+    with PeakRss(harness.proxy.pid) as rss:
         # Not asking for usage: the proxy strips, so it holds back an open event, up to its line cap.
         response = harness.send(rid, STREAM_CHAT, usage_due=True, keep_body=False)
-    finally:
-        sampling.set()
-        sampler.join(5)
     assert response.status == 200 and response.complete
     assert response.size == server.sent_len[rid] > HUGE
     assert response.sha == server.sent_sha[rid].hexdigest()
-    growth_mib = (peak[0] - rss_before) / 1024
+    growth_mib = rss.growth_kib / 1024
     assert growth_mib < 50, f"proxy RSS grew {growth_mib:.1f} MiB relaying one 200 MB line"
     record = harness.record(rid)
     assert record["usage_source"] == "estimated" and record["status"] == 200, record
     assert harness.access_line(rid)["bytes_out"] == response.size
+    harness.finish()
+
+
+# 6. A backend head over server.max_header_size, or a header line that never ends -------------------
+
+HEAD_LIMIT = 16 << 10
+
+
+def _head_over_limit(by: int) -> Handler:
+    """A well-formed JSON response whose head (status and header lines) is HEAD_LIMIT + `by` bytes."""
+
+    def handler(conn: FaultConn, req: dict) -> bool:
+        conn.read_body(req)
+        base = _json_head(200, len(JSON_REPLY))[:-2] + b"x-pad: \r\n"  # without the blank line that ends it
+        conn.send(base.replace(b"x-pad: ", b"x-pad: " + b"p" * (HEAD_LIMIT + by - len(base))) + b"\r\n" + JSON_REPLY)
+        conn.wait_peer_close(req["rid"])
+        return False
+
+    return handler
+
+
+def _endless_header_line(conn: FaultConn, req: dict) -> bool:
+    """A head whose one header line never ends: 64 KiB blocks until the proxy hangs up (or 256 MiB)."""
+    conn.read_body(req)
+    conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-endless: ")
+    block = b"e" * (64 << 10)
+    with contextlib.suppress(OSError):
+        for _ in range(4096):
+            conn.send(block)
+    conn.wait_peer_close(req["rid"])
+    return False
+
+
+@pytest.mark.parametrize("variant", ["at_the_limit", "one_byte_over", "endless_header_line"])
+def test_a_backend_head_over_the_limit_is_a_502_with_bounded_memory(variant, tmp_path, procs, faults):
+    handler = {"at_the_limit": _head_over_limit(0), "one_byte_over": _head_over_limit(1),
+               "endless_header_line": _endless_header_line}[variant]
+    server = _fault_server(faults, {"default": handler, "warm": json_reply()})
+    server.keep_sent = False
+    harness = Harness(tmp_path, procs, [_backend(server)],
+                      server={"listen": "127.0.0.1:0", "max_header_size": HEAD_LIMIT})
+    assert harness.send(harness.rid("warm"), PLAIN_CHAT, usage_due=True, headers={"x-fault": "warm"}).status == 200
+    rid = harness.rid(variant)
+    with PeakRss(harness.proxy.pid) as rss:
+        response = harness.send(rid, PLAIN_CHAT, usage_due=True)
+    if variant == "at_the_limit":
+        assert (response.status, response.body) == (200, JSON_REPLY), response.head[:200]
+        assert len(response.headers["x-pad"]) > HEAD_LIMIT - 200  # relayed whole
+    else:
+        assert response.status == 502, response.head[:200]
+        assert json.loads(response.body)["error"]["code"] == "upstream_protocol_error"
+        assert harness.access_line(rid)["termination"] == "SH"
+        wait_for(lambda: rid in server.peer_closed, timeout=3)  # the upstream connection is closed
+        assert len(server.posts(rid)) == 1, "the backend got the request: it is not retried"
+    assert rss.growth_kib < 2048, f"proxy RSS grew {rss.growth_kib} KiB"
     harness.finish()
