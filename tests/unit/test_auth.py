@@ -105,6 +105,8 @@ UNAUTHORIZED = [
     ("a prefix of a key", [bearer(KEY[:-1])]),
     ("a key in another case", [bearer(KEY.upper())]),
     ("Basic scheme", [(b"authorization", b"Basic dXNlcjpwYXNz")]),
+    ("the key under the Basic scheme", [(b"authorization", f"Basic {KEY}".encode())]),
+    ("the key under another scheme", [(b"authorization", f"Token {KEY}".encode())]),
     ("key without scheme", [(b"authorization", KEY.encode())]),
     ("scheme glued to the key", [(b"authorization", f"Bearer:{KEY}".encode())]),
     ("empty bearer", [(b"authorization", b"Bearer")]),
