@@ -1,4 +1,7 @@
-"""Key ring, limiter and the auth/rate_limit config, without sockets."""
+"""The limiter (llmproxy/ratelimit/) and the auth/rate_limit config, without sockets.
+
+The key ring is tested in test_auth.py, keygen in test_keygen.py.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,8 @@ from typing import Any
 
 import pytest
 
-from llmproxy.auth import KeyRing
 from llmproxy.config import ConfigError, parse_config
 from llmproxy.errors import ProxyError
-from llmproxy.http11.request import RequestHead
-from llmproxy.keygen import main as keygen_main
 from llmproxy.ratelimit import Limiter, limits_for, rate_headers
 from llmproxy.ratelimit.memory import MemoryStore
 from llmproxy.ratelimit.store import Decision, Limits, StoreUnavailable
@@ -26,39 +26,7 @@ def config(**sections: Any):
     return parse_config({"backends": BACKENDS, **sections})
 
 
-def head(*headers: tuple[bytes, bytes]) -> RequestHead:
-    return RequestHead(b"POST", b"/v1/chat/completions", "1.1", list(headers), b"h", 0, False, True, False)
-
-
-def ring(**auth: Any) -> KeyRing:
-    cfg = config(auth={"enabled": True, "keys": [{"key": KEY, "user_id": "u"}], **auth},
-                 rate_limit={"enabled": True, "per_key": {"requests_per_minute": 60}})
-    return KeyRing(cfg.auth, cfg.rate_limit)
-
-
-# --- key ring ---------------------------------------------------------------------------------------------
-
-
-def test_a_key_is_found_by_digest_and_named_by_a_digest_prefix():
-    key = ring().authenticate(head((b"authorization", f"Bearer {KEY}".encode())))
-    assert key.key_id == hashlib.sha256(KEY.encode()).hexdigest()[:12]
-    assert key.user_id == "u" and key.limits == Limits(requests_per_minute=60)
-    assert KEY not in repr(key)
-
-
-def test_custom_header_names_replace_the_defaults():
-    custom = ring(header_names=["X-Custom-Key"])
-    assert custom.authenticate(head((b"x-custom-key", KEY.encode()))).user_id == "u"
-    with pytest.raises(ProxyError):
-        custom.authenticate(head((b"authorization", f"Bearer {KEY}".encode())))
-
-
-def test_unknown_keys_leave_no_state_anywhere():
-    keys, store = ring(), MemoryStore()
-    for i in range(10_000):
-        with pytest.raises(ProxyError):
-            keys.authenticate(head((b"x-api-key", f"sk-guess-{i:08d}-xxxxxxxx".encode())))
-    assert len(keys._keys) == 1 and store._scopes == {}
+# --- auth and rate_limit config ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("auth", "rate", "where"), [
@@ -95,15 +63,6 @@ def test_a_keys_override_replaces_only_the_fields_it_sets():
                                                           "budget": {"usd": 5, "per": "month"}}})
     assert limits_for(cfg.rate_limit.per_key, cfg.auth.keys[0].rate_limit) == Limits(
         requests_per_minute=60, max_concurrent=9, budget_usd=5, budget_period="month")
-
-
-def test_keygen_prints_a_key_whose_digest_it_prints(capsys):
-    assert keygen_main(["--user-id", "team-a"]) == 0
-    out = capsys.readouterr().out
-    key = out.split("key:", 1)[1].split()[0]
-    assert key.startswith("sk-llmp-") and len(key) > 40
-    assert hashlib.sha256(key.encode()).hexdigest() in out
-    config(auth={"enabled": True, "keys": [{"key": key}]})  # a valid key for the config
 
 
 # --- limiter ----------------------------------------------------------------------------------------------

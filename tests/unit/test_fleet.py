@@ -1,12 +1,13 @@
-"""Balancing strategies, model routing and health verdicts on Backend objects, without sockets."""
+"""Backend state, model routing and health verdicts on Backend objects, without sockets.
+
+The balancing strategies are tested in test_balancer.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import os
-from collections import Counter
-from time import perf_counter
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,6 @@ from llmproxy.catalogue import lookup
 from llmproxy.config.model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
 from llmproxy.errors import ProxyError
 from llmproxy.fleet.backend import TTFT_FADE, Backend
-from llmproxy.fleet.balancer import Balancer
 from llmproxy.fleet.health import HealthMonitor
 from llmproxy.fleet.router import Router
 
@@ -29,54 +29,7 @@ def backend(name: str, weight: int = 1, kind: str = "vllm", models: list[str] | 
     return made
 
 
-def picks(strategy: str, backends: list[Backend], n: int) -> Counter:
-    balancer = Balancer(strategy)
-    return Counter(balancer.choose(backends).name for _ in range(n))
-
-
-# --- strategies ---------------------------------------------------------------------------------------------
-
-
-def candidates(router: Router, path: str, model: str | None, now: float) -> list[Backend]:
-    return router.candidates(lookup(path), path, model, now)
-
-
-def test_weighted_is_exact_and_interleaved():
-    a, b, c = backend("a", 5), backend("b", 3), backend("c", 1)
-    balancer = Balancer("weighted")
-    order = [balancer.choose([a, b, c]).name for _ in range(9 * 20)]
-    assert Counter(order) == {"a": 100, "b": 60, "c": 20}
-    assert "aaa" not in "".join(order[:9])  # smooth: spread out, not in bursts
-
-
-def test_least_connections_compares_in_flight_per_weight_and_breaks_ties_at_random():
-    a, b = backend("a", weight=2), backend("b")
-    a.in_flight, b.in_flight = 3, 1  # 1.5 vs 1.0
-    assert picks("least_connections", [a, b], 20) == {"b": 20}
-    a.in_flight = 2  # 1.0 vs 1.0: a tie
-    assert set(picks("least_connections", [a, b], 200)) == {"a", "b"}
-
-
-def test_latency_based_prefers_the_fast_backend_but_lets_load_spill_over():
-    fast, slow = backend("fast"), backend("slow")
-    now = 1000.0
-    fast.observe_ttft(0.010, now)
-    slow.observe_ttft(0.100, now)
-    fast.ttft_at = slow.ttft_at = perf_counter()  # fresh: they fade by a negligible amount during the test
-    assert picks("latency_based", [fast, slow], 50) == {"fast": 50}
-    fast.in_flight = 20  # 0.011 * 21 > 0.101 * 1
-    assert picks("latency_based", [fast, slow], 50) == {"slow": 50}
-
-
-def test_latency_based_with_many_backends_never_starves_one():
-    backends = [backend(f"b{i}") for i in range(4)]
-    for i, b in enumerate(backends):
-        b.ttft_ewma, b.ttft_at = 0.01 * (i + 1), perf_counter()
-    counts = picks("latency_based", backends, 4000)
-    # Power of two choices: all but the slowest win some pairs even with nothing in flight (in real traffic
-    # load spills over too, and an idle backend's estimate fades until it is tried again).
-    assert set(counts) == {"b0", "b1", "b2"}
-    assert counts["b0"] > counts["b1"] > counts["b2"]
+# --- TTFT estimate ------------------------------------------------------------------------------------------
 
 
 def test_a_ttft_estimate_rises_at_once_falls_gradually_and_fades_when_idle():
@@ -89,18 +42,11 @@ def test_a_ttft_estimate_rises_at_once_falls_gradually_and_fades_when_idle():
     assert b.ttft_estimate(100.2 + 3 * TTFT_FADE) < 0.05 * b.ttft_ewma  # idle: tried again
 
 
-def test_queue_depth_uses_the_reported_load_corrected_by_what_we_sent_since():
-    a, b = backend("a"), backend("b")
-    a.queue_depth, b.queue_depth = 40.0, 2.0
-    assert picks("queue_depth", [a, b], 10) == {"b": 10}
-    b.in_flight = 50  # sent since b's report: it is now the busier one
-    assert picks("queue_depth", [a, b], 10) == {"a": 10}
-    b.queue_depth = None  # reports nothing (Ollama): our own in-flight count stands in
-    b.in_flight = 3
-    assert picks("queue_depth", [a, b], 10) == {"b": 10}
-
-
 # --- routing ------------------------------------------------------------------------------------------------
+
+
+def candidates(router: Router, path: str, model: str | None, now: float) -> list[Backend]:
+    return router.candidates(lookup(path), path, model, now)
 
 
 def test_candidates_by_model_alias_and_path():
