@@ -42,6 +42,7 @@ class AccessLog:
             "request_id": ctx.request_id,
             "client_request_id": ctx.client_request_id,
             "client": ctx.conn.peer,
+            "key_id": ctx.key_id,
             "method": ctx.head.method.decode("latin-1"),
             "path": ctx.head.target.decode("latin-1"),
             "model": ctx.model,

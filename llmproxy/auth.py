@@ -53,6 +53,8 @@ class KeyRing:
             if bearer is None:
                 continue
             token = _bearer_token(value) if bearer else value.strip()
+            if not token:
+                continue  # no key in it (empty, or another scheme such as Basic): not a second key either
             if found is not None and token != found:
                 raise ProxyError("ambiguous_credentials", "Two different API keys in one request: send one.")
             found = token

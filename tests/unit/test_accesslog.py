@@ -16,9 +16,11 @@ import pytest
 from llmproxy.accesslog import AccessLog, rfc3339
 from llmproxy.context import RequestContext, new_context
 from llmproxy.http11.request import RequestHead
+from llmproxy.ratelimit.store import Limits
+from llmproxy.tenant import Tenant
 
-FIELDS = ["ts", "request_id", "client_request_id", "client", "method", "path", "model", "stream", "backend",
-          "retries", "status", "termination", "ttft_ms", "duration_ms", "bytes_out"]
+FIELDS = ["ts", "request_id", "client_request_id", "client", "key_id", "method", "path", "model", "stream",
+          "backend", "retries", "status", "termination", "ttft_ms", "duration_ms", "bytes_out"]
 REJECTED_FIELDS = ["ts", "request_id", "client", "method", "path", "status", "termination", "error"]
 
 
@@ -55,6 +57,7 @@ def test_a_request_is_one_json_line_with_the_documented_fields(log_file):
     ctx = context(client_request_id=b"client-7")
     ctx.model, ctx.is_stream, ctx.backend, ctx.retries = "qwen", True, "vllm:8000", 1
     ctx.status, ctx.termination, ctx.bytes_out = 200, "--", 4567
+    ctx.tenant = Tenant("9f86d081884c", "team-a", None, Limits())
     before = time.time()
     log.write(ctx, 0.25, 0.0123456)
     after = time.time()
@@ -64,7 +67,7 @@ def test_a_request_is_one_json_line_with_the_documented_fields(log_file):
     assert list(record) == FIELDS
     assert {k: v for k, v in record.items() if k != "ts"} == {
         "request_id": "ae03a13848aa00000001", "client_request_id": "client-7", "client": "198.51.100.4",
-        "method": "POST", "path": "/v1/chat/completions?x=1", "model": "qwen", "stream": True,
+        "key_id": "9f86d081884c", "method": "POST", "path": "/v1/chat/completions?x=1", "model": "qwen", "stream": True,
         "backend": "vllm:8000", "retries": 1, "status": 200, "termination": "--", "ttft_ms": 12.346,
         "duration_ms": 250.0, "bytes_out": 4567}
     # ts is when the request started: now minus its duration
@@ -77,9 +80,9 @@ def test_what_a_request_did_not_get_to_is_null(log_file):
     ctx = context(method=b"GET", target=b"/v1/models")
     log.write(ctx, 0.001, None)  # no model, no backend, no first byte, no client request id
     record = lines(path)[0]
-    assert {k: record[k] for k in ("client_request_id", "model", "backend", "ttft_ms", "stream", "retries",
-                                    "status", "termination", "bytes_out")} == {
-        "client_request_id": None, "model": None, "backend": None, "ttft_ms": None, "stream": False,
+    assert {k: record[k] for k in ("client_request_id", "key_id", "model", "backend", "ttft_ms", "stream",
+                                    "retries", "status", "termination", "bytes_out")} == {
+        "client_request_id": None, "key_id": None, "model": None, "backend": None, "ttft_ms": None, "stream": False,
         "retries": 0, "status": 0, "termination": "--", "bytes_out": 0}
     assert record["method"] == "GET" and record["path"] == "/v1/models"
 

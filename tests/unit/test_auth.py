@@ -156,10 +156,6 @@ NO_SECOND_KEY = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=ProxyError, reason=(
-    "auth.py: a header that carries no key (another scheme such as Basic, an empty value) counts as a second, "
-    "different key and the request gets 400 ambiguous_api_key, though _bearer_token says it is 'no key' and "
-    "the README gives 400 only for two different keys"))
 @pytest.mark.parametrize(("case", "headers"), NO_SECOND_KEY, ids=[c[0] for c in NO_SECOND_KEY])
 def test_a_header_without_a_key_is_no_second_key(case: str, headers: list):
     assert ring().authenticate(head(*headers)).user_id == "u"
