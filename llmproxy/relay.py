@@ -16,35 +16,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from llmproxy.deadlines import DeadlineSweeper
 from llmproxy.errors import ProxyError
 from llmproxy.http11.headers import connection_line, response_head
 from llmproxy.http11.response import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
 from llmproxy.http11.wire import LAST_CHUNK
-from llmproxy.overhead import ProxyOverhead, server_timing
-from llmproxy.traffic import Traffic
+from llmproxy.overhead import server_timing
 from llmproxy.upstream.connection import UPSTREAM_FAILED, UpstreamConnection
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
     from llmproxy.fleet.backend import Backend
+    from llmproxy.services import RelaySettings
 
 log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
-
-
-@dataclass(frozen=True, slots=True)
-class RelaySettings:
-    """What every exchange of a process shares (one per configuration generation, see services.py)."""
-
-    sweeper: DeadlineSweeper  # first-byte and stream-idle deadlines
-    overhead: ProxyOverhead  # the proxy's own time per read, counted in place
-    write_timeout: float  # a client that reads nothing for this long is cut
-    traffic: Traffic  # draining: responses tell the client the connection closes
 
 
 def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -23,8 +23,7 @@ from llmproxy.fleet.fleet import retire_removed
 from llmproxy.http11.request import CodecLimits
 from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
-from llmproxy.relay import RelaySettings
-from llmproxy.services import Lasting, Services, build_services
+from llmproxy.services import Lasting, RelaySettings, Services, build_services
 from llmproxy.traffic import Traffic
 
 log = logging.getLogger("llmproxy")

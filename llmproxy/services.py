@@ -17,15 +17,26 @@ from dataclasses import dataclass
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
 from llmproxy.config.model import Config, PriceConfig
+from llmproxy.deadlines import DeadlineSweeper
 from llmproxy.delivery import DeliveryService
 from llmproxy.fleet.fleet import Fleet, build_fleet
 from llmproxy.http11.headers import HeaderRules
 from llmproxy.metrics import Metrics
+from llmproxy.overhead import ProxyOverhead
 from llmproxy.ratelimit import Limiter, open_store
-from llmproxy.relay import RelaySettings
 from llmproxy.traffic import Traffic
 
 log = logging.getLogger("llmproxy")
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """What every exchange (relay.py) of a process shares."""
+
+    sweeper: DeadlineSweeper  # first-byte and stream-idle deadlines
+    overhead: ProxyOverhead  # the proxy's own time per read, counted in place
+    write_timeout: float  # a client that reads nothing for this long is cut
+    traffic: Traffic  # draining: responses tell the client the connection closes
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmproxy.config.model import LimitConfig, RateLimitConfig
 from llmproxy.errors import ProxyError
@@ -28,13 +28,22 @@ from llmproxy.ratelimit.store import Decision, Limits, RateStore, StoreUnavailab
 
 if TYPE_CHECKING:
     from llmproxy.metrics import Metrics
-    from llmproxy.tenant import Tenant
 
 log = logging.getLogger("llmproxy")
 LOG_EVERY = 10.0
 GLOBAL_SCOPE = "global"
 _DENIAL_KINDS = {"requests": "rate_limited_requests", "tokens": "rate_limited_tokens",
                  "concurrency": "rate_limited_concurrency", "budget": "budget_exhausted"}
+
+
+class Caller(Protocol):
+    """Who a request is limited as (tenant.Tenant)."""
+
+    key_id: str
+    limits: Limits
+
+    @property
+    def scope(self) -> str: ...
 
 
 def limits_for(base: LimitConfig, override: LimitConfig | None = None) -> Limits:
@@ -89,7 +98,7 @@ class Limiter:
         # limiter a reload replaced: its admissions settle there.
         self._held = previous._held if previous is not None else [0]
 
-    async def admit(self, tenant: Tenant | None, body: Any) -> Admission | None:
+    async def admit(self, tenant: Caller | None, body: Any) -> Admission | None:
         """Admit a request of `tenant` (None: anonymous) whose parsed JSON body is `body`, or raise ProxyError
         (429 with retry-after and the x-ratelimit-* headers, or 503 with fail_closed).
 
@@ -127,7 +136,7 @@ class Limiter:
 
     # internals ------------------------------------------------------------------------------------
 
-    def _checks(self, tenant: Tenant | None) -> list[tuple[str, Limits]]:
+    def _checks(self, tenant: Caller | None) -> list[tuple[str, Limits]]:
         checks = []
         if tenant is not None and tenant.limits != Limits():
             checks.append((tenant.scope, tenant.limits))
@@ -141,7 +150,7 @@ class Limiter:
         wanted = body.get("max_completion_tokens") or body.get("max_tokens") if isinstance(body, dict) else None
         return wanted if isinstance(wanted, int) and wanted > 0 else 0
 
-    def _refuse(self, tenant: Tenant | None, decision: Decision, headers: bytes) -> None:
+    def _refuse(self, tenant: Caller | None, decision: Decision, headers: bytes) -> None:
         reason = decision.reason or "requests"
         if self._metrics is not None:
             self._metrics.observe_ratelimited(reason, tenant.key_id if tenant and self._per_key_labels else "")
