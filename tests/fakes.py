@@ -162,6 +162,7 @@ class FakeLoop(asyncio.AbstractEventLoop):
         self.calls_later: list[tuple[str, float]] = []  # every call_later ever made: (callback name, delay)
         self.errors: list[dict[str, Any]] = []  # what call_exception_handler got: a callback raised
         self.upstreams: list[FakeUpstream] = []  # every pool connection opened, in order
+        self.connects: list[str] = []  # the host of every pool connect tried, in order (refused ones too)
         self._refused: dict[str, OSError] = {}
         self._hanging: set[str] = set()
 
@@ -211,6 +212,7 @@ class FakeLoop(asyncio.AbstractEventLoop):
         protocol = protocol_factory()
         if not isinstance(protocol, UpstreamConnection):  # a health probe: not what these tests are about
             raise ConnectionRefusedError(errno.ECONNREFUSED, "fake network: probes are refused")
+        self.connects.append(host)
         if host in self._refused:
             raise self._refused[host]
         if host in self._hanging:
