@@ -9,8 +9,9 @@
 - `make_config`, `make_services`, `make_clients`: the real Config (through `parse_config`), the real
   `build_services` and `Clients`, with fakes only at the I/O edges (the access log and the usage outbox
   record in memory; probes are refused by the fake network and never repeated).
-- `Client`, `FakeClientSide`, `request_context`, `parse_responses`: the client side, as a connection and as
-  a request sees it, and what the client received.
+- `Client`, `FakeClientSide`, `request_context`, `start_request`, `parse_responses`: the client side, as a
+  connection and as a request sees it, a request started as the connection starts it, and what the client
+  received.
 
 Every helper that stands for an I/O event (bytes arriving, a connection lost) runs the loop's ready
 callbacks afterwards, as a real loop would before the next event.
@@ -36,9 +37,11 @@ from llmproxy.config.model import Config
 from llmproxy.connection import ClientConnection, Clients, ClientSettings
 from llmproxy.context import RequestContext, new_context
 from llmproxy.deadlines import DeadlineSweeper, tick_for
+from llmproxy.eager import EagerRun
 from llmproxy.http11.request import CodecLimits, RequestCodec, RequestHead
 from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
+from llmproxy.pipeline import handle_request
 from llmproxy.relay import RelaySettings
 from llmproxy.services import Lasting, Services, build_services
 from llmproxy.traffic import Traffic
@@ -500,6 +503,15 @@ class _ContextSink:
 
     def on_request_complete(self) -> None:
         self.ctx.body_finished()
+
+
+def start_request(services: Services, raw: bytes, loop: FakeLoop,
+                  conn: FakeClientSide | None = None) -> RequestContext:
+    """Start the request in `raw` as the client connection does (EagerRun) and run it as far as it goes."""
+    ctx = request_context(raw, conn)
+    ctx.run = EagerRun(handle_request(services, ctx), loop)
+    loop.run_ready()
+    return ctx
 
 
 def request_context(raw: bytes, conn: FakeClientSide | None = None, request_id: str = "req-1") -> RequestContext:

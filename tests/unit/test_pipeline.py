@@ -2,7 +2,7 @@
 
 The request sees its connection through a FakeClientSide (context.ClientSide) and its backends through the
 fake network of the FakeLoop; the Services are real (tests/fakes.py). Each test starts one request the way
-the client connection does (EagerRun) and plays the backend's or the client's part by hand.
+the client connection does (EagerRun, in `start_request`) and plays the backend's or the client's part by hand.
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ import orjson
 import pytest
 
 from llmproxy.context import RequestContext
-from llmproxy.eager import EagerRun
-from llmproxy.pipeline import handle_request
-from llmproxy.services import Services
 from tests.fakes import (
     OK,
     STREAM_HEAD,
-    FakeClientSide,
     FakeLoop,
     backend,
     chat,
@@ -28,10 +24,10 @@ from tests.fakes import (
     json_response,
     make_config,
     make_services,
-    request_context,
     requests_counted,
     running,
     sample,
+    start_request,
 )
 
 KEY = "sk-pipeline-test-key-0001"
@@ -43,14 +39,6 @@ EVENT = chunk(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
 def loop():
     with running() as loop:
         yield loop
-
-
-def start(services: Services, raw: bytes, loop: FakeLoop, conn: FakeClientSide | None = None) -> RequestContext:
-    """Start the request in `raw` as the client connection does, and run it as far as it goes."""
-    ctx = request_context(raw, conn)
-    ctx.run = EagerRun(handle_request(services, ctx), loop)
-    loop.run_ready()
-    return ctx
 
 
 def with_headers(raw: bytes, headers: dict[str, str]) -> bytes:
@@ -80,7 +68,7 @@ def test_an_auth_refusal_is_answered_without_reading_the_body(loop, headers, sta
     services = make_services(make_config(auth={"enabled": True, "keys": [{"key": KEY}]}), loop)
     head_only = http_request("POST", "/v1/chat/completions",
                              headers={**headers, "Content-Length": "100", "Expect": "100-continue"})
-    ctx = start(services, head_only, loop)
+    ctx = start_request(services, head_only, loop)
     [reply] = ctx.conn.responses()  # no "100 Continue" before it: the body was never asked for
     assert (reply.status, reply.json()["error"]["code"]) == (status, code)
     assert reply.headers["www-authenticate"] == 'Bearer realm="llmproxy"'
@@ -94,7 +82,7 @@ def test_with_a_valid_key_the_body_is_asked_for_and_waited_for(loop):
     services = make_services(make_config(auth={"enabled": True, "keys": [{"key": KEY}]}), loop)
     head_only = http_request("POST", "/v1/chat/completions",
                              headers={**BEARER, "Content-Length": "100", "Expect": "100-continue"})
-    ctx = start(services, head_only, loop)
+    ctx = start_request(services, head_only, loop)
     assert ctx.conn.transport.data == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert ctx.conn.body_timer_armed == 1 and ctx.conn.finished == []
     assert ctx.tenant is not None and ctx.tenant.key_id == ctx.key_id
@@ -120,7 +108,7 @@ def test_the_proxys_own_endpoints_are_answered_here_and_every_other_path_forward
                                                                                   forwarded):
     services = make_services(make_config(), loop)
     body = b'{"model":"m"}' if method == "POST" else None
-    ctx = start(services, http_request(method, target, body), loop)
+    ctx = start_request(services, http_request(method, target, body), loop)
     if forwarded:
         [upstream] = loop.upstreams
         assert upstream.received.startswith(f"{method} {target} HTTP/1.1\r\n".encode())
@@ -133,8 +121,8 @@ def test_the_proxys_own_endpoints_are_answered_here_and_every_other_path_forward
 
 def test_own_endpoints_do_not_count_as_in_flight_and_see_the_forwarded_ones_that_do(loop):
     services = make_services(make_config(), loop)
-    forwarded = start(services, chat(), loop)
-    health = start(services, http_request("GET", "/health"), loop)
+    forwarded = start_request(services, chat(), loop)
+    health = start_request(services, http_request("GET", "/health"), loop)
     assert health.conn.responses()[0].json()["inflight"] == 1
     assert services.traffic.inflight == 1
     loop.upstreams[0].send(OK)
@@ -148,7 +136,7 @@ def test_own_endpoints_do_not_count_as_in_flight_and_see_the_forwarded_ones_that
 def test_a_model_alias_is_forwarded_as_its_target_and_other_bodies_byte_for_byte(loop, requested, forwarded_as):
     services = make_services(make_config(routing={"model_aliases": {"gpt-4o": "m"}}), loop)
     raw = chat(requested)
-    ctx = start(services, raw, loop)
+    ctx = start_request(services, raw, loop)
     [upstream] = loop.upstreams
     assert orjson.loads(forwarded_body(upstream))["model"] == forwarded_as
     assert (ctx.model, ctx.model_aliased) == (forwarded_as, requested != forwarded_as)
@@ -169,7 +157,7 @@ def test_a_key_may_use_only_the_models_it_is_allowed(loop, allowed, requested, s
     services = make_services(make_config(backends=[backend("a", models=["m", "other"])],
                                          routing={"model_aliases": {"gpt-4o": "m"}},
                                          auth={"enabled": True, "keys": [key]}), loop)
-    ctx = start(services, with_headers(chat(requested), BEARER), loop)
+    ctx = start_request(services, with_headers(chat(requested), BEARER), loop)
     if status == 200:
         loop.upstreams[0].send(OK)
         assert ctx.status == 200
@@ -188,7 +176,7 @@ def test_a_key_may_use_only_the_models_it_is_allowed(loop, allowed, requested, s
 def test_a_request_no_backend_can_serve_gets_an_openai_shaped_error(loop, raw, status, error_type, code,
                                                                      termination):
     services = make_services(make_config(), loop)
-    ctx = start(services, raw, loop)
+    ctx = start_request(services, raw, loop)
     [reply] = ctx.conn.responses()
     assert reply.status == status
     assert reply.json() == {"error": {"message": reply.json()["error"]["message"], "type": error_type,
@@ -229,7 +217,7 @@ def test_a_failure_before_the_first_byte_is_retried_elsewhere_only_on_a_retry_on
                                          server={"timeouts": {"first_byte": 2}}), loop)
     if failure == "refused":
         loop.refuse("a")
-    ctx = start(services, chat(), loop)
+    ctx = start_request(services, chat(), loop)
     fail_first_attempt(loop, failure)
     on_b = [u for u in loop.upstreams if u.host == "b"]
     if retried:
@@ -243,7 +231,7 @@ def test_a_failure_before_the_first_byte_is_retried_elsewhere_only_on_a_retry_on
 
 def test_a_failure_after_the_first_byte_is_never_retried(loop):
     services = make_services(make_config(backends=[backend("a"), backend("b")]), loop)
-    ctx = start(services, chat(stream=True), loop)
+    ctx = start_request(services, chat(stream=True), loop)
     [upstream] = loop.upstreams
     upstream.send(STREAM_HEAD + EVENT)
     upstream.close()  # "reset" is in retry_on, but the client has bytes already
@@ -254,7 +242,7 @@ def test_a_failure_after_the_first_byte_is_never_retried(loop):
 
 def test_the_last_attempt_relays_the_backends_own_answer(loop):
     services = make_services(make_config(backends=[backend("a"), backend("b")], routing={"retries": 1}), loop)
-    ctx = start(services, chat(), loop)
+    ctx = start_request(services, chat(), loop)
     loop.upstreams[0].send(json_response({"from": "a"}, 503, "Service Unavailable"))
     loop.upstreams[1].send(json_response({"from": "b"}, 503, "Service Unavailable"))
     [reply] = ctx.conn.responses()
@@ -267,7 +255,7 @@ def test_attempts_stop_after_routing_retries(loop):
                                          routing={"retries": 1}), loop)
     for host in "abc":
         loop.refuse(host)
-    ctx = start(services, chat(), loop)
+    ctx = start_request(services, chat(), loop)
     assert loop.connects == ["a", "b"]
     assert error_of(ctx)[0] == 502 and ctx.retries == 1
 
@@ -276,9 +264,9 @@ def test_a_pooled_connection_that_died_idle_is_replaced_once_on_the_same_backend
     """Not a failover: the backend never saw the request, so even without "reset" in retry_on it is sent again,
     on a fresh connection (and it is not counted as a retry)."""
     services = make_services(make_config(routing={"retry_on": ["connect_error"]}), loop)
-    first = start(services, chat(), loop)
+    first = start_request(services, chat(), loop)
     loop.upstreams[0].send(OK)
-    second = start(services, chat(), loop)
+    second = start_request(services, chat(), loop)
     assert loop.upstreams[0].received.count(b"POST ") == 2  # written on the pooled connection...
     loop.upstreams[0].close()  # ...which the backend had closed
     assert len(loop.upstreams) == 2
@@ -291,7 +279,7 @@ def test_a_reload_mid_request_does_not_change_the_services_the_request_uses(loop
     old = make_services(make_config(backends=[backend("a1", timeouts={"connect": 1}), backend("a2")],
                                     pricing={"m": price}), loop)
     loop.hang("a1")
-    ctx = start(services=old, raw=chat(), loop=loop)
+    ctx = start_request(old, chat(), loop)
     new = make_services(make_config(backends=[backend("b")], pricing={"m": {**price, "input_per_million": 0}}),
                         loop, previous=old)
     loop.advance(1.0)  # a1's connect times out: the retry goes to the request's own fleet
@@ -317,38 +305,38 @@ class ExplodingAccessLog:
 
 
 def _local(loop, services):
-    return start(services, http_request("GET", "/health"), loop)
+    return start_request(services, http_request("GET", "/health"), loop)
 
 
 def _auth_refused(loop, services):
-    return start(services, chat(), loop)
+    return start_request(services, chat(), loop)
 
 
 def _model_not_found(loop, services):
-    return start(services, with_headers(chat("nope"), BEARER), loop)
+    return start_request(services, with_headers(chat("nope"), BEARER), loop)
 
 
 def _completed(loop, services):
-    ctx = start(services, with_headers(chat(), BEARER), loop)
+    ctx = start_request(services, with_headers(chat(), BEARER), loop)
     loop.upstreams[0].send(OK)
     return ctx
 
 
 def _backend_reset(loop, services):
-    ctx = start(services, with_headers(chat(), BEARER), loop)
+    ctx = start_request(services, with_headers(chat(), BEARER), loop)
     loop.upstreams[0].close()
     return ctx
 
 
 def _backend_died_mid_stream(loop, services):
-    ctx = start(services, with_headers(chat(stream=True), BEARER), loop)
+    ctx = start_request(services, with_headers(chat(stream=True), BEARER), loop)
     loop.upstreams[0].send(STREAM_HEAD + EVENT)
     loop.upstreams[0].close()
     return ctx
 
 
 def _client_left_mid_stream(loop, services):
-    ctx = start(services, with_headers(chat(stream=True), BEARER), loop)
+    ctx = start_request(services, with_headers(chat(stream=True), BEARER), loop)
     loop.upstreams[0].send(STREAM_HEAD + EVENT)
     ctx.conn.closed = True  # what ClientConnection.connection_lost does
     ctx.exchange.client_lost()
@@ -358,7 +346,7 @@ def _client_left_mid_stream(loop, services):
 
 def _client_left_while_connecting(loop, services):
     loop.hang("a")
-    ctx = start(services, with_headers(chat(), BEARER), loop)
+    ctx = start_request(services, with_headers(chat(), BEARER), loop)
     ctx.conn.closed = True
     ctx.run.cancel()
     loop.run_ready()
@@ -366,7 +354,7 @@ def _client_left_while_connecting(loop, services):
 
 
 def _internal_error(loop, services):
-    return start(dataclasses.replace(services, headers=ExplodingHeaders()), with_headers(chat(), BEARER), loop)
+    return start_request(dataclasses.replace(services, headers=ExplodingHeaders()), with_headers(chat(), BEARER), loop)
 
 
 def _recording_failed(loop, services):
@@ -402,13 +390,13 @@ def test_finish_records_the_request_exactly_once_whatever_the_ending(loop, caplo
 
 def test_a_rate_limit_slot_is_held_for_the_whole_stream_and_given_back_at_its_end(loop):
     services = make_services(make_config(rate_limit={"enabled": True, "global": {"max_concurrent": 1}}), loop)
-    streaming = start(services, chat(stream=True), loop)
+    streaming = start_request(services, chat(stream=True), loop)
     loop.upstreams[0].send(STREAM_HEAD + EVENT)
     assert services.limiter.held == 1
-    refused = start(services, chat(), loop)
+    refused = start_request(services, chat(), loop)
     assert error_of(refused)[0] == 429 and refused.conn.finished == [refused]
     loop.upstreams[0].send(b"0\r\n\r\n")
     assert streaming.conn.finished == [streaming] and services.limiter.held == 0
-    admitted = start(services, chat(), loop)
+    admitted = start_request(services, chat(), loop)
     loop.upstreams[0].send(OK)
     assert admitted.status == 200 and services.limiter.held == 0
