@@ -168,6 +168,7 @@ class FakeLoop(asyncio.AbstractEventLoop):
         self.connects: list[str] = []  # the host of every pool connect tried, in order (refused ones too)
         self._refused: dict[str, OSError] = {}
         self._hanging: set[str] = set()
+        self.held_connects: list[asyncio.Future[None]] = []  # connects to hanging hosts; set one to let it finish
 
     # what the code under test calls -------------------------------------------------------------------
 
@@ -219,7 +220,9 @@ class FakeLoop(asyncio.AbstractEventLoop):
         if host in self._refused:
             raise self._refused[host]
         if host in self._hanging:
-            await self.create_future()  # until the pool's connect timeout cancels it
+            held = self.create_future()
+            self.held_connects.append(held)
+            await held  # until the pool's connect timeout cancels it, or a test lets it finish
         transport = FakeTransport(peer=(host, port))
         protocol.connection_made(transport)
         self.upstreams.append(FakeUpstream(host, port, protocol, transport, self))
@@ -232,7 +235,7 @@ class FakeLoop(asyncio.AbstractEventLoop):
         self._refused[host] = error or ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
     def hang(self, host: str) -> None:
-        """Connects to `host` never complete."""
+        """Connects to `host` do not complete by themselves (see `held_connects`)."""
         self._hanging.add(host)
 
     def run_ready(self) -> None:
@@ -244,6 +247,12 @@ class FakeLoop(asyncio.AbstractEventLoop):
             if not handle.cancelled():
                 handle._run()
         raise AssertionError("the loop never went idle: something reschedules itself forever")
+
+    def run_one(self) -> None:
+        """Run the first ready callback only: to put an event between two steps the loop would run in a row."""
+        handle = self._ready.popleft()
+        if not handle.cancelled():
+            handle._run()
 
     def advance(self, seconds: float) -> None:
         """Move the clock `seconds` forward, firing every timer that comes due on the way, in order."""

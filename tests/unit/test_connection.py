@@ -326,6 +326,22 @@ def test_losing_the_client_while_its_request_waits_for_a_connect_cancels_the_con
     assert (ctx.status, ctx.termination) == (499, "CH")
 
 
+def test_losing_the_client_while_its_request_waits_for_a_pooled_connection_frees_its_place(loop):
+    clients = proxy(loop, backends=[backend("a", max_connections=1, max_waiters=1)])
+    holder, leaver, next_in_line = Client(clients, loop), Client(clients, loop), Client(clients, loop)
+    holder.send(chat())  # takes the backend's only connection
+    leaver.send(chat())  # waits for it
+    leaver.lose()
+    next_in_line.send(chat())  # the one place in line is free again
+    assert next_in_line.transport.data == b""
+    [upstream] = loop.upstreams
+    upstream.send(OK)
+    upstream.send(OK)  # the same connection, handed over
+    assert [r.status for r in next_in_line.responses()] == [200]
+    statuses = sorted((ctx.status, ctx.termination) for ctx in clients.services.access_log.requests)
+    assert statuses == [(200, "--"), (200, "--"), (499, "CH")]
+
+
 # --- refusals and draining ----------------------------------------------------------------------------------
 
 

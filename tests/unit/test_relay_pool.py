@@ -50,3 +50,25 @@ def test_dead_pool_waiters_do_not_count_against_max_waiters(loop):
     pool.release(in_use, True)  # handed straight to the waiter
     loop.run_ready()
     assert waiting.result() is in_use and pool.checked_out == 1
+
+
+@pytest.mark.xfail(strict=True, reason="bug: UpstreamPool._connect catches the CancelledError thrown at `await "
+                   "connecting` after the connect task has already succeeded, and drops the connection open")
+def test_a_connect_that_completes_as_the_client_leaves_is_not_leaked(loop):
+    """The connect finishes, and in the same loop iteration (before the pipeline resumes) the client's
+    connection_lost cancels the request: the new upstream connection must be kept or closed, not dropped open."""
+    services = make_services(make_config(), loop)
+    loop.hang("a")
+    client = Client(make_clients(services, loop), loop)
+    client.send(chat())
+    [held] = loop.held_connects
+    held.set_result(None)
+    loop.run_one()  # the connect task ends: the pipeline's next step is scheduled, not run
+    [upstream] = loop.upstreams
+    client.conn.connection_lost(None)  # the client's disconnect, processed before that step
+    loop.run_ready()
+    pool = services.fleet.backends[0].pool
+    [ctx] = services.access_log.requests
+    assert ctx.status == 499
+    assert upstream.transport.is_closing() or pool.idle_count == 1, "an open connection nobody will ever close"
+    assert pool.open_count == pool.idle_count + pool.checked_out
