@@ -451,7 +451,8 @@ class Client:
         self.conn.connection_made(self.transport)
 
     def send(self, data: bytes) -> None:
-        """The client's bytes arrive (one read)."""
+        """The client's bytes arrive (one read). A transport that is closed or paused reads nothing."""
+        assert self.transport.reading and not self.transport.is_closing(), "a real transport would not read now"
         self.conn.data_received(data)
         self.loop.run_ready()
 

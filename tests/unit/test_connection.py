@@ -250,7 +250,8 @@ def test_a_pipelined_bodys_timer_starts_when_its_turn_comes(loop):
     (b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: p\r\n\r\n", 414, "uri_too_long"),
     (b"POST / HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "not_implemented"),
     (b"GET / HTTP/2.0\r\nHost: p\r\n\r\n", 505, "http_version_not_supported"),
-])
+], ids=["garbage", "no-host", "content-length-over-limit", "head-over-limit", "target-over-limit", "gzip-te",
+        "http2"])
 def test_a_malformed_or_over_limit_request_is_answered_and_the_connection_closed(loop, raw, status, code):
     clients = proxy(loop, server={"max_body_size": 4096, "max_header_size": 8192, "max_request_line": 2048})
     client = Client(clients, loop)
@@ -261,8 +262,6 @@ def test_a_malformed_or_over_limit_request_is_answered_and_the_connection_closed
     assert client.transport.closed and loop.upstreams == []
     assert [r[1] for r in clients.services.access_log.rejected] == [status]
     assert sample(clients.services, "llmproxy_requests_total", backend="", status=str(status)) == 1
-    client.send(HEALTH)  # whatever else arrives is not answered
-    assert len(client.responses()) == 1
 
 
 def test_a_body_over_the_limit_is_answered_413_by_its_request(loop):
@@ -297,7 +296,7 @@ def test_losing_the_client_while_the_pipeline_waits_for_the_body_ends_the_reques
 @pytest.mark.parametrize(("upstream_sent", "termination"), [
     (b"", "CH"),
     (STREAM_HEAD + chunk(b'data: {"choices":[{"index":0}]}\n\n'), "CD"),
-])
+], ids=["before-the-head", "mid-stream"])
 def test_losing_the_client_tells_the_exchange_which_drops_the_upstream_at_once(loop, upstream_sent, termination):
     clients = proxy(loop)
     client = Client(clients, loop)

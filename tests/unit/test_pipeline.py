@@ -172,7 +172,7 @@ def test_a_key_may_use_only_the_models_it_is_allowed(loop, allowed, requested, s
     (http_request("POST", "/generate", b'{"inputs":"hi"}'), 503, "service_unavailable", "no_backend_available",
      "PC"),  # TGI's path, and only vLLM is configured
     (http_request("POST", "/api/chat", b'{"model":"m"}'), 503, "service_unavailable", "no_backend_available", "PC"),
-])
+], ids=["unknown-model", "tgi-path", "ollama-path"])
 def test_a_request_no_backend_can_serve_gets_an_openai_shaped_error(loop, raw, status, error_type, code,
                                                                      termination):
     services = make_services(make_config(), loop)
