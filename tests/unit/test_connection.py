@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmproxy.connection import Clients
+from llmproxy.connection import WRITE_HIGH_WATER, Clients
 from tests.fakes import (
     OK,
     STREAM_HEAD,
@@ -57,6 +57,8 @@ def test_a_request_split_over_many_reads_is_one_request_with_its_whole_body(loop
     [upstream] = loop.upstreams
     body = raw.split(b"\r\n\r\n", 1)[1]
     assert upstream.received.endswith(b"\r\n\r\n" + body)
+    assert b"\r\nx-forwarded-for: 203.0.113.7\r\n" in upstream.received  # the peer, as the transport gave it
+    assert client.transport.write_limits == (WRITE_HIGH_WATER, None)
     upstream.send(OK)
     [reply] = client.responses()
     assert reply.status == 200 and reply.json()["id"] == "c1"
