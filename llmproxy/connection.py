@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from time import perf_counter
 
-from llmproxy.config.model import Timeouts
+from llmproxy.config.model import ServerConfig, Timeouts
 from llmproxy.context import RequestContext, RequestIds, new_context
 from llmproxy.eager import EagerRun
 from llmproxy.errors import ProxyError, drop_traceback, error_body
@@ -36,6 +36,15 @@ class ClientSettings:
     codec_limits: CodecLimits
     timeouts: Timeouts
     max_connections: int
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> ClientSettings:
+        return cls(
+            codec_limits=CodecLimits(max_header_size=server.max_header_size, max_request_line=server.max_request_line,
+                                     max_body_size=server.max_body_size),
+            timeouts=server.timeouts,
+            max_connections=server.max_connections,
+        )
 
 
 class Clients:

@@ -11,20 +11,13 @@ import asyncio
 import gc
 import logging
 import signal
-from dataclasses import replace
 
-from llmproxy.accesslog import AccessLog
 from llmproxy.config import ConfigError, load_config
 from llmproxy.config.model import Config
 from llmproxy.connection import Clients, ClientSettings
-from llmproxy.deadlines import DeadlineSweeper, tick_for
-from llmproxy.delivery import DeliveryService
 from llmproxy.fleet.fleet import retire_removed
-from llmproxy.http11.request import CodecLimits
 from llmproxy.metrics import Metrics
-from llmproxy.overhead import ProxyOverhead
-from llmproxy.services import Lasting, RelaySettings, Services, build_services
-from llmproxy.traffic import Traffic
+from llmproxy.services import Services, build_lasting, build_services
 
 log = logging.getLogger("llmproxy")
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young-generation collections (CPython: 700); see settle_heap
@@ -37,26 +30,8 @@ class ProxyServer:
         self.config = config  # as started: its server, logging, metrics and usage sections are the ones running
         self.config_path = config_path  # re-read on SIGHUP
         self.loop = asyncio.get_running_loop()
-        overhead = ProxyOverhead()  # the relay counts into it; exported when metrics are enabled
-        metrics = Metrics(self._live_state, overhead) if config.metrics.enabled else None
-        traffic = Traffic()
-        self.lasting = Lasting(
-            metrics=metrics,
-            access_log=AccessLog(config.logging.access_log),
-            outbox=DeliveryService(replace(config.usage, spool_dir=spool_dir) if spool_dir else config.usage, metrics),
-            relay=RelaySettings(sweeper=DeadlineSweeper(self.loop, tick_for(_backend_timeouts(config))),
-                                overhead=overhead, write_timeout=config.server.timeouts.write, traffic=traffic),
-            traffic=traffic,
-            clock=self.loop.time,
-            trusted_proxies=tuple(config.server.trusted_proxies),
-        )
-        self.settings = ClientSettings(
-            codec_limits=CodecLimits(max_header_size=config.server.max_header_size,
-                                     max_request_line=config.server.max_request_line,
-                                     max_body_size=config.server.max_body_size),
-            timeouts=config.server.timeouts,
-            max_connections=config.server.max_connections,
-        )
+        self.lasting = build_lasting(config, self.loop, self._live_state, spool_dir=spool_dir)
+        self.settings = ClientSettings.from_config(config.server)
         self.clients: Clients | None = None  # with the first Services, by start_services()
         self._server: asyncio.AbstractServer | None = None
         self._reload_lock = asyncio.Lock()
@@ -180,12 +155,6 @@ class ProxyServer:
                 for b in services.fleet.backends
             },
         }
-
-
-def _backend_timeouts(config: Config) -> list[float]:
-    timeouts = config.server.timeouts
-    return [t for b in config.backends for t in (b.timeouts.first_byte or timeouts.first_byte,
-                                                    b.timeouts.stream_idle or timeouts.stream_idle)]
 
 
 def settle_heap() -> None:

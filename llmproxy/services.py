@@ -9,15 +9,17 @@ from each generation to the next; those sections need a restart to change.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
 from llmproxy.config.model import Config, PriceConfig
-from llmproxy.deadlines import DeadlineSweeper
+from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.delivery import DeliveryService
 from llmproxy.fleet.fleet import Fleet, build_fleet
 from llmproxy.http11.headers import HeaderRules
@@ -72,6 +74,30 @@ class Services:
     lasting: Lasting
 
 
+def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: Callable[[], dict[str, Any]], *,
+                  spool_dir: str | None = None, access_log: AccessLog | None = None,
+                  outbox: DeliveryService | None = None) -> Lasting:
+    """The parts that live as long as the process, as `config` (the one started with) describes them.
+
+    `live_state` gives the gauges read at scrape time; `spool_dir` overrides usage.spool_dir (a worker of
+    several has its own spool); `access_log` and `outbox` replace the configured ones (tests record in memory).
+    """
+    overhead = ProxyOverhead()  # the relay counts into it; exported when metrics are enabled
+    metrics = Metrics(live_state, overhead) if config.metrics.enabled else None
+    traffic = Traffic()
+    return Lasting(
+        metrics=metrics,
+        access_log=access_log if access_log is not None else AccessLog(config.logging.access_log),
+        outbox=outbox if outbox is not None else DeliveryService(
+            dataclasses.replace(config.usage, spool_dir=spool_dir) if spool_dir else config.usage, metrics),
+        relay=RelaySettings(sweeper=DeadlineSweeper(loop, tick_for(_deadlines(config))), overhead=overhead,
+                            write_timeout=config.server.timeouts.write, traffic=traffic),
+        traffic=traffic,
+        clock=loop.time,
+        trusted_proxies=tuple(config.server.trusted_proxies),
+    )
+
+
 async def build_services(config: Config, lasting: Lasting, previous: Services | None = None) -> Services:
     """The services `config` describes; with `previous`, the next generation after it: backends kept with
     the same settings keep their pools and what was learned of them, and the limiter keeps its store."""
@@ -94,6 +120,13 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         clock=lasting.clock,
         lasting=lasting,
     )
+
+
+def _deadlines(config: Config) -> list[float]:
+    """Every first-byte and stream-idle timeout in use: the sweeper ticks often enough for the shortest."""
+    timeouts = config.server.timeouts
+    return [t for b in config.backends for t in (b.timeouts.first_byte or timeouts.first_byte,
+                                                    b.timeouts.stream_idle or timeouts.stream_idle)]
 
 
 def _limiter(config: Config, metrics: Metrics | None, old: Limiter | None) -> Limiter | None:

@@ -36,15 +36,10 @@ from llmproxy.config import parse_config
 from llmproxy.config.model import Config
 from llmproxy.connection import ClientConnection, Clients, ClientSettings
 from llmproxy.context import RequestContext, new_context
-from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.eager import EagerRun
 from llmproxy.http11.request import CodecLimits, RequestCodec, RequestHead
-from llmproxy.metrics import Metrics
-from llmproxy.overhead import ProxyOverhead
 from llmproxy.pipeline import handle_request
-from llmproxy.relay import RelaySettings
-from llmproxy.services import Lasting, Services, build_services
-from llmproxy.traffic import Traffic
+from llmproxy.services import Lasting, Services, build_lasting, build_services
 from llmproxy.upstream.connection import UpstreamConnection
 
 CLIENT_PEER = ("203.0.113.7", 50123)
@@ -378,23 +373,9 @@ class RecordingOutbox:
 
 
 def make_lasting(config: Config, loop: FakeLoop) -> Lasting:
-    """What ProxyServer.__init__ builds, with the access log and the outbox recording in memory."""
-    overhead = ProxyOverhead()
-    metrics = Metrics(_no_live_state, overhead) if config.metrics.enabled else None
-    traffic = Traffic()
-    timeouts = config.server.timeouts
-    deadlines = [timeouts.first_byte, timeouts.stream_idle] + [
-        t for b in config.backends for t in (b.timeouts.first_byte, b.timeouts.stream_idle) if t]
-    return Lasting(
-        metrics=metrics,
-        access_log=RecordingAccessLog(),  # type: ignore[arg-type]
-        outbox=RecordingOutbox(),  # type: ignore[arg-type]
-        relay=RelaySettings(sweeper=DeadlineSweeper(loop, tick_for(deadlines)), overhead=overhead,
-                            write_timeout=timeouts.write, traffic=traffic),
-        traffic=traffic,
-        clock=loop.time,
-        trusted_proxies=tuple(config.server.trusted_proxies),
-    )
+    """What ProxyServer builds, with the access log and the outbox recording in memory."""
+    return build_lasting(config, loop, _no_live_state, access_log=RecordingAccessLog(),  # type: ignore[arg-type]
+                         outbox=RecordingOutbox())  # type: ignore[arg-type]
 
 
 def _no_live_state() -> dict[str, Any]:
@@ -415,14 +396,7 @@ def make_services(config: Config, loop: FakeLoop, *, lasting: Lasting | None = N
 
 def make_clients(services: Services, loop: FakeLoop) -> Clients:
     """The connections' shared state and protocol factory, with the settings ProxyServer derives."""
-    server = services.config.server
-    settings = ClientSettings(
-        codec_limits=CodecLimits(max_header_size=server.max_header_size, max_request_line=server.max_request_line,
-                                 max_body_size=server.max_body_size),
-        timeouts=server.timeouts,
-        max_connections=server.max_connections,
-    )
-    return Clients(settings, services, loop)
+    return Clients(ClientSettings.from_config(services.config.server), services, loop)
 
 
 def sample(services: Services, name: str, **labels: str) -> float:

@@ -295,4 +295,4 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
-    pricing: dict[str, PriceConfig] = field(default_factory=dict)  # by model name as requested
+    pricing: dict[str, PriceConfig] = field(default_factory=dict)  # by model name as forwarded (after aliases)

@@ -137,6 +137,10 @@ class UpstreamPool:
             _, conn = await connecting
         except asyncio.CancelledError:
             self._connect_failed()
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                # The connect completed in the same moment the request was cancelled (its client left):
+                # nobody will use this connection, so it must not stay open.
+                connecting.result()[1].abort()
             if timed_out:
                 raise ProxyError("connect_timeout", f"backend {backend.name}: connect timed out") from None
             raise

@@ -52,8 +52,6 @@ def test_dead_pool_waiters_do_not_count_against_max_waiters(loop):
     assert waiting.result() is in_use and pool.checked_out == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: UpstreamPool._connect catches the CancelledError thrown at `await "
-                   "connecting` after the connect task has already succeeded, and drops the connection open")
 def test_a_connect_that_completes_as_the_client_leaves_is_not_leaked(loop):
     """The connect finishes, and in the same loop iteration (before the pipeline resumes) the client's
     connection_lost cancels the request: the new upstream connection must be kept or closed, not dropped open."""
