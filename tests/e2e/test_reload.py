@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,7 @@ from tests.support import (
     http_get,
     http_post,
     mock_stats,
+    post_request,
     raw_connect,
     start_mock,
     start_proxy,
@@ -173,3 +175,67 @@ def test_reload_while_requests_flow_drops_none(tmp_path):
         stop.set()
         for proc in (proxy, a, b):
             proc.stop()
+
+
+KEY = "sk-reload-test-key-0123456789"
+OLD_PRICE = {"input_per_million": 1.0, "output_per_million": 2.0}
+NEW_PRICE = {"input_per_million": 100.0, "output_per_million": 300.0}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _cost(record: dict, price: dict) -> float:
+    return round((record["prompt_tokens"] * price["input_per_million"]
+                  + record["completion_tokens"] * price["output_per_million"]) / 1e6, 10)
+
+
+def test_a_stream_keeps_its_generation_across_a_reload_and_the_next_request_gets_the_new_one(tmp_path):
+    """A reload mid-stream changes the key's user and limits and the model's price: the stream's record is
+    built with what its own generation said, the next request's with the new one."""
+    mock = start_mock("vllm")
+    usage = tmp_path / "usage.jsonl"
+    proxy = start_proxy(
+        tmp_path, [{"url": mock.url, "name": "a", "models": ["m"]}],
+        auth={"enabled": True, "keys": [{"key": KEY, "user_id": "team-old",
+                                         "rate_limit": {"requests_per_minute": 600, "burst": 50}}]},
+        rate_limit={"enabled": True},
+        pricing={"m": OLD_PRICE},
+        usage={"enabled": True, "spool_dir": str(tmp_path / "spool"),
+               "reporters": [{"name": "f", "type": "file", "file": {"path": str(usage)}}]})
+    try:
+        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        sock = raw_connect(proxy.port)
+        sock.sendall(post_request("/v1/chat/completions", body, {
+            "Authorization": f"Bearer {KEY}", "X-Request-Id": "held-stream", "x-mock-tokens": "4",
+            "x-mock-gate": "gen"}))
+        reader = ResponseReader(sock).read_head()
+        assert reader.status == 200 and reader.headers["x-ratelimit-limit-requests"] == "50"
+
+        def next_generation(doc: dict) -> None:
+            doc["auth"]["keys"][0].update(user_id="team-new", rate_limit={"requests_per_minute": 600, "burst": 7})
+            doc["pricing"]["m"] = NEW_PRICE
+
+        _rewrite(tmp_path / "config.yaml", next_generation)
+        _reload(proxy, "reloaded")
+        request = urllib.request.Request(proxy.url + "/v1/chat/completions", data=CHAT, headers={
+            "Authorization": f"Bearer {KEY}", "X-Request-Id": "after-reload", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200 and response.headers["x-ratelimit-limit-requests"] == "7"
+            response.read()
+        for _ in range(10):  # one release per further event
+            assert http_post(mock.url + "/_mock/release/gen")[0] == 200
+        rest, complete = reader.read_body()
+        assert complete and b"data: [DONE]" in rest
+        sock.close()
+
+        records = {r["client_request_id"]: r for r in wait_for(lambda: len(_records(usage)) == 2 and _records(usage))}
+        held, after = records["held-stream"], records["after-reload"]
+        assert held["usage_source"] == after["usage_source"] == "reported"
+        assert held["user_id"] == "team-old" and held["cost_usd"] == _cost(held, OLD_PRICE) > 0
+        assert after["user_id"] == "team-new" and after["cost_usd"] == _cost(after, NEW_PRICE) > 0
+        assert_idle(proxy)
+    finally:
+        proxy.stop()
+        mock.stop()
