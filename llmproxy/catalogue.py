@@ -2,7 +2,8 @@
 
 A backend kind is a row of KINDS: how to recognise it, how to probe its health and its load. An endpoint
 is a row of ENDPOINTS: its API family, the kinds that serve it, the metering dialect its responses are
-read in, whether it streams by default (or always) and whether it is billed. The router, the metering
+read in (an endpoint without one is not a generation: its records carry no tokens), and whether it
+streams by default (or always). The router, the metering
 plan and the reading of request bodies all look here, so a new endpoint is one row (plus a meter when it
 speaks a new dialect), and a new kind is one row of KINDS plus its name in the endpoints it serves.
 Wire facts behind each row: docs/protocols.md §2-4.
@@ -16,6 +17,7 @@ from llmproxy.metering.dialects import (
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
+    OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES_SSE,
     TGI_GENERATE_SSE,
 )
@@ -62,7 +64,6 @@ class Endpoint:
     kinds: frozenset[str]  # the backend kinds that serve it
     dialect: str | None = None  # the metering dialect of its responses (llmproxy.metering); None: not metered
     streams: str = STREAMS_IF_ASKED
-    billable: bool = True  # a POST sent to a backend gets a usage record
     usage_option: bool = False  # OpenAI's stream_options.include_usage: the proxy may ask for usage
     # A backend of unknown kind (AUTO) may serve it and is metered as if it did. False for a path that
     # means a generation only on one kind (TGI's `/`): metering anything else would misread it.
@@ -85,7 +86,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True),
     "/v1/completions": Endpoint("openai-completions", ANY_KIND, OPENAI_COMPLETIONS_SSE, usage_option=True),
     "/v1/responses": Endpoint("openai-responses", frozenset({"vllm", "ollama", "openai"}), OPENAI_RESPONSES_SSE),
-    "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND),
+    "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND, OPENAI_EMBEDDINGS),
     "/generate": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE),
     "/generate_stream": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE, STREAMS_ALWAYS),
     # TGI's compat route: /generate or /generate_stream by the body's "stream".

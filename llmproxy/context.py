@@ -108,7 +108,8 @@ class RequestContext:
     # Outcome.
     backend: str = ""  # the last one tried
     retries: int = 0  # attempts on further backends after the first failed
-    status: int = 0
+    status: int = 0  # as answered to the client
+    backend_status: int = 0  # as the last backend answered (0: none did), a refused attempt's included
     termination: str = "--"
     error_message: str = ""
     response_started: bool = False

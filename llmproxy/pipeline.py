@@ -203,8 +203,8 @@ def finish(services: Services, ctx: RequestContext) -> None:
         metrics = services.metrics
         if metrics is not None:
             metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
-        if ctx.upstream_sent and ctx.head.method == b"POST" and ctx.meter is not None and ctx.endpoint.billable:
-            record = build_record(ctx, ctx.meter.final_usage(), duration, ttft, services.prices)
+        if ctx.upstream_sent and ctx.meter is not None:  # one record per request sent to a backend
+            record = build_record(ctx, ctx.meter.final_usage(ctx.backend_status), duration, ttft, services.prices)
             if metrics is not None:
                 metrics.observe_usage(record)
             services.outbox.append(record)

@@ -101,6 +101,7 @@ class Exchange:
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self._awaiting_head = False
+        self.ctx.backend_status = status
         if status in self._refuse_statuses:
             self._refuse(status)
             return

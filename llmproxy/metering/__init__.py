@@ -23,6 +23,7 @@ from llmproxy.metering.dialects import (
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
+    OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES_SSE,
     SPECS,
     STRIPPABLE,
@@ -39,6 +40,7 @@ __all__ = [
     "OLLAMA_NDJSON",
     "OPENAI_CHAT_SSE",
     "OPENAI_COMPLETIONS_SSE",
+    "OPENAI_EMBEDDINGS",
     "OPENAI_RESPONSES_SSE",
     "STRIPPABLE",
     "TGI_GENERATE_SSE",
@@ -52,7 +54,7 @@ DEFAULT_MAX_LINE = 1 << 20
 
 
 class Meter(Protocol):
-    usage: Usage | None  # last usage seen (None if none)
+    usage: Usage | None  # the usage seen so far, merged over the events that carried it (None if none)
     content_events: int  # events that carried generated content: an estimate when no usage arrives
     overflowed: bool  # a line exceeded the cap: metering stopped for this stream (bytes still flow)
 
@@ -85,6 +87,7 @@ def meter_for(dialect: str, *, strip_usage_event: bool = False, max_line: int = 
 _BODY_EXTRACTORS = {
     OPENAI_CHAT_SSE: openai_usage,
     OPENAI_COMPLETIONS_SSE: openai_usage,
+    OPENAI_EMBEDDINGS: openai_usage,
     OPENAI_RESPONSES_SSE: responses_body_usage,
     TGI_GENERATE_SSE: tgi_usage,
     OLLAMA_NDJSON: ollama_usage,
@@ -94,7 +97,8 @@ _BODY_EXTRACTORS = {
 def meter_for_json_body(body: bytes, dialect: str) -> Usage | None:
     """Return the usage of a complete (non-streamed) JSON response in `dialect`, or None if it has none.
 
-    OpenAI chat/completions: `usage`; Responses API: `usage.input_tokens/output_tokens`; TGI /generate (or `/`):
+    OpenAI chat/completions/embeddings: `usage` (embeddings report prompt tokens only); Responses API:
+    `usage.input_tokens/output_tokens`; TGI /generate (or `/`):
     `details` (present only with parameters.details); Ollama native: `prompt_eval_count`/`eval_count`.
     Never raises on the body; raises ValueError for an unknown dialect.
     """

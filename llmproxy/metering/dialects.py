@@ -40,9 +40,11 @@ from llmproxy.metering.usage import Usage, ollama_usage, openai_usage, responses
 OPENAI_CHAT_SSE = "openai-chat-sse"
 OPENAI_COMPLETIONS_SSE = "openai-completions-sse"
 OPENAI_RESPONSES_SSE = "openai-responses-sse"
+OPENAI_EMBEDDINGS = "openai-embeddings"  # JSON only: usage.prompt_tokens (and total_tokens)
 TGI_GENERATE_SSE = "tgi-generate-sse"
 OLLAMA_NDJSON = "ollama-ndjson"
-DIALECTS = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE, OPENAI_RESPONSES_SSE, TGI_GENERATE_SSE, OLLAMA_NDJSON)
+DIALECTS = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE, OPENAI_RESPONSES_SSE, OPENAI_EMBEDDINGS, TGI_GENERATE_SSE,
+            OLLAMA_NDJSON)
 # The names docs/protocols.md §5 and the recorded fixtures (§7) use for the two Ollama native endpoints.
 ALIASES = {"ollama-chat-ndjson": OLLAMA_NDJSON, "ollama-generate-ndjson": OLLAMA_NDJSON}
 # Dialects whose usage-only event a client may not expect (the proxy injected include_usage).
@@ -85,6 +87,10 @@ def count_responses(data: bytes) -> int:
     return data.count(b'.delta"')
 
 
+def _no_content(data: bytes) -> int:
+    return 0
+
+
 def count_tgi(data: bytes) -> int:
     return data.count(b'"special":false},"')
 
@@ -107,6 +113,8 @@ _USAGE = _key_then(_USAGE_KEY, b"{")
 SPECS = {
     OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage, _USAGE_KEY),
     OPENAI_COMPLETIONS_SSE: Spec(_USAGE, count_completions, openai_usage, _USAGE_KEY),
+    # Embeddings never stream; were one streamed, it would carry no content events to count.
+    OPENAI_EMBEDDINGS: Spec(_USAGE, _no_content, openai_usage, _USAGE_KEY),
     # Only response.completed (or .incomplete) embeds a response whose usage is an object; the others say null.
     OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY),
     TGI_GENERATE_SSE: Spec(_key_then(_DETAILS_KEY, b"{"), count_tgi, tgi_usage, _DETAILS_KEY),

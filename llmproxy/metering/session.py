@@ -5,13 +5,14 @@ request body carries the usage option when the session says so (`injects_usage`)
 the response head and then only feeds it: every body chunk through the callable `response_started`
 returned (the same bytes come back, unless the usage event the proxy asked for is removed), and the
 bytes still held back at a clean end. The usage record only reads `final_usage()`: the backend's own
-counts when they arrived, else an estimate from the request and the content relayed so far.
+counts when they arrived; nothing for a request the backend refused; else an estimate from the request
+and the content relayed so far.
 
     session = MeteringSession.plan(endpoint, backend.kind, inject_allowed, is_stream, body_data)
     feed = session.response_started(status, streaming)   # None: nothing to read in this response
     ... data = feed(data) ...                             # per upstream chunk
     tail = session.response_ended()
-    prompt, completion, cached, source = session.final_usage()
+    prompt, completion, cached, source = session.final_usage(backend_status)
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ from llmproxy.metering.usage import Usage
 # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
 MAX_METERED_JSON = 8 * 1024 * 1024  # non-streamed bodies larger than this are not parsed for usage
-REPORTED, ESTIMATED = "reported", "estimated"
+# Where a record's counts come from: the backend's own; an estimate (the backend did work but reported none:
+# a stream cut off, a backend that does not say); none (nothing to count: the backend refused the request,
+# or the endpoint is not a generation).
+REPORTED, ESTIMATED, NONE = "reported", "estimated", "none"
 
 
 class MeteredUsage(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int | None
-    source: str  # REPORTED: the backend's counts; ESTIMATED: none arrived
+    source: str  # REPORTED, ESTIMATED or NONE
 
 
 class MeteringSession:
@@ -101,13 +105,20 @@ class MeteringSession:
         meter = self._meter
         return meter.usage if meter is not None else self._usage
 
-    def final_usage(self) -> MeteredUsage:
-        """The counts of the record: the backend's own, else estimated from the request and the content
-        events relayed (a stream cut off before its usage event, a failure, a backend that reports none)."""
+    def final_usage(self, backend_status: int) -> MeteredUsage:
+        """The counts of the record, given the status the backend answered (0: it never answered).
+
+        The backend's own counts when they arrived, whatever the status. Else nothing (NONE) for a request
+        the backend refused (status >= 400) or an endpoint that is not a generation; else an estimate from
+        the request and the content events relayed: a stream cut off before its usage event, a request
+        cut before the backend answered (it did the prefill), a backend that reports none.
+        """
         usage = self.reported
         if usage is not None:
             return MeteredUsage(usage.prompt_tokens or 0, usage.completion_tokens or 0, usage.cached_tokens,
                                 REPORTED)
+        if self.dialect is None or backend_status >= 400:
+            return MeteredUsage(0, 0, None, NONE)
         relayed = self._meter.content_events if self._meter is not None else 0
         return MeteredUsage(estimate_prompt_tokens(self._body), relayed, None, ESTIMATED)
 

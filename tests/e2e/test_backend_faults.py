@@ -546,8 +546,8 @@ FAULTS: dict[str, Fault] = {
                                body=STREAM_CHAT_WITH_USAGE, backend={"timeouts": {"stream_idle": "500ms"}},
                                completion_tokens=2, seconds=(0.45, 3.0), upstream_closed=True),
     "429_retry_after": Fault(json_reply(429, b'{"error":{"message":"slow down","code":429}}',
-                                        b"retry-after: 7\r\n"), 429, True, "--", "estimated", body=PLAIN_CHAT,
-                             check=_retry_after),
+                                        b"retry-after: 7\r\n"), 429, True, "--", "none", body=PLAIN_CHAT,
+                             check=_retry_after),  # refused by the backend: a record with nothing billed
     "short_body_json": Fault(short_body(b"application/json", 1000, [JSON_REPLY[:40], JSON_REPLY[40:90]]),
                              200, False, "SD", "estimated", body=PLAIN_CHAT, check=_declared(1000)),
     "short_body_sse": Fault(short_body(b"text/event-stream", 5000, [event("a"), event("b")]), 200, False, "SD",

@@ -20,6 +20,7 @@ from llmproxy.metering.dialects import (
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
+    OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES_SSE,
     SPECS,
     TGI_GENERATE_SSE,
@@ -42,7 +43,7 @@ from llmproxy.metering.dialects import (
     ("/api/chat", "vllm", None),
     ("/", "tgi", TGI_GENERATE_SSE),
     ("/", AUTO, None),  # only a backend known to be TGI makes `/` a generation
-    ("/v1/embeddings", AUTO, None),
+    ("/v1/embeddings", AUTO, OPENAI_EMBEDDINGS),
     ("/v1/models", "vllm", None),
     ("/chat/completions", AUTO, None),
     ("/health", AUTO, None),

@@ -1,0 +1,143 @@
+"""The metering session: the plan, what the relay feeds it, and the one usage a record reads."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from llmproxy.catalogue import lookup
+from llmproxy.metering.dialects import OPENAI_CHAT_SSE, SPECS, Spec, _key_then
+from llmproxy.metering.session import ESTIMATED, NONE, REPORTED, MeteringSession
+from llmproxy.metering.sse import SSEMeter
+from llmproxy.metering.usage import Usage
+
+CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x" * 40}]}
+
+
+def plan(path: str = "/v1/chat/completions", kind: str = "vllm", body: dict | None = None,
+         **options: bool) -> MeteringSession:
+    body = CHAT if body is None else body
+    options = {"inject_allowed": True, "is_stream": bool(body.get("stream")), **options}
+    return MeteringSession.plan(lookup(path).dialect_on(kind), body=body, **options)
+
+
+def chunk(content: str) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"%b"}}]}\n\n' % content.encode()
+
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":2,"total_tokens":13}}\n\n'
+
+
+@pytest.mark.parametrize(("body", "inject_allowed", "injects"), [
+    ({"stream": True}, True, True),
+    ({"stream": True}, False, False),  # backends[].inject_usage: false
+    ({"stream": True, "stream_options": {"include_usage": True}}, True, False),  # the client asked itself
+    ({"stream": False}, True, False),  # not streamed: the body reports usage anyway
+])
+def test_the_usage_option_is_asked_for_only_when_the_client_did_not(body: dict, inject_allowed: bool, injects: bool):
+    assert plan(body=body, inject_allowed=inject_allowed).injects_usage is injects
+
+
+def test_a_streamed_response_is_fed_and_its_injected_usage_event_removed():
+    session = plan()
+    feed = session.response_started(200, streaming=True)
+    assert session.streamed and session.rewrites
+    assert feed(chunk("a")) == chunk("a")
+    assert feed(USAGE_EVENT + b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert session.response_ended() == b""
+    assert session.final_usage(200) == (11, 2, None, REPORTED)
+
+
+def test_a_json_body_is_read_at_its_end():
+    session = plan(body={"model": "m", "messages": []})
+    feed = session.response_started(200, streaming=False)
+    body = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+    assert feed(body[:10]) == body[:10] and feed(body[10:]) == body[10:]
+    assert not session.streamed and not session.rewrites
+    session.response_ended()
+    assert session.final_usage(200) == (5, 1, None, REPORTED)
+
+
+def test_embeddings_usage_without_completion_tokens_is_reported():
+    session = plan("/v1/embeddings", body={"model": "m", "input": "some text"})
+    feed = session.response_started(200, streaming=False)
+    feed(b'{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}')
+    session.response_ended()
+    assert session.final_usage(200) == (8, 0, None, REPORTED)
+
+
+@pytest.mark.parametrize("status", [400, 404, 429, 500, 503])
+def test_a_request_the_backend_refused_carries_no_tokens(status: int):
+    session = plan()
+    assert session.response_started(status, streaming=False) is None  # an error body is not read for usage
+    assert session.final_usage(status) == (0, 0, None, NONE)
+
+
+@pytest.mark.parametrize(("events", "completion"), [(0, 0), (3, 3)])
+def test_a_stream_cut_off_before_its_usage_is_estimated(events: int, completion: int):
+    session = plan()
+    feed = session.response_started(200, streaming=True)
+    for i in range(events):
+        feed(chunk(f"t{i}"))
+    prompt, relayed, cached, source = session.final_usage(200)
+    assert (relayed, cached, source) == (completion, None, ESTIMATED)
+    assert prompt > 0  # from the request text
+
+
+def test_a_request_cut_before_the_backend_answered_is_estimated():
+    # The backend got the request and did the prefill: no status, no usage, but work to account for.
+    assert plan().final_usage(0).source == ESTIMATED
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/api/tags", "/v2/unknown"])
+def test_an_endpoint_that_is_no_generation_carries_no_tokens(path: str):
+    session = plan(path, body={"prompt": "x" * 400})
+    assert session.dialect is None and session.response_started(200, streaming=False) is None
+    assert session.final_usage(200) == (0, 0, None, NONE)
+
+
+def test_a_non_streamed_body_over_the_cap_is_not_parsed():
+    session = plan(body={"model": "m", "messages": []})
+    feed = session.response_started(200, streaming=False)
+    big = b'{"usage":{"prompt_tokens":1,"completion_tokens":1},"pad":"' + b"x" * (9 << 20) + b'"}'
+    for i in range(0, len(big), 1 << 20):
+        feed(big[i:i + (1 << 20)])
+    session.response_ended()
+    assert session.final_usage(200).source == ESTIMATED
+
+
+# --- usage that arrives in pieces --------------------------------------------------------------------------
+
+def _split_usage(obj: object) -> Usage | None:
+    """A toy dialect: `{"tokens":{"in":N}}` in its first event, `{"tokens":{"out":M}}` in its last."""
+    tokens = obj.get("tokens") if isinstance(obj, dict) else None
+    if not isinstance(tokens, dict):
+        return None
+    return Usage(tokens.get("in"), tokens.get("out"), None)
+
+
+TOY = Spec(_key_then(b'"tokens":', b"{"), lambda data: data.count(b'"text":'), _split_usage, b'"tokens":')
+
+
+def test_a_dialect_that_reports_input_and_output_in_different_events_gets_both():
+    meter = SSEMeter(TOY, strip=False, max_line=1 << 20)
+    stream = (b'data: {"tokens":{"in":21}}\n\n' + b'data: {"text":"a"}\n\n' * 3
+              + b'data: {"tokens":{"out":3}}\n\n')
+    for i in range(0, len(stream), 7):  # cut anywhere: the merge does not depend on reads
+        meter.feed(stream[i:i + 7])
+    meter.finish()
+    assert meter.usage == Usage(21, 3, None)
+    assert meter.content_events == 3
+
+
+def test_a_later_event_s_count_replaces_an_earlier_one_and_a_missing_one_keeps_it():
+    first = Usage(prompt_tokens=5, completion_tokens=None, total_tokens=None, cached_tokens=2)
+    assert first.merged(Usage(7, 4, None)) == Usage(7, 4, None, 2)
+    assert first.merged(Usage(None, 9, 14)) == Usage(5, 9, 14, 2)
+
+
+def test_the_openai_spec_still_takes_the_last_usage_whole():
+    meter = SSEMeter(SPECS[OPENAI_CHAT_SSE], strip=False, max_line=1 << 20)
+    meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n')
+    meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":6,"total_tokens":9}}\n\n')
+    assert meter.usage == Usage(3, 6, 9)
