@@ -6,8 +6,9 @@ timing. Every failure - missing, malformed, unknown - gets the same 401, so prob
 *different* credentials in one request are a 400 (which one would we bill?). The raw key is never logged
 nor forwarded: the backend gets its own `api_key`, logs and usage records get `key_id`, a digest prefix.
 
-`skip_paths` match the exact request path only: `//health`, `/health/../v1/chat/completions` or
-`/%68ealth` are not `/health`, so they need a key like any other path.
+`skip_paths` match the request path exactly, as the codec made it canonical (http11/path.py): `//health`
+and `/%68ealth` are `/health`, while `/health/../v1/chat/completions` is `/v1/chat/completions` and needs
+a key like any other path.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 It owns bytes, timers and flow control; requests are handled one at a time, in order (pipelined ones
 wait in `_pending`, and reading pauses while any do). Timers are `loop.call_later` handles:
 - keep-alive: an idle connection between requests is closed;
-- request head: an absolute deadline from the first byte of a head (trickling bytes does not extend it);
+- request head: an absolute deadline for a head, from accept for the first one and from its first byte for
+  the next ones (trickling bytes does not extend it);
 - body: the longest pause without body progress, armed only while the pipeline waits for the body.
 """
 
@@ -114,7 +115,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if peer else ""
         # TCP_NODELAY is already set: uvloop (like asyncio) sets it on every TCP transport.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self._arm_idle_timer()
+        # The first head's deadline runs from accept, as nginx's client_header_timeout does: a connection
+        # that never sends a byte is closed after request_head, not kept for the whole keep-alive timeout.
+        self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
         try:

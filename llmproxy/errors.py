@@ -48,6 +48,8 @@ ERRORS: dict[str, ErrorSpec] = {
                                        close=True),
     "request_timeout": ErrorSpec(408, "invalid_request_error", "request_timeout", "cR", close=True),
     "invalid_json": ErrorSpec(400, "invalid_request_error", "invalid_json", "LR"),
+    "invalid_path": ErrorSpec(400, "invalid_request_error", "invalid_path", "CR", close=True),
+    "upgrade_not_supported": ErrorSpec(501, "invalid_request_error", "upgrade_not_supported", "CR", close=True),
     # Who is calling, and how much (auth.py, ratelimit/). Refused before any backend is chosen.
     "unauthorized": ErrorSpec(401, "invalid_request_error", "invalid_api_key", "LR"),
     "ambiguous_credentials": ErrorSpec(400, "invalid_request_error", "ambiguous_api_key", "LR"),

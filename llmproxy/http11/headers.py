@@ -1,8 +1,10 @@
 """Header rewriting in both directions: the request head sent to a backend, the response head sent back.
 
 Up: framing is never forwarded (the body was read whole, so it goes with a fresh Content-Length);
-hop-by-hop headers, the client's Host and its credentials are dropped; the backend gets its own Host,
-its own credential, X-Request-Id and X-Forwarded-For.
+hop-by-hop headers, the client's Host and its credentials are dropped, and so are headers in the proxy's
+own namespace (`x-llmproxy-*`: the backend must be able to trust them as the proxy's) and the client's
+own claims of where it is from (`Forwarded`, `X-Real-IP`) unless it is a trusted proxy; the backend gets
+its own Host, its own credential, X-Request-Id and X-Forwarded-For.
 
 Down: hop-by-hop headers are dropped and the proxy sets framing and Connection itself; X-Request-Id is
 added when the backend sent none; a streamed response tells buffering layers in front (nginx, CDNs) to
@@ -23,6 +25,9 @@ DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"authorization", b"x-api-key", b"x-request-id",
     b"x-forwarded-for",
 }
+OWN_PREFIX = b"x-llmproxy-"  # the proxy's header namespace: what a client sends under it is never forwarded
+# Where the request comes from, as a client may claim it: kept only from a trusted proxy.
+CLAIMED_ORIGIN = frozenset({b"forwarded", b"x-real-ip"})
 BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 CONNECTION_CLOSE = b"connection: close\r\n"
 CONNECTION_KEEP_ALIVE = b"connection: keep-alive\r\n"
@@ -58,6 +63,8 @@ class HeaderRules:
             if name in DROPPED_REQUEST_HEADERS or name in extra_hop or name in credentials:
                 if name == b"x-forwarded-for":
                     forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                continue
+            if name.startswith(OWN_PREFIX) or (name in CLAIMED_ORIGIN and not self.is_trusted_proxy(peer)):
                 continue
             parts += (name, b": ", value, CRLF)
         parts += (b"x-request-id: ", request_id, CRLF)

@@ -16,6 +16,7 @@ from typing import Protocol
 import httptools
 
 from llmproxy.errors import ProxyError
+from llmproxy.http11.path import InvalidPath, canonical_target
 
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 
@@ -34,7 +35,7 @@ class CodecLimits:
 @dataclass(slots=True)
 class RequestHead:
     method: bytes
-    target: bytes  # origin-form: path and query, as received
+    target: bytes  # origin-form path and query, made canonical (http11/path.py): what decisions and the backend see
     version: str  # "1.1" or "1.0"
     headers: list[tuple[bytes, bytes]]  # lower-case names, in arrival order, framing headers included
     host: bytes
@@ -201,7 +202,8 @@ class RequestCodec:
         host = request_id = None
         host_count = te_count = 0
         content_length: int | None = None
-        expect_continue = upgrade = False
+        expect_continue = False
+        upgrade: bytes | None = None
         connection_tokens: frozenset[bytes] = frozenset()
         for name, value in self._raw:
             name = name.lower()
@@ -223,7 +225,7 @@ class RequestCodec:
                     self._raise(ProtocolError("bad_request", "unsupported Expect value"))
                 expect_continue = True
             elif name == b"upgrade":
-                upgrade = True
+                upgrade = value.strip().lower()
             elif name == b"connection":
                 if value.lower() not in _PLAIN_CONNECTION:
                     connection_tokens |= {token.strip() for token in value.lower().split(b",")}
@@ -238,11 +240,20 @@ class RequestCodec:
             self._raise(ProtocolError("not_implemented", f"method {method.decode('latin-1')} is not supported"))
         if not target.startswith(b"/"):
             self._raise(ProtocolError("bad_request", "request target must be a path (origin-form)"))
+        try:
+            target = canonical_target(target)
+        except InvalidPath as error:
+            self._raise(ProtocolError("invalid_path", str(error)))
         if host_count > 1 or (host_count == 0 and version == "1.1"):
             self._raise(ProtocolError("bad_request", "exactly one Host header is required"))
         if te_count > 1 or (te_count and version == "1.0"):
             self._raise(ProtocolError("bad_request", "invalid Transfer-Encoding"))
-        if upgrade and (content_length or te_count):
+        if upgrade is not None and upgrade != b"h2c":
+            # WebSocket and the like: the proxy switches no protocol, and relaying one as a plain request
+            # would answer 200 to a client waiting for 101. (curl --http2 asks for h2c: ignoring that
+            # offer is allowed, and the request is served as HTTP/1.1.)
+            self._raise(ProtocolError("upgrade_not_supported", "protocol upgrades are not supported"))
+        if upgrade is not None and (content_length or te_count):
             # llhttp would skip the body of an upgrade request and parse it as the next request.
             self._raise(ProtocolError("not_implemented", "protocol upgrade with a request body"))
         if content_length is not None and content_length > self._limits.max_body_size:

@@ -142,8 +142,21 @@ def test_each_request_takes_the_services_current_when_it_starts(loop):
 # --- keep-alive timer ---------------------------------------------------------------------------------------
 
 
+def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout_from_accept(loop):
+    clients = proxy(loop, server={"timeouts": {"request_head": 10, "keepalive": 75}})
+    client = Client(clients, loop)
+    loop.advance(9.9)
+    assert not client.transport.is_closing()
+    loop.advance(0.2)
+    [reply] = client.responses()
+    assert reply.status == 408 and client.transport.closed
+    assert [r[1:3] for r in clients.services.access_log.rejected] == [(408, "cR")]
+
+
 def test_an_idle_connection_is_closed_after_the_keepalive_timeout(loop):
     client = Client(proxy(loop, server={"timeouts": {"keepalive": 75}}), loop)
+    client.send(HEALTH)
+    client.transport.writes.clear()
     loop.advance(74.9)
     assert not client.transport.is_closing()
     loop.advance(0.2)
@@ -168,10 +181,12 @@ def test_the_keepalive_timeout_counts_from_the_last_response_with_one_lazy_timer
 # --- request-head timer -------------------------------------------------------------------------------------
 
 
-def test_the_request_head_deadline_runs_from_its_first_byte_and_trickling_does_not_extend_it(loop):
+def test_a_later_heads_deadline_runs_from_its_first_byte_and_trickling_does_not_extend_it(loop):
     clients = proxy(loop, server={"timeouts": {"request_head": 10, "keepalive": 75}})
     client = Client(clients, loop)
-    loop.advance(70)  # idle before the first byte is the keep-alive timer's business
+    client.send(HEALTH)
+    client.transport.writes.clear()
+    loop.advance(70)  # idle between requests is the keep-alive timer's business
     client.send(b"GET /health HTTP/1.1\r\nHost: p\r\nX-Slow: ")
     for _ in range(9):
         loop.advance(1)
@@ -355,7 +370,7 @@ def test_a_connection_over_the_limit_or_while_draining_is_refused_and_the_others
     second = Client(clients, loop)
     assert second.transport.aborted and second.conn.closed and second.transport.data == b""
     assert clients.connections == {first.conn} and not first.transport.is_closing()
-    assert loop.timers_for("_idle_timeout") == [75.0]  # the refused one has no timer
+    assert loop.timers_for("_head_timeout") == [10.0]  # the refused one has no timer
 
 
 def test_while_draining_idle_connections_close_and_a_response_in_flight_closes_its_own(loop):

@@ -116,6 +116,21 @@ def test_other_headers_are_forwarded_unchanged_and_in_order():
         == carried
 
 
+@pytest.mark.parametrize("name", [b"x-llmproxy-key-id", b"x-llmproxy-cost", b"x-llmproxy-"])
+def test_headers_in_the_proxys_own_namespace_are_never_forwarded(name: bytes):
+    _, fields, _ = upstream(request((name, b"forged"), (b"x-llmproxy", b"not ours")))
+    assert values(fields, name) == [] and values(fields, b"x-llmproxy") == [b"not ours"]
+
+
+@pytest.mark.parametrize(("trusted", "kept"), [((), False), (("198.51.100.0/24",), False), ((PEER,), True)])
+def test_claims_of_where_a_request_comes_from_are_kept_only_from_a_trusted_proxy(trusted, kept: bool):
+    rules = HeaderRules(trusted_proxies=trusted)
+    head = request((b"forwarded", b"for=203.0.113.9"), (b"x-real-ip", b"203.0.113.9"))
+    _, fields, _ = upstream(head, rules=rules)
+    expected = [[b"for=203.0.113.9"], [b"203.0.113.9"]] if kept else [[], []]
+    assert [values(fields, b"forwarded"), values(fields, b"x-real-ip")] == expected
+
+
 @pytest.mark.parametrize("name", [b"x-custom-key", b"x-team-token"])
 def test_auth_header_names_are_never_forwarded(name: bytes):
     head = request((name, b"sk-client-secret"))

@@ -85,6 +85,36 @@ def test_limits_are_answered_as_soon_as_crossed(payload, status, bytewise):
     assert raised.value.spec.status == status
 
 
+@pytest.mark.parametrize(("target", "canonical"), [
+    (b"/v1//chat/completions", b"/v1/chat/completions"),
+    (b"/health/../v1/chat/completions?x=1", b"/v1/chat/completions?x=1"),
+    (b"/%68ealth", b"/health"),
+])
+def test_the_head_carries_the_canonical_target(target: bytes, canonical: bytes):
+    events = feed(b"GET %b HTTP/1.1\r\nHost: a\r\n\r\n" % target)
+    assert events[0][2] == canonical
+
+
+@pytest.mark.parametrize(("request_line", "status", "code"), [
+    (b"GET /v1%2fchat HTTP/1.1", 400, "invalid_path"),
+    (b"GET /v1/chat;x HTTP/1.1", 400, "invalid_path"),
+    (b"GET /v1/chat#frag HTTP/1.1", 400, "invalid_path"),
+    (b"GET /v1/%2e%2e/x HTTP/1.1", 400, "invalid_path"),
+])
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_a_target_without_a_canonical_form_is_a_400(request_line: bytes, status: int, code: str, bytewise: bool):
+    with pytest.raises(ProtocolError) as raised:
+        feed(request_line + b"\r\nHost: a\r\n\r\n", bytewise)
+    assert (raised.value.spec.status, raised.value.spec.code) == (status, code)
+
+
+@pytest.mark.parametrize("upgrade", [b"websocket", b"WebSocket", b"foo/1.0"])
+def test_a_protocol_upgrade_is_not_supported(upgrade: bytes):
+    with pytest.raises(ProtocolError) as raised:
+        feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: %b\r\n\r\n" % upgrade)
+    assert (raised.value.spec.status, raised.value.spec.code) == (501, "upgrade_not_supported")
+
+
 def test_a_head_that_never_ends_is_cut_before_memory_grows():
     codec = RequestCodec(Sink(), CodecLimits(max_header_size=4096))
     codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: ")
