@@ -5,13 +5,17 @@
 - `FakeLoop`: a minimal event loop whose clock only moves when a test says so (`advance`). `call_later`
   records its timers, so a 75 s keep-alive timeout is tested in microseconds. It runs real asyncio Futures
   and Tasks. Its `create_connection` is the upstream network: pool connections get a FakeTransport (kept in
-  `upstreams`), health probes are refused, and a test may refuse a host or make its connects hang.
+  `upstreams`), health probes are refused, and a test may refuse a host, make its connects hang, or reset them.
 - `make_config`, `make_services`, `make_clients`: the real Config (through `parse_config`), the real
   `build_services` and `Clients`, with fakes only at the I/O edges (the access log and the usage outbox
   record in memory; probes are refused by the fake network and never repeated).
 - `Client`, `FakeClientSide`, `request_context`, `start_request`, `parse_responses`: the client side, as a
   connection and as a request sees it, a request started as the connection starts it, and what the client
   received.
+- `upstream_connection`, `RecordingSink`, `FakeBackend`, `relay_settings`, `HandClock`: the relay's parts on
+  their own, for an Exchange driven without a pipeline or a pool: a connected upstream connection, a sink
+  that records its events, a backend as the relay sees it, the settings every exchange shares, and a
+  `perf_counter` that moves only by hand.
 
 Every helper that stands for an I/O event (bytes arriving, a connection lost) runs the loop's ready
 callbacks afterwards, as a real loop would before the next event.
@@ -36,11 +40,14 @@ from llmproxy.config import parse_config
 from llmproxy.config.model import Config
 from llmproxy.connection import ClientConnection, Clients, ClientSettings
 from llmproxy.context import RequestContext, new_context
+from llmproxy.deadlines import DeadlineSweeper
 from llmproxy.eager import EagerRun
 from llmproxy.http11.request import CodecLimits, RequestCodec, RequestHead
+from llmproxy.overhead import ProxyOverhead
 from llmproxy.pipeline import handle_request
-from llmproxy.services import Lasting, Services, build_lasting, build_services
-from llmproxy.upstream.connection import UpstreamConnection
+from llmproxy.services import Lasting, RelaySettings, Services, build_lasting, build_services
+from llmproxy.traffic import Traffic
+from llmproxy.upstream.connection import UPSTREAM_FAILED, UpstreamConnection
 
 CLIENT_PEER = ("203.0.113.7", 50123)
 MAX_READY_ROUNDS = 10_000  # a test whose callbacks keep rescheduling themselves fails instead of hanging
@@ -149,6 +156,14 @@ class FakeUpstream:
         self.conn.connection_lost(exc)
         self.loop.run_ready()
 
+    def eof(self) -> None:
+        """The backend shuts its side down (a FIN): eof_received, then, unless the protocol asked to keep its
+        half open, the transport closes and reports it, as a real one does."""
+        keep_open = self.conn.eof_received()
+        self.loop.run_ready()
+        if not keep_open:
+            self.close()
+
 
 class FakeLoop(asyncio.AbstractEventLoop):
     """An event loop whose time moves only by `advance`; what it runs is what a test made ready."""
@@ -163,6 +178,7 @@ class FakeLoop(asyncio.AbstractEventLoop):
         self.connects: list[str] = []  # the host of every pool connect tried, in order (refused ones too)
         self._refused: dict[str, OSError] = {}
         self._hanging: set[str] = set()
+        self._resetting: set[str] = set()
         self.held_connects: list[asyncio.Future[None]] = []  # connects to hanging hosts; set one to let it finish
 
     # what the code under test calls -------------------------------------------------------------------
@@ -221,6 +237,8 @@ class FakeLoop(asyncio.AbstractEventLoop):
         transport = FakeTransport(peer=(host, port))
         protocol.connection_made(transport)
         self.upstreams.append(FakeUpstream(host, port, protocol, transport, self))
+        if host in self._resetting:
+            protocol.connection_lost(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
         return transport, protocol
 
     # what a test calls --------------------------------------------------------------------------------
@@ -232,6 +250,11 @@ class FakeLoop(asyncio.AbstractEventLoop):
     def hang(self, host: str) -> None:
         """Connects to `host` do not complete by themselves (see `held_connects`)."""
         self._hanging.add(host)
+
+    def reset_on_connect(self, host: str) -> None:
+        """Connects to `host` complete, and the connection is reset before the connecting code resumes (a
+        backend killed with connections waiting in its accept queue)."""
+        self._resetting.add(host)
 
     def run_ready(self) -> None:
         """Run the callbacks that are ready, and those they make ready, until none is (the clock stands)."""
@@ -410,6 +433,77 @@ def requests_counted(services: Services) -> float:
     assert services.metrics is not None
     return sum(s.value for m in services.metrics.registry.collect() if m.name == "llmproxy_requests"
                for s in m.samples if s.name == "llmproxy_requests_total")
+
+
+# --- the relay's parts on their own ----------------------------------------------------------------------
+
+
+def upstream_connection(loop: FakeLoop, host: str = "a", port: int = 8000,
+                        max_header_size: int = 32 * 1024) -> FakeUpstream:
+    """A connected UpstreamConnection on a FakeTransport, outside any pool, with the backend's end of it
+    (not added to `loop.upstreams`: that list is what the pools opened)."""
+    conn = UpstreamConnection(max_header_size)
+    transport = FakeTransport(peer=(host, port))
+    conn.connection_made(transport)
+    return FakeUpstream(host, port, conn, transport, loop)
+
+
+class RecordingSink:
+    """An upstream connection's ResponseSink that records every event, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self.events.append(("head", status))
+
+    def on_response_body(self, data: bytes) -> None:
+        self.events.append(("body", data))
+
+    def on_response_complete(self) -> None:
+        self.events.append(("complete",))
+
+    def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
+        self.events.append(("lost", kind, reason))
+
+    def end_of_read(self) -> None:
+        self.events.append(("end_of_read",))
+
+    def of(self, name: str) -> list[tuple]:
+        return [event for event in self.events if event[0] == name]
+
+
+class FakeBackend:
+    """A backend as the relay sees it (fleet/backend.Backend): its two deadlines, and every time to first
+    token it is told, as (seconds, now)."""
+
+    def __init__(self, first_byte_timeout: float = 30.0, stream_idle_timeout: float = 60.0) -> None:
+        self.first_byte_timeout = first_byte_timeout
+        self.stream_idle_timeout = stream_idle_timeout
+        self.ttfts: list[tuple[float, float]] = []
+
+    def observe_ttft(self, seconds: float, now: float) -> None:
+        self.ttfts.append((seconds, now))
+
+
+def relay_settings(loop: FakeLoop, *, tick: float = 0.5, write_timeout: float = 30.0) -> RelaySettings:
+    """What every exchange shares, as build_lasting makes it: a sweeper ticking every `tick` s on the fake
+    clock, fresh overhead histograms, the client write timeout, and traffic not draining."""
+    return RelaySettings(sweeper=DeadlineSweeper(loop, tick), overhead=ProxyOverhead(),
+                         write_timeout=write_timeout, traffic=Traffic())
+
+
+class HandClock:
+    """A stand-in for time.perf_counter that moves only when a test says so (`now`, or `advance`)."""
+
+    def __init__(self, start: float = 100.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 # --- the client side -------------------------------------------------------------------------------------
