@@ -217,7 +217,9 @@ class Exchange:
         extra = ctx.response_headers  # x-ratelimit-*
         if not streaming:  # a streamed response's head leaves before the proxy's time is known
             extra += server_timing(ctx.proxy_s + perf_counter() - self.upstream.read_at)
-        return response_head(status, headers, keeps_length=framing == FRAMING_LENGTH, chunked=self._chunked,
+        # A HEAD response's Content-Length describes the body a GET would get: it holds, and is kept.
+        keeps_length = framing == FRAMING_LENGTH or ctx.head.method == b"HEAD"
+        return response_head(status, headers, keeps_length=keeps_length, chunked=self._chunked,
                              streaming=streaming, request_id=ctx.forwarded_request_id, extra=extra,
                              connection=connection_line(ctx.keep_alive, ctx.head.version == "1.0"))
 

@@ -111,6 +111,11 @@ class ResponseCodec:
 
     # httptools callbacks --------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        # Also for bytes that follow the end of a response in the same read (a backend whose Content-Length
+        # undercounts): they start a head nobody asked for, and the connection is not reusable until then.
+        self.in_head = True
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 

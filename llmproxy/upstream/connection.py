@@ -61,7 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
         the write buffer would go out ahead of the next request, so such a connection is closed instead.
         """
         codec = self._codec
-        return (self.complete and not self.closed and not self._is_head
+        return (self.complete and not self.closed and not self._is_head and not codec.in_head
                 and codec.framing != FRAMING_CLOSE and codec.keep_alive
                 and not self.transport.get_write_buffer_size())
 

@@ -51,7 +51,8 @@ class UpstreamPool:
             else:
                 conn = await self._wait_for_release()  # a connection, or None: a slot opened up
                 if conn is not None and conn.closed:
-                    conn = None  # died in the hand-over
+                    self._close(conn)  # died in the hand-over: its slot is free again
+                    conn = None
         self.checked_out += 1
         return conn
 

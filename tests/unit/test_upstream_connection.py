@@ -122,9 +122,6 @@ def test_an_eof_on_an_idle_connection_makes_it_dead(loop):
     assert sink.of("lost") == []
 
 
-@pytest.mark.xfail(strict=True, reason="bytes that follow a response's end in the same read are parsed as the "
-                                       "start of another response and the connection still passes reusable(): "
-                                       "the next request on it fails as upstream_protocol_error")
 def test_bytes_after_the_end_of_a_response_in_the_same_read_make_the_connection_not_reusable(loop):
     upstream, first = begun(loop)
     upstream.send(LENGTH + b"HTTP/1.1 200 OK\r\n")  # e.g. a Content-Length that undercounts the body

@@ -240,9 +240,6 @@ def test_a_connection_that_died_in_the_hand_over_is_never_handed_out(loop):
     assert conn is not dying and not conn.closed
 
 
-@pytest.mark.xfail(strict=True, reason="pool.acquire drops a connection that died in the hand-over without "
-                                       "decrementing open_count: its slot is lost for good (at max_connections=1 "
-                                       "every later acquire waits and fails pool_exhausted)")
 def test_the_slot_of_a_connection_that_died_in_the_hand_over_is_freed(loop):
     pool = pool_for(loop, max_connections=1)
     dying = take(loop, pool)
