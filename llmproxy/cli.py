@@ -10,7 +10,7 @@ import signal
 import sys
 
 from llmproxy import __version__
-from llmproxy.config import ConfigError, dump_config, load_config, parse_listen
+from llmproxy.config import ConfigError, config_warnings, dump_config, load_config, parse_listen
 from llmproxy.config.model import Config
 
 log = logging.getLogger("llmproxy")
@@ -102,6 +102,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     sys.stdout.write(dump_config(config))
+    for warning in config_warnings(config):
+        print(f"llmproxy: warning: {warning}", file=sys.stderr)
     print(f"# {args.path}: OK", file=sys.stderr)
     return 0
 
@@ -131,6 +133,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"llmproxy: {error}", file=sys.stderr)
             return 1
     _setup_logging(config.logging.level)
+    if args.worker_index is None:  # the supervisor, or a single process, says it once
+        for warning in config_warnings(config):
+            log.warning("%s", warning)
     _raise_fd_limit()  # before any worker starts: they inherit it
     workers = config.server.workers
     if args.worker_index is not None:

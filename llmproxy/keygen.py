@@ -25,8 +25,9 @@ def main(argv: list[str]) -> int:
     print(f"key:        {key}")
     print(f"key_sha256: {digest}")
     print(f"key_id:     {digest[:KEY_ID_LENGTH]}   (how logs, metrics and usage records name it)")
-    print("\n# Give the key to its user; the config needs only its digest:")
-    print("auth:\n  keys:")
+    print("\n# Give the key to its user (sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`);")
+    print("# the config needs only its digest. With more keys, add them under the same `keys:`.")
+    print("auth:\n  enabled: true\n  keys:")
     print(f'    - key_sha256: "{digest}"')
     if args.user_id:
         print(f"      user_id: {args.user_id}")

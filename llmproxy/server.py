@@ -12,7 +12,7 @@ import gc
 import logging
 import signal
 
-from llmproxy.config import ConfigError, load_config
+from llmproxy.config import ConfigError, config_warnings, load_config
 from llmproxy.config.model import Config
 from llmproxy.connection import Clients, ClientSettings
 from llmproxy.fleet.fleet import retire_removed
@@ -95,6 +95,8 @@ class ProxyServer:
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s: %s", self.config_path, error)
             return False
+        for warning in config_warnings(config):
+            log.warning("reload: %s", warning)
         old = self.services
         services = await build_services(config, self.lasting, previous=old)
         if self.lasting.traffic.draining:
@@ -107,8 +109,8 @@ class ProxyServer:
         for section in ("server", "logging", "metrics", "usage"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
-        log.warning("reloaded %s: %d backends, %s", self.config_path, len(services.fleet.backends),
-                    config.routing.load_balance)
+        log.info("reloaded %s: %d backends, %s", self.config_path, len(services.fleet.backends),
+                 config.routing.load_balance)
         return True
 
     async def drain(self) -> None:

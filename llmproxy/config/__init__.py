@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from llmproxy.config.access import check_access, load_keys_file
+from llmproxy.config.access import access_warnings, check_access, load_keys_file
 from llmproxy.config.dump import dump_config
 from llmproxy.config.model import Config
 from llmproxy.config.sections import _TOP_LEVEL_FIELDS
@@ -93,5 +93,10 @@ def parse_config(data: dict[str, Any] | None, *, source: str = "<config>", base_
 
 
 
-__all__ = ["ConfigError", "dump_config", "expand_env", "load_config", "parse_config",
+def config_warnings(config: Config) -> list[str]:
+    """Valid settings that are almost certainly a mistake, one line each, naming the key."""
+    return access_warnings(config)
+
+
+__all__ = ["ConfigError", "config_warnings", "dump_config", "expand_env", "load_config", "parse_config",
            "parse_duration", "parse_listen", "parse_size"]

@@ -171,6 +171,16 @@ def load_keys_file(config: Config, base_dir: Path) -> None:
     config.auth.keys = [*config.auth.keys, *keys]
 
 
+def access_warnings(config: Config) -> list[str]:
+    """What is valid but almost certainly not meant, one line each (check-config and serve say them)."""
+    auth = config.auth
+    warnings = []
+    if auth.keys and not auth.enabled:
+        warnings.append(f"auth.keys: {len(auth.keys)} key(s) configured but auth.enabled is false: requests are "
+                        "not checked for a key (add `enabled: true` under auth)")
+    return warnings
+
+
 def check_access(config: Config) -> None:
     """Checks that span sections; raises ConfigError naming the key to change."""
     auth, rate = config.auth, config.rate_limit

@@ -114,7 +114,13 @@ def _backend_url(value: Any, path: str) -> _BackendUrl:
     if "?" in url or "#" in url:
         raise ConfigError(path, f"must not have a query string or fragment, got {_show(value)}")
     host = _backend_host(parts.netloc, value, path)
-    return _BackendUrl(url, scheme, host, _backend_port(parts, scheme, value, path), parts.path.rstrip("/"))
+    base_path = parts.path.rstrip("/")
+    if base_path.lower().endswith("/v1"):
+        # Clients' paths already start with /v1 and go to the backend as they are: /v1/v1/chat/completions.
+        fixed = url[: len(url) - len(parts.path)] + base_path[: -len("/v1")]
+        raise ConfigError(path, f"ends in /v1, which every forwarded path already starts with (the backend "
+                                f"would get /v1/v1/...): use {_show(fixed)}")
+    return _BackendUrl(url, scheme, host, _backend_port(parts, scheme, value, path), base_path)
 
 
 def _backend_host(netloc: str, shown: str, path: str) -> str:

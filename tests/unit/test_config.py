@@ -204,7 +204,7 @@ FULL = {
     },
     "backends": [
         {
-            "url": "https://api.openai.com/v1/",
+            "url": "https://gw.example/openai/",
             "name": "openai",
             "weight": 2,
             "type": "openai",
@@ -246,7 +246,7 @@ def test_every_key_is_applied() -> None:
         ),
     )
     assert cfg.backends[0] == BackendConfig(
-        url="https://api.openai.com/v1/",
+        url="https://gw.example/openai/",
         name="openai",
         weight=2,
         type="openai",
@@ -258,9 +258,9 @@ def test_every_key_is_applied() -> None:
         tls_verify=False,
         timeouts=BackendTimeouts(connect=1.0, first_byte=60.0, stream_idle=None),
         scheme="https",
-        host="api.openai.com",
+        host="gw.example",
         port=443,
-        base_path="/v1",
+        base_path="/openai",
     )
     assert cfg.backends[1].name == "ollama:11434"
     assert cfg.routing.load_balance == "least_connections"
@@ -274,7 +274,7 @@ def test_every_key_is_applied() -> None:
         ("http://vllm:8000", "http", "vllm", 8000, "", "vllm:8000"),
         ("http://ollama", "http", "ollama", 80, "", "ollama:80"),
         ("https://api.openai.com", "https", "api.openai.com", 443, "", "api.openai.com:443"),
-        ("https://api.openai.com/v1/", "https", "api.openai.com", 443, "/v1", "api.openai.com:443"),
+        ("https://gw.example/openai/", "https", "gw.example", 443, "/openai", "gw.example:443"),
         ("HTTPS://Example.COM:8443/a/b//", "https", "example.com", 8443, "/a/b", "example.com:8443"),
         ("http://host/", "http", "host", 80, "", "host:80"),
         ("http://10.0.0.5:8000", "http", "10.0.0.5", 8000, "", "10.0.0.5:8000"),
@@ -438,6 +438,11 @@ def test_bad_values(data: Any, message: str) -> None:
         ("http://bad!host", "invalid host name"),
         ("", "must be a URL like"),
         (8000, "must be a URL like"),
+        ("http://vllm:8000/v1", 'ends in /v1, which every forwarded path already starts with (the backend would get '
+                                '/v1/v1/...): use "http://vllm:8000"'),
+        ("http://vllm:8000/v1/", "ends in /v1"),
+        ("https://gw.example/llm/v1", 'ends in /v1, which every forwarded path already starts with (the backend '
+                                      'would get /v1/v1/...): use "https://gw.example/llm"'),
     ],
 )
 def test_bad_backend_urls(url: Any, reason: str) -> None:
@@ -522,11 +527,11 @@ def test_env_in_lists_names_the_item(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_env_values_cannot_break_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Expansion happens after parsing: ':' and '#' in a value stay part of the value.
     monkeypatch.setenv("LP_KEY", "sk:#not-a-comment")
-    monkeypatch.setenv("LP_URL", "http://vllm:8000/v1")
+    monkeypatch.setenv("LP_URL", "http://vllm:8000/llm")
     path = tmp_path / "config.yaml"
     path.write_text("backends:\n  - url: ${LP_URL}\n    api_key: ${LP_KEY}\n    name: ${LP_NAME:-main}\n")
     [backend] = load_config(path).backends
-    assert (backend.api_key, backend.base_path, backend.name) == ("sk:#not-a-comment", "/v1", "main")
+    assert (backend.api_key, backend.base_path, backend.name) == ("sk:#not-a-comment", "/llm", "main")
 
 
 def test_env_values_fill_typed_fields(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import yaml
+
 from llmproxy.config import parse_config
 from llmproxy.keygen import main as keygen_main
 
@@ -15,3 +17,12 @@ def test_keygen_prints_a_key_whose_digest_it_prints(capsys):
     assert key.startswith("sk-llmp-") and len(key) > 40
     assert hashlib.sha256(key.encode()).hexdigest() in out
     parse_config({"backends": [{"url": "http://b"}], "auth": {"enabled": True, "keys": [{"key": key}]}})  # valid
+
+
+def test_the_printed_snippet_is_a_complete_auth_section_that_turns_auth_on(capsys):
+    assert keygen_main(["--user-id", "team-a"]) == 0
+    out = capsys.readouterr().out
+    snippet = yaml.safe_load(out[out.index("auth:"):])
+    config = parse_config({"backends": [{"url": "http://b"}], **snippet})  # pasted as it is
+    assert config.auth.enabled and [k.user_id for k in config.auth.keys] == ["team-a"]
+    assert config.auth.keys[0].key_sha256 in out
