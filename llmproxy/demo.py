@@ -16,6 +16,7 @@ Try it:
   curl -N http://127.0.0.1:{{port}}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
+  pip install openai   # for the Python snippet below
   python -c "from openai import OpenAI
 c = OpenAI(base_url='http://127.0.0.1:{{port}}/v1', api_key='unused')
 for ev in c.chat.completions.create(model='{model}', stream=True, messages=[{{'role': 'user', 'content': 'Hi'}}]):

@@ -43,6 +43,19 @@ def health(services: Services, ctx: RequestContext) -> None:
     ctx.send_response(503 if draining else 200, orjson.dumps(body))
 
 
+def ready(services: Services, ctx: RequestContext) -> None:
+    """Readiness, for load balancers and Kubernetes: 200 while at least one backend is available and the proxy
+    is not stopping; else 503 with the reason. (/health is liveness: it stays 200 with every backend down.)"""
+    traffic = services.traffic
+    now = services.clock()
+    available = sum(1 for b in services.fleet.backends if b.available(now))
+    reason = "shutting down" if traffic.leaving or traffic.draining else None if available else "no backend available"
+    if reason is None:
+        ctx.send_response(200, orjson.dumps({"status": "ready", "available": available}))
+    else:
+        ctx.send_response(503, orjson.dumps({"status": "not_ready", "reason": reason, "available": available}))
+
+
 def _backend_state(backend: Backend, now: float) -> dict:
     return {
         "name": backend.name, "url": backend.config.url, "type": backend.kind, "weight": backend.weight,
@@ -82,6 +95,7 @@ def metrics(services: Services, ctx: RequestContext) -> None:
 
 OWN_ENDPOINTS: dict[bytes, OwnHandler] = {
     b"/health": health,
+    b"/ready": ready,
     b"/metrics": metrics,
     b"/v1/models": models,
 }

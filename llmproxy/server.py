@@ -67,11 +67,17 @@ class ProxyServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def run_until_signalled(self) -> None:
-        """Serve until SIGTERM/SIGINT, then drain in-flight requests (up to shutdown_timeout).
+        """Serve until SIGTERM/SIGINT; then answer /ready with 503 and serve on for shutdown_delay, then drain
+        in-flight requests (up to shutdown_timeout).
 
         SIGHUP re-reads the config file and swaps in the next generation of services (see reload()).
         """
         await self._stop
+        self.lasting.traffic.leaving = True  # /ready says so at once
+        delay = self.config.server.shutdown_delay
+        if delay:
+            log.info("stopping: /ready answers 503; serving on for %gs (server.shutdown_delay)", delay)
+            await asyncio.sleep(delay)
         await self.drain()
 
     def _handle_signals(self) -> None:

@@ -17,6 +17,17 @@ _SECRET_NAMES = ("api_key", "secret", "key", "password", "token")
 _SECRET_SUFFIXES = ("_key", "_secret", "_password", "_token")
 
 
+# Duration keys outside `server` and `backends` (which format their own): printed as durations ("25ms", "5s"),
+# as the file would say them, never as bare numbers of seconds.
+_DURATIONS = {
+    "routing": ("retry_backoff",),
+    "health_check": ("interval", "timeout", "models_interval"),
+    "passive": ("base_ejection_time", "max_ejection_time"),
+    "usage": ("flush_interval",),
+    "webhook": ("timeout", "max_age", "backoff_base", "backoff_cap"),
+}
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, secrets replaced by "***" (None stays null)."""
     doc = {
@@ -31,7 +42,21 @@ def dump_config(cfg: Config) -> str:
         "usage": _without_nones(dataclasses.asdict(cfg.usage)),
         "pricing": {model: _without_nones(dataclasses.asdict(price)) for model, price in cfg.pricing.items()},
     }
+    _format_durations(doc)
     return yaml.safe_dump(_mask_secrets(doc), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _format_durations(node: Any, section: str = "") -> None:
+    """Rewrite the duration keys of _DURATIONS wherever their section appears (nested sections included)."""
+    if isinstance(node, list):
+        for item in node:
+            _format_durations(item, section)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in _DURATIONS.get(section, ()) and isinstance(value, int | float):
+                node[key] = _format_duration(value)
+            else:
+                _format_durations(value, key)
 
 
 def _dump_rate_limit(cfg: Config) -> dict[str, Any]:
@@ -57,6 +82,7 @@ def _dump_server(server: ServerConfig) -> dict[str, Any]:
         "max_request_line": _format_size(server.max_request_line),
         "max_body_size": _format_size(server.max_body_size),
         "shutdown_timeout": _format_duration(server.shutdown_timeout),
+        "shutdown_delay": _format_duration(server.shutdown_delay),
         "trusted_proxies": list(server.trusted_proxies),
         "workers": server.workers,
         "timeouts": {name: _format_duration(value) for name, value in dataclasses.asdict(server.timeouts).items()},

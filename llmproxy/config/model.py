@@ -47,7 +47,10 @@ class ServerConfig:
     max_header_size: int = 32 * 1024  # whole request head -> 431
     max_request_line: int = 8 * 1024  # request target -> 414
     max_body_size: int = 10 * 1024 * 1024  # -> 413, judged from Content-Length first
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = 30.0  # SIGTERM: how long requests in flight may finish
+    # SIGTERM: how long /ready answers 503 while the proxy still serves, before it stops accepting (set it to
+    # the load balancer's probe period, so it stops sending first; Kubernetes: the readiness period)
+    shutdown_delay: float = 0.0
     trusted_proxies: list[str] = field(default_factory=list)  # IPs or CIDRs
     workers: int = 1  # processes sharing the port (SO_REUSEPORT)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -139,7 +142,7 @@ class ApiKeyConfig:
 class AuthConfig:
     enabled: bool = False
     header_names: list[str] = field(default_factory=lambda: ["Authorization", "X-API-Key"])
-    skip_paths: list[str] = field(default_factory=lambda: ["/health", "/metrics"])  # exact paths, no auth
+    skip_paths: list[str] = field(default_factory=lambda: ["/health", "/ready", "/metrics"])  # exact, no auth
     keys: list[ApiKeyConfig] = field(default_factory=list)  # from the config and keys_file together
     keys_file: str | None = None  # YAML with `keys: [...]`, relative to the config file; re-read on SIGHUP
     metrics_per_key: bool = False  # label llmproxy_ratelimited_total with key_id

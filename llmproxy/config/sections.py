@@ -71,6 +71,7 @@ _SERVER_FIELDS: dict[str, _Parser] = {
     "max_request_line": _size_at_least(1),
     "max_body_size": _size_at_least(1),
     "shutdown_timeout": parse_duration,
+    "shutdown_delay": parse_duration,
     "trusted_proxies": _trusted_proxies,
     "workers": _int_at_least(1),
     "timeouts": _section(Timeouts, _TIMEOUT_FIELDS),

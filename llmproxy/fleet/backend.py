@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from llmproxy.config.model import BackendConfig, Config
 from llmproxy.upstream.pool import UpstreamPool
@@ -16,6 +17,11 @@ TTFT_SMOOTHING = 2.0
 # How fast an unrefreshed TTFT estimate fades (seconds). A backend that stopped getting traffic because
 # it looked slow sees its estimate shrink towards zero, so it is tried again and can prove it recovered.
 TTFT_FADE = 10.0
+
+
+def is_pattern(model: str) -> bool:
+    """A `models:` entry that is a glob pattern ("*", "qwen2.5-*", "llama3.?"), not a model name."""
+    return any(char in model for char in "*?[")
 
 
 @dataclass(slots=True, eq=False)
@@ -35,6 +41,7 @@ class Backend:
     in_flight: int = 0  # requests in progress, counted for the whole stream
     # What it serves: None = not known (yet), so it may serve anything.
     models: frozenset[str] | None = None
+    model_patterns: tuple[str, ...] = ()  # the glob patterns of its `models:` list ("*", "qwen2.5-*")
     model_cards: list[dict] = field(default_factory=list)  # as /v1/models lists them
     # Active health (probes): the verdict and the run of results behind it.
     healthy: bool = True
@@ -71,8 +78,8 @@ class Backend:
             weight=config.weight,
         )
         if config.models is not None:
-            backend.set_models([{"id": m, "object": "model", "created": 0, "owned_by": config.name}
-                                for m in config.models])
+            backend.model_patterns = tuple(m for m in config.models if is_pattern(m))
+            backend.set_models([])
         return backend
 
     def available(self, now: float) -> bool:
@@ -83,18 +90,28 @@ class Backend:
         models = self.models
         if models is None or model in models:
             return True
+        if self.model_patterns and any(fnmatchcase(model, pattern) for pattern in self.model_patterns):
+            return True  # a backend that takes any name (OpenRouter-like, Ollama pulling, LoRA adapters)
         # Ollama names carry a tag: "llama3.2" means "llama3.2:latest" to Ollama itself.
         if ":" in model:
             return model.endswith(":latest") and model[:-7] in models
         return model + ":latest" in models
 
     def set_models(self, cards: list[dict]) -> None:
-        """Adopt a reported model list (or the configured one, which then filters the reported cards)."""
+        """Adopt a reported model list (or the configured one, which then filters the reported cards).
+
+        A configured name is listed whether reported or not; a configured pattern lists the reported models
+        it matches (only concrete names are listed: a client cannot ask for "qwen2.5-*").
+        """
         configured = self.config.models
         if configured is not None:
             by_id = {card["id"]: card for card in cards}
-            cards = [by_id.get(m) or {"id": m, "object": "model", "created": 0, "owned_by": self.name}
-                     for m in configured]
+            named = [by_id.get(m) or {"id": m, "object": "model", "created": 0, "owned_by": self.name}
+                     for m in configured if not is_pattern(m)]
+            listed = {card["id"] for card in named}
+            patterns = self.model_patterns
+            cards = named + [card for card in cards if card["id"] not in listed
+                             and any(fnmatchcase(card["id"], pattern) for pattern in patterns)]
         self.model_cards = cards
         self.models = frozenset(card["id"] for card in cards)
 

@@ -15,7 +15,7 @@ import pytest
 from llmproxy.catalogue import lookup
 from llmproxy.config.model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
 from llmproxy.errors import ProxyError
-from llmproxy.fleet.backend import TTFT_FADE, Backend
+from llmproxy.fleet.backend import TTFT_FADE, Backend, is_pattern
 from llmproxy.fleet.health import HealthMonitor
 from llmproxy.fleet.router import Router
 
@@ -25,7 +25,8 @@ def backend(name: str, weight: int = 1, kind: str = "vllm", models: list[str] | 
     made = Backend(config=config, pool=None, name=name, host_header=b"", base_path=b"", authorization=None,
                    first_byte_timeout=1.0, stream_idle_timeout=1.0, kind=kind, weight=weight)
     if models is not None:
-        made.set_models([{"id": m, "object": "model"} for m in models])
+        made.model_patterns = tuple(m for m in models if is_pattern(m))
+        made.set_models([{"id": m, "object": "model"} for m in models if not is_pattern(m)])
     return made
 
 
@@ -90,6 +91,28 @@ def test_models_listing_is_the_union_with_aliases_and_configured_lists_filter_re
     assert [c["id"] for c in listing] == ["qwen", "llama", "gpt-4o"]
     assert listing[0]["max_model_len"] == 32768 and listing[2]["max_model_len"] == 32768
     assert listing[2]["root"] == "qwen"
+
+
+@pytest.mark.parametrize(("patterns", "model", "served"), [
+    (["*"], "anything/at-all:7b", True),
+    (["qwen2.5-*"], "qwen2.5-coder-7b", True),
+    (["qwen2.5-*"], "qwen3-8b", False),
+    (["llama3.?"], "llama3.2", True),
+    (["llama3.?"], "llama3.10", False),
+    (["exact", "lora-[ab]"], "lora-b", True),
+    (["exact", "lora-[ab]"], "lora-c", False),
+    (["Qwen*"], "qwen-7b", False),  # model names are case-sensitive
+])
+def test_models_may_be_glob_patterns(patterns: list[str], model: str, served: bool):
+    assert backend("b", models=patterns).serves(model) is served
+
+
+def test_patterns_list_only_the_concrete_models_reported_that_they_match():
+    b = backend("b", models=["pinned", "qwen2.5-*"])
+    b.set_models([{"id": "qwen2.5-7b", "object": "model"}, {"id": "llama3", "object": "model"}])
+    assert [card["id"] for card in b.model_cards] == ["pinned", "qwen2.5-7b"]
+    assert Router([b], {}).model_cards(0) == b.model_cards
+    assert backend("c", models=["*"]).model_cards == []  # nothing reported yet: nothing to list
 
 
 # --- health verdicts ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The proxy's own endpoints (own_endpoints.py): /health, /v1/models, /v1/models/{id}, /metrics.
+"""The proxy's own endpoints (own_endpoints.py): /health, /ready, /v1/models, /v1/models/{id}, /metrics.
 
 Each request goes through handle_request (so errors get their real shape) on a FakeClientSide, against real
 Services whose backends' states a test sets by hand; the fake network would record any forwarding.
@@ -73,6 +73,32 @@ def test_health_reports_the_proxys_state_and_each_backends(loop, down, draining,
         assert upstreams[name]["healthy"] is (how != "unhealthy")
         assert upstreams[name]["ejected_for_s"] == (30.0 if how == "ejected" else 0.0)
         assert upstreams[name]["last_error"] == ("probe failed" if how == "unhealthy" else None)
+
+
+# --- /ready -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("down", "leaving", "draining", "status", "reason"), [
+    ({}, False, False, 200, None),
+    ({"a": "unhealthy"}, False, False, 200, None),  # one backend is enough
+    ({"a": "unhealthy", "b": "ejected"}, False, False, 503, "no backend available"),
+    ({}, True, False, 503, "shutting down"),  # SIGTERM: not ready at once, serving on for shutdown_delay
+    ({}, False, True, 503, "shutting down"),
+])
+def test_ready_is_200_only_with_a_backend_available_and_not_stopping(loop, down, leaving, draining, status, reason):
+    services = make_services(make_config(backends=TWO_BACKENDS), loop)
+    for name, how in down.items():
+        take_down(services, loop, name, how)
+    services.traffic.leaving, services.traffic.draining = leaving, draining
+    reply = ask(loop, services, "/ready")
+    assert reply.status == status
+    assert reply.json().get("reason") == reason
+    assert reply.json()["status"] == ("ready" if status == 200 else "not_ready")
+
+
+def test_ready_needs_no_key_by_default(loop):
+    services = make_services(make_config(backends=TWO_BACKENDS, auth={"enabled": True, "keys": [{"key": KEY}]}), loop)
+    assert ask(loop, services, "/ready").status == 200
 
 
 @pytest.mark.parametrize(("rate_limit", "section"), [
