@@ -115,7 +115,7 @@ class Limiter:
             if self.config.on_store_error == "fail_closed":
                 raise ProxyError("ratelimit_unavailable", "rate limiting is unavailable; try again shortly") from None
             return None
-        headers = rate_headers(decision)
+        headers = rate_headers(decision, _requests_per_minute(checks))
         if not decision.allowed:
             self._refuse(tenant, decision, headers)
         self._held[0] += 1
@@ -191,18 +191,28 @@ class Limiter:
             log.error("rate-limit store unavailable (%s): %s", self.config.on_store_error, error)
 
 
-def rate_headers(decision: Decision) -> bytes:
-    """OpenAI's x-ratelimit-* headers for a decision (requests trio, and tokens trio where limited)."""
+def rate_headers(decision: Decision, requests_per_minute: float | None = None) -> bytes:
+    """OpenAI's x-ratelimit-* headers for a decision (requests trio, and tokens trio where limited).
+
+    As OpenAI means them: the requests limit is the rate per minute (`requests_per_minute` of the scope the
+    store reported on; the burst capacity when not given), remaining is what may be sent right now.
+    """
     parts = []
     if decision.requests_limit is not None:
+        limit = max(1, round(requests_per_minute)) if requests_per_minute else decision.requests_limit
         parts.append(b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
-                     b"x-ratelimit-reset-requests: %s\r\n" % (decision.requests_limit, decision.requests_remaining or 0,
+                     b"x-ratelimit-reset-requests: %s\r\n" % (limit, decision.requests_remaining or 0,
                                                              _duration(decision.requests_reset or 0.0)))
     if decision.tokens_limit is not None:
         parts.append(b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %d\r\n"
                      b"x-ratelimit-reset-tokens: %s\r\n" % (decision.tokens_limit, decision.tokens_remaining or 0,
                                                            _duration(decision.tokens_reset or 0.0)))
     return b"".join(parts)
+
+
+def _requests_per_minute(checks: list[tuple[str, Limits]]) -> float | None:
+    """The request rate of the first scope that has one: the one the stores report x-ratelimit-* values of."""
+    return next((limits.requests_per_minute for _, limits in checks if limits.requests_per_minute is not None), None)
 
 
 def _duration(seconds: float) -> bytes:

@@ -668,7 +668,7 @@ def test_rate_limit_headers_count_down_on_plain_and_streaming_responses(tmp_path
         if stream:
             assert reply.headers["content-type"].startswith("text/event-stream")
             assert reply.body.endswith(b"data: [DONE]\n\n")
-        assert reply.headers["x-ratelimit-limit-requests"] == "4"
+        assert reply.headers["x-ratelimit-limit-requests"] == "6"  # per minute, as OpenAI means it
         assert reply.headers["x-ratelimit-remaining-requests"] == str(3 - i)
         resets.append(seconds(reply.headers["x-ratelimit-reset-requests"]))
         assert reply.headers["x-ratelimit-limit-tokens"] == "100000"
@@ -745,7 +745,8 @@ def test_global_limit_is_shared_and_not_consumed_by_requests_a_key_limit_refused
     for reply in other[4:]:
         assert_refused(reply, "requests")
         assert "the proxy" in reply.error["message"]
-    assert other[0].headers["x-ratelimit-limit-requests"] == "6"  # a key without limits shows the global ones
+    # A key without limits shows the global ones: 1 request per minute (OpenAI's meaning), 3 of its burst left.
+    assert other[0].headers["x-ratelimit-limit-requests"] == "1"
     assert other[0].headers["x-ratelimit-remaining-requests"] == "3"
     assert call(proxy.port, OWN_LIMIT).status == 429
     assert posts(mock) == before + 6

@@ -211,10 +211,10 @@ def test_a_stream_keeps_its_generation_across_a_reload_and_the_next_request_gets
             "Authorization": f"Bearer {KEY}", "X-Request-Id": "held-stream", "x-mock-tokens": "4",
             "x-mock-gate": "gen"}))
         reader = ResponseReader(sock).read_head()
-        assert reader.status == 200 and reader.headers["x-ratelimit-limit-requests"] == "50"
+        assert reader.status == 200 and reader.headers["x-ratelimit-limit-requests"] == "600"
 
         def next_generation(doc: dict) -> None:
-            doc["auth"]["keys"][0].update(user_id="team-new", rate_limit={"requests_per_minute": 600, "burst": 7})
+            doc["auth"]["keys"][0].update(user_id="team-new", rate_limit={"requests_per_minute": 300, "burst": 7})
             doc["pricing"]["m"] = NEW_PRICE
 
         _rewrite(tmp_path / "config.yaml", next_generation)
@@ -222,7 +222,7 @@ def test_a_stream_keeps_its_generation_across_a_reload_and_the_next_request_gets
         request = urllib.request.Request(proxy.url + "/v1/chat/completions", data=CHAT, headers={
             "Authorization": f"Bearer {KEY}", "X-Request-Id": "after-reload", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=5) as response:
-            assert response.status == 200 and response.headers["x-ratelimit-limit-requests"] == "7"
+            assert response.status == 200 and response.headers["x-ratelimit-limit-requests"] == "300"
             response.read()
         for _ in range(10):  # one release per further event
             assert http_post(mock.url + "/_mock/release/gen")[0] == 200

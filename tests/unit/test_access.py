@@ -88,7 +88,8 @@ def test_admission_sets_headers_refusal_raises_429_and_settle_gives_slots_back()
     async def run() -> None:
         limiter = _limiter(MemoryStore())
         first = await limiter.admit(None, BODY)
-        assert b"x-ratelimit-limit-requests: 2\r\nx-ratelimit-remaining-requests: 1\r\n" in first.headers
+        # OpenAI's meaning: the limit is per minute (60), remaining what may be sent now (burst 2, one used)
+        assert b"x-ratelimit-limit-requests: 60\r\nx-ratelimit-remaining-requests: 1\r\n" in first.headers
         second = await limiter.admit(None, BODY)
         with pytest.raises(ProxyError) as refused:
             await limiter.admit(None, BODY)
