@@ -110,7 +110,7 @@ class Exchange:
         streaming = _is_streaming(headers)
         session = ctx.meter
         if session is not None:
-            self._feed = session.response_started(status, streaming)
+            self._feed = session.response_started(status, streaming, headers)
             if session.streamed:
                 ctx.is_stream = True
             if session.rewrites and framing == FRAMING_LENGTH:

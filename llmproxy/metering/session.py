@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from llmproxy.metering import DEFAULT_MAX_LINE, Meter, meter_for, meter_for_json_body
-from llmproxy.metering.dialects import OLLAMA_NDJSON, STRIPPABLE
+from llmproxy.metering.dialects import OLLAMA_NDJSON, STRIPPABLE, TGI_GENERATE_SSE
 from llmproxy.metering.estimate import estimate_prompt_tokens
-from llmproxy.metering.usage import Usage
+from llmproxy.metering.usage import Usage, tgi_header_usage
 
 # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
@@ -44,8 +44,8 @@ class MeteredUsage(NamedTuple):
 class MeteringSession:
     """What metering decided and read for one attempt at a request; see the module docstring."""
 
-    __slots__ = ("_body", "_collected", "_collected_size", "_meter", "_usage", "dialect", "injects_usage",
-                 "rewrites")
+    __slots__ = ("_body", "_collected", "_collected_size", "_head_usage", "_meter", "_usage", "dialect",
+                 "injects_usage", "rewrites")
 
     def __init__(self, dialect: str | None, injects_usage: bool, body: Any) -> None:
         self.dialect = dialect  # None: the response is not read; the record is estimated
@@ -58,6 +58,7 @@ class MeteringSession:
         self._collected: list[bytes] | None = None  # a non-streamed body whose usage is read at its end
         self._collected_size = 0
         self._usage: Usage | None = None  # of a non-streamed body
+        self._head_usage: Usage | None = None  # what the response head said (TGI's x-prompt-tokens...)
 
     @classmethod
     def plan(cls, dialect: str | None, *, inject_allowed: bool, is_stream: bool, body: Any) -> MeteringSession:
@@ -69,11 +70,14 @@ class MeteringSession:
         inject = (dialect in STRIPPABLE and is_stream and inject_allowed and not _client_asked_usage(body))
         return cls(dialect, inject, body)
 
-    def response_started(self, status: int, streaming: bool) -> Callable[[bytes], bytes] | None:
+    def response_started(self, status: int, streaming: bool,
+                         headers: list[tuple[bytes, bytes]] = ()) -> Callable[[bytes], bytes] | None:
         """The response head arrived: return what the relay passes each body chunk through, or None when
         this response is not read (not metered, or not a success)."""
         if self.dialect is None or not 200 <= status < 300:
             return None
+        if self.dialect == TGI_GENERATE_SSE:
+            self._head_usage = tgi_header_usage(headers)  # TGI says its counts in headers too
         if streaming:
             # Metered by what the backend sends, whatever the request said: a client cannot dodge metering
             # with an odd "stream" value the backend still honours.
@@ -101,9 +105,13 @@ class MeteringSession:
 
     @property
     def reported(self) -> Usage | None:
-        """The usage the backend reported so far, or None."""
+        """The usage the backend reported so far (its response head's, then its body's), or None."""
         meter = self._meter
-        return meter.usage if meter is not None else self._usage
+        usage = meter.usage if meter is not None else self._usage
+        head = self._head_usage
+        if head is None:
+            return usage
+        return head if usage is None else head.merged(usage)
 
     def final_usage(self, backend_status: int) -> MeteredUsage:
         """The counts of the record, given the status the backend answered (0: it never answered).
@@ -114,9 +122,11 @@ class MeteringSession:
         cut before the backend answered (it did the prefill), a backend that reports none.
         """
         usage = self.reported
-        if usage is not None:
-            return MeteredUsage(usage.prompt_tokens or 0, usage.completion_tokens or 0, usage.cached_tokens,
-                                REPORTED)
+        if usage is not None and usage.prompt_tokens is not None:
+            return MeteredUsage(usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens, REPORTED)
+        if usage is not None:  # the backend said what it generated, not what it read: that part is estimated
+            return MeteredUsage(estimate_prompt_tokens(self._body), usage.completion_tokens or 0, usage.cached_tokens,
+                                ESTIMATED)
         if self.dialect is None or backend_status >= 400:
             return MeteredUsage(0, 0, None, NONE)
         relayed = self._meter.content_events if self._meter is not None else 0

@@ -78,7 +78,7 @@ def tgi_usage(obj: Any) -> Usage | None:
     """`details` of a TGI /generate(_stream) reply; None without `parameters.details`.
 
     generated_tokens is the completion. The prompt is `input_length` (stream, TGI >= 2.3), else the length of
-    `prefill` (/generate with decoder_input_details), else unknown: 0.
+    `prefill` (/generate with decoder_input_details), else unknown: None (the response headers may say it).
     """
     if isinstance(obj, list) and len(obj) == 1:
         obj = obj[0]  # the compat route `POST /` wraps a non-streamed reply in a list
@@ -90,9 +90,22 @@ def tgi_usage(obj: Any) -> Usage | None:
         return None
     prompt = _count(details.get("input_length"))
     if prompt is None:
-        prefill = details.get("prefill")
-        prompt = len(prefill) if isinstance(prefill, list) else 0
-    return Usage(prompt, completion, prompt + completion)
+        prefill = details.get("prefill")  # the prompt's tokens, with decoder_input_details; else empty
+        prompt = len(prefill) if isinstance(prefill, list) and prefill else None
+    return Usage(prompt, completion, None if prompt is None else prompt + completion)
+
+
+def tgi_header_usage(headers: list[tuple[bytes, bytes]]) -> Usage | None:
+    """TGI's x-prompt-tokens / x-generated-tokens response headers (non-streamed /generate and `/`)."""
+    prompt = completion = None
+    for name, value in headers:
+        if name == b"x-prompt-tokens" and value.isdigit():
+            prompt = int(value)
+        elif name == b"x-generated-tokens" and value.isdigit():
+            completion = int(value)
+    if prompt is None and completion is None:
+        return None
+    return Usage(prompt, completion, None)
 
 
 def ollama_usage(obj: Any) -> Usage | None:

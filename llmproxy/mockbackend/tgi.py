@@ -104,6 +104,16 @@ def generate_stream(call: Call) -> Reply:
     return stream_reply(events, SSE, headers=_stream_headers(call), prompt_tokens=p, completion_tokens=n)
 
 
+def compat_generate(call: Call) -> Reply:
+    """POST / (TGI's compat route, what the `text-generation` and `huggingface_hub` clients call): the body's
+    `stream` picks /generate_stream, else /generate with its reply wrapped in a one-element list."""
+    if call.json().get("stream") is True:
+        return generate_stream(call)
+    reply = generate(call)
+    reply.body = b"[" + reply.body + b"]"
+    return reply
+
+
 def _generate_events(n: int, p: int, details: bool) -> Iterator[bytes]:
     template = Template({"index": SLOT, "token": SLOT, "generated_text": None, "details": None})
     for i in range(n - 1):
@@ -225,6 +235,7 @@ def metrics(call: Call) -> Reply:
 HEALTH_PATHS = frozenset({"/health", "/ping"})
 
 ROUTES = {
+    "/": ("POST", compat_generate),
     "/generate": ("POST", generate),
     "/generate_stream": ("POST", generate_stream),
     "/v1/chat/completions": ("POST", chat),

@@ -589,9 +589,11 @@ BODIES = [
         "finish_reason": "length", "generated_tokens": 20, "seed": None,
         "prefill": [{"id": 1, "text": "a", "logprob": None}, {"id": 2, "text": "b", "logprob": -1.0}]}},
      Usage(2, 20, 22)),
+    # The prompt is not in the body (no input_length, no prefill): unknown, for the record to estimate.
     (TGI_GENERATE_SSE, {"generated_text": "x", "details": {"finish_reason": "length", "generated_tokens": 20}},
-     Usage(0, 20, 20)),
-    (TGI_GENERATE_SSE, [{"generated_text": "x", "details": {"generated_tokens": 3, "prefill": []}}], Usage(0, 3, 3)),
+     Usage(None, 20, None)),
+    (TGI_GENERATE_SSE, [{"generated_text": "x", "details": {"generated_tokens": 3, "prefill": []}}],
+     Usage(None, 3, None)),
     (TGI_GENERATE_SSE, {"generated_text": "x"}, None),
     (OLLAMA_NDJSON, {"model": "m", "message": {"role": "assistant", "content": "hi"}, "done": True,
                      "done_reason": "stop", "total_duration": 1, "prompt_eval_count": 33, "eval_count": 22},

@@ -141,3 +141,21 @@ def test_the_openai_spec_still_takes_the_last_usage_whole():
     meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n')
     meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":6,"total_tokens":9}}\n\n')
     assert meter.usage == Usage(3, 6, 9)
+
+
+def test_tgi_says_its_counts_in_response_headers_and_they_are_reported():
+    session = plan("/generate", "tgi", body={"inputs": "hello", "parameters": {"max_new_tokens": 3}})
+    feed = session.response_started(200, streaming=False,
+                                    headers=[(b"x-prompt-tokens", b"7"), (b"x-generated-tokens", b"3")])
+    feed(b'{"generated_text":" a b c"}')  # no details: the body says nothing
+    session.response_ended()
+    assert session.final_usage(200) == (7, 3, None, REPORTED)
+
+
+def test_a_completion_count_without_a_prompt_count_estimates_only_the_prompt():
+    session = plan("/generate", "tgi", body={"inputs": "x" * 40, "parameters": {"details": True}})
+    feed = session.response_started(200, streaming=False)
+    feed(b'{"generated_text":"a","details":{"finish_reason":"length","generated_tokens":5,"prefill":[]}}')
+    session.response_ended()
+    prompt, completion, _, source = session.final_usage(200)
+    assert (completion, source) == (5, ESTIMATED) and prompt > 0

@@ -313,7 +313,7 @@ class FakeSession:
         self.streamed = True
         self.rewrites = True
 
-    def response_started(self, status: int, streaming: bool):
+    def response_started(self, status: int, streaming: bool, headers: list[tuple[bytes, bytes]]):
         self.started.append((status, streaming))
         return self.feed
 
