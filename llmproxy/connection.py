@@ -327,11 +327,12 @@ class ClientConnection(asyncio.Protocol):
         self._head_timer = None
         if self.closed:
             return
-        error = ProtocolError("request_timeout", "request head not received in time")
-        if self._current is None:
-            self._reply_error_and_close(error)
-        else:
+        if self._current is not None:
             self.abort()
+        elif not self._codec.in_head:
+            self._close()  # not a byte of a request: nothing to answer (as an idle keep-alive connection)
+        else:
+            self._reply_error_and_close(ProtocolError("request_timeout", "request head not received in time"))
 
     def _body_tick(self) -> None:
         # Lazy like the idle timer: progress only moves a timestamp; the timer, when it fires, measures the

@@ -6,7 +6,8 @@ process with `llmproxy mock-backend` / `python -m llmproxy.mockbackend` (prints 
 
 Completions are `tokens` tokens long (capped by the request's max_tokens / max_new_tokens /
 options.num_predict); token i is `word(i)` = " tok<i>", finish_reason is "length", and
-prompt_tokens is `prompt_tokens(body)` = ceil(len(prompt text) / 4).
+prompt_tokens is `prompt_tokens(body, TEMPLATES[dialect])`: the prompt as the dialect's model counts it, its
+chat template included (textgen.py).
 
 What the request body asks for is honoured the way the real server does it (docs/protocols.md §2-4):
   stream_options.include_usage      a usage chunk (choices: []) before [DONE] (vLLM, TGI chat, Ollama /v1)
@@ -54,10 +55,11 @@ from llmproxy.mockbackend.cli import main
 from llmproxy.mockbackend.options import DEFAULT_MODELS, MockOptions
 from llmproxy.mockbackend.server import MockBackend, start_mock_backend
 from llmproxy.mockbackend.stats import MockStats
-from llmproxy.mockbackend.textgen import completion_text, count_tokens, prompt_tokens, word
+from llmproxy.mockbackend.textgen import TEMPLATES, completion_text, count_tokens, prompt_tokens, word
 
 __all__ = [
     "DEFAULT_MODELS",
+    "TEMPLATES",
     "MockBackend",
     "MockOptions",
     "MockStats",

@@ -27,6 +27,7 @@ from llmproxy.mockbackend.reply import (
     stream_reply,
 )
 from llmproxy.mockbackend.textgen import (
+    TEMPLATES,
     capped,
     completion_text,
     embedding,
@@ -39,6 +40,8 @@ from llmproxy.mockbackend.textgen import (
     tokenize,
     word,
 )
+
+TEMPLATE = TEMPLATES["ollama"]  # how this engine's model counts a chat prompt (textgen.py)
 
 VERSION = "0.33.0"
 FINGERPRINT = "fp_ollama"
@@ -90,7 +93,7 @@ def _native(call: Call, field: str, extra_done: dict[str, Any]) -> Reply:
     """/api/chat (field "message") and /api/generate (field "response"): NDJSON unless stream is false."""
     req = call.json()
     n = capped(call.tokens, _num_predict(req))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     model = call.request_model()
 
     def content(text: Any) -> Any:
@@ -131,7 +134,7 @@ def _openai_id(call: Call, prefix: str) -> str:
 def v1_chat(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_tokens"))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     base = {"id": _openai_id(call, "chatcmpl-"), "object": "chat.completion.chunk", "created": CREATED,
             "model": call.request_model(), "system_fingerprint": FINGERPRINT}
     usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
@@ -162,7 +165,7 @@ def v1_chat(call: Call) -> Reply:
 def v1_completions(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_tokens"))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     head = {"id": _openai_id(call, "cmpl-"), "object": "text_completion", "created": CREATED}
     model = call.request_model()
     usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
@@ -196,7 +199,7 @@ def v1_embeddings(call: Call) -> Reply:
     req = call.json()
     data = [{"object": "embedding", "embedding": encoded_embedding(item, req.get("encoding_format")),
              "index": index} for index, item in enumerate(embedding_inputs(req))]
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     return json_reply({"object": "list", "data": data, "model": call.request_model(),
                        "usage": {"prompt_tokens": p, "total_tokens": p}})
 
@@ -211,7 +214,7 @@ def api_embed(call: Call) -> Reply:
     vectors = [embedding(item) for item in embedding_inputs(req)]
     body = {"model": call.request_model(), "embeddings": vectors,
             "total_duration": _LOAD_NS + _PROMPT_EVAL_NS, "load_duration": _LOAD_NS,
-            "prompt_eval_count": prompt_tokens(req)}
+            "prompt_eval_count": prompt_tokens(req, TEMPLATE)}
     return json_reply(body, content_type=GO_JSON)
 
 

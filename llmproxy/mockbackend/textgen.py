@@ -1,8 +1,17 @@
 """Deterministic "model": what the mock generates and how it counts prompt tokens.
 
 Tests of the proxy compute expected usage with these same functions, so they are part of the public
-contract: token i of every completion is `word(i)` (" tok0", " tok1", ...), and a prompt of text T
-has `count_tokens(T)` = ceil(len(T) / 4) tokens, one per 4 characters.
+contract: token i of every completion is `word(i)` (" tok0", " tok1", ...), and a prompt is counted the way
+an engine counts it, in two steps, so that a proxy's estimate of it is not trivially exact:
+
+- the text is split as a byte-level BPE splits it before merging (`tokenize`): words with their leading
+  space, digits one by one, runs of punctuation, runs of spaces; a long word is several tokens (one per 8
+  characters), and every character outside ASCII is a token of its own (as CJK text mostly is);
+- a chat request is counted as rendered by the model's chat template (`ChatTemplate`): the tokens around
+  each message (role markers, separators), the prompt that opens the reply, a default system prompt where the
+  template adds one, and tool definitions as the template writes them (their JSON).
+
+The templates follow the public formats of the models the mock's dialects stand for (docs/protocols.md §2-4).
 """
 
 from __future__ import annotations
@@ -10,12 +19,38 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
-CHARS_PER_TOKEN = 4
+CHARS_PER_WORD_PIECE = 8  # a word longer than this (its space included) is split: one token per 8 characters
 EMBEDDING_DIMS = 8
+# A GPT-2-style pre-tokenizer: contractions, a word with its leading space, one digit, punctuation runs,
+# spaces (trailing ones kept apart from the word that follows, as GPT-2 does).
+_PIECES = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d| ?[^\s\w]+|\s+(?!\S)|\s+""")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """How a model's chat template adds tokens around a conversation."""
+
+    name: str
+    bos: int  # before anything (a beginning-of-sequence token)
+    per_message: int  # around each message: its role marker and separators
+    generation: int  # the prompt that opens the assistant's reply
+    default_system: str | None = None  # the system prompt the template adds when the request has none
+    tools_preamble: int = 0  # the template's words introducing tool definitions (their JSON is counted too)
+
+
+PLAIN = ChatTemplate("none", 0, 0, 0)
+# Qwen2.5 (the vLLM mock's default model): ChatML, and a system prompt of its own when the request has none.
+CHATML_QWEN = ChatTemplate("ChatML (Qwen2.5)", 0, 5, 3,
+                           "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", 30)
+ZEPHYR = ChatTemplate("Zephyr", 0, 4, 2)  # the TGI mock's zephyr-7b-beta: <|user|>\n ... </s>\n
+LLAMA3 = ChatTemplate("Llama 3.2", 1, 5, 4, None, 40)  # the Ollama mock's llama3.2: <|start_header_id|>...
+TEMPLATES = {"vllm": CHATML_QWEN, "tgi": ZEPHYR, "ollama": LLAMA3}  # by mock dialect
 
 
 def word(i: int) -> str:
@@ -29,12 +64,20 @@ def completion_text(n: int) -> str:
 
 
 def tokenize(text: str) -> list[str]:
-    """Split `text` into its tokens: consecutive slices of 4 characters."""
-    return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+    """Split `text` into its tokens (see the module docstring); joined, they give `text` back."""
+    tokens: list[str] = []
+    for piece in _PIECES.findall(text):
+        if not piece.isascii():
+            tokens.extend(piece)  # one token per character outside ASCII
+        elif len(piece) <= CHARS_PER_WORD_PIECE:
+            tokens.append(piece)
+        else:
+            tokens.extend(piece[i:i + CHARS_PER_WORD_PIECE] for i in range(0, len(piece), CHARS_PER_WORD_PIECE))
+    return tokens
 
 
 def count_tokens(text: str) -> int:
-    return -(-len(text) // CHARS_PER_TOKEN)
+    return len(tokenize(text))
 
 
 def token_id(piece: str) -> int:
@@ -73,9 +116,46 @@ def prompt_pieces(body: Any) -> list[Any]:
     return []
 
 
-def prompt_tokens(body: Any) -> int:
-    """Deterministic prompt token count of a request body (chat: message contents joined by '\\n')."""
-    return sum(len(p) if isinstance(p, list) else count_tokens(p) for p in prompt_pieces(body))
+def prompt_tokens(body: Any, template: ChatTemplate = PLAIN) -> int:
+    """The prompt tokens of a request body as an engine with `template` counts them: a chat request rendered
+    by the template, any other prompt as its text (or its token ids) plus the template's BOS."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(messages, list):
+        return chat_prompt_tokens(messages, body.get("tools"), template)
+    pieces = prompt_pieces(body)
+    if not pieces:
+        return 0
+    return template.bos + sum(len(p) if isinstance(p, list) else count_tokens(p) for p in pieces)
+
+
+SPECIAL_TOKEN_ID = 151_644  # the ids of template tokens (role markers, separators) in token lists
+
+
+def prompt_token_ids(body: Any, template: ChatTemplate = PLAIN) -> list[int]:
+    """Token ids of a request's prompt, as many as prompt_tokens(body, template) counts: its text's ids, then
+    the template's own tokens (what /tokenize answers)."""
+    ids: list[int] = []
+    for piece in prompt_pieces(body):
+        ids += piece if isinstance(piece, list) else [token_id(t) for t in tokenize(piece)]
+    count = prompt_tokens(body, template)
+    return ids[:count] + [SPECIAL_TOKEN_ID] * (count - len(ids))
+
+
+def chat_prompt_tokens(messages: list[Any], tools: Any, template: ChatTemplate) -> int:
+    """A conversation as `template` renders it, in tokens."""
+    count = template.bos + template.generation
+    has_system = any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages)
+    if template.default_system and not has_system:
+        count += template.per_message + count_tokens(template.default_system)
+    for message in messages:
+        if isinstance(message, dict):
+            count += template.per_message + count_tokens(_content_text(message.get("content")))
+            calls = message.get("tool_calls")
+            if calls:
+                count += count_tokens(json.dumps(calls, separators=(",", ":")))
+    if isinstance(tools, list) and tools:
+        count += template.tools_preamble + count_tokens(json.dumps(tools, separators=(",", ":")))
+    return count
 
 
 def prompt_text(body: Any) -> str:

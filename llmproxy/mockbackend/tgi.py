@@ -26,6 +26,7 @@ from llmproxy.mockbackend.reply import (
     stream_reply,
 )
 from llmproxy.mockbackend.textgen import (
+    TEMPLATES,
     capped,
     completion_text,
     generated_token_id,
@@ -35,6 +36,8 @@ from llmproxy.mockbackend.textgen import (
     tokenize,
     word,
 )
+
+TEMPLATE = TEMPLATES["tgi"]  # how this engine's model counts a chat prompt (textgen.py)
 
 VERSION = "3.3.7"
 FINGERPRINT = "3.3.7-native"  # "<version>-<docker_label|native>"
@@ -82,7 +85,7 @@ def generate(call: Call) -> Reply:
     req = call.json()
     params = _parameters(req)
     n = max(1, capped(call.tokens, params.get("max_new_tokens")))  # TGI rejects max_new_tokens=0
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     body: dict[str, Any] = {"generated_text": completion_text(n)}
     if params.get("details"):
         body["details"] = {"finish_reason": "length", "generated_tokens": n, "seed": None, "prefill": [],
@@ -98,7 +101,7 @@ def generate_stream(call: Call) -> Reply:
     req = call.json()
     params = _parameters(req)
     n = max(1, capped(call.tokens, params.get("max_new_tokens")))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     details = bool(params.get("details"))
     events = error_after(_generate_events(n, p, details), call.error_after, NATIVE_STREAM_ERROR)
     return stream_reply(events, SSE, headers=_stream_headers(call), prompt_tokens=p, completion_tokens=n)
@@ -127,7 +130,7 @@ def _generate_events(n: int, p: int, details: bool) -> Iterator[bytes]:
 def chat(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_tokens"))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     base = {"object": "chat.completion.chunk", "id": "", "created": CREATED,
             "model": call.request_model(PLACEHOLDER_MODEL), "system_fingerprint": FINGERPRINT}
     usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
@@ -160,7 +163,7 @@ def _chat_events(base: dict[str, Any], n: int, usage: dict[str, int], include: b
 def completions(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_tokens"))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     model = call.request_model(PLACEHOLDER_MODEL)
     usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
@@ -212,12 +215,25 @@ def unhealthy(status: int) -> Reply:
 
 
 def tokenize_route(call: Call) -> Reply:
-    text = prompt_text(call.json())
+    """POST /tokenize {"inputs": text}: the tokens of the text, no template."""
+    return json_reply(_token_list(prompt_text(call.json())))
+
+
+def chat_tokenize(call: Call) -> Reply:
+    """POST /chat_tokenize {"messages": [...]}: the conversation rendered by the chat template, tokenized."""
+    req = call.json()
+    tokens = _token_list(prompt_text(req))
+    count = prompt_tokens(req, TEMPLATE)  # the template's own tokens are not in the text
+    tokens += [{"id": 2, "text": "</s>", "start": 0, "stop": 0}] * max(0, count - len(tokens))
+    return json_reply({"tokenize_response": tokens[:count], "templated_text": prompt_text(req)})
+
+
+def _token_list(text: str) -> list[dict[str, Any]]:
     tokens, start = [], 0
     for piece in tokenize(text):
         tokens.append({"id": token_id(piece), "text": piece, "start": start, "stop": start + len(piece)})
         start += len(piece)
-    return json_reply(tokens)
+    return tokens
 
 
 def metrics(call: Call) -> Reply:
@@ -245,5 +261,6 @@ ROUTES = {
     "/ping": ("GET", empty_reply),
     "/v1/models": ("GET", models),
     "/tokenize": ("POST", tokenize_route),
+    "/chat_tokenize": ("POST", chat_tokenize),
     "/metrics": ("GET", metrics),
 }

@@ -32,19 +32,21 @@ from llmproxy.mockbackend.reply import (
     stream_reply,
 )
 from llmproxy.mockbackend.textgen import (
+    TEMPLATES,
     capped,
     completion_text,
     embedding_inputs,
     encoded_embedding,
-    prompt_pieces,
+    prompt_token_ids,
     prompt_tokens,
-    token_id,
     tokenize,
     tool_call_completion_tokens,
     tool_call_markup,
     tool_calls,
     word,
 )
+
+TEMPLATE = TEMPLATES["vllm"]  # how this engine's model counts a chat prompt (textgen.py)
 
 VERSION = "0.21.0"
 FINGERPRINT = "vllm-0.21.0-6d6f636b"
@@ -100,7 +102,7 @@ def chat(call: Call) -> Reply:
         n = tool_call_completion_tokens(calls)
     else:
         n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     base = {"id": _request_id(call, "chatcmpl-"), "object": "chat.completion.chunk", "created": CREATED,
             "model": call.request_model()}
     if stream:
@@ -216,7 +218,7 @@ def completions(call: Call) -> Reply:
     req = call.json()
     stream, include, continuous = _stream_flags(req)
     n = capped(call.tokens, req.get("max_tokens"))
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     base = {"id": _request_id(call, "cmpl-"), "object": "text_completion", "created": CREATED,
             "model": call.request_model()}
     if stream:
@@ -253,7 +255,7 @@ def embeddings(call: Call) -> Reply:
     fmt = req.get("encoding_format")
     data = [{"index": index, "object": "embedding", "embedding": encoded_embedding(item, fmt)}
             for index, item in enumerate(embedding_inputs(req))]
-    p = prompt_tokens(req)
+    p = prompt_tokens(req, TEMPLATE)
     body = {"id": "embd-" + call.digest(), "object": "list", "created": CREATED,
             "model": call.request_model(), "data": data,
             "usage": {**_usage(p, 0), "prompt_tokens_details": None}}
@@ -292,10 +294,9 @@ def version(call: Call) -> Reply:
 
 
 def tokenize_route(call: Call) -> Reply:
-    req = call.json()
-    ids: list[int] = []
-    for piece in prompt_pieces(req):  # a prompt is text or, already tokenised, a list of ids
-        ids += piece if isinstance(piece, list) else [token_id(t) for t in tokenize(piece)]
+    """POST /tokenize: `prompt` (text or ids), or `messages` rendered by the chat template as a chat request
+    is (add_generation_prompt defaults to true), `tools` included."""
+    ids = prompt_token_ids(call.json(), TEMPLATE)
     return json_reply({"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids, "token_strs": None})
 
 

@@ -486,7 +486,9 @@ def _idle_connections(tmp_path: Path, mock: Proc, procs: list[Proc], holders: li
                       keepalive: float) -> dict:
     """Hold `count` idle connections from another process until keep-alive closes them; return the numbers."""
     proxy = start_proxy(tmp_path, [{"url": mock.url}], server={
-        "listen": "127.0.0.1:0", "max_connections": count + 1000, "timeouts": {"keepalive": f"{keepalive}s"}})
+        "listen": "127.0.0.1:0", "max_connections": count + 1000,
+        # A connection that never sends a byte is closed by the head deadline, which runs from accept.
+        "timeouts": {"keepalive": f"{keepalive}s", "request_head": f"{keepalive}s"}})
     procs.append(proxy)
     fds = warm_up(proxy, mock)
     time.sleep(0.5)

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from text_generation import Client
 
-from llmproxy.mockbackend import prompt_tokens
+from llmproxy.mockbackend import TEMPLATES, prompt_tokens
 from tests.support import start_mock, start_proxy, wait_for
 
 PROMPT = "Write one short sentence about the sea."
@@ -35,7 +35,7 @@ def _record(usage: Path, count: int) -> dict:
     return json.loads(usage.read_text().splitlines()[count - 1])
 
 
-EXPECTED_PROMPT = prompt_tokens({"inputs": PROMPT})
+EXPECTED_PROMPT = prompt_tokens({"inputs": PROMPT}, TEMPLATES["tgi"])
 
 
 def test_text_generation_client_generate_and_stream(setup):

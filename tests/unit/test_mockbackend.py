@@ -28,7 +28,7 @@ import openai
 import pytest
 import uvloop
 
-from llmproxy.mockbackend import MockOptions, completion_text, prompt_tokens, start_mock_backend
+from llmproxy.mockbackend import TEMPLATES, MockOptions, completion_text, prompt_tokens, start_mock_backend
 from llmproxy.mockbackend.fixtures import default_fixtures_dir, split_events
 from llmproxy.mockbackend.textgen import tool_call_completion_tokens, tool_calls
 
@@ -189,7 +189,7 @@ def test_sdk_parses_chat_stream_and_usage_chunk_only_when_asked(backends: dict[s
     if include_usage:
         assert len(usage_chunks) == 1 and chunks[-1] is usage_chunks[0]
         assert usage_chunks[0].usage.completion_tokens == 5
-        assert usage_chunks[0].usage.prompt_tokens == prompt_tokens(CHAT)
+        assert usage_chunks[0].usage.prompt_tokens == prompt_tokens(CHAT, TEMPLATES[dialect])
     else:
         assert usage_chunks == []
         assert all(c.usage is None for c in chunks)
@@ -201,10 +201,10 @@ def test_sdk_parses_non_streaming_chat_completions_and_models(backends: dict[str
     client = backends[dialect].openai()
     chat = client.chat.completions.create(model="m", messages=CHAT["messages"], max_tokens=7)
     assert chat.choices[0].message.content == completion_text(7)
-    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (prompt_tokens(CHAT), 7)
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (prompt_tokens(CHAT, TEMPLATES[dialect]), 7)
     text = client.completions.create(model="m", prompt="The capital of France is")
     assert text.choices[0].text == completion_text(16)
-    assert text.usage.prompt_tokens == prompt_tokens({"prompt": "The capital of France is"})
+    assert text.usage.prompt_tokens == prompt_tokens({"prompt": "The capital of France is"}, TEMPLATES[dialect])
     stream = list(client.completions.create(model="m", prompt="x", stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in stream if c.choices) == completion_text(16)
@@ -337,7 +337,7 @@ def test_vllm_rejects_stream_options_without_stream(vllm: Backend) -> None:
 
 def test_vllm_tokenize_health_version_and_request_id(vllm: Backend) -> None:
     tokens = json.loads(request(vllm.port, "POST", "/tokenize", CHAT).body)
-    assert tokens["count"] == prompt_tokens(CHAT) == len(tokens["tokens"])
+    assert tokens["count"] == prompt_tokens(CHAT, TEMPLATES["vllm"]) == len(tokens["tokens"])
     health = request(vllm.port, "GET", "/health")
     assert (health.status, health.body) == (200, b"")
     assert "version" in json.loads(request(vllm.port, "GET", "/version").body)
@@ -359,7 +359,7 @@ def test_ollama_ndjson_ends_with_done_line_carrying_counts(backends: dict[str, B
     assert len(resp.chunks) == len(lines) == 5
     assert [line["done"] for line in lines] == [False] * 4 + [True]
     done = lines[-1]
-    assert (done["prompt_eval_count"], done["eval_count"]) == (prompt_tokens(body), 4)
+    assert (done["prompt_eval_count"], done["eval_count"]) == (prompt_tokens(body, TEMPLATES["ollama"]), 4)
     assert done["model"] == "llama3.2"
     single = json.loads(request(port, "POST", path, {**body, "stream": False}).body)
     assert single["done"] is True and single["eval_count"] == 16
@@ -393,7 +393,7 @@ def test_tgi_generate_stream_has_details_only_when_asked(backends: dict[str, Bac
     assert events[-1]["generated_text"] == completion_text(3)
     if details:
         assert events[-1]["details"] == {"finish_reason": "length", "generated_tokens": 3, "seed": None,
-                                         "input_length": prompt_tokens(body)}
+                                         "input_length": prompt_tokens(body, TEMPLATES["tgi"])}
     else:
         assert events[-1]["details"] is None
 
@@ -411,7 +411,10 @@ def test_tgi_chat_chunk_shape_and_generate(backends: dict[str, Backend]) -> None
     assert json.loads(generated.body)["details"]["generated_tokens"] == 16
     assert generated.headers["x-generated-tokens"] == "16"
     assert json.loads(request(port, "GET", "/info").body)["model_id"] == "HuggingFaceH4/zephyr-7b-beta"
-    assert len(json.loads(request(port, "POST", "/tokenize", {"inputs": "abcdefgh"}).body)) == 2
+    tokens = json.loads(request(port, "POST", "/tokenize", {"inputs": "internationalisation"}).body)
+    assert "".join(t["text"] for t in tokens) == "internationalisation" and len(tokens) == 3  # 8 + 8 + 4
+    chat = json.loads(request(port, "POST", "/chat_tokenize", CHAT).body)
+    assert len(chat["tokenize_response"]) == prompt_tokens(CHAT, TEMPLATES["tgi"]) > len(tokens)
 
 
 @pytest.mark.parametrize("dialect,shape", [("vllm", dict), ("tgi", str), ("ollama", str)])
