@@ -1,14 +1,16 @@
 """Durable usage delivery: outbox, webhook and file reporters, retries, dead letters, restarts.
 
 Everything runs on 127.0.0.1 against tests/webhook_consumer.py, which verifies Standard Webhooks
-signatures with its own implementation. Back-off bases and caps are shrunk to tens of milliseconds;
-every wait is bounded.
+signatures with its own implementation. Back-off bases and caps are shrunk to tens of milliseconds,
+except in the tests of the pinned schedule itself (0.5 s base, 30 s cap); every wait is bounded. The
+60 s outage is a soak test (`python -m pytest -m soak tests/unit/test_delivery.py -s` prints its numbers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import io
 import itertools
@@ -328,6 +330,113 @@ def test_consumer_down_then_up_delivers_every_record(tmp_path: Path) -> None:
         assert svc.dead_letter_count() == 0
 
     run(main())
+
+
+# How long an attempt may start after its row fell due, on a loaded 2-core machine: the event loop, the
+# outbox thread's claim, a connect, plus the probe pace when several records fall due together.
+SCHEDULING_SLACK = 0.5
+RECOVERY_NOTICED = 2.0  # a consumer back up gets its first delivery within this (a few probe intervals)
+DRAINED_AFTER_RECOVERY = 10.0  # the measurement: every record of the backlog delivered within this of recovery
+
+
+def pinned_hook(name: str, url: str, **options: Any) -> ReporterConfig:
+    """A webhook reporter with the shipped back-off (0.5 s base, 30 s cap) and concurrency (4)."""
+    config = WebhookConfig(url=url, **options)
+    assert (config.backoff_base, config.backoff_cap, config.concurrency) == (0.5, 30.0, 4)
+    return ReporterConfig(name=name, type="webhook", webhook=config)
+
+
+def test_each_record_keeps_its_own_backoff_when_the_consumer_fails_every_record_four_times(tmp_path: Path) -> None:
+    """The reported case: 500 four times per record, then 200, six records. Each record's n-th gap is its own
+    full-jitter back-off, at most base * 2^(n-1) (0.5, 1, 2, 4 s): other records' failures never add to it."""
+    async def main() -> None:
+        consumer = await WebhookConsumer(SECRET).up()
+        consumer.fail_each = 4
+        reporter = pinned_hook("billing", consumer.url, secret=SECRET)
+        policy = reporter.webhook
+        ceilings = [min(policy.backoff_cap, policy.backoff_base * 2 ** (n - 1)) for n in range(1, 5)]
+        svc = service(tmp_path, [reporter], rng=random.Random(20240611))
+        sent = records(6)
+        ids = {record["request_id"] for record in sent}
+        svc.start()
+        for record in sent:
+            svc.append(record)
+        try:
+            # The slowest record allowed: every gap at its ceiling plus slack (7.5 s + 2 s). On a timeout
+            # the gaps so far are checked first: they say what went wrong.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await consumer.wait_for(lambda: consumer.delivered_ids() == ids, sum(ceilings) + 4 * SCHEDULING_SLACK)
+            ended = time.monotonic()
+        finally:
+            await svc.close(1)
+        gaps: dict[str | None, list[float]] = {}
+        for request_id in sorted(ids):
+            mine = [r for r in consumer.received if r.webhook_id == request_id]
+            assert all(r.signature_ok for r in mine)
+            statuses = [r.status for r in mine]
+            assert statuses == [500, 500, 500, 500, 200][:len(statuses)], (request_id, statuses)  # none twice
+            times = [r.at for r in mine] + ([ended] if mine and statuses[-1] != 200 else [])  # still waiting
+            gaps[request_id] = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+        print("\ngaps per record (s):", gaps)
+        for request_id, record_gaps in gaps.items():
+            for gap, ceiling in zip(record_gaps, ceilings, strict=False):
+                assert gap <= ceiling + SCHEDULING_SLACK, (request_id, record_gaps, ceilings)
+        assert consumer.delivered_ids() == ids, (
+            f"{len(consumer.delivered_ids())} of {len(ids)} delivered after {len(consumer.received)} requests: {gaps}")
+        assert svc.pending_count() == 0
+
+    run(main())
+
+
+async def outage_then_recovery(tmp_path: Path, down_for: float, n: int) -> dict[str, float]:
+    """`n` records pending while the consumer is down for `down_for` s; returns what happened after it came back.
+
+    MaxJitter: every back-off draws its upper bound, the slowest the pinned schedule allows.
+    """
+    consumer = await WebhookConsumer(SECRET).up()
+    await consumer.down()
+    metrics = RecordingMetrics()
+    svc = service(tmp_path, [pinned_hook("billing", consumer.url, secret=SECRET)], metrics, MaxJitter())
+    went_down = time.monotonic()
+    svc.start()
+    sent = records(n, prefix="outage")
+    ids = {record["request_id"] for record in sent}
+    try:
+        for record in sent:
+            svc.append(record)
+        await asyncio.sleep(went_down + down_for - time.monotonic())
+        attempts_while_down = sum(count for key, count in metrics.calls.items() if key[0] == "failure")
+        await consumer.up()
+        recovered = time.monotonic()
+        await consumer.wait_for(lambda: consumer.delivered_ids() == ids, DRAINED_AFTER_RECOVERY + 10)
+        await wait_until(lambda: svc.pending_count() == 0, 5, "an empty outbox")
+    finally:
+        await svc.close(1)
+    delivered = [r for r in consumer.received if r.status == 200]
+    twice = [key for key, count in Counter(r.webhook_id for r in delivered).items() if count > 1]
+    assert not twice, f"delivered more than once: {twice[:10]}"
+    assert all(r.signature_ok and r.record["request_id"] == r.webhook_id for r in consumer.received)
+    assert svc.dead_letter_count() == 0
+    result = {"attempts_while_down": attempts_while_down,
+              "first_delivery_after_recovery": min(r.at for r in delivered) - recovered,
+              "last_delivery_after_recovery": max(r.at for r in delivered) - recovered}
+    print(f"\nconsumer down {down_for:g} s with {n} records pending: {result}")
+    return result
+
+
+def check_outage(result: dict[str, float]) -> None:
+    assert result["first_delivery_after_recovery"] <= RECOVERY_NOTICED, result
+    assert result["last_delivery_after_recovery"] <= DRAINED_AFTER_RECOVERY, result
+
+
+def test_a_backlog_is_delivered_within_seconds_of_the_consumer_coming_back(tmp_path: Path) -> None:
+    check_outage(run(outage_then_recovery(tmp_path, down_for=8.0, n=1000), timeout=40))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(180)
+def test_soak_1000_records_after_a_60s_outage_are_delivered_within_10s_of_recovery(tmp_path: Path) -> None:
+    check_outage(run(outage_then_recovery(tmp_path, down_for=60.0, n=1000), timeout=120))
 
 
 def test_close_keeps_undelivered_rows_for_the_next_start(tmp_path: Path) -> None:
