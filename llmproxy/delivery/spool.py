@@ -101,8 +101,8 @@ class Action:
     error: str | None = None  # short description or response body excerpt
     reason: str | None = None  # dead-letter reason
     failure: str | None = None  # metric label of a failed attempt
-    retryable: bool = False  # the failure says the consumer is unwell (drives the reporter's back-off)
-    delay: float = 0.0  # back-off chosen for this failure
+    retryable: bool = False  # the failure says the consumer is unwell (makes the dispatcher probe it)
+    retry_after: float = 0.0  # seconds the consumer asked to wait (Retry-After), 0 when it did not say
 
 
 def db_path(spool_dir: str) -> str:
