@@ -10,12 +10,13 @@ from __future__ import annotations
 from llmproxy.delivery.cli import dead_letters_main
 from llmproxy.delivery.dispatch import DeliveryService
 from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
-from llmproxy.delivery.spool import SpoolError
+from llmproxy.delivery.spool import SpoolError, SpoolLocked
 
 __all__ = [
     "DeliveryService",
     "NullMetrics",
     "SpoolError",
+    "SpoolLocked",
     "UsageMetrics",
     "dead_letters_main",
 ]

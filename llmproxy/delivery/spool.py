@@ -75,7 +75,16 @@ FROM pending WHERE id = ?
 
 
 class SpoolError(Exception):
-    """The spool database is missing or of an unknown schema version."""
+    """The spool cannot be used: its database is missing or of an unknown schema version, or it is locked."""
+
+
+class SpoolLocked(SpoolError):
+    """Another process holds the spool's lock (`holder`: its pid, None when it could not be read)."""
+
+    def __init__(self, spool_dir: str, holder: int | None) -> None:
+        self.spool_dir, self.holder = spool_dir, holder
+        who = f"another llmproxy (pid {holder})" if holder is not None else "another llmproxy process"
+        super().__init__(f"usage spool {spool_dir} is in use by {who}; give each instance its own usage.spool_dir")
 
 
 @dataclass(slots=True)

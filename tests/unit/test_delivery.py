@@ -32,7 +32,7 @@ import uvloop
 from hypothesis import given, settings
 
 from llmproxy.config.model import FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig, signing_key
-from llmproxy.delivery import DeliveryService, SpoolError, dead_letters_main
+from llmproxy.delivery import DeliveryService, SpoolError, SpoolLocked, dead_letters_main
 from llmproxy.delivery.dispatch import PROBE_INTERVAL
 from llmproxy.delivery.retry import AttemptResult, RetryPolicy, backoff, decide, parse_retry_after
 from llmproxy.delivery.spool import Row, SpoolDB
@@ -558,11 +558,23 @@ def test_the_spool_belongs_to_one_process(tmp_path: Path) -> None:
         url = await free_port_url()
         first = service(tmp_path, [hook("billing", url)])
         first.start()
+        lock = tmp_path / "usage.lock"
         try:
-            with pytest.raises(SpoolError, match="in use"):
+            assert lock.read_text() == f"{os.getpid()}\n"  # the holder's pid, for the next one's message
+            with pytest.raises(SpoolLocked) as refused:
+                service(tmp_path, [hook("billing", url)]).start()
+            assert isinstance(refused.value, SpoolError) and refused.value.holder == os.getpid()
+            assert str(refused.value) == (f"usage spool {tmp_path} is in use by another llmproxy (pid {os.getpid()}); "
+                                          "give each instance its own usage.spool_dir")
+            lock.write_text("")  # a holder that wrote no pid (yet): the message says so, without one
+            with pytest.raises(SpoolLocked, match="in use by another llmproxy process;"):
                 service(tmp_path, [hook("billing", url)]).start()
         finally:
             await first.close(1)
+        assert lock.read_text() == ""  # released: no stale pid left to name the wrong process
+        second = service(tmp_path, [hook("billing", url)])
+        second.start()  # the lock is free again
+        await second.close(1)
 
     run(main())
 
