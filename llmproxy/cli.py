@@ -156,12 +156,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, banner: str = "", config_path: str | None = None) -> int:
+    from llmproxy.delivery import SpoolError
     from llmproxy.delivery.spooldirs import LeftoverDelivery
     from llmproxy.server import ProxyServer
 
     server = ProxyServer(config, config_path)
     try:
         await server.start(config.server.host, config.server.port)
+    except SpoolError as error:  # the usage spool is another instance's (it says which), or unusable
+        print(f"llmproxy: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"llmproxy: cannot listen on {config.server.host}:{config.server.port}: {error.strerror}",
               file=sys.stderr)

@@ -276,6 +276,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 async def serve_worker(config: Config, config_path: str, index: int, port: int, ready_fd: int | None,
                        workers: int) -> int:
     """Serve as worker `index` of `workers` on the supervisor's `port` until SIGTERM/SIGINT. Returns the exit status."""
+    from llmproxy.delivery import SpoolError
     from llmproxy.server import ProxyServer
 
     supervisor = os.getppid()
@@ -283,6 +284,9 @@ async def serve_worker(config: Config, config_path: str, index: int, port: int, 
     server = ProxyServer(config, config_path, spool_dir=worker_spool_dir(config.usage.spool_dir, index))
     try:
         await server.start(config.server.host, port, reuse_port=True)
+    except SpoolError as error:  # its usage spool is another instance's (it says which), or unusable
+        print(f"llmproxy: worker {index}: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"llmproxy: worker {index}: cannot listen on {config.server.host}:{port}: "
               f"{error.strerror or error}", file=sys.stderr)

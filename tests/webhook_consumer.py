@@ -2,8 +2,9 @@
 
 It shares no code with llmproxy.delivery: the verification below is an independent implementation of
 the spec (https://www.standardwebhooks.com/), so a signing bug cannot hide behind a matching one.
-Answers are scripted (`script` is consumed first, then `default_status`); `down()` closes the listener
-and every open connection, `up()` listens again on the same port.
+Answers are scripted (`script` is consumed first, then the first `fail_each` requests of every webhook-id
+get `fail_status`, then `default_status`); `down()` closes the listener and every open connection, `up()`
+listens again on the same port. `peak_concurrency` is the most requests it was answering at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,8 +76,13 @@ class WebhookConsumer:
         self.port = 0
         self.script: list[Answer] = []
         self.default_status = 200
+        self.fail_each = 0  # answer fail_status to this many requests of each webhook-id before the others
+        self.fail_status = 500
         self.delay = 0.0  # seconds before answering (a slow consumer)
         self.received: list[Received] = []
+        self.concurrency = 0  # requests being answered now
+        self.peak_concurrency = 0
+        self._seen: Counter[str | None] = Counter()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.new_request = asyncio.Event()
@@ -147,14 +154,28 @@ class WebhookConsumer:
                 return None, b""
 
     async def _answer(self, request: h11.Request, body: bytes) -> Answer:
+        self.concurrency += 1
+        self.peak_concurrency = max(self.peak_concurrency, self.concurrency)
+        try:
+            return await self._answer_one(request, body)
+        finally:
+            self.concurrency -= 1
+
+    async def _answer_one(self, request: h11.Request, body: bytes) -> Answer:
         headers = {name.decode().lower(): value.decode() for name, value in request.headers}
         if self.delay:
             await asyncio.sleep(self.delay)
-        answer = self.script.pop(0) if self.script else Answer(self.default_status)
+        webhook_id = headers.get("webhook-id")
+        self._seen[webhook_id] += 1
+        if self.script:
+            answer = self.script.pop(0)
+        elif self._seen[webhook_id] <= self.fail_each:
+            answer = Answer(self.fail_status)
+        else:
+            answer = Answer(self.default_status)
         signature_ok = None if self.secret is None else verify_standard_webhook(self.secret, headers, body)
         if signature_ok is False or request.target.decode() != self.path:
             answer = Answer(401 if signature_ok is False else 404, body=b"bad signature or path")
-        self.received.append(Received(time.monotonic(), headers.get("webhook-id"), headers, body, answer.status,
-                                      signature_ok))
+        self.received.append(Received(time.monotonic(), webhook_id, headers, body, answer.status, signature_ok))
         self.new_request.set()
         return answer

@@ -3,13 +3,37 @@
 The request path only ever calls `DeliveryService.append()`; everything below runs in background tasks
 and the outbox thread, so a slow or dead consumer costs the proxy nothing but spool space.
 
-A dispatcher claims due rows of its reporter (oldest due first, never one already in flight), runs up
-to `concurrency` attempts at once, and records their outcomes in one transaction per round, so under
-load the bookkeeping batches itself. Each row has its own back-off; on top of that, while a consumer
-keeps failing the dispatcher degrades to a single probe attempt at a time, spaced by the reporter's own
-back-off — otherwise a backlog of a million due rows would hammer a consumer that is down. The first
-answer that does not blame the consumer (2xx, or a 4xx) restores full concurrency, and the backlog
-(whose rows were never attempted) flows at once.
+The delivery rule. Every row keeps its own schedule (retry.py): a failed attempt makes it due again
+after a full-jitter exponential back-off of its own failures (uniform in [0, base * 2^(n-1)] after its
+n-th, capped: 0.5 s, 1 s, 2 s, 4 s ... 30 s by default), or after the consumer's Retry-After when
+longer. A dispatcher claims due rows of its reporter, earliest due first and never one already in
+flight, and records their outcomes in one transaction per round, so under load the bookkeeping
+batches itself. How many attempts it runs depends on what the consumer answered last:
+
+- Up (at start, and from any answer that does not blame the consumer: a 2xx, or a 4xx refusing one
+  record): up to `concurrency` attempts at once, each row at its own due time. Nothing reporter-wide
+  holds a row back: one record's failures never delay another record.
+- Down (DOWN_AFTER attempts in a row failed with a 5xx, 408, 429, timeout or connection error, and
+  nothing else was answered in between): the consumer is probed by one attempt at a time, the
+  earliest due row, at most one every PROBE_INTERVAL and none before a Retry-After it gave. A row
+  is still never attempted before its own due time: the probe pace only decides which of the rows
+  due goes first. The first answer that does not blame the consumer makes it up again, and the
+  backlog drains at full concurrency at once: rows never attempted are due since they were
+  appended, and rows probed during the outage are due after their own (short) back-off.
+
+Why PROBE_INTERVAL is 50 ms (20 attempts a second at most while the consumer is down):
+- It bounds what a dead consumer receives: a backlog of a million due rows would otherwise go out as
+  fast as the consumer refuses connections (thousands a second); 20 small requests a second, one at a
+  time, is nothing to an HTTP endpoint or the load balancer in front of it.
+- Recovery is noticed within 50 ms of the consumer answering again (plus the attempt's own time, at
+  most the webhook `timeout`), and the backlog follows at full concurrency.
+- It does not stretch the per-record schedule in the common case of a few records failing together:
+  while down, the probes are the only attempts, so the pace must keep up with the records falling due,
+  whose first retries come 0-0.5 s apart. At 20/s six records failing four times each (the reported
+  case) keep their own back-off within a few probe intervals; at one probe a second they would wait
+  several seconds for their turn, which is the outage-long hold this rule replaces.
+- A long outage does not inflate the backlog's back-offs: spread over 1,000 pending rows, 20 probes a
+  second attempt each row about once a minute, so after recovery their own back-offs are short.
 
 Rows are delivered at least once: an attempt cancelled by shutdown, or whose outcome was not yet
 recorded at a crash, is attempted again after restart with the same webhook-id.
@@ -20,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from typing import Any, Protocol
@@ -28,12 +53,14 @@ from llmproxy.config.model import ReporterConfig, UsageConfig
 from llmproxy.delivery.filereporter import BATCH_SIZE, FileSender
 from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
 from llmproxy.delivery.outbox import Outbox
-from llmproxy.delivery.retry import AttemptResult, RetryPolicy, backoff, decide
+from llmproxy.delivery.retry import AttemptResult, RetryPolicy, decide
 from llmproxy.delivery.spool import Action, Row
 from llmproxy.delivery.webhook import WebhookSender
 
 log = logging.getLogger("llmproxy.delivery")
 POLL_INTERVAL = 1.0  # longest idle sleep: picks up rows replayed by the CLI from another process
+PROBE_INTERVAL = 0.05  # while a consumer is down, at most one attempt per this many seconds (see above)
+DOWN_AFTER = 3  # failed attempts in a row that blame the consumer before it counts as down (one is a blip)
 
 
 class Sender(Protocol):
@@ -57,9 +84,14 @@ class Dispatcher:
         self._results: list[Action] = []
         self._wake = asyncio.Event()
         self._stopping = False
-        self._failures = 0  # consecutive failed rounds that blame the consumer
-        self._hold_until = 0.0
+        self._blamed = 0  # attempts in a row that failed blaming the consumer; DOWN_AFTER or more: it is down
+        self._last_start = -math.inf  # time.monotonic() of the latest attempt started
+        self._not_before = 0.0  # time.monotonic() before which the consumer asked not to be probed (Retry-After)
         self._run_task: asyncio.Task[None] | None = None
+
+    @property
+    def down(self) -> bool:
+        return self._blamed >= DOWN_AFTER
 
     def start(self) -> None:
         self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"usage-{self.name}")
@@ -79,24 +111,38 @@ class Dispatcher:
         self._wake.clear()  # before the work: a wake-up during it makes the wait below return at once
         await self._apply_results()
         timeout = self.poll_interval
-        now = time.time()
-        capacity = 1 if self._failures else self.slots  # probing: one attempt at a time
-        if now < self._hold_until:
-            timeout = min(timeout, self._hold_until - now)
-        elif not self._stopping and len(self._tasks) < capacity:
-            free = capacity - len(self._tasks)
-            rows, next_due = await self.outbox.claim(self.name, free * self.batch_size, self._inflight)
-            for start in range(0, len(rows), self.batch_size):
-                self._spawn(rows[start:start + self.batch_size])
-            if next_due is not None and len(self._tasks) < capacity:
-                timeout = min(timeout, max(0.0, next_due - time.time()))
+        if not self._stopping:
+            timeout = min(timeout, await self._start_due())
         if self._stopping:
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def _start_due(self) -> float:
+        """Start the attempts the delivery rule allows now; return how long until another may start (an
+        attempt ending, or new rows committed, wakes the dispatcher sooner)."""
+        if self.down:
+            if self._tasks:
+                return self.poll_interval  # one attempt at a time: its outcome wakes us
+            wait = max(self._last_start + PROBE_INTERVAL, self._not_before) - time.monotonic()
+            if wait > 0:
+                return wait
+            capacity = 1
+        else:
+            capacity = self.slots
+        free = capacity - len(self._tasks)
+        if free <= 0:
+            return self.poll_interval
+        rows, next_due = await self.outbox.claim(self.name, free * self.batch_size, self._inflight)
+        for start in range(0, len(rows), self.batch_size):
+            self._spawn(rows[start:start + self.batch_size])
+        if next_due is None or len(self._tasks) >= capacity:
+            return self.poll_interval
+        return max(0.0, next_due - time.time())
+
     def _spawn(self, rows: list[Row]) -> None:
         self._inflight.update(row.id for row in rows)
+        self._last_start = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._attempt(rows))
         self._tasks.add(task)
 
@@ -118,14 +164,20 @@ class Dispatcher:
     def _note_health(self, actions: list[Action]) -> None:
         # Any answer that does not blame the consumer (2xx, or a 4xx refusing one record) proves it is up.
         if any(action.status is not None and not action.retryable for action in actions):
-            self._failures, self._hold_until = 0, 0.0
+            if self.down:
+                log.info("usage reporter %s: the consumer answers again; delivering at full concurrency", self.name)
+            self._blamed, self._not_before = 0, 0.0
             return
-        retryable = [action for action in actions if action.retryable]
-        if retryable:
-            self._failures += 1
-            policy = self.sender.policy
-            hold = max(backoff(self._failures, policy.base, policy.cap, self.rng), *(a.delay for a in retryable))
-            self._hold_until = max(self._hold_until, time.time() + hold)
+        blamed = [action for action in actions if action.retryable]
+        if not blamed:
+            return
+        self._blamed += 1  # one per attempt (a file reporter's batch is one attempt)
+        if self._blamed == DOWN_AFTER:
+            log.info("usage reporter %s: the consumer is failing (%s); probing it one record at a time",
+                     self.name, blamed[0].failure)
+        retry_after = max(action.retry_after for action in blamed)
+        if retry_after > 0:  # an explicit request from the consumer, for the whole reporter while it is down
+            self._not_before = max(self._not_before, time.monotonic() + retry_after)
 
     async def _apply_results(self) -> None:
         if not self._results:

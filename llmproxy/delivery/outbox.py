@@ -33,12 +33,56 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from llmproxy.delivery.metrics import NullMetrics, UsageMetrics
-from llmproxy.delivery.spool import OUTBOX_FULL, Action, Row, SpoolDB, SpoolError
+from llmproxy.delivery.spool import OUTBOX_FULL, Action, Row, SpoolDB, SpoolLocked
 
 log = logging.getLogger("llmproxy.delivery")
 T = TypeVar("T")
-LOCK_NAME = "usage.lock"
+LOCK_NAME = "usage.lock"  # flock()ed by the process using the spool, which writes its pid into it
+LOCK_HOLDER_WAIT = 0.2  # seconds to wait for the holder's pid when the lock was just taken
 SPOOL_UNWRITABLE = "spool_unwritable"
+
+
+def lock_spool(spool_dir: str) -> int:
+    """Lock `spool_dir` for this process and write our pid into the lock file; return the fd holding the lock.
+
+    Two proxies delivering from one spool would send every row twice, so the lock (flock, released when
+    the fd is closed or the process dies, SIGKILL included) is taken with the spool. Raises SpoolLocked,
+    naming the holder, when another process has it.
+    """
+    os.makedirs(spool_dir, exist_ok=True)
+    fd = os.open(os.path.join(spool_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = _lock_holder(fd)
+        finally:
+            os.close(fd)
+        raise SpoolLocked(spool_dir, holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)  # the previous holder's pid stays in the file after it exits
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # only the message of a second instance suffers: never a reason not to start
+        log.warning("usage spool %s: could not write our pid into %s", spool_dir, LOCK_NAME, exc_info=True)
+    return fd
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid the lock's holder wrote, None if unreadable. It writes it just after locking: wait a moment."""
+    deadline = time.monotonic() + LOCK_HOLDER_WAIT
+    while True:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
 
 
 class Outbox:
@@ -81,15 +125,7 @@ class Outbox:
     def open(self) -> None:
         """Lock the spool, open (or create) the database, start the group commit. Blocks briefly: call at start-up."""
         loop = asyncio.get_running_loop()  # before taking anything that would need releasing
-        os.makedirs(self.spool_dir, exist_ok=True)
-        fd = os.open(os.path.join(self.spool_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            # Two proxies delivering from one spool would send every row twice.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolError(f"usage spool {self.spool_dir} is in use by another llmproxy process") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_spool(self.spool_dir)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-outbox")
         try:
             self._db, orphans = self._executor.submit(self._open_db).result()
@@ -132,6 +168,8 @@ class Outbox:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)  # our pid, once we are gone, would name the wrong process
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 

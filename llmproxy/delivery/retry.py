@@ -1,12 +1,17 @@
 """Retry policy: what one attempt's outcome means for its row. Pure functions, no I/O.
 
 - 2xx: delivered.
-- 5xx, 408, 429, timeouts, connection errors: the consumer is unwell. Retry after an exponential back-off
-  with full jitter, or `Retry-After` when that is longer, with no attempt limit while the record is
-  younger than max_age; a failure past max_age dead-letters it as "expired".
+- 5xx, 408, 429, timeouts, connection errors: the consumer is unwell. Retry with no attempt limit while
+  the record is younger than max_age; a failure past max_age dead-letters it as "expired".
 - Any other answer (4xx, and 3xx: redirects are not followed): the consumer refuses this record. Retry
   (the refusal may come from a consumer mid-deploy) until max_attempts attempts, then dead-letter it
   as "rejected" with the status and a body excerpt.
+
+When a row is retried is its own affair: after its n-th failed attempt it is due again after
+`backoff(n)`, uniform in [0, min(cap, base * 2^(n-1))] (full jitter; 0.5 s base and 30 s cap by
+default: at most 0.5 s, 1 s, 2 s, 4 s ... 30 s), or after the consumer's Retry-After when that is
+longer. Nothing else lengthens it: the dispatcher (dispatch.py) attempts every row at its own due
+time, and only while the consumer is down does it choose which due row goes first, one at a time.
 """
 
 from __future__ import annotations
@@ -81,11 +86,11 @@ def decide(row: Row, result: AttemptResult, now: float, policy: RetryPolicy, rng
     attempts = row.attempts + 1
     retryable = is_retryable(result.status)
     delay = backoff(attempts, policy.base, policy.cap, rng)
-    if result.retry_after is not None:
-        # Honoured when longer than our own back-off; bounded so a silly value cannot park the row forever.
-        delay = max(delay, min(result.retry_after, policy.max_age))
+    # Honoured when longer than our own back-off; bounded so a silly value cannot park the row forever.
+    retry_after = 0.0 if result.retry_after is None else min(result.retry_after, policy.max_age)
+    delay = max(delay, retry_after)
     action = Action(row.id, "retry", now + delay, result.status, _short(result.error),
-                    failure=failure_label(result), retryable=retryable, delay=delay)
+                    failure=failure_label(result), retryable=retryable, retry_after=retry_after)
     if now - row.retry_since >= policy.max_age:
         action.kind, action.reason = "dead", EXPIRED
     elif not retryable and attempts >= policy.max_attempts:

@@ -75,7 +75,16 @@ FROM pending WHERE id = ?
 
 
 class SpoolError(Exception):
-    """The spool database is missing or of an unknown schema version."""
+    """The spool cannot be used: its database is missing or of an unknown schema version, or it is locked."""
+
+
+class SpoolLocked(SpoolError):
+    """Another process holds the spool's lock (`holder`: its pid, None when it could not be read)."""
+
+    def __init__(self, spool_dir: str, holder: int | None) -> None:
+        self.spool_dir, self.holder = spool_dir, holder
+        who = f"another llmproxy (pid {holder})" if holder is not None else "another llmproxy process"
+        super().__init__(f"usage spool {spool_dir} is in use by {who}; give each instance its own usage.spool_dir")
 
 
 @dataclass(slots=True)
@@ -101,8 +110,8 @@ class Action:
     error: str | None = None  # short description or response body excerpt
     reason: str | None = None  # dead-letter reason
     failure: str | None = None  # metric label of a failed attempt
-    retryable: bool = False  # the failure says the consumer is unwell (drives the reporter's back-off)
-    delay: float = 0.0  # back-off chosen for this failure
+    retryable: bool = False  # the failure says the consumer is unwell (makes the dispatcher probe it)
+    retry_after: float = 0.0  # seconds the consumer asked to wait (Retry-After), 0 when it did not say
 
 
 def db_path(spool_dir: str) -> str:

@@ -1,14 +1,16 @@
 """Durable usage delivery: outbox, webhook and file reporters, retries, dead letters, restarts.
 
 Everything runs on 127.0.0.1 against tests/webhook_consumer.py, which verifies Standard Webhooks
-signatures with its own implementation. Back-off bases and caps are shrunk to tens of milliseconds;
-every wait is bounded.
+signatures with its own implementation. Back-off bases and caps are shrunk to tens of milliseconds,
+except in the tests of the pinned schedule itself (0.5 s base, 30 s cap); every wait is bounded. The
+60 s outage is a soak test (`python -m pytest -m soak tests/unit/test_delivery.py -s` prints its numbers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import io
 import itertools
@@ -30,7 +32,8 @@ import uvloop
 from hypothesis import given, settings
 
 from llmproxy.config.model import FileReporterConfig, ReporterConfig, UsageConfig, WebhookConfig, signing_key
-from llmproxy.delivery import DeliveryService, SpoolError, dead_letters_main
+from llmproxy.delivery import DeliveryService, SpoolError, SpoolLocked, dead_letters_main
+from llmproxy.delivery.dispatch import PROBE_INTERVAL
 from llmproxy.delivery.retry import AttemptResult, RetryPolicy, backoff, decide, parse_retry_after
 from llmproxy.delivery.spool import Row, SpoolDB
 from llmproxy.delivery.webhook import sign
@@ -306,6 +309,7 @@ def test_consumer_down_then_up_delivers_every_record(tmp_path: Path) -> None:
         await consumer.down()
         metrics = RecordingMetrics()
         svc = service(tmp_path, [hook("billing", consumer.url, secret=SECRET, max_age=60, concurrency=4)], metrics)
+        started = time.monotonic()
         svc.start()
         sent = records(300)
         try:
@@ -314,8 +318,10 @@ def test_consumer_down_then_up_delivers_every_record(tmp_path: Path) -> None:
                     svc.append(record)
                 await asyncio.sleep(0.1)
             failures_while_down = sum(n for key, n in metrics.calls.items() if key[0] == "failure")
-            # A dead consumer is probed one attempt at a time, not hammered with the whole backlog.
-            assert 1 <= failures_while_down <= 30, failures_while_down
+            # A dead consumer is probed one attempt at a time, not hammered with the whole backlog: the first
+            # round at full concurrency, then one attempt per PROBE_INTERVAL at most.
+            most = 4 + (time.monotonic() - started) / PROBE_INTERVAL + 1
+            assert 1 <= failures_while_down <= most, (failures_while_down, most)
             await consumer.up()
             ids = {record["request_id"] for record in sent}
             await consumer.wait_for(lambda: consumer.delivered_ids() == ids, 10)
@@ -326,6 +332,169 @@ def test_consumer_down_then_up_delivers_every_record(tmp_path: Path) -> None:
         for received in consumer.received:  # a duplicate can only be the same record under the same id
             assert received.signature_ok and received.record["request_id"] == received.webhook_id
         assert svc.dead_letter_count() == 0
+
+    run(main())
+
+
+# How long an attempt may start after its row fell due, on a loaded 2-core machine: the event loop, the
+# outbox thread's claim, a connect, plus the probe pace when several records fall due together.
+SCHEDULING_SLACK = 0.5
+RECOVERY_NOTICED = 2.0  # a consumer back up gets its first delivery within this (a few probe intervals)
+DRAINED_AFTER_RECOVERY = 10.0  # the measurement: every record of the backlog delivered within this of recovery
+
+
+def pinned_hook(name: str, url: str, **options: Any) -> ReporterConfig:
+    """A webhook reporter with the shipped back-off (0.5 s base, 30 s cap) and concurrency (4)."""
+    config = WebhookConfig(url=url, **options)
+    assert (config.backoff_base, config.backoff_cap, config.concurrency) == (0.5, 30.0, 4)
+    return ReporterConfig(name=name, type="webhook", webhook=config)
+
+
+def test_each_record_keeps_its_own_backoff_when_the_consumer_fails_every_record_four_times(tmp_path: Path) -> None:
+    """The reported case: 500 four times per record, then 200, six records. Each record's n-th gap is its own
+    full-jitter back-off, at most base * 2^(n-1) (0.5, 1, 2, 4 s): other records' failures never add to it."""
+    async def main() -> None:
+        consumer = await WebhookConsumer(SECRET).up()
+        consumer.fail_each = 4
+        reporter = pinned_hook("billing", consumer.url, secret=SECRET)
+        policy = reporter.webhook
+        ceilings = [min(policy.backoff_cap, policy.backoff_base * 2 ** (n - 1)) for n in range(1, 5)]
+        svc = service(tmp_path, [reporter], rng=random.Random(20240611))
+        sent = records(6)
+        ids = {record["request_id"] for record in sent}
+        svc.start()
+        for record in sent:
+            svc.append(record)
+        try:
+            # The slowest record allowed: every gap at its ceiling plus slack (7.5 s + 2 s). On a timeout
+            # the gaps so far are checked first: they say what went wrong.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await consumer.wait_for(lambda: consumer.delivered_ids() == ids, sum(ceilings) + 4 * SCHEDULING_SLACK)
+            ended = time.monotonic()
+        finally:
+            await svc.close(1)
+        gaps: dict[str | None, list[float]] = {}
+        for request_id in sorted(ids):
+            mine = [r for r in consumer.received if r.webhook_id == request_id]
+            assert all(r.signature_ok for r in mine)
+            statuses = [r.status for r in mine]
+            assert statuses == [500, 500, 500, 500, 200][:len(statuses)], (request_id, statuses)  # none twice
+            times = [r.at for r in mine] + ([ended] if mine and statuses[-1] != 200 else [])  # still waiting
+            gaps[request_id] = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+        print("\ngaps per record (s):", gaps)
+        for request_id, record_gaps in gaps.items():
+            for gap, ceiling in zip(record_gaps, ceilings, strict=False):
+                assert gap <= ceiling + SCHEDULING_SLACK, (request_id, record_gaps, ceilings)
+        assert consumer.delivered_ids() == ids, (
+            f"{len(consumer.delivered_ids())} of {len(ids)} delivered after {len(consumer.received)} requests: {gaps}")
+        assert svc.pending_count() == 0
+
+    run(main())
+
+
+async def outage_then_recovery(tmp_path: Path, down_for: float, n: int) -> dict[str, float]:
+    """`n` records pending while the consumer is down for `down_for` s; returns what happened after it came back.
+
+    MaxJitter: every back-off draws its upper bound, the slowest the pinned schedule allows.
+    """
+    consumer = await WebhookConsumer(SECRET).up()
+    await consumer.down()
+    metrics = RecordingMetrics()
+    svc = service(tmp_path, [pinned_hook("billing", consumer.url, secret=SECRET)], metrics, MaxJitter())
+    went_down = time.monotonic()
+    svc.start()
+    sent = records(n, prefix="outage")
+    ids = {record["request_id"] for record in sent}
+    try:
+        for record in sent:
+            svc.append(record)
+        await asyncio.sleep(went_down + down_for - time.monotonic())
+        attempts_while_down = sum(count for key, count in metrics.calls.items() if key[0] == "failure")
+        await consumer.up()
+        recovered = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):  # reported below, with what was delivered
+            await consumer.wait_for(lambda: consumer.delivered_ids() == ids, DRAINED_AFTER_RECOVERY + 10)
+    finally:
+        await svc.close(1)
+    delivered = [r for r in consumer.received if r.status == 200]
+    assert consumer.delivered_ids() == ids and svc.pending_count() == 0, (
+        f"{len(consumer.delivered_ids())} of {n} delivered in the {time.monotonic() - recovered:.1f} s after "
+        f"recovery, the first {min(r.at for r in delivered) - recovered:.1f} s after it" if delivered else
+        f"nothing delivered in the {time.monotonic() - recovered:.1f} s after recovery")
+    twice = [key for key, count in Counter(r.webhook_id for r in delivered).items() if count > 1]
+    assert not twice, f"delivered more than once: {twice[:10]}"
+    assert all(r.signature_ok and r.record["request_id"] == r.webhook_id for r in consumer.received)
+    assert svc.dead_letter_count() == 0
+    result = {"attempts_while_down": attempts_while_down,
+              "first_delivery_after_recovery": min(r.at for r in delivered) - recovered,
+              "last_delivery_after_recovery": max(r.at for r in delivered) - recovered}
+    print(f"\nconsumer down {down_for:g} s with {n} records pending: {result}")
+    return result
+
+
+def check_outage(result: dict[str, float]) -> None:
+    assert result["first_delivery_after_recovery"] <= RECOVERY_NOTICED, result
+    assert result["last_delivery_after_recovery"] <= DRAINED_AFTER_RECOVERY, result
+
+
+def test_a_backlog_is_delivered_within_seconds_of_the_consumer_coming_back(tmp_path: Path) -> None:
+    check_outage(run(outage_then_recovery(tmp_path, down_for=8.0, n=1000), timeout=40))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(180)
+def test_soak_1000_records_after_a_60s_outage_are_delivered_within_10s_of_recovery(tmp_path: Path) -> None:
+    check_outage(run(outage_then_recovery(tmp_path, down_for=60.0, n=1000), timeout=120))
+
+
+def test_a_failing_consumer_is_probed_one_record_at_a_time_then_drained_at_full_concurrency(tmp_path: Path) -> None:
+    async def main() -> None:
+        consumer = await WebhookConsumer().up()
+        consumer.default_status = 503
+        consumer.delay = 0.02  # long enough for concurrent requests to overlap at the consumer
+        # A shrunk back-off: rows are due again at once, so only the probe pace holds them back.
+        svc = service(tmp_path, [hook("billing", consumer.url, concurrency=4)])
+        sent = records(200)
+        ids = {record["request_id"] for record in sent}
+        svc.start()
+        for record in sent:
+            svc.append(record)
+        try:
+            # The first round (4 at once) fails, the consumer is down from then on.
+            await wait_until(lambda: len(consumer.received) >= 4 + 1, 5, "the first probe")
+            consumer.peak_concurrency, before, started = consumer.concurrency, len(consumer.received), time.monotonic()
+            await asyncio.sleep(2.0)
+            probes, elapsed = len(consumer.received) - before, time.monotonic() - started
+            assert consumer.peak_concurrency == 1  # one record at a time
+            assert probes <= elapsed / PROBE_INTERVAL + 1, (probes, elapsed)  # at the probe pace at most
+            assert probes >= elapsed / 1.0, (probes, elapsed)  # and steadily: a recovery would be seen at once
+            consumer.default_status = 200
+            await consumer.wait_for(lambda: consumer.delivered_ids() == ids, 10)
+        finally:
+            await svc.close(1)
+        assert consumer.peak_concurrency == 4  # the backlog drains at the reporter's concurrency
+        assert Counter(r.webhook_id for r in consumer.received if r.status == 200) == Counter(ids)
+
+    run(main())
+
+
+def test_retry_after_from_a_consumer_that_is_down_pauses_the_probes(tmp_path: Path) -> None:
+    async def main() -> None:
+        consumer = await WebhookConsumer().up()
+        consumer.script = [Answer(503, [("retry-after", "1")])] * 4  # the first round: it is down, come back in 1 s
+        svc = service(tmp_path, [hook("billing", consumer.url, concurrency=4, backoff_base=0.01, backoff_cap=0.02)])
+        sent = records(20)
+        svc.start()
+        for record in sent:
+            svc.append(record)
+        try:
+            await consumer.wait_for(lambda: len(consumer.delivered_ids()) == len(sent), 5)
+        finally:
+            await svc.close(1)
+        first_round, after = consumer.received[:4], consumer.received[4:]
+        assert [r.status for r in first_round] == [503] * 4 and after[0].status == 200
+        # No record was attempted before the consumer's Retry-After, not only the four it was given to.
+        assert 0.95 <= after[0].at - first_round[-1].at < 2.5
 
     run(main())
 
@@ -389,11 +558,23 @@ def test_the_spool_belongs_to_one_process(tmp_path: Path) -> None:
         url = await free_port_url()
         first = service(tmp_path, [hook("billing", url)])
         first.start()
+        lock = tmp_path / "usage.lock"
         try:
-            with pytest.raises(SpoolError, match="in use"):
+            assert lock.read_text() == f"{os.getpid()}\n"  # the holder's pid, for the next one's message
+            with pytest.raises(SpoolLocked) as refused:
+                service(tmp_path, [hook("billing", url)]).start()
+            assert isinstance(refused.value, SpoolError) and refused.value.holder == os.getpid()
+            assert str(refused.value) == (f"usage spool {tmp_path} is in use by another llmproxy (pid {os.getpid()}); "
+                                          "give each instance its own usage.spool_dir")
+            lock.write_text("")  # a holder that wrote no pid (yet): the message says so, without one
+            with pytest.raises(SpoolLocked, match="in use by another llmproxy process;"):
                 service(tmp_path, [hook("billing", url)]).start()
         finally:
             await first.close(1)
+        assert lock.read_text() == ""  # released: no stale pid left to name the wrong process
+        second = service(tmp_path, [hook("billing", url)])
+        second.start()  # the lock is free again
+        await second.close(1)
 
     run(main())
 
