@@ -37,6 +37,8 @@ class Kind:
     key_is_str: bool = True
     # Queue depth: Prometheus samples on GET /metrics whose sum is requests waiting + running.
     load_metrics: frozenset[str] = frozenset()
+    # The API families (Endpoint.api) whose prompt its tokenizer endpoint counts (fleet/tokenizer.py asks it).
+    tokenizes: frozenset[str] = frozenset()
 
 
 # Detection tries the kinds in this order: vLLM's /version and TGI's /info both carry "version" too, and
@@ -44,9 +46,11 @@ class Kind:
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("ollama", "/api/version", "/api/version", "version"),
     Kind("tgi", "/health", "/info", "model_id", key_is_str=False,
-         load_metrics=frozenset({"tgi_queue_size", "tgi_batch_current_size"})),
+         load_metrics=frozenset({"tgi_queue_size", "tgi_batch_current_size"}),
+         tokenizes=frozenset({"openai-chat", "openai-completions", "tgi-generate"})),
     Kind("vllm", "/health", "/version", "version",
-         load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"})),
+         load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"}),
+         tokenizes=frozenset({"openai-chat", "openai-completions"})),
     Kind("openai", "/v1/models", None),
 )}
 BACKEND_KINDS = tuple(KINDS)

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 
 from llmproxy.catalogue import lookup
 from llmproxy.errors import ProxyError, drop_traceback, error_body
-from llmproxy.metering.session import MeteringSession
+from llmproxy.fleet.tokenizer import can_count, count_prompt_tokens
+from llmproxy.metering.session import ESTIMATED, MeteringSession
 from llmproxy.own_endpoints import match_own, request_path
-from llmproxy.record import build_record
+from llmproxy.record import build_record, recount
 from llmproxy.relay import Exchange
 from llmproxy.request_body import body_for_backend, inspect_body
 
@@ -199,21 +200,50 @@ def finish(services: Services, ctx: RequestContext) -> None:
     if not ctx.response_started:
         ctx.status = 499  # the client left before any response (nginx's convention)
     record = None
+    counting = False  # the record waits for the backend's count of its prompt
     try:
         metrics = services.metrics
         if metrics is not None:
             metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
         if ctx.upstream_sent and ctx.meter is not None:  # one record per request sent to a backend
-            record = build_record(ctx, ctx.meter.final_usage(ctx.backend_status), duration, ttft, services.prices)
-            if metrics is not None:
-                metrics.observe_usage(record)
-            services.outbox.append(record)
+            usage = ctx.meter.final_usage(ctx.backend_status)
+            record = build_record(ctx, usage, duration, ttft, services.prices)
+            counting = usage.source == ESTIMATED and _recount_later(services, ctx, record)
+            if not counting:
+                deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)
     except Exception:  # recording must never strand the connection
         log.exception("recording request %s failed", ctx.request_id)
     finally:
-        _settle(ctx, record)
+        _settle(ctx, record, counting)
         ctx.conn.request_finished(ctx)
+
+
+def deliver_record(services: Services, record: dict) -> None:
+    """A finished request's usage record: counted in the metrics and handed to the durable outbox."""
+    if services.metrics is not None:
+        services.metrics.observe_usage(record)
+    services.outbox.append(record)
+
+
+def _recount_later(services: Services, ctx: RequestContext, record: dict) -> bool:
+    """Have the backend's tokenizer count an estimated record's prompt (recount.py); True if it will: the
+    record and the charge of its rate limits go out when the count is in."""
+    backend = services.fleet.backend_named(ctx.backend)
+    api, body, admission = ctx.endpoint.api, ctx.body_data, ctx.admission
+    if backend is None or not isinstance(body, dict) or not can_count(backend.kind, api):
+        return False
+    timeout = services.recounter.config.timeout
+
+    def done(prompt_tokens: int | None) -> None:
+        if prompt_tokens is not None:
+            recount(record, prompt_tokens, services.prices)
+        deliver_record(services, record)
+        if admission is not None:
+            admission.charge(record)
+
+    return services.recounter.submit(lambda: count_prompt_tokens(backend.config, backend.kind, api, body, timeout),
+                                     done)
 
 
 def reject_malformed(services: Services, peer: str, error: ProtocolError) -> None:
@@ -223,11 +253,15 @@ def reject_malformed(services: Services, peer: str, error: ProtocolError) -> Non
         services.metrics.observe_request("", error.spec.status, error.spec.termination, 0.0, None)
 
 
-def _settle(ctx: RequestContext, record: dict | None) -> None:
-    """Give back the request's rate-limit slots and charge its usage, whatever happened before."""
+def _settle(ctx: RequestContext, record: dict | None, counting: bool) -> None:
+    """Give back the request's rate-limit slots and charge its usage (unless its record is `counting`: then
+    the count charges it), whatever happened before."""
     admission, ctx.admission = ctx.admission, None
     if admission is not None:
         try:
-            admission.settle(record)
+            if counting:
+                admission.release()
+            else:
+                admission.settle(record)
         except Exception:
             log.exception("settling the rate limits of request %s failed", ctx.request_id)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from llmproxy.accesslog import rfc3339
 
+TOKENIZED = "tokenized"  # usage_source of a record whose prompt the backend's tokenizer counted
+
 if TYPE_CHECKING:
     from llmproxy.config.model import PriceConfig
     from llmproxy.context import RequestContext
@@ -56,3 +58,13 @@ def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft
     if price is not None:
         record["cost_usd"] = cost_usd(price, prompt, completion, cached)
     return record
+
+
+def recount(record: dict[str, Any], prompt_tokens: int, prices: dict[str, PriceConfig]) -> None:
+    """Put the backend tokenizer's count of the prompt into an estimated record (recount.py), cost included."""
+    record["prompt_tokens"] = prompt_tokens
+    record["total_tokens"] = prompt_tokens + record["completion_tokens"]
+    record["usage_source"] = TOKENIZED
+    price = prices.get(record["model"] or "")
+    if price is not None:
+        record["cost_usd"] = cost_usd(price, prompt_tokens, record["completion_tokens"], record.get("cached_tokens"))

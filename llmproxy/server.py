@@ -140,6 +140,7 @@ class ProxyServer:
             if services.limiter is not None:
                 await services.limiter.close()
         self.lasting.relay.sweeper.close()
+        await self.lasting.recounter.close()  # records waiting for a prompt count go out (counted or not)
         await self.lasting.outbox.close()  # every record of every finished request is on disk before we exit
         self.lasting.access_log.close()
         if self.metrics is not None:

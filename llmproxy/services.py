@@ -26,6 +26,7 @@ from llmproxy.http11.headers import HeaderRules
 from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
 from llmproxy.ratelimit import Limiter, open_store
+from llmproxy.recount import Recounter
 from llmproxy.traffic import Traffic
 
 log = logging.getLogger("llmproxy")
@@ -52,6 +53,7 @@ class Lasting:
     traffic: Traffic
     clock: Callable[[], float]  # the event loop's time: health and ejection deadlines are in it
     trusted_proxies: tuple[str, ...]  # server.trusted_proxies
+    recounter: Recounter  # exact prompt counts of estimated records, from the backends' tokenizers
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -71,6 +73,7 @@ class Services:
     relay: RelaySettings
     traffic: Traffic
     clock: Callable[[], float]
+    recounter: Recounter
     lasting: Lasting
 
 
@@ -95,6 +98,7 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         traffic=traffic,
         clock=loop.time,
         trusted_proxies=tuple(config.server.trusted_proxies),
+        recounter=Recounter(config.usage.recount),
     )
 
 
@@ -118,6 +122,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         relay=lasting.relay,
         traffic=lasting.traffic,
         clock=lasting.clock,
+        recounter=lasting.recounter,
         lasting=lasting,
     )
 

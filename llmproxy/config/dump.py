@@ -24,6 +24,7 @@ _DURATIONS = {
     "health_check": ("interval", "timeout", "models_interval"),
     "passive": ("base_ejection_time", "max_ejection_time"),
     "usage": ("flush_interval",),
+    "recount": ("timeout",),
     "webhook": ("timeout", "max_age", "backoff_base", "backoff_cap"),
 }
 

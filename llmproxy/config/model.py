@@ -249,9 +249,20 @@ class ReporterConfig:
 
 
 @dataclass(slots=True)
+class RecountConfig:
+    """Counting an estimated record's prompt exactly with the backend's tokenizer, after the request ended."""
+
+    enabled: bool = True
+    timeout: float = 2.0  # per count: then the record goes out estimated
+    concurrency: int = 4  # counts in flight at once (each is one small request to a backend)
+    max_pending: int = 1000  # records waiting for a count; beyond, they go out estimated at once
+
+
+@dataclass(slots=True)
 class UsageConfig:
     enabled: bool = False
     metering: bool = True  # meter responses and build records (metrics); false: no body rewriting, no records
+    recount: RecountConfig = field(default_factory=RecountConfig)
     spool_dir: str = "./usage-spool"
     reporters: list[ReporterConfig] = field(default_factory=list)
     max_outbox_records: int = 1_000_000  # pending rows (one per record and reporter); see outbox.py for the policy

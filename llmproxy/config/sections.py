@@ -19,6 +19,7 @@ from llmproxy.config.model import (
     MetricsConfig,
     PassiveHealthConfig,
     PriceConfig,
+    RecountConfig,
     ReporterConfig,
     RoutingConfig,
     ServerConfig,
@@ -240,6 +241,8 @@ def _parse_usage(value: Any, path: str) -> UsageConfig:
         "max_outbox_records": _int_at_least(1),
         "flush_interval": _positive_duration,
         "reporters": _parse_reporters,
+        "recount": _section(RecountConfig, {"enabled": _bool, "timeout": _positive_duration,
+                                            "concurrency": _int_at_least(1), "max_pending": _int_at_least(0)}),
     }
     return _dataclass_from(UsageConfig, path, _parse_fields(value, path, fields))
 

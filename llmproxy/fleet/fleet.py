@@ -34,6 +34,12 @@ class Fleet:
     def stop(self) -> None:
         self.health.stop()
 
+    def backend_named(self, name: str) -> Backend | None:
+        for backend in self.backends:  # a few entries: a dict would cost more to keep than to scan
+            if backend.name == name:
+                return backend
+        return None
+
 
 async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None) -> Fleet:
     """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged."""

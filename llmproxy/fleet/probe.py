@@ -1,4 +1,4 @@
-"""A tiny HTTP/1.1 GET client for health and discovery probes (not the hot path).
+"""A tiny HTTP/1.1 client for health, discovery and tokenizer probes (not the hot path).
 
 One request per connection (`Connection: close`), parsed with h11, the whole exchange bounded by one
 timeout. Every failure becomes a `ProbeError` with a short message fit for a log line or a status page;
@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import h11
+import orjson
 
 from llmproxy.config.model import BackendConfig
 from llmproxy.errors import LOCAL_EXHAUSTION_ERRNOS
@@ -55,19 +58,35 @@ def host_header(backend: BackendConfig) -> str:
 async def probe_get(backend: BackendConfig, path: str, timeout: float,
                     max_body: int = DEFAULT_MAX_BODY) -> ProbeResponse:
     """GET `backend.base_path + path`; raises ProbeError on any failure, within `timeout` seconds."""
+    return await _bounded(_exchange(backend, "GET", backend.base_path + path, None, max_body), timeout)
+
+
+async def probe_post(backend: BackendConfig, path: str, body: Any, timeout: float,
+                     max_body: int = DEFAULT_MAX_BODY) -> ProbeResponse:
+    """POST `body` as JSON to `backend.base_path + path`; raises ProbeError on any failure, within `timeout`."""
+    return await _bounded(_exchange(backend, "POST", backend.base_path + path, orjson.dumps(body), max_body), timeout)
+
+
+async def _bounded(exchange: Coroutine[Any, Any, ProbeResponse], timeout: float) -> ProbeResponse:
     try:
-        return await asyncio.wait_for(_exchange(backend, backend.base_path + path, max_body), timeout)
+        return await asyncio.wait_for(exchange, timeout)
     except asyncio.TimeoutError:
         # Only wait_for's own timeout gets here: _exchange turns every OSError into a ProbeError.
         raise ProbeError(f"timed out after {timeout:g}s") from None
 
 
-async def _exchange(backend: BackendConfig, target: str, max_body: int) -> ProbeResponse:
+async def _exchange(backend: BackendConfig, method: str, target: str, body: bytes | None,
+                    max_body: int) -> ProbeResponse:
     reader, writer = await _connect(backend)
     try:
         conn = h11.Connection(h11.CLIENT)
+        headers = _request_headers(backend)
+        if body is not None:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         try:
-            request = conn.send(h11.Request(method="GET", target=target, headers=_request_headers(backend)))
+            request = conn.send(h11.Request(method=method, target=target, headers=headers))
+            if body is not None:
+                request += conn.send(h11.Data(data=body))
         except h11.LocalProtocolError as exc:  # e.g. a target or api key h11 refuses to put on the wire
             raise ProbeError(f"invalid request: {exc}") from None
         writer.write(request + conn.send(h11.EndOfMessage()))

@@ -81,7 +81,16 @@ class Admission:
 
     def settle(self, record: dict[str, Any] | None) -> None:
         """Give back the concurrency slots and charge the usage of `record` (None: nothing was used)."""
-        self.limiter.settle(self, record)
+        self.release()
+        self.charge(record)
+
+    def release(self) -> None:
+        """Give back the concurrency slots (the request ended); call once."""
+        self.limiter.release(self)
+
+    def charge(self, record: dict[str, Any] | None) -> None:
+        """Charge the usage of the request's record (None: nothing was used); call once, after release."""
+        self.limiter.charge(self, record)
 
 
 class Limiter:
@@ -121,11 +130,16 @@ class Limiter:
         self._held[0] += 1
         return Admission(self, checks, decision.leases, reserve, headers)
 
-    def settle(self, admission: Admission, record: dict[str, Any] | None) -> None:
+    def release(self, admission: Admission) -> None:
         self._held[0] -= 1
+        if admission.leases:
+            self._run(self._release(admission.leases))
+
+    def charge(self, admission: Admission, record: dict[str, Any] | None) -> None:
         tokens = (record["prompt_tokens"] + record["completion_tokens"]) if record else 0
         usd = (record.get("cost_usd") or 0.0) if record else 0.0
-        self._run(self._settle(admission, tokens, usd))
+        if tokens or usd or admission.reserved:
+            self._run(self._charge(admission, tokens, usd))
 
     @property
     def held(self) -> int:
@@ -164,14 +178,17 @@ class Limiter:
             message = f"Rate limit reached for {who} ({reason}). Retry after {retry_after}s."
         raise ProxyError(_DENIAL_KINDS[reason], message, headers=headers)
 
-    async def _settle(self, admission: Admission, tokens: int, usd: float) -> None:
+    async def _release(self, leases: list[tuple[str, str]]) -> None:
         try:
-            if admission.leases:
-                await self.store.release(admission.leases)
-            if tokens or usd or admission.reserved:
-                await self.store.charge(admission.checks, tokens, usd, admission.reserved)
+            await self.store.release(leases)
         except StoreUnavailable as error:
-            self._store_failed(error)  # leases in Redis expire on their own; a lost charge is logged
+            self._store_failed(error)  # leases in Redis expire on their own
+
+    async def _charge(self, admission: Admission, tokens: int, usd: float) -> None:
+        try:
+            await self.store.charge(admission.checks, tokens, usd, admission.reserved)
+        except StoreUnavailable as error:
+            self._store_failed(error)  # a lost charge is logged
 
     def _run(self, coro: Any) -> None:
         if self._local:

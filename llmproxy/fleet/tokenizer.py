@@ -1,0 +1,75 @@
+"""How many tokens a backend's own tokenizer makes of a request's prompt, asked after the request ended.
+
+Only kinds with a tokenizer endpoint can say (docs/protocols.md §2-3): vLLM's `POST /tokenize` renders chat
+messages with the model's template (`add_generation_prompt`, tools included) and answers `count`; TGI's
+`POST /chat_tokenize` does the same for messages, and `POST /tokenize` counts plain `inputs`. The answer is
+the prompt as the backend counted it for a request that reported no usage (cut off before its last event).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from llmproxy.catalogue import KINDS
+from llmproxy.config.model import BackendConfig
+from llmproxy.fleet.probe import ProbeError, probe_post
+
+_CHAT, _TGI = "openai-chat", "tgi-generate"
+
+
+def can_count(kind: str, api: str) -> bool:
+    """Whether a backend of `kind` can count the prompt of a request of API family `api` (catalogue.KINDS)."""
+    known = KINDS.get(kind)
+    return known is not None and api in known.tokenizes
+
+
+async def count_prompt_tokens(backend: BackendConfig, kind: str, api: str, body: dict[str, Any],
+                              timeout: float) -> int | None:
+    """The backend's own count of the prompt of `body`, or None when it cannot say (no such endpoint, a
+    prompt this counter does not understand). Raises ProbeError when asking failed."""
+    if not can_count(kind, api):
+        return None
+    if kind == "vllm":
+        return await _vllm(backend, api, body, timeout)
+    return await _tgi(backend, api, body, timeout)
+
+
+async def _vllm(backend: BackendConfig, api: str, body: dict[str, Any], timeout: float) -> int | None:
+    if api == _CHAT:
+        request: dict[str, Any] = {"messages": body.get("messages"), "add_generation_prompt": True}
+        if body.get("tools"):
+            request["tools"] = body["tools"]
+    elif isinstance(body.get("prompt"), str | list):
+        request = {"prompt": body["prompt"]}
+    else:
+        return None
+    if isinstance(body.get("model"), str):
+        request["model"] = body["model"]
+    answer = await _post_json(backend, "/tokenize", request, timeout)
+    count = answer.get("count") if isinstance(answer, dict) else None
+    return count if type(count) is int and count >= 0 else None
+
+
+async def _tgi(backend: BackendConfig, api: str, body: dict[str, Any], timeout: float) -> int | None:
+    if api == _CHAT:
+        answer = await _post_json(backend, "/chat_tokenize", {"messages": body.get("messages"),
+                                                                "tools": body.get("tools")}, timeout)
+        tokens = answer.get("tokenize_response") if isinstance(answer, dict) else None
+    else:
+        text = body.get("inputs") if api == _TGI else body.get("prompt")
+        if not isinstance(text, str):
+            return None
+        tokens = await _post_json(backend, "/tokenize", {"inputs": text}, timeout)
+    return len(tokens) if isinstance(tokens, list) else None
+
+
+async def _post_json(backend: BackendConfig, path: str, request: dict[str, Any], timeout: float) -> Any:
+    response = await probe_post(backend, path, request, timeout)
+    if not 200 <= response.status < 300:
+        raise ProbeError(f"POST {path}: status {response.status}", response.status)
+    try:
+        return orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        raise ProbeError(f"POST {path}: not JSON", response.status) from None
