@@ -20,19 +20,26 @@ if TYPE_CHECKING:
     from llmproxy.metering.session import MeteredUsage
 
 
-def cost_usd(price: PriceConfig, prompt: int, completion: int, cached: int | None) -> float:
-    """Return the cost of one request; cached prompt tokens at their own price when one is configured."""
-    cached = min(cached or 0, prompt) if price.cached_input_per_million is not None else 0
-    usd = (prompt - cached) * price.input_per_million + completion * price.output_per_million
-    if cached:
-        usd += cached * price.cached_input_per_million
+def cost_usd(price: PriceConfig, prompt: int, completion: int, cache_read: int | None = None,
+             cache_write: int | None = None) -> float:
+    """The cost of one request. `prompt` counts every prompt token; cache reads and writes are at their own
+    prices where configured (else the input price):
+
+        (prompt - reads - writes) * input + reads * cached_input + writes * cache_write + completion * output
+    """
+    read = min(cache_read or 0, prompt)
+    write = min(cache_write or 0, prompt - read)
+    read_price = price.input_per_million if price.cached_input_per_million is None else price.cached_input_per_million
+    write_price = price.input_per_million if price.cache_write_per_million is None else price.cache_write_per_million
+    usd = ((prompt - read - write) * price.input_per_million + read * read_price + write * write_price
+           + completion * price.output_per_million)
     return round(usd / 1_000_000, 10)
 
 
 def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft: float | None,
                  prices: dict[str, PriceConfig]) -> dict[str, Any]:
     """Return the usage record for a finished request."""
-    prompt, completion, cached, source = usage
+    prompt, completion, cache_read, cache_write, source = usage
     record: dict[str, Any] = {
         "request_id": ctx.request_id,
         "client_request_id": ctx.client_request_id,
@@ -52,11 +59,13 @@ def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft
         "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
         "duration_ms": round(duration * 1000.0, 3),
     }
-    if cached is not None:
-        record["cached_tokens"] = cached
+    if cache_read is not None:
+        record["cache_read_tokens"] = cache_read
+    if cache_write is not None:
+        record["cache_write_tokens"] = cache_write
     price = prices.get(ctx.model or "")
     if price is not None:
-        record["cost_usd"] = cost_usd(price, prompt, completion, cached)
+        record["cost_usd"] = cost_usd(price, prompt, completion, cache_read, cache_write)
     return record
 
 
@@ -67,4 +76,5 @@ def recount(record: dict[str, Any], prompt_tokens: int, prices: dict[str, PriceC
     record["usage_source"] = TOKENIZED
     price = prices.get(record["model"] or "")
     if price is not None:
-        record["cost_usd"] = cost_usd(price, prompt_tokens, record["completion_tokens"], record.get("cached_tokens"))
+        record["cost_usd"] = cost_usd(price, prompt_tokens, record["completion_tokens"],
+                                      record.get("cache_read_tokens"), record.get("cache_write_tokens"))

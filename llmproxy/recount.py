@@ -38,7 +38,11 @@ class Recounter:
         `done` not called) when recounts are off or too many wait: the caller delivers its record at once."""
         if not self.config.enabled or len(self._tasks) >= self.config.max_pending:
             return False
-        task = asyncio.get_running_loop().create_task(self._count(count, done))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a request finished while its loop is gone (a pipeline collected at exit)
+            return False
+        task = loop.create_task(self._count(count, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True

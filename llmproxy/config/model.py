@@ -176,7 +176,8 @@ class PriceConfig:
 
     input_per_million: float
     output_per_million: float
-    cached_input_per_million: float | None = None  # prompt tokens the backend served from its cache
+    cached_input_per_million: float | None = None  # prompt tokens read from a cache; None: the input price
+    cache_write_per_million: float | None = None  # prompt tokens written to a cache (Anthropic); None: input
 
 
 # Usage delivery (`usage:`): reporters of the usage records. `__post_init__` validates what a typo would

@@ -249,7 +249,8 @@ def _parse_usage(value: Any, path: str) -> UsageConfig:
 
 def _parse_pricing(value: Any, path: str) -> dict[str, PriceConfig]:
     fields: dict[str, _Parser] = {name: _non_negative_number for name in
-                                  ("input_per_million", "output_per_million", "cached_input_per_million")}
+                                  ("input_per_million", "output_per_million", "cached_input_per_million",
+                                   "cache_write_per_million")}
     prices = {}
     for model, entry in _mapping(value, path).items():
         entry_path = _join(path, str(model))

@@ -12,7 +12,7 @@ and the content relayed so far.
     feed = session.response_started(status, streaming)   # None: nothing to read in this response
     ... data = feed(data) ...                             # per upstream chunk
     tail = session.response_ended()
-    prompt, completion, cached, source = session.final_usage(backend_status)
+    prompt, completion, cache_read, cache_write, source = session.final_usage(backend_status)
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ REPORTED, ESTIMATED, NONE = "reported", "estimated", "none"
 
 
 class MeteredUsage(NamedTuple):
-    prompt_tokens: int
+    prompt_tokens: int  # all of them, cache reads and writes included
     completion_tokens: int
-    cached_tokens: int | None
+    cache_read_tokens: int | None  # as reported (None: the backend said nothing of a cache)
+    cache_write_tokens: int | None
     source: str  # REPORTED, ESTIMATED or NONE
 
 
@@ -122,15 +123,16 @@ class MeteringSession:
         cut before the backend answered (it did the prefill), a backend that reports none.
         """
         usage = self.reported
-        if usage is not None and usage.prompt_tokens is not None:
-            return MeteredUsage(usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens, REPORTED)
-        if usage is not None:  # the backend said what it generated, not what it read: that part is estimated
-            return MeteredUsage(estimate_prompt_tokens(self._body), usage.completion_tokens or 0, usage.cached_tokens,
-                                ESTIMATED)
+        if usage is not None:
+            prompt, source = usage.prompt, REPORTED
+            if prompt is None:  # the backend said what it generated, not what it read: that part is estimated
+                prompt, source = estimate_prompt_tokens(self._body), ESTIMATED
+            return MeteredUsage(prompt, usage.completion_tokens or 0, usage.cache_read_tokens,
+                                usage.cache_write_tokens, source)
         if self.dialect is None or backend_status >= 400:
-            return MeteredUsage(0, 0, None, NONE)
+            return MeteredUsage(0, 0, None, None, NONE)
         relayed = self._meter.content_events if self._meter is not None else 0
-        return MeteredUsage(estimate_prompt_tokens(self._body), relayed, None, ESTIMATED)
+        return MeteredUsage(estimate_prompt_tokens(self._body), relayed, None, None, ESTIMATED)
 
     def _collect(self, data: bytes) -> bytes:
         collected = self._collected

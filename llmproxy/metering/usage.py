@@ -19,20 +19,33 @@ class Usage:
     """Token counts as reported. A dialect that reports them across several events (input in one, output in
     another) reports None for a count an event does not carry; `merged` folds events together."""
 
-    prompt_tokens: int | None
+    prompt_tokens: int | None  # every prompt token, those served from a cache included (OpenAI's meaning)
     completion_tokens: int | None
     total_tokens: int | None  # as reported; prompt + completion when the backend omits it
-    cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens (vLLM) when reported
+    cache_read_tokens: int | None = None  # prompt tokens served from a prefix cache (OpenAI cached_tokens)
+    cache_write_tokens: int | None = None  # prompt tokens written to a cache (Anthropic cache_creation)
+    # Anthropic's input_tokens: the prompt tokens neither read from nor written to a cache. A dialect that
+    # reports this instead of prompt_tokens leaves prompt_tokens None: prompt = this + reads + writes.
+    uncached_prompt_tokens: int | None = None
 
     def merged(self, later: Usage) -> Usage:
         """These counts updated by a later event's: each count the later one reports replaces this one's
         (counts are cumulative in every dialect), the others are kept."""
-        return Usage(
-            self.prompt_tokens if later.prompt_tokens is None else later.prompt_tokens,
-            self.completion_tokens if later.completion_tokens is None else later.completion_tokens,
-            self.total_tokens if later.total_tokens is None else later.total_tokens,
-            self.cached_tokens if later.cached_tokens is None else later.cached_tokens,
-        )
+        return Usage(*(mine if theirs is None else theirs for mine, theirs in zip(self.counts(), later.counts(),
+                                                                                   strict=True)))
+
+    def counts(self) -> tuple[int | None, ...]:
+        return (self.prompt_tokens, self.completion_tokens, self.total_tokens, self.cache_read_tokens,
+                self.cache_write_tokens, self.uncached_prompt_tokens)
+
+    @property
+    def prompt(self) -> int | None:
+        """All prompt tokens: as reported, or Anthropic's uncached input plus cache reads and writes."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        if self.uncached_prompt_tokens is None:
+            return None
+        return self.uncached_prompt_tokens + (self.cache_read_tokens or 0) + (self.cache_write_tokens or 0)
 
 
 def _count(value: Any) -> int | None:
@@ -52,7 +65,7 @@ def _from_counts(obj: Any, prompt_key: str, completion_key: str, details_key: st
     total = _count(obj.get("total_tokens"))
     details = obj.get(details_key)
     cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return Usage(prompt, completion, prompt + completion if total is None else total, cached)
+    return Usage(prompt, completion, prompt + completion if total is None else total, cache_read_tokens=cached)
 
 
 def openai_usage(obj: Any) -> Usage | None:
@@ -115,3 +128,25 @@ def ollama_usage(obj: Any) -> Usage | None:
     prompt = _count(obj.get("prompt_eval_count")) or 0
     completion = _count(obj.get("eval_count")) or 0
     return Usage(prompt, completion, prompt + completion)
+
+
+def anthropic_usage(obj: Any) -> Usage | None:
+    """Usage of an Anthropic Messages body or stream event (docs/protocols.md on the Messages API).
+
+    `message_start` nests it in `message`, `message_delta` has it at the top, as a whole body does. Counts are
+    cumulative, and an event reports only some of them (input in message_start, output in message_delta;
+    Ollama's message_start input is an estimate its message_delta corrects): each is kept apart and merged.
+    `input_tokens` excludes cache reads and writes, which come as their own counts.
+    """
+    if not isinstance(obj, dict):
+        return None
+    message = obj.get("message")
+    usage = message.get("usage") if isinstance(message, dict) and "usage" not in obj else obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    counts = [_count(usage.get(key)) for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                                                   "cache_creation_input_tokens")]
+    if all(count is None for count in counts):
+        return None
+    uncached, output, read, write = counts
+    return Usage(None, output, None, cache_read_tokens=read, cache_write_tokens=write, uncached_prompt_tokens=uncached)

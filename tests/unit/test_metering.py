@@ -450,7 +450,7 @@ def test_responses_stream_usage_from_response_completed():
     for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
         out, meter = run(OPENAI_RESPONSES_SSE, chunks)
         assert out == data
-        assert meter.usage == Usage(11, 5, 16, cached_tokens=4)
+        assert meter.usage == Usage(11, 5, 16, cache_read_tokens=4)
         assert meter.content_events == 4 == ref_content_events(data, OPENAI_RESPONSES_SSE)
 
 
@@ -484,7 +484,7 @@ def test_cached_tokens_and_last_usage_wins_over_a_later_null():
             + b"\n\ndata: " + orjson.dumps(_chunk("", usage, choices=False))
             + b"\n\ndata: " + orjson.dumps(_chunk("x", None)) + b"\n\ndata: [DONE]\n\n")
     _, meter = run(OPENAI_CHAT_SSE, [data])
-    assert meter.usage == Usage(40, 5, 45, cached_tokens=32)
+    assert meter.usage == Usage(40, 5, 45, cache_read_tokens=32)
 
 
 def test_ollama_load_and_unload_lines_are_not_billed():

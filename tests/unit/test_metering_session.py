@@ -45,7 +45,7 @@ def test_a_streamed_response_is_fed_and_its_injected_usage_event_removed():
     assert feed(chunk("a")) == chunk("a")
     assert feed(USAGE_EVENT + b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
     assert session.response_ended() == b""
-    assert session.final_usage(200) == (11, 2, None, REPORTED)
+    assert session.final_usage(200) == (11, 2, None, None, REPORTED)
 
 
 def test_a_json_body_is_read_at_its_end():
@@ -55,7 +55,7 @@ def test_a_json_body_is_read_at_its_end():
     assert feed(body[:10]) == body[:10] and feed(body[10:]) == body[10:]
     assert not session.streamed and not session.rewrites
     session.response_ended()
-    assert session.final_usage(200) == (5, 1, None, REPORTED)
+    assert session.final_usage(200) == (5, 1, None, None, REPORTED)
 
 
 def test_embeddings_usage_without_completion_tokens_is_reported():
@@ -63,14 +63,14 @@ def test_embeddings_usage_without_completion_tokens_is_reported():
     feed = session.response_started(200, streaming=False)
     feed(b'{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}')
     session.response_ended()
-    assert session.final_usage(200) == (8, 0, None, REPORTED)
+    assert session.final_usage(200) == (8, 0, None, None, REPORTED)
 
 
 @pytest.mark.parametrize("status", [400, 404, 429, 500, 503])
 def test_a_request_the_backend_refused_carries_no_tokens(status: int):
     session = plan()
     assert session.response_started(status, streaming=False) is None  # an error body is not read for usage
-    assert session.final_usage(status) == (0, 0, None, NONE)
+    assert session.final_usage(status) == (0, 0, None, None, NONE)
 
 
 @pytest.mark.parametrize(("events", "completion"), [(0, 0), (3, 3)])
@@ -79,8 +79,8 @@ def test_a_stream_cut_off_before_its_usage_is_estimated(events: int, completion:
     feed = session.response_started(200, streaming=True)
     for i in range(events):
         feed(chunk(f"t{i}"))
-    prompt, relayed, cached, source = session.final_usage(200)
-    assert (relayed, cached, source) == (completion, None, ESTIMATED)
+    prompt, relayed, cache_read, _, source = session.final_usage(200)
+    assert (relayed, cache_read, source) == (completion, None, ESTIMATED)
     assert prompt > 0  # from the request text
 
 
@@ -93,7 +93,7 @@ def test_a_request_cut_before_the_backend_answered_is_estimated():
 def test_an_endpoint_that_is_no_generation_carries_no_tokens(path: str):
     session = plan(path, body={"prompt": "x" * 400})
     assert session.dialect is None and session.response_started(200, streaming=False) is None
-    assert session.final_usage(200) == (0, 0, None, NONE)
+    assert session.final_usage(200) == (0, 0, None, None, NONE)
 
 
 def test_a_non_streamed_body_over_the_cap_is_not_parsed():
@@ -131,7 +131,7 @@ def test_a_dialect_that_reports_input_and_output_in_different_events_gets_both()
 
 
 def test_a_later_event_s_count_replaces_an_earlier_one_and_a_missing_one_keeps_it():
-    first = Usage(prompt_tokens=5, completion_tokens=None, total_tokens=None, cached_tokens=2)
+    first = Usage(prompt_tokens=5, completion_tokens=None, total_tokens=None, cache_read_tokens=2)
     assert first.merged(Usage(7, 4, None)) == Usage(7, 4, None, 2)
     assert first.merged(Usage(None, 9, 14)) == Usage(5, 9, 14, 2)
 
@@ -149,7 +149,7 @@ def test_tgi_says_its_counts_in_response_headers_and_they_are_reported():
                                     headers=[(b"x-prompt-tokens", b"7"), (b"x-generated-tokens", b"3")])
     feed(b'{"generated_text":" a b c"}')  # no details: the body says nothing
     session.response_ended()
-    assert session.final_usage(200) == (7, 3, None, REPORTED)
+    assert session.final_usage(200) == (7, 3, None, None, REPORTED)
 
 
 def test_a_completion_count_without_a_prompt_count_estimates_only_the_prompt():
@@ -157,5 +157,5 @@ def test_a_completion_count_without_a_prompt_count_estimates_only_the_prompt():
     feed = session.response_started(200, streaming=False)
     feed(b'{"generated_text":"a","details":{"finish_reason":"length","generated_tokens":5,"prefill":[]}}')
     session.response_ended()
-    prompt, completion, _, source = session.final_usage(200)
+    prompt, completion, _, _, source = session.final_usage(200)
     assert (completion, source) == (5, ESTIMATED) and prompt > 0

@@ -285,7 +285,7 @@ def test_a_metered_stream_sent_with_a_length_is_reframed_and_its_usage_read(loop
     else:
         assert "transfer-encoding" not in headers and headers["connection"] == "close" and not r.ctx.keep_alive
         assert split_response(r.client.transport.data)[2] == relayed
-    assert session.final_usage(200) == (3, 1, None, REPORTED)
+    assert session.final_usage(200) == (3, 1, None, None, REPORTED)
     assert r.ctx.is_stream and r.ctx.bytes_out == len(relayed)
 
 
@@ -295,7 +295,7 @@ def test_a_metered_json_response_keeps_its_length(loop):
     r.upstream.send(OK)
     _, headers, body = split_response(r.client.transport.data)
     assert headers["content-length"] == str(len(body)) and "transfer-encoding" not in headers
-    assert session.final_usage(200) == (5, 2, None, REPORTED)
+    assert session.final_usage(200) == (5, 2, None, None, REPORTED)
     assert not r.ctx.is_stream
 
 
