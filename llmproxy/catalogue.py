@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmproxy.metering.dialects import (
+    ANTHROPIC_MESSAGES_SSE,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
@@ -39,6 +40,10 @@ class Kind:
     load_metrics: frozenset[str] = frozenset()
     # The API families (Endpoint.api) whose prompt its tokenizer endpoint counts (fleet/tokenizer.py asks it).
     tokenizes: frozenset[str] = frozenset()
+    kv_metric: str | None = None  # KV-cache use, 0..1, on GET /metrics
+    # It closes its connection after a streamed response, whatever its headers say: such a connection is not
+    # pooled (reusing it would fail as stale, every time).
+    closes_after_stream: bool = False
 
 
 # Detection tries the kinds in this order: vLLM's /version and TGI's /info both carry "version" too, and
@@ -48,9 +53,17 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("tgi", "/health", "/info", "model_id", key_is_str=False,
          load_metrics=frozenset({"tgi_queue_size", "tgi_batch_current_size"}),
          tokenizes=frozenset({"openai-chat", "openai-completions", "tgi-generate"})),
+    Kind("sglang", "/health", "/get_model_info", "model_path",
+         load_metrics=frozenset({"sglang:num_queue_reqs", "sglang:num_running_reqs"}),
+         kv_metric="sglang:token_usage"),
+    # llama.cpp's llama-server: its queue gauges need --metrics (else /metrics answers 501).
+    Kind("llamacpp", "/health", "/props", "default_generation_settings", key_is_str=False,
+         load_metrics=frozenset({"llamacpp:requests_processing", "llamacpp:requests_deferred"}),
+         tokenizes=frozenset({"openai-chat", "openai-completions", "llamacpp-completion"}),
+         closes_after_stream=True),
     Kind("vllm", "/health", "/version", "version",
          load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"}),
-         tokenizes=frozenset({"openai-chat", "openai-completions"})),
+         tokenizes=frozenset({"openai-chat", "openai-completions"}), kv_metric="vllm:kv_cache_usage_perc"),
     Kind("openai", "/v1/models", None),
 )}
 BACKEND_KINDS = tuple(KINDS)
@@ -60,6 +73,8 @@ ANY_KIND = frozenset(BACKEND_KINDS)
 # Whether a response streams: as the body's "stream" says (default false), unless it says false (native
 # Ollama), or always (TGI's /generate_stream).
 STREAMS_IF_ASKED, STREAMS_UNLESS_DECLINED, STREAMS_ALWAYS = "if_asked", "unless_declined", "always"
+# The shape of the errors the proxy itself answers on an endpoint: its clients' API's (their SDKs parse them).
+OPENAI_ERRORS, ANTHROPIC_ERRORS = "openai", "anthropic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +87,7 @@ class Endpoint:
     # A backend of unknown kind (AUTO) may serve it and is metered as if it did. False for a path that
     # means a generation only on one kind (TGI's `/`): metering anything else would misread it.
     guess_unknown_kind: bool = True
+    errors: str = OPENAI_ERRORS
 
     def served_by(self, kind: str) -> bool:
         return kind in self.kinds or kind == AUTO
@@ -85,11 +101,16 @@ class Endpoint:
         return self.dialect if kind in self.kinds else None
 
 
-_OLLAMA, _TGI = frozenset({"ollama"}), frozenset({"tgi"})
+_OLLAMA, _TGI, _LLAMACPP = frozenset({"ollama"}), frozenset({"tgi"}), frozenset({"llamacpp"})
+_MESSAGES_KINDS = frozenset({"vllm", "ollama", "llamacpp"})  # engines that serve Anthropic's Messages API
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True),
     "/v1/completions": Endpoint("openai-completions", ANY_KIND, OPENAI_COMPLETIONS_SSE, usage_option=True),
     "/v1/responses": Endpoint("openai-responses", frozenset({"vllm", "ollama", "openai"}), OPENAI_RESPONSES_SSE),
+    # Anthropic's Messages API (Claude Code): the engines that serve it natively.
+    "/v1/messages": Endpoint("anthropic-messages", _MESSAGES_KINDS, ANTHROPIC_MESSAGES_SSE, errors=ANTHROPIC_ERRORS),
+    "/v1/messages/count_tokens": Endpoint("anthropic-count-tokens", frozenset({"vllm", "llamacpp"}),
+                                          errors=ANTHROPIC_ERRORS),  # counts, generates nothing: not billed
     "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND, OPENAI_EMBEDDINGS),
     "/generate": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE),
     "/generate_stream": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE, STREAMS_ALWAYS),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llmproxy.catalogue import OTHER, Endpoint
+from llmproxy.catalogue import OTHER, Endpoint, lookup
 from llmproxy.errors import ProxyError
 from llmproxy.http11.headers import connection_line, local_response
 from llmproxy.http11.request import RequestHead
@@ -167,6 +167,7 @@ def new_context(conn: ClientSide, head: RequestHead, request_id: str, keep_alive
     """The context of a request whose head just arrived on `conn`."""
     supplied = valid_client_request_id(head)  # checked once per request, not at every use
     target = head.target
+    path = (target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1")
     return RequestContext(
         conn=conn,
         head=head,
@@ -175,5 +176,6 @@ def new_context(conn: ClientSide, head: RequestHead, request_id: str, keep_alive
         keep_alive=keep_alive,
         forwarded_request_id=supplied or request_id.encode(),
         client_request_id=None if supplied is None else supplied.decode(),
-        path=(target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1"),
+        path=path,
+        endpoint=lookup(path),
     )

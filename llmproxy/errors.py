@@ -111,8 +111,18 @@ class ProxyError(Exception):
         return self.status >= 500 if self.kind == "upstream_status" else self.spec.backend_fault
 
 
-def error_body(spec: ErrorSpec, message: str) -> bytes:
-    """Return the OpenAI-shaped JSON body for a local error."""
+# Anthropic's error types by status, for errors answered on its API's paths (its SDK maps them to classes).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def error_body(spec: ErrorSpec, message: str, shape: str = "openai") -> bytes:
+    """Return the JSON body of a local error in the shape of the client's API: OpenAI's (the default) or, with
+    shape "anthropic", Anthropic's `{"type": "error", "error": {"type", "message"}}`."""
+    if shape == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(spec.status, "api_error" if spec.status >= 500 else "invalid_request_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
     return orjson.dumps({"error": {"message": message, "type": spec.type, "param": None, "code": spec.code}})
 
 

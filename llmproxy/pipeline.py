@@ -23,7 +23,6 @@ import random
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from llmproxy.catalogue import lookup
 from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.fleet.tokenizer import can_count, count_prompt_tokens
 from llmproxy.metering.session import ESTIMATED, MeteringSession
@@ -83,7 +82,6 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
     traffic.inflight += 1
     try:
         body = await ctx.read_body()
-        ctx.endpoint = lookup(ctx.path)
         inspect_body(ctx, body)
         fleet = services.fleet
         requested = ctx.model
@@ -189,7 +187,8 @@ def reply_error(ctx: RequestContext, error: ProxyError) -> None:
         return
     if error.spec.close or not ctx.body_done:
         ctx.keep_alive = False  # an unread body would be parsed as the next request: say we close
-    ctx.send_response(error.spec.status, error_body(error.spec, error.message), headers=error.headers)
+    ctx.send_response(error.spec.status, error_body(error.spec, error.message, ctx.endpoint.errors),
+                      headers=error.headers)
 
 
 def finish(services: Services, ctx: RequestContext) -> None:

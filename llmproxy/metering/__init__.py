@@ -19,6 +19,7 @@ from typing import Protocol
 import orjson
 
 from llmproxy.metering.dialects import (
+    ANTHROPIC_MESSAGES_SSE,
     DIALECTS,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
@@ -32,9 +33,10 @@ from llmproxy.metering.dialects import (
 )
 from llmproxy.metering.ndjson import NDJSONMeter
 from llmproxy.metering.sse import SSEMeter
-from llmproxy.metering.usage import Usage, ollama_usage, openai_usage, responses_body_usage, tgi_usage
+from llmproxy.metering.usage import Usage
 
 __all__ = [
+    "ANTHROPIC_MESSAGES_SSE",
     "DEFAULT_MAX_LINE",
     "DIALECTS",
     "OLLAMA_NDJSON",
@@ -84,25 +86,16 @@ def meter_for(dialect: str, *, strip_usage_event: bool = False, max_line: int = 
     return SSEMeter(SPECS[name], strip_usage_event, max_line)
 
 
-_BODY_EXTRACTORS = {
-    OPENAI_CHAT_SSE: openai_usage,
-    OPENAI_COMPLETIONS_SSE: openai_usage,
-    OPENAI_EMBEDDINGS: openai_usage,
-    OPENAI_RESPONSES_SSE: responses_body_usage,
-    TGI_GENERATE_SSE: tgi_usage,
-    OLLAMA_NDJSON: ollama_usage,
-}
-
-
 def meter_for_json_body(body: bytes, dialect: str) -> Usage | None:
     """Return the usage of a complete (non-streamed) JSON response in `dialect`, or None if it has none.
 
     OpenAI chat/completions/embeddings: `usage` (embeddings report prompt tokens only); Responses API:
     `usage.input_tokens/output_tokens`; TGI /generate (or `/`):
-    `details` (present only with parameters.details); Ollama native: `prompt_eval_count`/`eval_count`.
+    `details` (present only with parameters.details); Ollama native: `prompt_eval_count`/`eval_count`; Anthropic
+    Messages: `usage.input_tokens` (+ cache reads and writes) / `output_tokens`.
     Never raises on the body; raises ValueError for an unknown dialect.
     """
-    extract = _BODY_EXTRACTORS[resolve(dialect)]
+    extract = SPECS[resolve(dialect)].body_usage
     try:
         obj = orjson.loads(body)
     except ValueError:

@@ -35,7 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llmproxy.metering.usage import Usage, ollama_usage, openai_usage, responses_event_usage, tgi_usage
+from llmproxy.metering.usage import (
+    Usage,
+    anthropic_usage,
+    ollama_usage,
+    openai_usage,
+    responses_body_usage,
+    responses_event_usage,
+    tgi_usage,
+)
 
 OPENAI_CHAT_SSE = "openai-chat-sse"
 OPENAI_COMPLETIONS_SSE = "openai-completions-sse"
@@ -43,8 +51,7 @@ OPENAI_RESPONSES_SSE = "openai-responses-sse"
 OPENAI_EMBEDDINGS = "openai-embeddings"  # JSON only: usage.prompt_tokens (and total_tokens)
 TGI_GENERATE_SSE = "tgi-generate-sse"
 OLLAMA_NDJSON = "ollama-ndjson"
-DIALECTS = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE, OPENAI_RESPONSES_SSE, OPENAI_EMBEDDINGS, TGI_GENERATE_SSE,
-            OLLAMA_NDJSON)
+ANTHROPIC_MESSAGES_SSE = "anthropic-messages-sse"
 # The names docs/protocols.md §5 and the recorded fixtures (§7) use for the two Ollama native endpoints.
 ALIASES = {"ollama-chat-ndjson": OLLAMA_NDJSON, "ollama-generate-ndjson": OLLAMA_NDJSON}
 # Dialects whose usage-only event a client may not expect (the proxy injected include_usage).
@@ -95,6 +102,10 @@ def count_tgi(data: bytes) -> int:
     return data.count(b'"special":false},"')
 
 
+def count_anthropic(data: bytes) -> int:
+    return data.count(b'"type":"content_block_delta"')
+
+
 def count_ollama(data: bytes) -> int:
     n = data.count(b'"done":false')
     return n - data.count(b'"content":""},"done":false') - data.count(b'"response":"","done":false') if n else 0
@@ -106,6 +117,11 @@ class Spec:
     count: Callable[[bytes], int]  # content events in these complete lines
     extract: Callable[[Any], Usage | None]  # parsed event -> usage it reports, or None
     marker: bytes  # the key `carries` looks for: every event that carries usage contains it
+    body: Callable[[Any], Usage | None] | None = None  # parsed non-streamed body -> usage; None: as `extract`
+
+    @property
+    def body_usage(self) -> Callable[[Any], Usage | None]:
+        return self.body if self.body is not None else self.extract
 
 
 _USAGE_KEY, _DETAILS_KEY, _DONE_KEY = b'"usage":', b'"details":', b'"done":'
@@ -116,10 +132,15 @@ SPECS = {
     # Embeddings never stream; were one streamed, it would carry no content events to count.
     OPENAI_EMBEDDINGS: Spec(_USAGE, _no_content, openai_usage, _USAGE_KEY),
     # Only response.completed (or .incomplete) embeds a response whose usage is an object; the others say null.
-    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY),
+    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY, responses_body_usage),
+    # message_start (input, in its message) and message_delta (output, cumulative; Ollama's real input too).
+    ANTHROPIC_MESSAGES_SSE: Spec(_USAGE, count_anthropic, anthropic_usage, _USAGE_KEY),
     TGI_GENERATE_SSE: Spec(_key_then(_DETAILS_KEY, b"{"), count_tgi, tgi_usage, _DETAILS_KEY),
     OLLAMA_NDJSON: Spec(_key_then(_DONE_KEY, b"t"), count_ollama, ollama_usage, _DONE_KEY),
 }
+
+DIALECTS = tuple(SPECS)
+
 
 def resolve(dialect: str) -> str:
     """Return the canonical dialect name; raises ValueError for an unknown one."""

@@ -17,6 +17,7 @@ from llmproxy.catalogue import (
     lookup,
 )
 from llmproxy.metering.dialects import (
+    ANTHROPIC_MESSAGES_SSE,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
@@ -47,7 +48,10 @@ from llmproxy.metering.dialects import (
     ("/v1/models", "vllm", None),
     ("/chat/completions", AUTO, None),
     ("/health", AUTO, None),
-    ("/v1/messages", "vllm", None),
+    ("/v1/messages", "vllm", ANTHROPIC_MESSAGES_SSE),
+    ("/v1/messages", "ollama", ANTHROPIC_MESSAGES_SSE),
+    ("/v1/messages", "tgi", None),
+    ("/v1/messages/count_tokens", "vllm", None),  # counts, generates nothing
 ])
 def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, kind: str, expected: str | None):
     assert lookup(path).dialect_on(kind) == expected

@@ -357,7 +357,8 @@ def test_unknown_key_message() -> None:
         (one(max_idle=-1), "backends[0].max_idle: must be an integer >= 0, got -1"),
         (one(tls_verify=1), "backends[0].tls_verify: must be true or false, got 1"),
         (one(tls_verify="yes"), 'backends[0].tls_verify: must be true or false, got "yes"'),
-        (one(type="foo"), 'backends[0].type: must be one of auto, ollama, tgi, vllm, openai, got "foo"'),
+        (one(type="foo"),
+         'backends[0].type: must be one of auto, ollama, tgi, sglang, llamacpp, vllm, openai, got "foo"'),
         (one(name=""), 'backends[0].name: must be a non-empty name, got ""'),
         (one(name="a b"), 'backends[0].name: must not contain whitespace or control characters, got "a b"'),
         (
