@@ -215,6 +215,8 @@ _BACKEND_GAUGES = (
      "Peak-EWMA of time to first token, as latency_based balancing sees it.", "livemax"),
     ("queue_depth", "llmproxy_backend_queue_depth",
      "Requests waiting + running as the backend last reported (queue_depth).", "livemax"),
+    ("kv_cache", "llmproxy_backend_kv_cache_usage",
+     "KV-cache use (0..1) as the backend last reported it (vLLM, SGLang, or its metrics: kv_cache).", "livemax"),
 )
 _OUTBOX_GAUGE = ("outbox_pending", "llmproxy_usage_outbox_pending", "Usage deliveries waiting in the outbox.",
                  "livesum")

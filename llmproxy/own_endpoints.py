@@ -64,6 +64,7 @@ def _backend_state(backend: Backend, now: float) -> dict:
         "inflight": backend.in_flight,
         "models": None if backend.models is None else sorted(backend.models),
         "ttft_ewma_ms": round(backend.ttft_ewma * 1000.0, 3), "queue_depth": backend.queue_depth,
+        "kv_cache_usage": backend.kv_cache_usage,
         "pool": {"checked_out": backend.pool.checked_out, "idle": backend.pool.idle_count},
     }
 

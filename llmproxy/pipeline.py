@@ -171,7 +171,7 @@ async def forward(services: Services, ctx: RequestContext, backend: Backend, bod
                     continue
                 raise
             finally:
-                pool.release(conn, conn.reusable())
+                pool.release(conn, conn.reusable() and not (ctx.is_stream and backend.closes_after_stream))
     finally:
         backend.in_flight -= 1
 

@@ -160,7 +160,8 @@ class ProxyServer:
             **({"outbox_pending": self.metrics.outbox_pending} if self.lasting.outbox.enabled else {}),
             "backends": {
                 b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight,
-                         "healthy": b.available(now), "ttft_ewma": b.ttft_ewma, "queue_depth": b.queue_depth}
+                         "healthy": b.available(now), "ttft_ewma": b.ttft_ewma, "queue_depth": b.queue_depth,
+                         "kv_cache": b.kv_cache_usage}
                 for b in services.fleet.backends
             },
         }

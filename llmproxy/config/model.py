@@ -57,6 +57,15 @@ class ServerConfig:
 
 
 @dataclass(slots=True)
+class BackendMetricsConfig:
+    """The Prometheus samples of an engine's GET /metrics that say its load (for engines not built in)."""
+
+    queued: list[str] = field(default_factory=list)  # requests waiting
+    running: list[str] = field(default_factory=list)  # requests being served
+    kv_cache: str | None = None  # KV-cache use, 0..1
+
+
+@dataclass(slots=True)
 class BackendConfig:
     url: str  # scheme://host[:port][/base-path]
     name: str = ""  # defaults to host:port
@@ -70,6 +79,7 @@ class BackendConfig:
     tls_verify: bool = True
     inject_usage: bool = True  # add stream_options.include_usage to streaming OpenAI-style requests
     models: list[str] | None = None  # the models it serves; None: the ones it reports (/v1/models, /api/tags)
+    metrics: BackendMetricsConfig | None = None  # its load gauges; None: its kind's (catalogue.KINDS)
     timeouts: BackendTimeouts = field(default_factory=BackendTimeouts)
     # Derived from url by the loader:
     scheme: str = "http"

@@ -12,6 +12,7 @@ from llmproxy.config.model import (
     REPORTER_TYPES,
     RETRY_CONDITIONS,
     BackendConfig,
+    BackendMetricsConfig,
     BackendTimeouts,
     FileReporterConfig,
     HealthCheckConfig,
@@ -96,6 +97,20 @@ class _BackendUrl(NamedTuple):
     base_path: str
 
 
+def _metric_names(value: Any, path: str) -> list[str]:
+    """One Prometheus sample name or a list of them (they are summed)."""
+    return _string_list([value] if isinstance(value, str) else value, path, "metric name")
+
+
+def _backend_metrics(value: Any, path: str) -> BackendMetricsConfig:
+    fields: dict[str, _Parser] = {"queued": _metric_names, "running": _metric_names,
+                                  "kv_cache": _clean_string("a metric name")}
+    metrics = _dataclass_from(BackendMetricsConfig, path, _parse_fields(value, path, fields))
+    if not (metrics.queued or metrics.running or metrics.kv_cache):
+        raise ConfigError(path, "names no metric: give queued, running and/or kv_cache")
+    return metrics
+
+
 def _backend_url(value: Any, path: str) -> _BackendUrl:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(path, f'must be a URL like "http://vllm:8000", got {_show(value)}')
@@ -161,6 +176,7 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "tls_verify": _bool,
     "inject_usage": _bool,
     "models": _optional(lambda value, path: _string_list(value, path, "model name")),
+    "metrics": _optional(lambda value, path: _backend_metrics(value, path)),
     "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
 }
 

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from llmproxy.catalogue import KINDS
 from llmproxy.config.model import BackendConfig, Config
 from llmproxy.upstream.pool import UpstreamPool
 
@@ -57,6 +58,7 @@ class Backend:
     ttft_at: float = 0.0  # when it was last updated (perf_counter)
     queue_depth: float | None = None  # requests waiting + running as the backend last reported them
     queue_depth_in_flight: int = 0  # our in-flight count when that report came
+    kv_cache_usage: float | None = None  # KV-cache use, 0..1, as the backend last reported it
     wrr_current: int = 0  # smooth weighted round robin's running weight
 
     @classmethod
@@ -81,6 +83,13 @@ class Backend:
             backend.model_patterns = tuple(m for m in config.models if is_pattern(m))
             backend.set_models([])
         return backend
+
+    @property
+    def closes_after_stream(self) -> bool:
+        """Its kind closes the connection after every streamed response (llama.cpp): such a connection is not
+        pooled, or the next request on it would fail as stale."""
+        kind = KINDS.get(self.kind)
+        return kind is not None and kind.closes_after_stream
 
     def available(self, now: float) -> bool:
         """Healthy by the probes and not ejected by passive checks (`now` is loop time)."""

@@ -21,7 +21,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
-from llmproxy.fleet.introspect import check_health, detect_kind, fetch_models, fetch_queue_depth
+from llmproxy.fleet.introspect import check_health, detect_kind, fetch_load, fetch_models
 from llmproxy.fleet.probe import ProbeError
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class HealthMonitor:
         self._events = events
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task] = []
+        self._said_no_metrics: set[str] = set()
 
     # Lifecycle ------------------------------------------------------------------------------------
 
@@ -112,10 +113,15 @@ class HealthMonitor:
 
     async def _refresh_queue_depth(self, backend: Backend, timeout: float) -> None:
         try:
-            depth = await fetch_queue_depth(backend.config, backend.kind, timeout)
-        except ProbeError:
-            depth = None  # balanced on our own in-flight count until the next report
-        backend.queue_depth = depth
+            load = await fetch_load(backend.config, backend.kind, timeout)
+        except ProbeError as error:
+            load = None  # balanced on our own in-flight count until the next report
+            if error.status == 501 and backend.name not in self._said_no_metrics:
+                self._said_no_metrics.add(backend.name)  # once: it will not change until the engine restarts
+                log.warning("backend %s serves no /metrics (%s; llama.cpp needs --metrics): queue_depth balances "
+                            "it on the proxy's own in-flight count", backend.name, error)
+        backend.queue_depth = load.queue_depth if load is not None else None
+        backend.kv_cache_usage = load.kv_cache if load is not None else None
         backend.queue_depth_in_flight = backend.in_flight
 
     # Active verdicts ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,11 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmproxy.catalogue import GENERIC_KIND, KINDS
 from llmproxy.config.model import BackendConfig
 from llmproxy.fleet.probe import ProbeError, ProbeResponse, probe_get
-
-# Sample names compare with ":" as "_": colons are legal in Prometheus names, but some exposition paths
-# rewrite them, and either spelling means the same gauge.
-_LOAD_METRICS = {kind.name: frozenset(name.replace(":", "_") for name in kind.load_metrics)
-                 for kind in KINDS.values() if kind.load_metrics}
 
 # Go's RFC 3339 (time.RFC3339Nano): fractional digits up to 9, which datetime.fromisoformat rejects
 # before Python 3.11, as it rejects "Z".
@@ -147,33 +143,68 @@ def _epoch(stamp: Any) -> int:
 
 # --- load --------------------------------------------------------------------------------------------
 
-def parse_queue_depth(kind: str, text: str) -> float | None:
-    """Requests waiting + running from a Prometheus text page, summed over label sets.
+@dataclass(frozen=True, slots=True)
+class LoadGauges:
+    """Which samples of a backend's GET /metrics say how loaded it is (names compare with ":" as "_": colons
+    are legal in Prometheus names, but some exposition paths rewrite them)."""
 
-    None for kinds without such metrics, when neither metric is present, or when the text does not parse.
-    """
-    wanted = _LOAD_METRICS.get(kind)
-    if wanted is None:
-        return None
-    total, found = 0.0, False
+    queue: frozenset[str]  # summed: requests waiting + running
+    kv_cache: str | None  # KV-cache use, 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    queue_depth: float | None  # None: no such sample
+    kv_cache: float | None
+
+
+def load_gauges(backend: BackendConfig, kind: str) -> LoadGauges | None:
+    """The gauges to read: the backend's own `metrics:` names, else its kind's; None when it has none."""
+    custom = backend.metrics
+    if custom is not None:
+        queue, kv = [*custom.queued, *custom.running], custom.kv_cache
+    else:
+        known = KINDS.get(kind)
+        if known is None or not (known.load_metrics or known.kv_metric):
+            return None
+        queue, kv = list(known.load_metrics), known.kv_metric
+    return LoadGauges(frozenset(_normal(name) for name in queue), _normal(kv) if kv else None)
+
+
+def _normal(name: str) -> str:
+    return name.replace(":", "_")
+
+
+def parse_load(text: str, gauges: LoadGauges) -> Load:
+    """Requests waiting + running (summed over label sets) and KV-cache use from a Prometheus text page;
+    a value is None when its samples are missing or the text does not parse."""
+    total, found, kv = 0.0, False, None
     try:
         # Match samples, not families: the parser names a counter's family without "_total" and an
         # untyped one after its sample, so sample names are the only stable key.
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name.replace(":", "_") in wanted and math.isfinite(sample.value):
+                if not math.isfinite(sample.value):
+                    continue
+                name = _normal(sample.name)
+                if name in gauges.queue:
                     total += sample.value
                     found = True
+                elif name == gauges.kv_cache:
+                    kv = sample.value if kv is None else max(kv, sample.value)
     except Exception:  # the parser raises assorted errors (ValueError, IndexError, ...) on bad input
-        return None
-    return total if found else None
+        return Load(None, None)
+    return Load(total if found else None, kv)
 
 
-async def fetch_queue_depth(backend: BackendConfig, kind: str, timeout: float) -> float | None:
-    """GET /metrics and parse it; None without any request for kinds that expose no queue metrics."""
-    if kind not in _LOAD_METRICS:
+async def fetch_load(backend: BackendConfig, kind: str, timeout: float) -> Load | None:
+    """GET /metrics and read the load gauges; None without any request for a backend that has none.
+
+    Raises ProbeError when /metrics does not answer 2xx (llama.cpp answers 501 without --metrics)."""
+    gauges = load_gauges(backend, kind)
+    if gauges is None:
         return None
     response = await probe_get(backend, "/metrics", timeout)
     if not _ok(response):
         raise ProbeError(f"GET /metrics: status {response.status}", response.status)
-    return parse_queue_depth(kind, response.body.decode("utf-8", "replace"))
+    return parse_load(response.body.decode("utf-8", "replace"), gauges)

@@ -18,13 +18,15 @@ from typing import Any
 import pytest
 
 from llmproxy.config import parse_config
-from llmproxy.config.model import BackendConfig
+from llmproxy.config.model import BackendConfig, BackendMetricsConfig
 from llmproxy.fleet.introspect import (
+    Load,
     check_health,
     detect_kind,
+    fetch_load,
     fetch_models,
-    fetch_queue_depth,
-    parse_queue_depth,
+    load_gauges,
+    parse_load,
 )
 from llmproxy.fleet.probe import ProbeError, host_header, probe_get
 from llmproxy.mockbackend.options import DEFAULT_MODELS, MockOptions
@@ -277,6 +279,10 @@ tgi_request_count 99
 """
 
 
+def _depth(load: Load | None) -> float | None:
+    return load.queue_depth if load is not None else None
+
+
 @pytest.mark.parametrize(("kind", "text", "expected"), [
     ("vllm", VLLM_METRICS, 9.0),
     ("tgi", TGI_METRICS, 12.0),
@@ -292,13 +298,37 @@ tgi_request_count 99
     ("openai", TGI_METRICS, None),
 ])
 def test_parse_queue_depth(kind: str, text: str, expected: float | None) -> None:
-    assert parse_queue_depth(kind, text) == expected
+    gauges = load_gauges(backend_for("http://x"), kind)
+    assert (parse_load(text, gauges).queue_depth if gauges else None) == expected
+
+
+@pytest.mark.parametrize(("text", "queue", "kv"), [
+    ("sglang:num_queue_reqs 2\nsglang:num_running_reqs 3\nsglang:token_usage 0.75\n", 5.0, 0.75),
+    ("sglang_token_usage 0.5\n", None, 0.5),
+    ("sglang:num_running_reqs 1\n", 1.0, None),
+])
+def test_sglang_reports_its_queue_and_kv_cache_use(text: str, queue, kv):
+    assert parse_load(text, load_gauges(backend_for("http://x"), "sglang")) == Load(queue, kv)
+
+
+def test_llamacpp_queue_is_processing_plus_deferred():
+    text = "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 1\nllamacpp:requests_deferred 4\n"
+    assert parse_load(text, load_gauges(backend_for("http://x"), "llamacpp")).queue_depth == 5.0
+
+
+def test_a_backends_own_metric_names_replace_its_kinds():
+    config = BackendConfig(url="http://x", host="x", port=80,
+                           metrics=BackendMetricsConfig(queued=["trtllm_num_requests_waiting"],
+                                                        running=["trtllm_num_requests_running"], kv_cache="kv_use"))
+    text = "trtllm_num_requests_waiting 7\ntrtllm_num_requests_running 2\nkv_use 0.25\nvllm:num_requests_running 99\n"
+    assert parse_load(text, load_gauges(config, "vllm")) == Load(9.0, 0.25)
+    assert load_gauges(config, "ollama") is not None  # any kind: the names say where to look
 
 
 @pytest.mark.parametrize("dialect", ["vllm", "tgi"])
 def test_fetch_queue_depth_counts_a_request_held_by_the_mock(dialect: str) -> None:
     async def check(backend: BackendConfig) -> tuple[float | None, float | None]:
-        idle = await fetch_queue_depth(backend, dialect, TIMEOUT)
+        idle = _depth(await fetch_load(backend, dialect, TIMEOUT))
         body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
         _, writer = await asyncio.open_connection(backend.host, backend.port)
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -306,7 +336,7 @@ def test_fetch_queue_depth_counts_a_request_held_by_the_mock(dialect: str) -> No
         await writer.drain()
         try:
             for _ in range(100):  # until the mock has parsed the request and counts it as waiting
-                busy = await fetch_queue_depth(backend, dialect, TIMEOUT)
+                busy = _depth(await fetch_load(backend, dialect, TIMEOUT))
                 if busy:
                     return idle, busy
                 await asyncio.sleep(0.02)
@@ -319,19 +349,19 @@ def test_fetch_queue_depth_counts_a_request_held_by_the_mock(dialect: str) -> No
 
 def test_fetch_queue_depth_makes_no_request_for_kinds_without_metrics() -> None:
     # a dead port: any network call would raise
-    assert run(fetch_queue_depth(backend_for(dead_url()), "ollama", TIMEOUT)) is None
-    assert run(fetch_queue_depth(backend_for(dead_url()), "openai", TIMEOUT)) is None
+    assert run(fetch_load(backend_for(dead_url()), "ollama", TIMEOUT)) is None
+    assert run(fetch_load(backend_for(dead_url()), "openai", TIMEOUT)) is None
 
 
 def test_fetch_queue_depth_raises_on_a_failed_fetch() -> None:
     async def check() -> float | None:
         async with TinyServer({"/metrics": reply(503)}) as server:
-            return await fetch_queue_depth(backend_for(server.url), "vllm", TIMEOUT)
+            return _depth(await fetch_load(backend_for(server.url), "vllm", TIMEOUT))
 
     with pytest.raises(ProbeError, match="status 503"):
         run(check())
     with pytest.raises(ProbeError, match="connect refused"):
-        run(fetch_queue_depth(backend_for(dead_url()), "tgi", TIMEOUT))
+        run(fetch_load(backend_for(dead_url()), "tgi", TIMEOUT))
 
 
 # --- probe_get -----------------------------------------------------------------------------------------
