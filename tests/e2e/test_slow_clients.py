@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.support import (
+    NO_PERIODIC_PROBES,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     assert_idle,
@@ -46,9 +47,12 @@ from tests.support import (
     open_fds,
     post_request,
     raw_connect,
+    read_jsonl,
     recv_until_closed,
     rss_kib,
     wait_for,
+    wait_steady,
+    write_config,
 )
 
 # The proxy under attack: small timeouts, so that every cut happens within the test.
@@ -56,10 +60,7 @@ HEAD_S, BODY_S, WRITE_S = 2.0, 2.0, 2.0  # keepalive 5 s: longer, so that it nev
 TIMEOUTS = {"request_head": "2s", "body": "2s", "write": "2s", "keepalive": "5s"}
 # A cut is "at the timeout" within this much (timers, scheduling, a loaded two-CPU runner).
 TOLERANCE = 0.5
-# No periodic probes: the fd count and the backends' counters then move only with the test's traffic.
-QUIET_HEALTH = {"interval": 3600, "models_interval": 3600}
 API_KEY = "sk-slow-clients-test-key-0123456789"
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 OFFERED = 100 * 1024 * 1024  # what the big backend offers each slow reader
 BIG_PATH = f"/?bytes={OFFERED}"  # "/" is a TGI-only path: the router sends it to the big backend only
 RSS_SLACK_KIB = 30 * 1024
@@ -191,7 +192,7 @@ class Served:
         return self.proxy.port
 
     def access_log(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.log)
 
     def assert_idle(self) -> None:
         assert self.proxy.popen.poll() is None, "the proxy died:\n" + self.proxy.text()
@@ -214,7 +215,8 @@ def serve(tmp_path: Path, procs: list[Proc], mock: Proc, big: BigBackend | None 
     if big is not None:
         backends.append({"url": big.url, "type": "tgi", "models": ["big"]})
     server = {"listen": "127.0.0.1:0", "timeouts": timeouts or TIMEOUTS}
-    proxy = Proc(["serve", "--config", str(_write_config(tmp_path, backends, server, sections))])
+    config = write_config(tmp_path, backends, server=server, health_check=NO_PERIODIC_PROBES, **sections)
+    proxy = Proc(["serve", "--config", str(config)])
     procs.append(proxy)
     proxy.wait_listening()
     headers = {"Authorization": f"Bearer {API_KEY}"} if "auth" in sections else {}
@@ -227,24 +229,10 @@ def serve(tmp_path: Path, procs: list[Proc], mock: Proc, big: BigBackend | None 
                 sock.sendall(_get("/?bytes=100000", headers))
                 assert ResponseReader(sock).read_head().read_body()[1]
     metric_value(proxy, "llmproxy_inflight_requests")
-    samples = [open_fds(proxy.pid)]
-
-    def settled() -> bool:  # the start-up probes' connections are closed once the count stops moving
-        time.sleep(0.1)
-        samples.append(open_fds(proxy.pid))
-        return len(samples) > 3 and samples[-1] == samples[-2] == samples[-3]
-    wait_for(settled, timeout=10.0)
-    served.fd_baseline = samples[-1]
+    # the start-up probes' connections are closed once the count stops moving
+    served.fd_baseline = wait_steady(lambda: open_fds(proxy.pid), timeout=10.0)
     served.rss_baseline = rss_kib(proxy.pid)
     return served
-
-
-def _write_config(tmp_path: Path, backends: list[dict], server: dict, sections: dict) -> Path:
-    config = {"server": server, "backends": backends, "health_check": QUIET_HEALTH,
-              "logging": {"access_log": str(tmp_path / "access.log")}, **sections}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def chat_entries(served: Served) -> list[dict]:
@@ -260,7 +248,8 @@ def chat_stream(port: int, headers: dict[str, str] | None = None, tokens: int = 
     """One streaming chat completion on a fresh connection: (status, seconds to the first event, complete)."""
     started = time.monotonic()
     with raw_connect(port, timeout=10) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": str(tokens), **(headers or {})}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-tokens": str(tokens), **(headers or {})}))
         reader = ResponseReader(sock).read_head()
         if reader.status != 200:
             return reader.status, math.inf, False
@@ -715,21 +704,21 @@ def _authenticated(served: Served, coroutines, give_up: float,
 
 
 AUTH_HEAD = (f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nHost: test\r\n"
-             f"Content-Type: application/json\r\nContent-Length: {len(CHAT)}\r\n\r\n").encode()
+             f"Content-Type: application/json\r\nContent-Length: {len(STREAM_CHAT)}\r\n\r\n").encode()
 
 
 def test_authenticated_heads_trickled_every_100ms_are_cut_at_the_head_deadline(auth_served):
     served = auth_served
     give_up = HEAD_S + 3
     cuts, normal, sampler = _authenticated(
-        served, [_trickle(served.port, AUTH_HEAD + CHAT, 0.1, give_up) for _ in range(SLOW)], give_up)
+        served, [_trickle(served.port, AUTH_HEAD + STREAM_CHAT, 0.1, give_up) for _ in range(SLOW)], give_up)
     _conclude_408_cuts(served, "auth slow heads", "trickled heads", cuts, normal, sampler, HEAD_S)
 
 
 def test_authenticated_bodies_that_stall_are_cut_by_the_body_timeout(auth_served):
     served = auth_served
     give_up = BODY_S + 3
-    stalled = AUTH_HEAD + CHAT[:10]  # a valid, authenticated head and the start of its body
+    stalled = AUTH_HEAD + STREAM_CHAT[:10]  # a valid, authenticated head and the start of its body
     cuts, normal, sampler = _authenticated(served, [_stall(served.port, stalled, give_up) for _ in range(SLOW)],
                                            give_up)
     _conclude_408_cuts(served, "auth slow bodies", "stalled bodies", cuts, normal, sampler, BODY_S)
@@ -758,7 +747,7 @@ def test_authenticated_streams_whose_readers_stop_reading_are_cut_after_the_writ
     log_before = len(served.access_log())
     big = _get(BIG_PATH, served.headers)
     # A few metered chat streams too (the mock generates them far slower than the big backend).
-    chat = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000000", **served.headers})
+    chat = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "1000000", **served.headers})
     open_readers: dict[int, socket.socket] = {}
     readers = [_stop_reading(served.port, big, give_up, open_readers) for _ in range(SLOW)]
     readers += [_stop_reading(served.port, chat, give_up, open_readers) for _ in range(10)]
@@ -865,7 +854,7 @@ def test_idle_connections_are_closed_after_the_keepalive_timeout(mock_vllm, tmp_
 
     def after_a_response() -> tuple[bytes, float]:
         with raw_connect(served.port, timeout=10) as sock:
-            sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"}))
+            sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"}))
             reader = ResponseReader(sock).read_head()
             assert reader.read_body()[1]
             started = time.monotonic()
@@ -892,9 +881,9 @@ def _send_slowly(sock: socket.socket, head: bytes, body: bytes, pieces: int, int
 
 def test_a_body_that_keeps_making_progress_is_not_cut_however_long_it_takes(mock_vllm, tmp_path, procs):
     served = serve(tmp_path, procs, mock_vllm, timeouts={**TIMEOUTS, "body": "1s"})
-    request = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"})
-    head, body = request[:len(request) - len(CHAT)], CHAT
-    chunked_head = head.replace(f"Content-Length: {len(CHAT)}".encode(), b"Transfer-Encoding: chunked")
+    request = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"})
+    head, body = request[:len(request) - len(STREAM_CHAT)], STREAM_CHAT
+    chunked_head = head.replace(f"Content-Length: {len(STREAM_CHAT)}".encode(), b"Transfer-Encoding: chunked")
 
     def content_length() -> tuple[int, bytes, float]:
         with raw_connect(served.port, timeout=10) as sock:
@@ -904,7 +893,8 @@ def test_a_body_that_keeps_making_progress_is_not_cut_however_long_it_takes(mock
             return reader.status, reader.read_body()[0], time.monotonic() - started
 
     def chunked() -> tuple[int, bytes, float]:
-        encoded = b"".join(b"%x\r\n%b\r\n" % (len(CHAT[i:i + 8]), CHAT[i:i + 8]) for i in range(0, len(CHAT), 8))
+        encoded = b"".join(b"%x\r\n%b\r\n" % (len(STREAM_CHAT[i:i + 8]), STREAM_CHAT[i:i + 8])
+                           for i in range(0, len(STREAM_CHAT), 8))
         with raw_connect(served.port, timeout=10) as sock:
             started = time.monotonic()
             _send_slowly(sock, chunked_head, encoded + b"0\r\n\r\n", 10, 0.35)
@@ -922,15 +912,15 @@ def test_a_body_that_keeps_making_progress_is_not_cut_however_long_it_takes(mock
 
 def test_a_stalled_body_is_cut_one_body_timeout_after_its_last_progress(mock_vllm, tmp_path, procs):
     served = serve(tmp_path, procs, mock_vllm)
-    request = post_request("/v1/chat/completions", CHAT)
-    head = request[:len(request) - len(CHAT)]
+    request = post_request("/v1/chat/completions", STREAM_CHAT)
+    head = request[:len(request) - len(STREAM_CHAT)]
 
     def stall_after(progress_at: float) -> tuple[bytes, float]:
         """Head and 5 body bytes; 3 more at `progress_at`; then nothing. Seconds from the last progress."""
         with raw_connect(served.port, timeout=10) as sock:
-            sock.sendall(head + CHAT[:5])
+            sock.sendall(head + STREAM_CHAT[:5])
             time.sleep(progress_at)
-            sock.sendall(CHAT[5:8])
+            sock.sendall(STREAM_CHAT[5:8])
             last_progress = time.monotonic()
             answer = recv_until_closed(sock)
             return answer, time.monotonic() - last_progress
@@ -952,7 +942,7 @@ def test_a_reader_that_stops_reading_a_stream_is_cut_after_the_write_timeout_wit
     served = serve(tmp_path, procs, mock_vllm)
     disconnects = mock_stats(mock_vllm)["client_disconnects_midstream"]
     # 500 000 events: over 100 MB offered by the backend, as fast as the proxy takes them.
-    request = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "500000"})
+    request = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "500000"})
     with Sampler(served.proxy.pid) as sampler:
         open_readers: dict[int, socket.socket] = {}
         (cut,) = _drive([_stop_reading(served.port, request, WRITE_S + 3, open_readers)], served.port, open_readers)
@@ -1008,7 +998,7 @@ def test_each_stalled_reader_costs_the_proxy_a_bounded_amount_of_memory(mock_vll
 
 def test_a_slow_reader_that_keeps_making_progress_is_not_cut(mock_vllm, tmp_path, procs):
     served = serve(tmp_path, procs, mock_vllm, timeouts={**TIMEOUTS, "write": "1s"})
-    request = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "500000"})
+    request = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "500000"})
     reading_for = 4.0  # four write timeouts
 
     def stopped() -> None:
