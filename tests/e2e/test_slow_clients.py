@@ -428,6 +428,11 @@ class SlowReport:
         return (any(row["Service Available"] == 0 for row in self.rows)
                 or re.search(r"service available:\s+NO", self.output) is not None)
 
+    @property
+    def unavailable_at(self) -> list[int]:
+        """The seconds into the attack at which slowhttptest's table says the service was unavailable."""
+        return [row["Seconds"] for row in self.rows if row["Service Available"] == 0]
+
 
 def run_slowhttptest(binary: str, args: list[str], url: str, prefix: Path, while_running=None) -> SlowReport:
     """Run one attack to its end (bounded by -l); `while_running(popen)` is called once it is under way."""
@@ -595,7 +600,9 @@ def test_slow_readers_are_cut_by_the_write_timeout_with_memory_bounded(
             problems.append(f"{check['at']:.1f}s into the attack the proxy still had {check['fds']} fds open "
                             f"(baseline {served.fd_baseline}; slowhttptest running: {check['running']})")
     if any(rep.unavailable for rep in reports):
-        problems.append("slowhttptest's probe found the proxy unavailable")
+        problems.append(f"slowhttptest's probe found the proxy unavailable (at {[r.unavailable_at for r in reports]} "
+                        f"s into each attack; the backend sent until "
+                        f"{[round(stalled - begun, 1) for begun, stalled in rounds]} s)")
     if len(cut) < scale.connections * scale.rounds:
         problems.append(f"only {len(cut)} slow readers were cut by the write timeout, "
                         f"not {scale.connections * scale.rounds}")
