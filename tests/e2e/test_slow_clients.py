@@ -266,16 +266,36 @@ def chat_stream(port: int, headers: dict[str, str] | None = None, tokens: int = 
     return 200, ttft, bool(first) and complete and rest.endswith(b"data: [DONE]\n\n")
 
 
-class NormalClient(threading.Thread):
+class Background(threading.Thread):
+    """A daemon thread for the span of a `with` block: on leaving it, told to stop (`_done`) and waited for, at
+    most `join_timeout` seconds."""
+
+    join_timeout = 5.0
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self._done = threading.Event()
+
+    def __enter__(self) -> Background:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self.join(self.join_timeout)
+
+
+class NormalClient(Background):
     """Streams a short chat completion every ~100 ms on a fresh connection, timing its first token."""
 
+    join_timeout = 15.0
+
     def __init__(self, served: Served, period: float = 0.1) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.served = served
         self.period = period
         self.results: list[tuple[int, float, bool]] = []
         self.errors: list[str] = []
-        self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
@@ -285,14 +305,6 @@ class NormalClient(threading.Thread):
             except (OSError, EOFError, ValueError) as exc:
                 self.errors.append(repr(exc))
             self._done.wait(max(0.0, self.period - (time.monotonic() - started)))
-
-    def __enter__(self) -> NormalClient:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self.join(15)
 
     def summary(self) -> dict:
         ttfts = sorted(r[1] for r in self.results if r[0] == 200)
@@ -316,15 +328,14 @@ class NormalClient(threading.Thread):
         return found
 
 
-class Sampler(threading.Thread):
+class Sampler(Background):
     """The proxy's peak RSS and open fds while an attack runs."""
 
     def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.pid = pid
         self.peak_rss = rss_kib(pid)
         self.peak_fds = open_fds(pid)
-        self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.05):
@@ -332,26 +343,19 @@ class Sampler(threading.Thread):
                 self.peak_rss = max(self.peak_rss, rss_kib(self.pid))
                 self.peak_fds = max(self.peak_fds, open_fds(self.pid))
 
-    def __enter__(self) -> Sampler:
-        self.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self.join(5)
-
-
-class LastMove(threading.Thread):
+class LastMove(Background):
     """Polls a counter every `interval` s while running; `at` is when (time.time(), the clock of the access
     log's "ts") it was first seen at its latest value: it had stopped moving by then, give or take a poll."""
 
+    join_timeout = 10.0
+
     def __init__(self, read, interval: float = 0.1) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.read = read
         self.interval = interval
         self.value = None
         self.at = time.time()
-        self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
@@ -359,14 +363,6 @@ class LastMove(threading.Thread):
                 value = self.read()
                 if value != self.value:
                     self.value, self.at = value, time.time()
-
-    def __enter__(self) -> LastMove:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self.join(10)
 
 
 def ended_at(entry: dict) -> float:
