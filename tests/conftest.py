@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import Proc, start_mock
+from tests.support import Proc, owned, start_mock
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,4 @@ def mock_ollama():
 @pytest.fixture
 def procs():
     """Processes a test starts itself; all are stopped at the end of the test, whatever happened."""
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.stop()
+    yield from owned(Proc.stop)

@@ -21,13 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support import free_port
+
 START_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ping(port: int, timeout: float = 0.5) -> bool:

@@ -30,6 +30,9 @@ FIXTURES = Path(os.environ.get("LLMPROXY_FIXTURES_DIR") or REPO / "tests" / "fix
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*") if p.suffix in (".sse", ".ndjson"))
 LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
 START_TIMEOUT = 15.0
+# A health_check section with no periodic probes or model-list refreshes: once start-up is over, a backend's
+# request counter and the proxy's open fds move only with the test's own traffic.
+NO_PERIODIC_PROBES = {"interval": 3600, "models_interval": 3600}
 
 
 class Proc:
@@ -82,6 +85,10 @@ class Proc:
         return self.popen.returncode
 
 
+# The smallest chat completion requests, plain and streamed (the mock answers with its default tokens).
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+STREAM_CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
 # Model names the tests send, served by every mock after its dialect's own default (which stays the
 # default for requests naming none): the proxy routes by model and answers 404 for one nobody serves.
 TEST_MODELS = ("m", "priced-model")
@@ -125,6 +132,77 @@ def http_post(url: str, body: bytes = b"", timeout: float = 5.0) -> tuple[int, b
 
 def mock_stats(mock: Proc) -> dict:
     return json.loads(http_get(mock.url + "/_mock/stats")[1])
+
+
+def mock_posts(mock: Proc) -> list[dict]:
+    """The POSTs a mock received (since its last stats reset): the proxy's probes are GETs."""
+    return [r for r in mock_stats(mock)["requests"] if r["method"] == "POST"]
+
+
+def post_count(mock: Proc) -> int:
+    """How many POSTs the mock received (since its last stats reset)."""
+    return len(mock_posts(mock))
+
+
+def health(proxy: Proc) -> dict:
+    """The proxy's /health document (which must answer 200)."""
+    status, body = http_get(proxy.url + "/health")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def upstreams(proxy: Proc) -> dict[str, dict]:
+    """The upstreams of /health by name, in the proxy's order."""
+    return {upstream["name"]: upstream for upstream in health(proxy)["upstreams"]}
+
+
+def sighup(proxy: Proc, expect: str = "reloaded", timeout: float = 10.0) -> None:
+    """Send SIGHUP and wait until the proxy says `expect` once more than it had ("reloaded", "reload refused")."""
+    seen = proxy.text().count(expect)
+    proxy.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.text().count(expect) > seen, timeout=timeout)
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then closed): free to listen on, and connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Usage records and the access log: the JSON-lines files a proxy writes in its directory -----------------
+
+USAGE_FILE = "usage.jsonl"
+
+
+def usage_config(directory: Path, reporter: dict | None = None, **options: object) -> dict:
+    """The `usage` section: records spooled in directory/spool and given to one reporter, by default a file
+    reporter named "f" writing directory/usage.jsonl (read it with usage_records); `options` adds settings
+    (flush_interval...)."""
+    reporter = reporter or {"name": "f", "type": "file", "file": {"path": str(directory / USAGE_FILE)}}
+    return {"enabled": True, "spool_dir": str(directory / "spool"), **options, "reporters": [reporter]}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, [] while it does not exist (blank lines are no records)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def usage_records(directory: Path) -> list[dict]:
+    """What the file reporter of usage_config(directory) has written so far."""
+    return read_jsonl(directory / USAGE_FILE)
+
+
+def access_log(directory: Path) -> list[dict]:
+    """The access log of a proxy started by start_proxy(directory, ...), so far."""
+    return read_jsonl(directory / "access.log")
+
+
+def usage_record(directory: Path, request_id: str, timeout: float = 5.0) -> dict:
+    """The usage record of the request `request_id` once it is written; there must be exactly one."""
+    found = wait_for(lambda: [r for r in usage_records(directory) if r["request_id"] == request_id], timeout=timeout)
+    assert len(found) == 1, f"exactly one record per request, got {found}"
+    return found[0]
 
 
 def metric_value(proxy: Proc, name: str, labels: str = "") -> float:
@@ -270,6 +348,42 @@ def post_request(path: str, body: bytes, headers: dict[str, str] | None = None, 
              f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def send_request(port: int, body: bytes | dict, headers: dict[str, str] | None = None, *,
+                 path: str = "/v1/chat/completions", timeout: float = 5.0) -> tuple[ResponseReader, bytes, bool]:
+    """One POST (a dict body is sent as JSON) on a fresh connection, its whole response read:
+    (reader with status and headers, body, complete)."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    with raw_connect(port, timeout=timeout) as sock:
+        sock.sendall(post_request(path, body, headers))
+        reader = ResponseReader(sock).read_head()
+        data, complete = reader.read_body()
+    return reader, data, complete
+
+
+def wait_steady(sample, timeout: float = 10.0, interval: float = 0.1):
+    """Sample every `interval` s until the last three of at least four samples are equal; return that value
+    (a count that start-up traffic still moves: the backend's requests, the proxy's open fds)."""
+    samples = [sample()]
+
+    def steady() -> bool:
+        time.sleep(interval)
+        samples.append(sample())
+        return len(samples) > 3 and samples[-1] == samples[-2] == samples[-3]
+    wait_for(steady, timeout=timeout, interval=0)
+    return samples[-1]
+
+
+def owned(stop):
+    """For a fixture: yields the list a test appends what it starts to; when the test is over, each is stopped
+    with `stop`, in order, whatever happened. Returns the list (`started = yield from owned(...)`)."""
+    started: list = []
+    yield started
+    for item in started:
+        stop(item)
+    return started
 
 
 def sha256(data: bytes) -> str:

@@ -18,10 +18,14 @@ from tests.support import (
     ResponseReader,
     http_get,
     metric_value,
+    mock_posts,
     mock_stats,
     raw_connect,
+    sighup,
     start_mock,
     start_proxy,
+    usage_config,
+    usage_records,
     wait_for,
 )
 
@@ -43,8 +47,7 @@ def setup(tmp_path_factory):
         "enabled": True,
         "keys": [{"key": KEY_A, "user_id": "team-a"}, {"key": KEY_B, "user_id": "team-b", "models": ["m"]}],
         "keys_file": "keys.yaml",
-    }, usage={"enabled": True, "spool_dir": str(tmp / "spool"),
-              "reporters": [{"name": "f", "type": "file", "file": {"path": str(tmp / "usage.jsonl")}}]})
+    }, usage=usage_config(tmp))
     try:
         yield proxy, mock, tmp
     finally:
@@ -63,10 +66,6 @@ def exchange(proxy: Proc, head_lines: list[str], body: str = CHAT, method: str =
         reader = ResponseReader(sock).read_head()
         content, _ = reader.read_body()
     return reader.status, reader.headers, content
-
-
-def posts(mock: Proc) -> list[dict]:
-    return [r for r in mock_stats(mock)["requests"] if r["method"] == "POST"]
 
 
 REFUSED = [
@@ -90,7 +89,7 @@ REFUSED = [
 @pytest.mark.parametrize(("case", "headers", "status"), REFUSED, ids=[c[0] for c in REFUSED])
 def test_refused_credentials_reach_no_backend(setup, case: str, headers: list[str], status: int):
     proxy, mock, _ = setup
-    before = len(posts(mock))
+    before = len(mock_posts(mock))
     got, response_headers, body = exchange(proxy, headers)
     assert got == status, case
     error = json.loads(body)["error"]
@@ -101,7 +100,7 @@ def test_refused_credentials_reach_no_backend(setup, case: str, headers: list[st
         assert response_headers["www-authenticate"].startswith("Bearer")
     else:
         assert error["code"] == "ambiguous_api_key"
-    assert len(posts(mock)) == before
+    assert len(mock_posts(mock)) == before
 
 
 # Paths that look like a skipped path. Decisions are made on the canonical path (http11/path.py): what
@@ -147,10 +146,10 @@ ACCEPTED = [
 @pytest.mark.parametrize(("case", "headers"), ACCEPTED, ids=[c[0] for c in ACCEPTED])
 def test_accepted_credentials_are_never_forwarded(setup, case: str, headers: list[str]):
     proxy, mock, _ = setup
-    before = len(posts(mock))
+    before = len(mock_posts(mock))
     status, _, body = exchange(proxy, headers)
     assert status == 200, (case, body)
-    sent = posts(mock)[before:]
+    sent = mock_posts(mock)[before:]
     assert len(sent) == 1
     forwarded = {name.lower(): value for name, value in sent[0]["headers"]}
     assert forwarded["authorization"] == f"Bearer {BACKEND_KEY}"  # the backend's own key, not the caller's
@@ -171,11 +170,11 @@ def test_a_key_limited_to_some_models(setup):
     proxy, mock, _ = setup
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY_B, max_retries=0)
     assert [m.id for m in client.models.list()] == ["m"]  # only what this key may use
-    before = len(posts(mock))
+    before = len(mock_posts(mock))
     with pytest.raises(openai.PermissionDeniedError) as denied:
         client.chat.completions.create(model="priced-model", messages=[{"role": "user", "content": "hi"}])
     assert denied.value.body["code"] == "model_not_allowed"
-    assert len(posts(mock)) == before
+    assert len(mock_posts(mock)) == before
     assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices
 
 
@@ -185,11 +184,9 @@ def test_no_key_in_logs_metrics_or_usage_records_and_failures_are_counted(setup)
     exchange(proxy, [f"Authorization: Bearer {KEY_A}-typo"])
     assert metric_value(proxy, "llmproxy_auth_failures_total") == failures + 1
     exchange(proxy, [f"Authorization: Bearer {KEY_A}"])
-    records = wait_for(lambda: [json.loads(line) for line in (tmp / "usage.jsonl").read_text().splitlines()]
-                       if (tmp / "usage.jsonl").exists() else None)
+    records = wait_for(lambda: usage_records(tmp))
     key_id = hashlib.sha256(KEY_A.encode()).hexdigest()[:12]
-    wait_for(lambda: any(r.get("key_id") == key_id and r.get("user_id") == "team-a" for r in
-                         [json.loads(line) for line in (tmp / "usage.jsonl").read_text().splitlines()]))
+    wait_for(lambda: any(r.get("key_id") == key_id and r.get("user_id") == "team-a" for r in usage_records(tmp)))
     assert records
     everything = "\n".join([(tmp / "access.log").read_text(), (tmp / "usage.jsonl").read_text(),
                             http_get(proxy.url + "/metrics")[1].decode(), proxy.text()])
@@ -203,9 +200,7 @@ def test_keys_file_is_re_read_on_sighup(setup):
     new_key = "sk-test-added-by-reload-000000000"
     assert exchange(proxy, [f"Authorization: Bearer {new_key}"])[0] == 401
     (tmp / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"key": new_key, "user_id": "new"}]}))
-    seen = proxy.text().count("reloaded")
-    proxy.popen.send_signal(1)  # SIGHUP
-    wait_for(lambda: proxy.text().count("reloaded") > seen, timeout=10)
+    sighup(proxy)
     assert exchange(proxy, [f"Authorization: Bearer {new_key}"])[0] == 200
     assert exchange(proxy, [f"Authorization: Bearer {KEY_C}"])[0] == 401  # gone from the file: gone
     assert exchange(proxy, [f"Authorization: Bearer {KEY_A}"])[0] == 200  # config keys stay

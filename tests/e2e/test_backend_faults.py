@@ -42,13 +42,18 @@ import pytest
 
 from tests.support import (
     Proc,
+    access_log,
     assert_idle,
+    free_port,
     metric_value,
     open_fds,
+    owned,
     post_request,
     raw_connect,
     rss_kib,
     start_proxy,
+    usage_config,
+    usage_records,
     wait_for,
 )
 
@@ -699,15 +704,6 @@ def read_response(sock: socket.socket, keep_body: bool = True, method: str = "PO
 
 # The harness -------------------------------------------------------------------------------------
 
-def usage_config(tmp_path: Path) -> dict:
-    return {"enabled": True, "spool_dir": str(tmp_path / "spool"),
-            "reporters": [{"name": "f", "type": "file", "file": {"path": str(tmp_path / "usage.jsonl")}}]}
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
 class Harness:
     """One proxy in front of scripted backends; remembers every request so the end can check the books."""
 
@@ -737,10 +733,10 @@ class Harness:
         return response
 
     def access_lines(self, rid: str) -> list[dict]:
-        return [line for line in _jsonl(self.tmp_path / "access.log") if line.get("client_request_id") == rid]
+        return [line for line in access_log(self.tmp_path) if line.get("client_request_id") == rid]
 
     def records(self, rid: str | None = None) -> list[dict]:
-        records = _jsonl(self.tmp_path / "usage.jsonl")
+        records = usage_records(self.tmp_path)
         return records if rid is None else [r for r in records if r.get("client_request_id") == rid]
 
     def access_line(self, rid: str) -> dict:
@@ -755,7 +751,7 @@ class Harness:
         wait_for(lambda: len(self.records()) >= due, timeout=10)
         wait_for(lambda: all(self.access_lines(rid) for rid in self.requests), timeout=5)
         time.sleep(0.2)  # anything recorded twice would show up by now
-        log = _jsonl(self.tmp_path / "access.log")
+        log = access_log(self.tmp_path)
         assert all(line.get("request_id") for line in log), "every access-log line has a request_id"
         for rid, usage_due in self.requests.items():
             lines = [line for line in log if line.get("client_request_id") == rid]
@@ -774,10 +770,7 @@ class Harness:
 @pytest.fixture
 def faults():
     """Fault servers a test starts; all closed at the end of the test."""
-    started: list[FaultServer] = []
-    yield started
-    for server in started:
-        server.close()
+    started = yield from owned(FaultServer.close)
     for server in started:
         assert not server.errors, f"a fault script failed: {server.errors}"
 
@@ -789,12 +782,7 @@ def _fault_server(faults: list, handlers) -> FaultServer:
 
 
 def _backend(server: FaultServer | None, name: str = "fault", **extra) -> dict:
-    if server is None:
-        with socket.socket() as free:  # bound, then closed: nobody listens, connecting is refused
-            free.bind(("127.0.0.1", 0))
-            url = f"http://127.0.0.1:{free.getsockname()[1]}"
-    else:
-        url = server.url
+    url = server.url if server is not None else f"http://127.0.0.1:{free_port()}"  # None: connecting is refused
     return {"url": url, "name": name, "type": "vllm", "models": ["m"], **extra}
 
 

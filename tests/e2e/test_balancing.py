@@ -17,6 +17,8 @@ from itertools import groupby
 import pytest
 
 from tests.support import (
+    CHAT,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     assert_idle,
@@ -28,11 +30,10 @@ from tests.support import (
     raw_connect,
     start_mock,
     start_proxy,
+    upstreams,
     wait_for,
 )
 
-CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-STREAM = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 PATH = "/v1/chat/completions"
 LOAD_TIMEOUT = 60.0  # the most one burst of load may take, whatever happens
 
@@ -114,12 +115,6 @@ def shares_of(proxy: Proc, names: list[str], before: dict[str, int] | None = Non
     return {name: counts[name] / total for name in names}, total
 
 
-def health(proxy: Proc) -> dict[str, dict]:
-    status, body = http_get(proxy.url + "/health")
-    assert status == 200, body
-    return {upstream["name"]: upstream for upstream in json.loads(body)["upstreams"]}
-
-
 def inflight_gauge(proxy: Proc, name: str) -> float:
     return metric_value(proxy, "llmproxy_backend_inflight_requests", f'backend="{name}"')
 
@@ -173,7 +168,7 @@ def _start(proxies: list[Proc], tmp_path, backends: list[dict], **sections) -> P
     proxy = start_proxy(tmp_path, backends, **sections)
     proxies.append(proxy)
     # Every backend known (kind and models probed) before any load: no request races the first probe.
-    wait_for(lambda: all(u["available"] and u["models"] for u in health(proxy).values()), timeout=10)
+    wait_for(lambda: all(u["available"] and u["models"] for u in upstreams(proxy).values()), timeout=10)
     return proxy
 
 
@@ -183,7 +178,7 @@ def test_weighted_5_to_3_shares_hold_over_thousands_of_concurrent_requests(pair,
     proxy = _start(proxies, tmp_path, [{"url": pair[0].url, "name": "five", "weight": 5},
                                        {"url": pair[1].url, "name": "three", "weight": 3}],
                    routing=balancing("weighted"))
-    run_load(proxy, 2400, 16, body=STREAM)  # 1-token streams
+    run_load(proxy, 2400, 16, body=STREAM_CHAT)  # 1-token streams
     shares, total = shares_of(proxy, ["five", "three"])
     assert total == 2400
     assert abs(shares["five"] - 0.625) <= 0.03, shares
@@ -226,7 +221,7 @@ def test_least_connections_sends_less_to_a_ten_times_slower_backend(paced, tmp_p
     assert 0 < shares["slow"] < 0.25, shares
     for name in ("fast", "slow"):
         assert inflight_gauge(proxy, name) == 0
-        assert health(proxy)[name]["inflight"] == 0
+        assert upstreams(proxy)[name]["inflight"] == 0
     assert_idle(proxy)
 
 
@@ -262,7 +257,7 @@ def test_in_flight_counts_whole_streams_and_least_connections_avoids_the_busy_ba
             gate = f"pin-{i}-{time.monotonic_ns()}"
             streams.append((pin, gate, *_open_gated_stream(proxy, "pinned", gate)))
         # Heads and first events are out, the rest is held: in flight until the stream ends, not the head.
-        assert {n: u["inflight"] for n, u in health(proxy).items()} == {"pin": 3, "other": 0}
+        assert {n: u["inflight"] for n, u in upstreams(proxy).items()} == {"pin": 3, "other": 0}
         assert inflight_gauge(proxy, "pin") == 3 and inflight_gauge(proxy, "other") == 0
 
         # 3 vs 0 in flight: every request for "m", one after another, goes to the idle backend.
@@ -280,7 +275,7 @@ def test_in_flight_counts_whole_streams_and_least_connections_avoids_the_busy_ba
             held = [r for r in mock_stats(mock)["requests"]
                     if r["outcome"] is None and any(h == ["x-marker", g] for h in r["headers"] for g in gates)]
             assert len(held) == count
-        assert {n: u["inflight"] for n, u in health(proxy).items()} == {"pin": 3, "other": 2}
+        assert {n: u["inflight"] for n, u in upstreams(proxy).items()} == {"pin": 3, "other": 2}
         assert inflight_gauge(proxy, "pin") == 3 and inflight_gauge(proxy, "other") == 2
 
         # 3 vs 2 still: the next one goes to "other" as well.
@@ -292,7 +287,7 @@ def test_in_flight_counts_whole_streams_and_least_connections_avoids_the_busy_ba
         for mock, gate, sock, reader in streams:
             _finish_gated_stream(mock, sock, reader, gate)
     wait_for(lambda: inflight_gauge(proxy, "pin") == 0 and inflight_gauge(proxy, "other") == 0)
-    assert {n: u["inflight"] for n, u in health(proxy).items()} == {"pin": 0, "other": 0}
+    assert {n: u["inflight"] for n, u in upstreams(proxy).items()} == {"pin": 0, "other": 0}
 
 
 # 3. latency_based ------------------------------------------------------------------------------------
@@ -337,11 +332,11 @@ def test_queue_depth_follows_the_backends_own_queue_reports(tmp_path, procs, pro
     proxy = _start(proxies, tmp_path, [{"url": busy.url, "name": "busy"}, {"url": idle.url, "name": "idle"},
                                        {"url": tgi.url, "name": "tgi"}],
                    routing=balancing("queue_depth"), health_check={"interval": 0.2})
-    upstreams = health(proxy)
-    assert upstreams["tgi"]["type"] == "tgi"
-    assert upstreams["busy"]["queue_depth"] >= 50
-    assert upstreams["idle"]["queue_depth"] is not None and upstreams["idle"]["queue_depth"] < 50
-    assert upstreams["tgi"]["queue_depth"] is not None and upstreams["tgi"]["queue_depth"] < 50
+    found = upstreams(proxy)
+    assert found["tgi"]["type"] == "tgi"
+    assert found["busy"]["queue_depth"] >= 50
+    assert found["idle"]["queue_depth"] is not None and found["idle"]["queue_depth"] < 50
+    assert found["tgi"]["queue_depth"] is not None and found["tgi"]["queue_depth"] < 50
     gauges = _queue_gauges(proxy)
     assert set(gauges) == set(names) and gauges["busy"] >= 50, gauges
 
@@ -355,7 +350,7 @@ def test_queue_depth_follows_the_backends_own_queue_reports(tmp_path, procs, pro
     assert http_post(busy.url + "/_mock/gauges")[0] == 200
     assert http_post(idle.url + "/_mock/gauges?waiting=50")[0] == 200
     assert http_post(tgi.url + "/_mock/gauges?waiting=50")[0] == 200
-    wait_for(lambda: (u := health(proxy))["busy"]["queue_depth"] < 50
+    wait_for(lambda: (u := upstreams(proxy))["busy"]["queue_depth"] < 50
              and u["idle"]["queue_depth"] >= 50 and u["tgi"]["queue_depth"] >= 50, timeout=5)
     gauges = _queue_gauges(proxy)
     assert gauges["busy"] < 50 <= min(gauges["idle"], gauges["tgi"]), gauges

@@ -9,9 +9,11 @@ import sys
 from tests.support import REPO
 
 
-def _worktrees() -> str:
-    return subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True,
-                          timeout=30).stdout
+def _worktrees() -> set[str]:
+    """The paths of the repository's worktrees (not their commits: other worktrees may move meanwhile)."""
+    listing = subprocess.run(["git", "-C", str(REPO), "worktree", "list", "--porcelain"], capture_output=True,
+                             text=True, timeout=30).stdout
+    return {line.removeprefix("worktree ") for line in listing.splitlines() if line.startswith("worktree ")}
 
 
 def test_ab_against_head_streams_through_both_proxies_and_removes_its_worktree(tmp_path):

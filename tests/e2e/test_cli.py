@@ -9,9 +9,15 @@ import sys
 
 import pytest
 
-from tests.support import REPO, Proc, ResponseReader, post_request, raw_connect, start_proxy
-
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+from tests.support import (
+    REPO,
+    STREAM_CHAT,
+    Proc,
+    ResponseReader,
+    post_request,
+    raw_connect,
+    start_proxy,
+)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -50,7 +56,8 @@ def test_sigterm_lets_in_flight_stream_finish_then_exits_zero(mock_vllm, tmp_pat
     proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}])
     try:
         sock = raw_connect(proxy.port, timeout=10)
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "20", "x-mock-delay-ms": "50"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-tokens": "20", "x-mock-delay-ms": "50"}))
         reader = ResponseReader(sock).read_head()
         assert reader.read_chunk()
         proxy.popen.send_signal(signal.SIGTERM)
@@ -77,9 +84,8 @@ def test_demo_serves_the_openai_sdk_out_of_the_box(procs):
     assert "curl" in demo.text()
 
 
-def test_serve_listen_flag_and_health(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}])
-    procs.append(proxy)
+def test_serve_listen_flag_and_health(mock_vllm, new_proxy):
+    proxy = new_proxy([{"url": mock_vllm.url}])
     with raw_connect(proxy.port) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         reader = ResponseReader(sock).read_head()

@@ -33,6 +33,7 @@ import pytest
 
 from tests.support import (
     REPO,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     assert_idle,
@@ -42,13 +43,13 @@ from tests.support import (
     raw_connect,
     recv_until_closed,
     rss_kib,
-    start_mock,
     start_proxy,
+    usage_config,
+    usage_records,
     wait_for,
     write_config,
 )
 
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 HOLDER = REPO / "tests" / "conn_holder.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -203,7 +204,7 @@ def closed_by_peer(sock: socket.socket) -> bool | None:
 def stream(port: int, tokens: int, delay_ms: int, timeout: float = 30.0) -> tuple[int, bytes, bool, str]:
     """One streaming chat completion on a new connection: (status, body, complete, x-request-id)."""
     with raw_connect(port, timeout=timeout) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT,
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
                                   {"x-mock-tokens": str(tokens), "x-mock-delay-ms": str(delay_ms)}))
         reader = ResponseReader(sock).read_head()
         body, complete = reader.read_body()
@@ -220,26 +221,15 @@ def warm_up(proxy: Proc, backend: Proc) -> int:
     return open_fds(proxy.pid) - tcp_sockets(proxy.pid, remote_port=backend.port)
 
 
-def usage_config(tmp_path: Path) -> dict:
-    return {"enabled": True, "spool_dir": str(tmp_path / "spool"), "flush_interval": "50ms",
-            "reporters": [{"name": "f", "type": "file", "file": {"path": str(tmp_path / "usage.jsonl")}}]}
-
-
-def usage_records(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "usage.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def tokens_in(body: bytes) -> int:
     return body.count(b'"content":" tok')
 
 
 # max_connections ---------------------------------------------------------------------------------------
 
-def test_connections_beyond_max_connections_are_refused_while_streams_in_flight_finish(mock_vllm, tmp_path, procs):
+def test_connections_beyond_max_connections_are_refused_while_streams_in_flight_finish(mock_vllm, new_proxy):
     limit = 50
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}], server={"listen": "127.0.0.1:0", "max_connections": limit})
-    procs.append(proxy)
+    proxy = new_proxy([{"url": mock_vllm.url}], server={"listen": "127.0.0.1:0", "max_connections": limit})
     fds = warm_up(proxy, mock_vllm)
 
     # 25 streams in flight (40 tokens x 100 ms: 4 s each) and 25 idle connections: the limit is reached.
@@ -247,7 +237,8 @@ def test_connections_beyond_max_connections_are_refused_while_streams_in_flight_
     streams_started = time.monotonic()
     for _ in range(limit // 2):
         sock = raw_connect(proxy.port, timeout=15)
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "40", "x-mock-delay-ms": "100"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-tokens": "40", "x-mock-delay-ms": "100"}))
         streams.append((sock, ResponseReader(sock).read_head()))
     assert all(reader.status == 200 for _, reader in streams)
     results: dict[int, tuple[bytes, bool]] = {}
@@ -274,7 +265,7 @@ def test_connections_beyond_max_connections_are_refused_while_streams_in_flight_
 
     # The established connections are undisturbed: the idle ones are served, the streams finish whole.
     for sock in idle:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"}))
         reader = ResponseReader(sock).read_head()
         body, complete = reader.read_body()
         assert reader.status == 200 and complete and tokens_in(body) == 3
@@ -341,7 +332,7 @@ def test_fd_exhaustion_degrades_without_busy_loop_and_recovers(mock_vllm, tmp_pa
 
         # A held connection still gets an answer: the pooled upstream connection (200), else a 5xx.
         live[0].settimeout(10)
-        live[0].sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"}))
+        live[0].sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"}))
         reader = ResponseReader(live[0]).read_head()
         _, complete = reader.read_body()
         assert complete and reader.status in (200, 502, 503), reader.status
@@ -378,7 +369,8 @@ def test_fd_exhaustion_is_not_blamed_on_the_backend(mock_vllm, tmp_path, procs):
 
         def ask(index: int, sock: socket.socket) -> None:
             sock.settimeout(15)
-            sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "10", "x-mock-delay-ms": "50"}))
+            sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                      {"x-mock-tokens": "10", "x-mock-delay-ms": "50"}))
             reader = ResponseReader(sock).read_head()
             reader.read_body()
             answers[index] = reader.status
@@ -402,11 +394,10 @@ def test_fd_exhaustion_is_not_blamed_on_the_backend(mock_vllm, tmp_path, procs):
 
 # Graceful drain --------------------------------------------------------------------------------------------
 
-def test_sigterm_with_100_streams_in_flight_drains_them_and_flushes_usage(mock_vllm, tmp_path, procs):
+def test_sigterm_with_100_streams_in_flight_drains_them_and_flushes_usage(mock_vllm, tmp_path, procs, metered_proxy):
     count, tokens, shutdown_timeout = 100, 30, 10.0
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}], usage=usage_config(tmp_path),
-                        server={"listen": "127.0.0.1:0", "shutdown_timeout": f"{shutdown_timeout}s"})
-    procs.append(proxy)
+    proxy = metered_proxy([{"url": mock_vllm.url}], usage=usage_config(tmp_path, flush_interval="50ms"),
+                          server={"listen": "127.0.0.1:0", "shutdown_timeout": f"{shutdown_timeout}s"})
     warm_up(proxy, mock_vllm)
     wait_for(lambda: len(usage_records(tmp_path)) == 1, timeout=5)
     (tmp_path / "usage.jsonl").unlink()
@@ -417,7 +408,7 @@ def test_sigterm_with_100_streams_in_flight_drains_them_and_flushes_usage(mock_v
     def run(index: int) -> None:
         try:
             with raw_connect(proxy.port, timeout=20) as sock:
-                sock.sendall(post_request("/v1/chat/completions", CHAT,
+                sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
                                           {"x-mock-tokens": str(tokens), "x-mock-delay-ms": "50"}))
                 reader = ResponseReader(sock).read_head()
                 first = reader.read_chunk()  # the stream has begun
@@ -547,7 +538,7 @@ def test_soak_10000_idle_connections_are_held_then_expire(mock_vllm, tmp_path, p
 
 async def _one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tokens: int, delay_ms: int) -> bool:
     """Send one streaming request on an open connection and read its whole response. True if it was whole."""
-    writer.write(post_request("/v1/chat/completions", CHAT,
+    writer.write(post_request("/v1/chat/completions", STREAM_CHAT,
                               {"x-mock-tokens": str(tokens), "x-mock-delay-ms": str(delay_ms)}))
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200 ") or b"transfer-encoding: chunked" not in head.lower():
@@ -609,17 +600,15 @@ async def _streams_for(port: int, concurrency: int, seconds: float, tokens: int,
 
 @pytest.mark.soak
 @pytest.mark.timeout(300)
-def test_soak_1000_streams_for_60s_keep_rss_flat(tmp_path, procs):
+def test_soak_1000_streams_for_60s_keep_rss_flat(tmp_path, new_mock, metered_proxy):
     concurrency, seconds, warm, tokens, delay_ms = 1000, 60.0, 10.0, 25, 200
     # This process holds the client side of every stream, the proxy both sides, the mock the server side:
     # all three get the hard limit (the module's mock was started before, so this test starts its own).
     with raised_nofile() as limit:
         if limit < 3 * concurrency:
             pytest.skip(f"RLIMIT_NOFILE hard limit {limit} is too low for {concurrency} streams")
-        mock = start_mock("vllm")
-        procs.append(mock)
-        proxy = start_proxy(tmp_path, [{"url": mock.url}], usage=usage_config(tmp_path))
-        procs.append(proxy)
+        mock = new_mock()
+        proxy = metered_proxy([{"url": mock.url}], usage=usage_config(tmp_path, flush_interval="50ms"))
         fds = warm_up(proxy, mock)
         started = time.monotonic()
         samples: list[tuple[float, int, float]] = []  # (seconds since start, RSS KiB, requests in flight)

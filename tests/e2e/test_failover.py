@@ -19,23 +19,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.support import (
+    CHAT,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
+    access_log,
     assert_idle,
-    http_get,
+    free_port,
+    health,
     http_post,
     metric_value,
     mock_stats,
+    owned,
+    post_count,
     post_request,
     raw_connect,
-    start_mock,
-    start_proxy,
+    send_request,
+    upstreams,
     wait_for,
 )
 
 CHAT_PATH = "/v1/chat/completions"
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
-PLAIN_CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEALTH_PATHS = {"vllm": "/health", "ollama": "/api/version"}
 # Tests that are not about active health probe rarely, so mock stats hold few probe records.
 QUIET_HEALTH = {"interval": 5, "timeout": 1, "models_interval": 60}
@@ -43,14 +47,8 @@ QUIET_HEALTH = {"interval": 5, "timeout": 1, "models_interval": 60}
 
 # Helpers ------------------------------------------------------------------------------------------
 
-def _health(proxy: Proc) -> dict:
-    status, body = http_get(proxy.url + "/health")
-    assert status == 200, body
-    return json.loads(body)
-
-
 def _upstream(proxy: Proc, name: str) -> dict:
-    return next(u for u in _health(proxy)["upstreams"] if u["name"] == name)
+    return upstreams(proxy)[name]
 
 
 def _healthy_metric(proxy: Proc, name: str) -> float:
@@ -65,34 +63,14 @@ def _ejections(proxy: Proc, name: str = "") -> float:
     return metric_value(proxy, "llmproxy_backend_ejections_total", f'backend="{name}"' if name else "")
 
 
-def _posts(mock: Proc) -> int:
-    """POSTs the mock received since its last reset (the probes are GETs)."""
-    return sum(1 for r in mock_stats(mock)["requests"] if r["method"] == "POST")
-
-
 def _reset(*mocks: Proc) -> None:
     for mock in mocks:
         assert http_post(mock.url + "/_mock/reset-stats")[0] == 200
 
 
-def _access_log(tmp_path) -> list[dict]:
-    path = tmp_path / "access.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _closed_port() -> int:
-    """A port nobody listens on (bound, then closed: connecting to it is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _request(port: int, body: bytes = PLAIN_CHAT, headers: dict | None = None) -> tuple[ResponseReader, bytes, bool]:
-    with raw_connect(port, timeout=10) as sock:
-        sock.sendall(post_request(CHAT_PATH, body, headers))
-        reader = ResponseReader(sock).read_head()
-        data, complete = reader.read_body()
-    return reader, data, complete
+def _request(port: int) -> tuple[ResponseReader, bytes, bool]:
+    """A plain chat request on a fresh connection, its whole response read."""
+    return send_request(port, CHAT, path=CHAT_PATH, timeout=10)
 
 
 class _CountingReader(ResponseReader):
@@ -115,7 +93,7 @@ def _stream(port: int, rid: str, headers: dict[str, str]) -> dict:
     reader = None
     try:
         with raw_connect(port, timeout=20) as sock:
-            sock.sendall(post_request(CHAT_PATH, CHAT, {"x-request-id": rid, **headers}))
+            sock.sendall(post_request(CHAT_PATH, STREAM_CHAT, {"x-request-id": rid, **headers}))
             reader = _CountingReader(sock)
             reader.read_head()
             result["status"] = reader.status
@@ -202,10 +180,7 @@ class FakeBackend:
 @pytest.fixture
 def fakes():
     """In-test backends; all are closed at the end of the test."""
-    started: list[FakeBackend] = []
-    yield started
-    for fake in started:
-        fake.close()
+    yield from owned(FakeBackend.close)
 
 
 def _fake(fakes: list, *args, **kwargs) -> FakeBackend:
@@ -214,35 +189,23 @@ def _fake(fakes: list, *args, **kwargs) -> FakeBackend:
     return fake
 
 
-def _mock(procs: list, dialect: str = "vllm", *extra: str) -> Proc:
-    mock = start_mock(dialect, *extra)
-    procs.append(mock)
-    return mock
-
-
-def _proxy(procs: list, tmp_path, backends: list[dict], **sections) -> Proc:
-    proxy = start_proxy(tmp_path, backends, **sections)
-    procs.append(proxy)
-    return proxy
-
-
 def _all_available(proxy: Proc, count: int, timeout: float = 5.0) -> None:
-    wait_for(lambda: _health(proxy)["available"] == count, timeout=timeout)
+    wait_for(lambda: health(proxy)["available"] == count, timeout=timeout)
 
 
 # 1. Failover under load ---------------------------------------------------------------------------
 
-def test_killing_a_backend_under_load_loses_no_request_that_had_not_started_streaming(tmp_path, procs):
-    mocks = [_mock(procs) for _ in range(3)]
+def test_killing_a_backend_under_load_loses_no_request_that_had_not_started_streaming(tmp_path, new_mock, new_proxy):
+    mocks = [new_mock() for _ in range(3)]
     names = ["a", "b", "c"]
     interval, healthy_threshold = 0.2, 2
-    proxy = _proxy(procs, tmp_path, [{"url": m.url, "name": n} for m, n in zip(mocks, names, strict=True)],
-                   routing={"load_balance": "round_robin"},
-                   health_check={"interval": interval, "timeout": 0.5, "healthy_threshold": healthy_threshold,
-                                 "unhealthy_threshold": 2, "models_interval": 60,
-                                 # Only the probes find it dead: meanwhile new requests keep being routed to it.
-                                 # (Recovery ending an ejection: test_a_restarted_backend_is_taken_back_*.)
-                                 "passive": {"consecutive_failures": 1000}})
+    proxy = new_proxy([{"url": m.url, "name": n} for m, n in zip(mocks, names, strict=True)],
+                      routing={"load_balance": "round_robin"},
+                      health_check={"interval": interval, "timeout": 0.5, "healthy_threshold": healthy_threshold,
+                                    "unhealthy_threshold": 2, "models_interval": 60,
+                                    # Only the probes find it dead: meanwhile new requests keep being routed to it.
+                                    # (Recovery ending an ejection: test_a_restarted_backend_is_taken_back_*.)
+                                    "passive": {"consecutive_failures": 1000}})
     _all_available(proxy, 3)
     victim, victim_name = mocks[1], "b"
     victim_port = victim.port
@@ -269,7 +232,7 @@ def test_killing_a_backend_under_load_loses_no_request_that_had_not_started_stre
     ok = [r for r in results if r["status"] == 200 and r["complete"] and r["done"]]
     truncated = [r for r in results if r["status"] == 200 and not r["complete"] and r["received"] > 0]
     errors = [r for r in results if r not in ok and r not in truncated]
-    by_id = wait_for(lambda: len(d := {line["client_request_id"]: line for line in _access_log(tmp_path)
+    by_id = wait_for(lambda: len(d := {line["client_request_id"]: line for line in access_log(tmp_path)
                                         if line.get("client_request_id")}) == 600 and d, timeout=5)
     assert not errors, f"{len(errors)} requests failed, e.g. {[(r, by_id[r['id']]) for r in errors[:3]]}"
     assert len(ok) + len(truncated) == 600
@@ -294,10 +257,10 @@ def test_killing_a_backend_under_load_loses_no_request_that_had_not_started_stre
     assert not state["healthy"] and state["last_error"]
     assert _healthy_metric(proxy, victim_name) == 0
     assert _healthy_metric(proxy, "a") == _healthy_metric(proxy, "c") == 1
-    assert _health(proxy)["status"] == "ok"
+    assert health(proxy)["status"] == "ok"
 
     # Restarted on the same port, it is back within interval x healthy_threshold (plus slack)...
-    revived = _mock(procs, "vllm", "--listen", f"127.0.0.1:{victim_port}")
+    revived = new_mock("vllm", "--listen", f"127.0.0.1:{victim_port}")
     assert revived.port == victim_port
     started = time.monotonic()
     wait_for(lambda: _upstream(proxy, victim_name)["available"], timeout=interval * healthy_threshold + 1.5)
@@ -308,7 +271,7 @@ def test_killing_a_backend_under_load_loses_no_request_that_had_not_started_stre
     with ThreadPoolExecutor(max_workers=10) as pool:
         again = list(pool.map(lambda i: _stream(proxy.port, f"again-{i}", {"x-mock-tokens": "3"}), range(30)))
     assert all(r["status"] == 200 and r["done"] for r in again), again
-    assert _posts(revived) >= 5
+    assert post_count(revived) >= 5
     assert_idle(proxy)
 
 
@@ -316,14 +279,14 @@ def test_killing_a_backend_under_load_loses_no_request_that_had_not_started_stre
 
 @pytest.mark.parametrize("dialect", ["vllm", "ollama"])
 def test_active_probes_take_a_backend_out_only_after_unhealthy_threshold_and_back_after_healthy_threshold(
-        dialect, tmp_path, procs):
-    target = _mock(procs, dialect)
-    other = _mock(procs, "vllm")
+        dialect, new_mock, new_proxy):
+    target = new_mock(dialect)
+    other = new_mock("vllm")
     interval = 0.3
-    proxy = _proxy(procs, tmp_path, [{"url": target.url, "name": "target"}, {"url": other.url, "name": "other"}],
-                   routing={"load_balance": "round_robin"},
-                   health_check={"interval": interval, "timeout": 0.5, "unhealthy_threshold": 3,
-                                 "healthy_threshold": 2, "models_interval": 60, "passive": {"enabled": False}})
+    proxy = new_proxy([{"url": target.url, "name": "target"}, {"url": other.url, "name": "other"}],
+                      routing={"load_balance": "round_robin"},
+                      health_check={"interval": interval, "timeout": 0.5, "unhealthy_threshold": 3,
+                                    "healthy_threshold": 2, "models_interval": 60, "passive": {"enabled": False}})
     _all_available(proxy, 2)
     assert _upstream(proxy, "target")["type"] == dialect
     probe_path = HEALTH_PATHS[dialect]
@@ -347,14 +310,14 @@ def test_active_probes_take_a_backend_out_only_after_unhealthy_threshold_and_bac
     assert failed_probes() >= 3
     assert _healthy_metric(proxy, "target") == 0
     assert not _upstream(proxy, "target")["healthy"]
-    assert _health(proxy)["status"] == "ok"
+    assert health(proxy)["status"] == "ok"
 
     # While unhealthy it gets no traffic.
     _reset(target)
     for _ in range(10):
         reader, _, complete = _request(proxy.port)
         assert reader.status == 200 and complete
-    assert _posts(target) == 0
+    assert post_count(target) == 0
 
     # Healthy again after healthy_threshold passing probes: the first pass (last_error cleared) is not enough.
     assert http_post(target.url + "/_mock/health/200")[0] == 200
@@ -369,20 +332,20 @@ def test_active_probes_take_a_backend_out_only_after_unhealthy_threshold_and_bac
     for _ in range(10):
         reader, _, complete = _request(proxy.port)
         assert reader.status == 200 and complete
-    assert _posts(target) >= 4
+    assert post_count(target) >= 4
     assert_idle(proxy)
 
 
 # 3. Passive ejection ------------------------------------------------------------------------------
 
-def test_a_backend_failing_every_request_is_ejected_for_base_ejection_time(tmp_path, procs, fakes):
+def test_a_backend_failing_every_request_is_ejected_for_base_ejection_time(fakes, new_mock, new_proxy):
     bad = _fake(fakes, 500)
-    good = _mock(procs)
+    good = new_mock()
     base = 1.5
-    proxy = _proxy(procs, tmp_path, [bad.config("bad"), {"url": good.url, "name": "good"}],
-                   routing={"load_balance": "round_robin"},
-                   health_check={**QUIET_HEALTH, "passive": {"consecutive_failures": 3, "base_ejection_time": base,
-                                                             "max_ejection_time": 60}})
+    proxy = new_proxy([bad.config("bad"), {"url": good.url, "name": "good"}],
+                      routing={"load_balance": "round_robin"},
+                      health_check={**QUIET_HEALTH, "passive": {"consecutive_failures": 3, "base_ejection_time": base,
+                                                                "max_ejection_time": 60}})
     _all_available(proxy, 2)
 
     def until_ejected() -> tuple[list[int], float]:
@@ -421,14 +384,14 @@ def test_a_backend_failing_every_request_is_ejected_for_base_ejection_time(tmp_p
     assert_idle(proxy)
 
 
-def test_a_restarted_backend_is_taken_back_at_once_although_it_was_ejected(tmp_path, procs):
-    mocks = [_mock(procs) for _ in range(2)]
+def test_a_restarted_backend_is_taken_back_at_once_although_it_was_ejected(new_mock, new_proxy):
+    mocks = [new_mock() for _ in range(2)]
     interval, healthy_threshold = 0.2, 2
-    proxy = _proxy(procs, tmp_path, [{"url": m.url, "name": f"m{i}"} for i, m in enumerate(mocks)],
-                   routing={"load_balance": "round_robin"},
-                   health_check={"interval": interval, "timeout": 0.5, "unhealthy_threshold": 2,
-                                 "healthy_threshold": healthy_threshold, "models_interval": 60,
-                                 "passive": {"consecutive_failures": 3, "base_ejection_time": 30}})
+    proxy = new_proxy([{"url": m.url, "name": f"m{i}"} for i, m in enumerate(mocks)],
+                      routing={"load_balance": "round_robin"},
+                      health_check={"interval": interval, "timeout": 0.5, "unhealthy_threshold": 2,
+                                    "healthy_threshold": healthy_threshold, "models_interval": 60,
+                                    "passive": {"consecutive_failures": 3, "base_ejection_time": 30}})
     _all_available(proxy, 2)
     port = mocks[1].port
     mocks[1].stop(signal.SIGKILL)
@@ -441,7 +404,7 @@ def test_a_restarted_backend_is_taken_back_at_once_although_it_was_ejected(tmp_p
     assert _upstream(proxy, "m1")["ejected_for_s"] > 25
     wait_for(lambda: not _upstream(proxy, "m1")["healthy"], timeout=2)  # the probes saw it die too
 
-    revived = _mock(procs, "vllm", "--listen", f"127.0.0.1:{port}")
+    revived = new_mock("vllm", "--listen", f"127.0.0.1:{port}")
     started = time.monotonic()
     # Back after healthy_threshold probes, not after the 30 s ejection: it was restarted.
     wait_for(lambda: _upstream(proxy, "m1")["available"], timeout=interval * healthy_threshold + 1.5)
@@ -450,16 +413,16 @@ def test_a_restarted_backend_is_taken_back_at_once_although_it_was_ejected(tmp_p
     assert _healthy_metric(proxy, "m1") == 1
     for i in range(6):
         assert _stream(proxy.port, f"back{i}", {"x-mock-tokens": "3"})["done"]
-    assert _posts(revived) == 3
+    assert post_count(revived) == 3
     assert_idle(proxy)
 
 
-def test_max_ejection_percent_keeps_half_the_backends_even_when_all_fail(tmp_path, procs, fakes):
+def test_max_ejection_percent_keeps_half_the_backends_even_when_all_fail(fakes, new_proxy):
     bad1, bad2 = _fake(fakes, 500), _fake(fakes, 500)
-    proxy = _proxy(procs, tmp_path, [bad1.config("bad1"), bad2.config("bad2")],
-                   routing={"load_balance": "round_robin"},
-                   health_check={**QUIET_HEALTH, "passive": {"consecutive_failures": 3, "base_ejection_time": 30,
-                                                             "max_ejection_percent": 50}})
+    proxy = new_proxy([bad1.config("bad1"), bad2.config("bad2")],
+                      routing={"load_balance": "round_robin"},
+                      health_check={**QUIET_HEALTH, "passive": {"consecutive_failures": 3, "base_ejection_time": 30,
+                                                                "max_ejection_percent": 50}})
     _all_available(proxy, 2)
     for _ in range(16):
         assert _request(proxy.port)[0].status == 500
@@ -474,18 +437,18 @@ def test_max_ejection_percent_keeps_half_the_backends_even_when_all_fail(tmp_pat
     assert_idle(proxy)
 
 
-def test_when_every_backend_is_down_requests_are_still_tried(tmp_path, procs):
-    mocks = [_mock(procs) for _ in range(2)]
-    proxy = _proxy(procs, tmp_path, [{"url": m.url, "name": f"m{i}"} for i, m in enumerate(mocks)],
-                   health_check={"interval": 0.2, "timeout": 0.5, "unhealthy_threshold": 2,
-                                 # Slow to take a backend back: the request below is tried all the same.
-                                 "healthy_threshold": 100, "models_interval": 60})
+def test_when_every_backend_is_down_requests_are_still_tried(new_mock, new_proxy):
+    mocks = [new_mock() for _ in range(2)]
+    proxy = new_proxy([{"url": m.url, "name": f"m{i}"} for i, m in enumerate(mocks)],
+                      health_check={"interval": 0.2, "timeout": 0.5, "unhealthy_threshold": 2,
+                                    # Slow to take a backend back: the request below is tried all the same.
+                                    "healthy_threshold": 100, "models_interval": 60})
     _all_available(proxy, 2)
     ports = [m.port for m in mocks]
     for mock in mocks:
         mock.stop(signal.SIGKILL)
-    wait_for(lambda: _health(proxy)["available"] == 0, timeout=3)
-    assert _health(proxy)["status"] == "degraded"
+    wait_for(lambda: health(proxy)["available"] == 0, timeout=3)
+    assert health(proxy)["status"] == "degraded"
 
     for _ in range(3):
         reader, body, complete = _request(proxy.port)
@@ -493,43 +456,43 @@ def test_when_every_backend_is_down_requests_are_still_tried(tmp_path, procs):
         assert json.loads(body)["error"]["code"] == "upstream_connect_failed"
     assert _retries(proxy, "connect_error") >= 3
 
-    revived = _mock(procs, "vllm", "--listen", f"127.0.0.1:{ports[0]}")
+    revived = new_mock("vllm", "--listen", f"127.0.0.1:{ports[0]}")
     assert revived.port == ports[0]
     reader, _, complete = _request(proxy.port)
     assert reader.status == 200 and complete
-    assert _health(proxy)["available"] == 0  # the probes have not taken it back yet: it was tried anyway
-    assert _posts(revived) == 1
+    assert health(proxy)["available"] == 0  # the probes have not taken it back yet: it was tried anyway
+    assert post_count(revived) == 1
     assert_idle(proxy)
 
 
 # 4. Retries ---------------------------------------------------------------------------------------
 
-def _retry_proxy(procs, tmp_path, fake: FakeBackend, good: Proc, **routing) -> Proc:
-    proxy = _proxy(procs, tmp_path, [fake.config("fake"), {"url": good.url, "name": "good"}],
-                   routing={"load_balance": "round_robin", **routing},
-                   health_check={**QUIET_HEALTH, "passive": {"enabled": False}})
+def _retry_proxy(new_proxy, fake: FakeBackend, good: Proc, **routing) -> Proc:
+    proxy = new_proxy([fake.config("fake"), {"url": good.url, "name": "good"}],
+                      routing={"load_balance": "round_robin", **routing},
+                      health_check={**QUIET_HEALTH, "passive": {"enabled": False}})
     _all_available(proxy, 2)
     return proxy
 
 
-def test_a_503_is_retried_on_another_backend_by_default(tmp_path, procs, fakes):
+def test_a_503_is_retried_on_another_backend_by_default(fakes, new_mock, new_proxy):
     fake = _fake(fakes, 503)
-    good = _mock(procs)
-    proxy = _retry_proxy(procs, tmp_path, fake, good)
+    good = new_mock()
+    proxy = _retry_proxy(new_proxy, fake, good)
     for i in range(10):
         result = _stream(proxy.port, f"r{i}", {"x-mock-tokens": "5"})
         assert (result["status"], result["complete"], result["done"]) == (200, True, True), result
     assert fake.posts >= 4  # round robin sent it its share: every one of them was retried
     assert _retries(proxy, "503") == fake.posts
     assert _retries(proxy) == fake.posts
-    assert _posts(good) == 10
+    assert post_count(good) == 10
     assert_idle(proxy)
 
 
-def test_a_503_reaches_the_client_as_sent_when_retry_on_excludes_it(tmp_path, procs, fakes):
+def test_a_503_reaches_the_client_as_sent_when_retry_on_excludes_it(fakes, new_mock, new_proxy):
     fake = _fake(fakes, 503, b'{"error": "overloaded, from the fake"}', {"x-fake": "yes"})
-    good = _mock(procs)
-    proxy = _retry_proxy(procs, tmp_path, fake, good, retry_on=["connect_error"])
+    good = new_mock()
+    proxy = _retry_proxy(new_proxy, fake, good, retry_on=["connect_error"])
     answers = [_request(proxy.port) for _ in range(6)]
     refused = [(reader, body) for reader, body, _ in answers if reader.status == 503]
     assert len(refused) == fake.posts >= 2
@@ -542,11 +505,11 @@ def test_a_503_reaches_the_client_as_sent_when_retry_on_excludes_it(tmp_path, pr
 
 
 @pytest.mark.parametrize("retry_429", [False, True])
-def test_a_429_goes_back_with_retry_after_unless_429_is_in_retry_on(retry_429, tmp_path, procs, fakes):
+def test_a_429_goes_back_with_retry_after_unless_429_is_in_retry_on(retry_429, fakes, new_mock, new_proxy):
     fake = _fake(fakes, 429, b'{"error": "slow down"}', {"Retry-After": "7"})
-    good = _mock(procs)
+    good = new_mock()
     retry_on = ["connect_error", "reset", "502", "503"] + (["429"] if retry_429 else [])
-    proxy = _retry_proxy(procs, tmp_path, fake, good, retry_on=retry_on)
+    proxy = _retry_proxy(new_proxy, fake, good, retry_on=retry_on)
     answers = [_request(proxy.port) for _ in range(6)]
     assert fake.posts >= 2
     statuses = [reader.status for reader, _, _ in answers]
@@ -561,22 +524,22 @@ def test_a_429_goes_back_with_retry_after_unless_429_is_in_retry_on(retry_429, t
     assert_idle(proxy)
 
 
-def test_retries_zero_means_no_retry(tmp_path, procs, fakes):
+def test_retries_zero_means_no_retry(fakes, new_mock, new_proxy):
     fake = _fake(fakes, 503)
-    good = _mock(procs)
-    proxy = _retry_proxy(procs, tmp_path, fake, good, retries=0)
+    good = new_mock()
+    proxy = _retry_proxy(new_proxy, fake, good, retries=0)
     statuses = [_request(proxy.port)[0].status for _ in range(6)]
     assert fake.posts >= 2
     assert statuses.count(503) == fake.posts and statuses.count(200) == 6 - fake.posts
-    assert _posts(good) == 6 - fake.posts
+    assert post_count(good) == 6 - fake.posts
     assert _retries(proxy) == 0
     assert_idle(proxy)
 
 
-def test_no_retry_once_bytes_reached_the_client(tmp_path, procs):
-    mocks = [_mock(procs) for _ in range(2)]
-    proxy = _proxy(procs, tmp_path, [{"url": m.url, "name": f"m{i}"} for i, m in enumerate(mocks)],
-                   routing={"load_balance": "round_robin"}, health_check=QUIET_HEALTH)
+def test_no_retry_once_bytes_reached_the_client(new_mock, new_proxy):
+    mocks = [new_mock() for _ in range(2)]
+    proxy = new_proxy([{"url": m.url, "name": f"m{i}"} for i, m in enumerate(mocks)],
+                      routing={"load_balance": "round_robin"}, health_check=QUIET_HEALTH)
     _all_available(proxy, 2)
     for attempt in range(4):
         _reset(*mocks)
@@ -585,22 +548,22 @@ def test_no_retry_once_bytes_reached_the_client(tmp_path, procs):
                                                           "x-mock-reset-after-bytes": "600"})
         assert result["status"] == 200 and result["received"] > 0
         assert not result["complete"] and not result["done"], "the client must see the stream cut"
-        assert sum(_posts(m) for m in mocks) == 1, "retried after bytes reached the client"
+        assert sum(post_count(m) for m in mocks) == 1, "retried after bytes reached the client"
     assert _retries(proxy) == 0
     assert_idle(proxy)
 
 
 # 5. Connect failures ------------------------------------------------------------------------------
 
-def test_connect_failures_are_retried_on_another_backend_and_the_dead_one_is_ejected(tmp_path, procs):
-    good = _mock(procs)
-    dead_url = f"http://127.0.0.1:{_closed_port()}"
+def test_connect_failures_are_retried_on_another_backend_and_the_dead_one_is_ejected(new_mock, new_proxy):
+    good = new_mock()
+    dead_url = f"http://127.0.0.1:{free_port()}"
     dead = {"url": dead_url, "name": "dead", "type": "vllm", "models": ["m"]}
-    proxy = _proxy(procs, tmp_path, [dead, {"url": good.url, "name": "good"}],
-                   routing={"load_balance": "round_robin"},
-                   # No active probes: only live traffic can find out the port is closed.
-                   health_check={"enabled": False, "models_interval": 60,
-                                 "passive": {"consecutive_failures": 3, "base_ejection_time": 30}})
+    proxy = new_proxy([dead, {"url": good.url, "name": "good"}],
+                      routing={"load_balance": "round_robin"},
+                      # No active probes: only live traffic can find out the port is closed.
+                      health_check={"enabled": False, "models_interval": 60,
+                                    "passive": {"consecutive_failures": 3, "base_ejection_time": 30}})
     assert _upstream(proxy, "dead")["available"]
     for i in range(12):
         result = _stream(proxy.port, f"c{i}", {"x-mock-tokens": "3"})
@@ -646,14 +609,14 @@ class _ResetAtOnceServer:
         self.listener.close()
 
 
-def test_a_connection_reset_right_after_connect_is_retried_not_answered_500(tmp_path, procs):
+def test_a_connection_reset_right_after_connect_is_retried_not_answered_500(new_mock, new_proxy):
     resetting = _ResetAtOnceServer()
     try:
-        good = _mock(procs)
-        proxy = _proxy(procs, tmp_path, [{"url": resetting.url, "name": "resetting", "type": "vllm", "models": ["m"]},
-                                         {"url": good.url, "name": "good"}],
-                       routing={"load_balance": "round_robin"},
-                       health_check={"enabled": False, "models_interval": 60, "passive": {"enabled": False}})
+        good = new_mock()
+        proxy = new_proxy([{"url": resetting.url, "name": "resetting", "type": "vllm", "models": ["m"]},
+                                            {"url": good.url, "name": "good"}],
+                          routing={"load_balance": "round_robin"},
+                          health_check={"enabled": False, "models_interval": 60, "passive": {"enabled": False}})
         with ThreadPoolExecutor(max_workers=20) as pool:
             statuses = list(pool.map(lambda i: _request(proxy.port)[0].status, range(300)))
         assert _retries(proxy) > 0

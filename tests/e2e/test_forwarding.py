@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.support import ResponseReader, mock_stats, post_request, raw_connect, start_proxy, wait_for
-
-CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+from tests.support import (
+    CHAT,
+    ResponseReader,
+    mock_stats,
+    post_request,
+    raw_connect,
+    start_proxy,
+    wait_for,
+)
 
 
 def _last_request_headers(mock, marker: str) -> dict[str, list[str]]:
@@ -83,9 +87,8 @@ def test_forwarded_for_from_trusted_peer_is_appended(mock_vllm, tmp_path, procs)
     assert _last_request_headers(mock_vllm, "xff-trusted")["x-forwarded-for"] == ["1.2.3.4, 127.0.0.1"]
 
 
-def test_backend_base_path_is_prefixed(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url + "/prefix"}])
-    procs.append(proxy)
+def test_backend_base_path_is_prefixed(mock_vllm, new_proxy):
+    proxy = new_proxy([{"url": mock_vllm.url + "/prefix"}])
     _send(proxy, {"x-marker": "base"})
     entry = wait_for(lambda: [e for e in mock_stats(mock_vllm)["requests"]
                               if ["x-marker", "base"] in e["headers"]])

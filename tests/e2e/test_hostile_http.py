@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from llmproxy.errors import ERRORS
 from tests.support import (
+    NO_PERIODIC_PROBES,
     Proc,
     assert_idle,
     mock_stats,
@@ -30,15 +31,12 @@ from tests.support import (
     raw_connect,
     recv_until_closed,
     rss_kib,
-    start_mock,
     start_proxy,
-    wait_for,
+    wait_steady,
 )
 
 HEAD_LIMIT, LINE_LIMIT, BODY_LIMIT = 4096, 1024, 65536
 LIMITS = {"max_header_size": HEAD_LIMIT, "max_request_line": LINE_LIMIT, "max_body_size": BODY_LIMIT}
-# No periodic probes or model-list refreshes: the backend's request counter then moves only with client traffic.
-QUIET_HEALTH = {"interval": 3600, "models_interval": 3600}
 CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 CHAT_REQUEST = post_request("/v1/chat/completions", CHAT)  # well formed and forwarded: the backend counts it
 READ_TIMEOUT = 5.0  # every read is bounded: a proxy that waits for bytes it must not wait for fails the test
@@ -63,21 +61,16 @@ class Served:
 def serve(tmp_path: Path, mock: Proc, server: dict | None = None, **sections: dict) -> Served:
     """Start a proxy in front of `mock`, warm it up with one forwarded request, and take its fd baseline."""
     server = {"listen": "127.0.0.1:0", **LIMITS, **(server or {})}
-    proxy = start_proxy(tmp_path, [{"url": mock.url}], server=server, health_check=QUIET_HEALTH, **sections)
+    proxy = start_proxy(tmp_path, [{"url": mock.url}], server=server, health_check=NO_PERIODIC_PROBES, **sections)
     try:
         headers = {"Connection": "close"}
         if "auth" in sections:
             headers["Authorization"] = f"Bearer {API_KEY}"
         responses = exchange(proxy.port, post_request("/v1/chat/completions", CHAT, headers))
         assert [r.status for r in responses] == [200], responses
-        # The start-up probes (type detection, health, model list) are over once the counter stops moving.
-        counts = [mock_stats(mock)["requests_total"]]
-
-        def settled() -> bool:
-            time.sleep(0.1)
-            counts.append(mock_stats(mock)["requests_total"])
-            return counts[-1] == counts[-2] == counts[-3] if len(counts) > 2 else False
-        wait_for(settled, timeout=10.0)  # also long enough for the warm-up connection's fd to be closed
+        # The start-up probes (type detection, health, model list) are over once the counter stops moving;
+        # that takes long enough for the warm-up connection's fd to be closed too.
+        wait_steady(lambda: mock_stats(mock)["requests_total"], timeout=10.0)
         return Served(proxy, mock, open_fds(proxy.pid))
     except BaseException:
         proxy.stop()
@@ -85,15 +78,8 @@ def serve(tmp_path: Path, mock: Proc, server: dict | None = None, **sections: di
 
 
 @pytest.fixture(scope="module")
-def mock():
-    proc = start_mock("vllm")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def served(mock, tmp_path_factory):
-    setup = serve(tmp_path_factory.mktemp("hostile"), mock)
+def served(mock_vllm, tmp_path_factory):
+    setup = serve(tmp_path_factory.mktemp("hostile"), mock_vllm)
     try:
         yield setup
     finally:
@@ -439,9 +425,9 @@ def mutate(payload: bytes, mutations) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def fuzz_served(mock, tmp_path_factory):
+def fuzz_served(mock_vllm, tmp_path_factory):
     timeouts = {"request_head": FUZZ_TIMEOUT, "body": FUZZ_TIMEOUT, "keepalive": FUZZ_TIMEOUT}
-    setup = serve(tmp_path_factory.mktemp("fuzz"), mock, server={"timeouts": timeouts})
+    setup = serve(tmp_path_factory.mktemp("fuzz"), mock_vllm, server={"timeouts": timeouts})
     try:
         yield setup
     finally:
@@ -675,9 +661,9 @@ API_KEY = "sk-hostile-http-key-0123456789"
 
 
 @pytest.fixture(scope="module")
-def auth_served(mock, tmp_path_factory):
+def auth_served(mock_vllm, tmp_path_factory):
     # A body limit far above the announced lengths: the 401 must come from auth, not from a 413.
-    setup = serve(tmp_path_factory.mktemp("auth"), mock, server={"max_body_size": 1024 * 1024 * 1024},
+    setup = serve(tmp_path_factory.mktemp("auth"), mock_vllm, server={"max_body_size": 1024 * 1024 * 1024},
                   auth={"enabled": True, "keys": [{"key": API_KEY}]})
     try:
         yield setup

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.support import assert_idle, mock_stats, raw_connect, recv_until_closed, start_proxy
+from tests.support import assert_idle, mock_stats, raw_connect, recv_until_closed
 
 BAD_REQUESTS = [
     ("cl_and_te", 400, b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -51,13 +51,6 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def proxy(mock_vllm, tmp_path_factory):
-    proc = start_proxy(tmp_path_factory.mktemp("proxy"), [{"url": mock_vllm.url}])
-    yield proc
-    proc.stop()
-
-
 def _send(port: int, payload: bytes, bytewise: bool) -> bytes:
     with raw_connect(port) as sock:
         if bytewise:
@@ -87,9 +80,8 @@ def test_malformed_request_is_rejected_and_never_forwarded(name, status, payload
     assert_idle(proxy)
 
 
-def test_body_over_limit_while_streaming_chunked_gets_413(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}], server={"listen": "127.0.0.1:0", "max_body_size": "1KiB"})
-    procs.append(proxy)
+def test_body_over_limit_while_streaming_chunked_gets_413(mock_vllm, new_proxy):
+    proxy = new_proxy([{"url": mock_vllm.url}], server={"listen": "127.0.0.1:0", "max_body_size": "1KiB"})
     payload = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
     payload += b"400\r\n" + b"a" * 1024 + b"\r\n" + b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\n"
     before = mock_stats(mock_vllm)["requests_total"]

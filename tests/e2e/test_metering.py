@@ -14,35 +14,12 @@ from tests.support import (
     metric_value,
     post_request,
     raw_connect,
-    start_proxy,
-    wait_for,
+    send_request,
+    usage_record,
+    usage_records,
 )
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-
-
-def _usage_config(tmp_path) -> dict:
-    return {"enabled": True, "spool_dir": str(tmp_path / "spool"),
-            "reporters": [{"name": "file", "type": "file", "file": {"path": str(tmp_path / "usage.jsonl")}}]}
-
-
-def _records(tmp_path) -> list[dict]:
-    path = tmp_path / "usage.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _record_for(tmp_path, request_id: str) -> dict:
-    found = wait_for(lambda: [r for r in _records(tmp_path) if r["request_id"] == request_id], timeout=5)
-    assert len(found) == 1, f"exactly one record per request, got {found}"
-    return found[0]
-
-
-def _stream(port: int, path: str, body: dict, headers: dict | None = None) -> tuple[ResponseReader, bytes, bool]:
-    with raw_connect(port) as sock:
-        sock.sendall(post_request(path, json.dumps(body).encode(), headers))
-        reader = ResponseReader(sock).read_head()
-        data, complete = reader.read_body()
-    return reader, data, complete
 
 
 def _events(data: bytes) -> list[dict]:
@@ -50,28 +27,25 @@ def _events(data: bytes) -> list[dict]:
 
 
 @pytest.fixture
-def proxy_for(tmp_path, procs, mock_vllm, mock_tgi, mock_ollama):
+def proxy_for(metered_proxy, mock_vllm, mock_tgi, mock_ollama):
     mocks = {"vllm": mock_vllm, "tgi": mock_tgi, "ollama": mock_ollama}
 
     def start(dialect: str, **extra):
-        proxy = start_proxy(tmp_path, [{"url": mocks[dialect].url, **extra.pop("backend", {})}],
-                            usage=_usage_config(tmp_path), **extra)
-        procs.append(proxy)
-        return proxy
+        return metered_proxy([{"url": mocks[dialect].url, **extra.pop("backend", {})}], **extra)
     return start
 
 
 @pytest.mark.parametrize("dialect", ["vllm", "tgi", "ollama"])
 def test_stream_without_stream_options_is_metered_and_the_client_sees_no_usage_event(dialect, proxy_for, tmp_path):
     proxy = proxy_for(dialect)
-    reader, data, complete = _stream(proxy.port, "/v1/chat/completions",
-                                     {"model": "m", "stream": True, "messages": MESSAGES}, {"x-mock-tokens": "7"})
+    reader, data, complete = send_request(proxy.port, {"model": "m", "stream": True, "messages": MESSAGES},
+                                          {"x-mock-tokens": "7"})
     assert complete and reader.status == 200
     events = _events(data)
     assert events and all(event["choices"] for event in events), "no usage-only event may reach this client"
     assert not any(event.get("usage") for event in events)
     assert data.endswith(b"data: [DONE]\n\n")
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "reported"
     assert record["completion_tokens"] == 7
     assert record["prompt_tokens"] > 0
@@ -83,22 +57,22 @@ def test_stream_without_stream_options_is_metered_and_the_client_sees_no_usage_e
 
 def test_client_that_asked_for_usage_gets_the_usage_event(proxy_for, tmp_path):
     proxy = proxy_for("vllm")
-    reader, data, complete = _stream(proxy.port, "/v1/chat/completions", {
+    reader, data, complete = send_request(proxy.port, {
         "model": "m", "stream": True, "messages": MESSAGES, "stream_options": {"include_usage": True}},
         {"x-mock-tokens": "5"})
     assert complete
     usage_events = [e for e in _events(data) if e["choices"] == [] and e.get("usage")]
     assert len(usage_events) == 1 and usage_events[0]["usage"]["completion_tokens"] == 5
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "reported" and record["completion_tokens"] == 5
 
 
 def test_injection_can_be_switched_off_per_backend(proxy_for, tmp_path):
     proxy = proxy_for("vllm", backend={"inject_usage": False})
-    reader, data, _ = _stream(proxy.port, "/v1/chat/completions",
-                              {"model": "m", "stream": True, "messages": MESSAGES}, {"x-mock-tokens": "4"})
+    reader, data, _ = send_request(proxy.port, {"model": "m", "stream": True, "messages": MESSAGES},
+                                   {"x-mock-tokens": "4"})
     assert not any(e.get("usage") for e in _events(data))
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "estimated"  # the backend was not asked, so it reported nothing
     assert record["completion_tokens"] == 4  # one per content delta relayed
 
@@ -118,13 +92,13 @@ def test_client_disconnect_before_the_usage_event_still_gives_one_estimated_reco
         if len(content) < 3:
             http_post(f"{mock_vllm.url}/_mock/release/{gate}")
     sock.close()  # before the usage event: the backend never gets to report
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "estimated"
     assert record["completion_tokens"] == 3
     assert record["prompt_tokens"] == -(-len(MESSAGES[0]["content"]) // 4)  # chars / 4, rounded up
     assert record["termination"] == "CD"
     time.sleep(0.5)
-    assert len([r for r in _records(tmp_path) if r["request_id"] == reader.headers["x-request-id"]]) == 1
+    assert len([r for r in usage_records(tmp_path) if r["request_id"] == reader.headers["x-request-id"]]) == 1
     assert_idle(proxy)
 
 
@@ -136,20 +110,20 @@ def test_client_disconnect_before_the_usage_event_still_gives_one_estimated_reco
 ])
 def test_native_and_completion_streams_are_metered(dialect, path, body, expected_completion, proxy_for, tmp_path):
     proxy = proxy_for(dialect)
-    reader, _, complete = _stream(proxy.port, path, body, {"x-mock-tokens": "6"})
+    reader, _, complete = send_request(proxy.port, body, {"x-mock-tokens": "6"}, path=path)
     assert complete
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "reported"
     assert record["completion_tokens"] == expected_completion
 
 
 def test_non_streaming_response_usage_and_cost(proxy_for, tmp_path):
     proxy = proxy_for("vllm", pricing={"priced-model": {"input_per_million": 2.0, "output_per_million": 6.0}})
-    reader, data, complete = _stream(proxy.port, "/v1/chat/completions",
-                                     {"model": "priced-model", "messages": MESSAGES}, {"x-mock-tokens": "9"})
+    reader, data, complete = send_request(proxy.port, {"model": "priced-model", "messages": MESSAGES},
+                                          {"x-mock-tokens": "9"})
     assert complete
     reply = json.loads(data)
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "reported" and record["is_stream"] is False
     assert record["prompt_tokens"] == reply["usage"]["prompt_tokens"]
     assert record["completion_tokens"] == 9
@@ -161,8 +135,8 @@ def test_non_streaming_response_usage_and_cost(proxy_for, tmp_path):
 
 def test_record_has_every_field(proxy_for, tmp_path):
     proxy = proxy_for("vllm")
-    reader, _, _ = _stream(proxy.port, "/v1/chat/completions", {"model": "m", "stream": True, "messages": MESSAGES})
-    record = _record_for(tmp_path, reader.headers["x-request-id"])
+    reader, _, _ = send_request(proxy.port, {"model": "m", "stream": True, "messages": MESSAGES})
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     for key in ("request_id", "user_id", "key_id", "model", "prompt_tokens", "completion_tokens", "total_tokens",
                 "is_stream", "timestamp", "backend", "endpoint", "status", "termination", "usage_source", "ttft_ms",
                 "duration_ms"):

@@ -11,12 +11,14 @@ import json
 import openai
 import pytest
 
-from tests.support import Proc, http_get, http_post, mock_stats, start_mock, start_proxy
-
-
-def _posts(mock: Proc) -> list[dict]:
-    """The completion requests a mock received (the proxy's probes are GETs)."""
-    return [r for r in mock_stats(mock)["requests"] if r["method"] == "POST"]
+from tests.support import (
+    Proc,
+    http_get,
+    http_post,
+    mock_posts,
+    start_mock,
+    start_proxy,
+)
 
 
 def _models_of(posts: list[dict]) -> list[str]:
@@ -59,32 +61,32 @@ def test_each_request_lands_on_the_backend_serving_its_model(fleet):
         text = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
             model=model, stream=True, messages=[{"role": "user", "content": "hi"}]) if chunk.choices)
         assert text
-    assert sorted(_models_of(_posts(vllm))).count("qwen-coder") >= 3
-    vllm_models = set(_models_of(_posts(vllm)))
-    ollama_models = set(_models_of(_posts(ollama)))
+    assert sorted(_models_of(mock_posts(vllm))).count("qwen-coder") >= 3
+    vllm_models = set(_models_of(mock_posts(vllm)))
+    ollama_models = set(_models_of(mock_posts(ollama)))
     assert vllm_models <= {"qwen-coder", "qwen-chat"} and {"qwen-coder", "qwen-chat"} <= vllm_models
     assert ollama_models == {"llama3.2", "llama3.2:latest"}
 
 
 def test_native_ollama_path_goes_to_ollama(fleet):
     proxy, _, ollama = fleet
-    before = len(_posts(ollama))
+    before = len(mock_posts(ollama))
     status, body = http_post(proxy.url + "/api/chat", json.dumps(
         {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]}).encode())
     assert status == 200, body
     assert json.loads(body)["done"] is True
-    assert len(_posts(ollama)) == before + 1
+    assert len(mock_posts(ollama)) == before + 1
 
 
 def test_unknown_model_is_a_404_model_not_found_and_reaches_no_backend(fleet):
     proxy, vllm, ollama = fleet
-    before = len(_posts(vllm)) + len(_posts(ollama))
+    before = len(mock_posts(vllm)) + len(mock_posts(ollama))
     with pytest.raises(openai.NotFoundError) as error:
         _client(proxy).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert error.value.status_code == 404
     assert error.value.body["code"] == "model_not_found"
     assert "no-such-model" in error.value.body["message"]
-    assert len(_posts(vllm)) + len(_posts(ollama)) == before
+    assert len(mock_posts(vllm)) + len(mock_posts(ollama)) == before
 
 
 def test_models_lists_the_union_and_aliases_through_the_sdk(fleet):
@@ -102,10 +104,10 @@ def test_models_lists_the_union_and_aliases_through_the_sdk(fleet):
 
 def test_an_alias_is_rewritten_before_forwarding(fleet):
     proxy, vllm, _ = fleet
-    before = len(_posts(vllm))
+    before = len(mock_posts(vllm))
     reply = _client(proxy).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content
-    sent = _posts(vllm)[before:]
+    sent = mock_posts(vllm)[before:]
     assert len(sent) == 1 and json.loads(sent[0]["body"])["model"] == "qwen-coder"
 
 
@@ -118,8 +120,8 @@ def test_a_request_without_model_on_a_native_path_goes_to_a_backend_of_that_kind
         for _ in range(4):
             status, body = http_post(proxy.url + "/generate_stream", b'{"inputs": "hi"}')
             assert status == 200 and b"data:" in body
-        assert len(_posts(tgi)) == 4
-        assert _posts(vllm) == []
+        assert len(mock_posts(tgi)) == 4
+        assert mock_posts(vllm) == []
     finally:
         for proc in (proxy, vllm, tgi):
             if proc is not None:
@@ -137,8 +139,8 @@ def test_configured_models_restrict_what_a_backend_gets(tmp_path):
         for model in ["only-a"] * 4 + ["shared"] * 4:
             status, _ = http_post(proxy.url + "/v1/completions", json.dumps({"model": model, "prompt": "x"}).encode())
             assert status == 200
-        assert _models_of(_posts(b)) == ["shared"] * 2
-        assert sorted(_models_of(_posts(a))) == ["only-a"] * 4 + ["shared"] * 2
+        assert _models_of(mock_posts(b)) == ["shared"] * 2
+        assert sorted(_models_of(mock_posts(a))) == ["only-a"] * 4 + ["shared"] * 2
     finally:
         for proc in (proxy, a, b):
             if proc is not None:

@@ -8,23 +8,13 @@ import time
 
 import pytest
 
-from tests.support import ResponseReader, assert_idle, metric_value, post_request, raw_connect, start_proxy
+from tests.support import ResponseReader, metric_value, post_request, raw_connect
 
 HISTOGRAMS = ("request", "first_byte", "chunk")
 SERVER_TIMING = re.compile(r"^proxy;dur=(\d+\.\d{3})$")
 
 
-@pytest.fixture(scope="module")
-def proxy(mock_vllm, tmp_path_factory):
-    proc = start_proxy(tmp_path_factory.mktemp("proxy"), [{"url": mock_vllm.url, "name": "vllm"}])
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _invariants(proxy):
-    yield
-    assert_idle(proxy)
+pytestmark = pytest.mark.usefixtures("proxy_idle_after")  # `proxy`: tests/e2e/conftest.py
 
 
 def _histograms(proxy) -> dict[str, tuple[float, float]]:

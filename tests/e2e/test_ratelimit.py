@@ -25,25 +25,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 from tests.support import (
+    CHAT,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     assert_idle,
+    free_port,
     http_get,
     http_post,
     metric_value,
     mock_stats,
     post_request,
     raw_connect,
-    start_mock,
     start_proxy,
+    usage_config,
+    usage_record,
+    usage_records,
     wait_for,
 )
 
 PATH = "/v1/chat/completions"
-CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-STREAM = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 HOLD_STREAM = json.dumps({"model": "priced-model", "stream": True,
                           "messages": [{"role": "user", "content": "hi"}]}).encode()
 # Probes off, models given, no passive ejection: after start-up the mock sees nothing but the tests' requests,
@@ -115,21 +118,6 @@ def held(proxy: Proc) -> int:
     return json.loads(http_get(proxy.url + "/health")[1])["ratelimit"]["admissions_held"]
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def record_for(path: Path, request_id: str) -> dict:
-    found = wait_for(lambda: [r for r in records(path) if r["request_id"] == request_id], timeout=5)
-    assert len(found) == 1, found
-    return found[0]
-
-
-def usage_section(tmp: Path) -> dict:
-    return {"enabled": True, "spool_dir": str(tmp / "spool"),
-            "reporters": [{"name": "f", "type": "file", "file": {"path": str(tmp / "usage.jsonl")}}]}
-
-
 def backend(mock: Proc, **extra) -> dict:
     return {"url": mock.url, "type": "vllm", "models": ["m"], **extra}
 
@@ -140,7 +128,7 @@ def launch(tmp: Path, procs: list, backends: list[dict], keys: dict[str, dict | 
     tmp.mkdir(parents=True, exist_ok=True)
     sections: dict = {"health_check": QUIET}
     if usage:
-        sections["usage"] = usage_section(tmp)
+        sections["usage"] = usage_config(tmp)
     for name in ("server", "routing"):
         if name in rate_limit:
             sections[name] = rate_limit.pop(name)
@@ -150,12 +138,6 @@ def launch(tmp: Path, procs: list, backends: list[dict], keys: dict[str, dict | 
                         rate_limit={"enabled": True, **rate_limit}, **sections)
     procs.append(proxy)
     return proxy
-
-
-def started_mock(procs: list) -> Proc:
-    mock = start_mock("vllm")
-    procs.append(mock)
-    return mock
 
 
 def assert_refused(reply: Reply, kind: str = "requests", code: str = "rate_limit_exceeded") -> None:
@@ -274,8 +256,8 @@ REQUEST_KEYS = {WAVE: {"requests_per_minute": 1, "burst": 10},  # no refill duri
                 SUSTAINED: {"requests_per_minute": 60, "burst": 10}}
 
 
-def test_request_rate_is_shared_by_two_proxies_on_one_redis(tmp_path, procs, redis_url):
-    mock = started_mock(procs)
+def test_request_rate_is_shared_by_two_proxies_on_one_redis(tmp_path, procs, redis_url, new_mock):
+    mock = new_mock()
     proxies = [launch(tmp_path / f"p{i}", procs, [backend(mock)], REQUEST_KEYS, store="redis", redis_url=redis_url)
                for i in (1, 2)]
     ports = [p.port for p in proxies]
@@ -297,8 +279,8 @@ def test_request_rate_is_shared_by_two_proxies_on_one_redis(tmp_path, procs, red
         assert held(proxy) == 0
 
 
-def test_request_rate_with_the_memory_store(tmp_path, procs):
-    mock = started_mock(procs)
+def test_request_rate_with_the_memory_store(tmp_path, procs, new_mock):
+    mock = new_mock()
     proxy = launch(tmp_path, procs, [backend(mock)], REQUEST_KEYS, store="memory")
     before = posts(mock)
 
@@ -333,7 +315,7 @@ TERMINATIONS = {"--", "CD", "CH", "SD", "sH", "sD", "PR"}
 def end_one_stream(port: int, ending: str) -> Reply | None:
     """Run one stream to the given ending. Returns the 429 if it was refused, else None."""
     with raw_connect(port, timeout=10) as sock:
-        sock.sendall(post_request(PATH, STREAM, {"Authorization": f"Bearer {CONCURRENT}", **ENDINGS[ending]}))
+        sock.sendall(post_request(PATH, STREAM_CHAT, {"Authorization": f"Bearer {CONCURRENT}", **ENDINGS[ending]}))
         reader = ResponseReader(sock)
         if ending == "client_gone_before_first_byte":
             ready, _, _ = select.select([sock], [], [], 0.05)
@@ -383,7 +365,7 @@ def assert_exactly_n_concurrent(proxy: Proc, mock: Proc, gate: str) -> None:
     streams = open_held_streams(proxy.port, gate, MAX_CONCURRENT)
     try:
         before = posts(mock)
-        refused = call(proxy.port, CONCURRENT, STREAM)
+        refused = call(proxy.port, CONCURRENT, STREAM_CHAT)
         assert_refused(refused, "requests")
         assert "concurrency" in refused.error["message"]
         assert posts(mock) == before
@@ -406,8 +388,8 @@ def lease_count(url: str) -> int:
         client.close()
 
 
-def test_concurrency_slots_are_given_back_after_every_kind_of_ending(tmp_path, procs, store):
-    mock = started_mock(procs)
+def test_concurrency_slots_are_given_back_after_every_kind_of_ending(tmp_path, procs, store, new_mock):
+    mock = new_mock()
     fast = backend(mock, name="fast", timeouts={"first_byte": "200ms", "stream_idle": "200ms"})
     hold = backend(mock, name="hold", models=["priced-model"])
     proxy = launch(tmp_path, procs, [fast, hold], {CONCURRENT: {"max_concurrent": MAX_CONCURRENT}},
@@ -457,12 +439,12 @@ def test_concurrency_slots_are_given_back_after_every_kind_of_ending(tmp_path, p
 TOKENS = make_key("tokens")
 
 
-def test_reported_usage_over_tokens_per_minute_refuses_the_next_request(tmp_path, procs, store):
-    mock = started_mock(procs)
+def test_reported_usage_over_tokens_per_minute_refuses_the_next_request(tmp_path, procs, store, new_mock):
+    mock = new_mock()
     proxy = launch(tmp_path, procs, [backend(mock)], {TOKENS: {"tokens_per_minute": 50}}, usage=True, **store)
     first = call(proxy.port, TOKENS, headers={"x-mock-tokens": "60"})
     assert first.status == 200
-    record = record_for(tmp_path / "usage.jsonl", first.headers["x-request-id"])
+    record = usage_record(tmp_path, first.headers["x-request-id"])
     used = record["prompt_tokens"] + record["completion_tokens"]
     assert record["usage_source"] == "reported" and record["completion_tokens"] == 60 and used > 50
 
@@ -483,8 +465,8 @@ def drop_bound(capacity: int, elapsed: float) -> int:
     return math.ceil(capacity / 60 * elapsed) + 1
 
 
-def test_estimated_usage_of_a_disconnected_stream_is_charged(tmp_path, procs, store):
-    mock = started_mock(procs)
+def test_estimated_usage_of_a_disconnected_stream_is_charged(tmp_path, procs, store, new_mock):
+    mock = new_mock()
     capacity = 1200  # 20 tokens a second of refill, against a charge of some 500
     proxy = launch(tmp_path, procs, [backend(mock)], {TOKENS: {"tokens_per_minute": capacity}}, usage=True, **store)
     prompt = "x" * 2000
@@ -505,7 +487,7 @@ def test_estimated_usage_of_a_disconnected_stream_is_charged(tmp_path, procs, st
             content += chunk.count(b'"content":" tok')
             if content < 3:
                 http_post(f"{mock.url}/_mock/release/{gate}")
-    record = record_for(tmp_path / "usage.jsonl", reader.headers["x-request-id"])
+    record = usage_record(tmp_path, reader.headers["x-request-id"])
     assert record["usage_source"] == "estimated" and record["termination"] == "CD"
     charged = record["prompt_tokens"] + record["completion_tokens"]
     assert charged >= 500
@@ -561,8 +543,8 @@ def backend_answering_503():
 
 
 @pytest.mark.parametrize("failing", ["closed_port", "answers_503"])
-def test_a_request_that_failed_over_is_charged_once(tmp_path, procs, failing):
-    mock = started_mock(procs)
+def test_a_request_that_failed_over_is_charged_once(tmp_path, procs, failing, new_mock):
+    mock = new_mock()
     capacity = 1200
     with contextlib.ExitStack() as stack:
         if failing == "closed_port":
@@ -586,12 +568,11 @@ def test_a_request_that_failed_over_is_charged_once(tmp_path, procs, failing):
         assert failed_over, "no request was tried on the failing backend first"
         if bad_server is not None:
             assert bad_server.posts >= len(failed_over)  # the failing backend did get (and refuse) them
-        usage = tmp_path / "usage.jsonl"
-        wait_for(lambda: len(records(usage)) == len(replies), timeout=5)
+        wait_for(lambda: len(usage_records(tmp_path)) == len(replies), timeout=5)
         time.sleep(0.3)
-        assert len(records(usage)) == len(replies)  # one record per request, failed over or not
+        assert len(usage_records(tmp_path)) == len(replies)  # one record per request, failed over or not
         for i in failed_over:
-            record = record_for(usage, replies[i].headers["x-request-id"])
+            record = usage_record(tmp_path, replies[i].headers["x-request-id"])
             assert record["backend"] == "good" and record["usage_source"] == "reported"
             assert record["completion_tokens"] == 40
             charged = record["prompt_tokens"] + record["completion_tokens"]
@@ -608,8 +589,8 @@ OUTAGE = make_key("outage")
 
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
-def test_redis_killed_and_restarted(tmp_path, procs, policy):
-    mock = started_mock(procs)
+def test_redis_killed_and_restarted(tmp_path, procs, policy, new_mock):
+    mock = new_mock()
     burst = 3
     with RedisServer() as redis_server:
         proxy = launch(tmp_path, procs, [backend(mock)], {OUTAGE: {"requests_per_minute": 1, "burst": burst}},
@@ -653,8 +634,8 @@ def test_redis_killed_and_restarted(tmp_path, procs, policy):
 HEADED, REQUESTS_ONLY, UNLIMITED = make_key("headed"), make_key("requests-only"), make_key("unlimited")
 
 
-def test_rate_limit_headers_count_down_on_plain_and_streaming_responses(tmp_path, procs):
-    mock = started_mock(procs)
+def test_rate_limit_headers_count_down_on_plain_and_streaming_responses(tmp_path, procs, new_mock):
+    mock = new_mock()
     proxy = launch(tmp_path, procs, [backend(mock)], {
         HEADED: {"requests_per_minute": 6, "burst": 4, "tokens_per_minute": 100000},
         REQUESTS_ONLY: {"requests_per_minute": 6, "burst": 4},
@@ -663,7 +644,7 @@ def test_rate_limit_headers_count_down_on_plain_and_streaming_responses(tmp_path
     resets = []
     for i in range(4):
         stream = i % 2 == 1
-        reply = call(proxy.port, HEADED, STREAM if stream else CHAT)
+        reply = call(proxy.port, HEADED, STREAM_CHAT if stream else CHAT)
         assert reply.status == 200
         if stream:
             assert reply.headers["content-type"].startswith("text/event-stream")
@@ -678,12 +659,12 @@ def test_rate_limit_headers_count_down_on_plain_and_streaming_responses(tmp_path
     assert all(abs(b - a - 10) < 1 for a, b in itertools.pairwise(resets)), resets
     assert 9 < resets[0] <= 10
 
-    refused = call(proxy.port, HEADED, STREAM)
+    refused = call(proxy.port, HEADED, STREAM_CHAT)
     assert_refused(refused, "requests")
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert 9 <= int(refused.headers["retry-after"]) <= 10
 
-    plain = call(proxy.port, REQUESTS_ONLY, STREAM)
+    plain = call(proxy.port, REQUESTS_ONLY, STREAM_CHAT)
     assert plain.status == 200 and plain.headers["x-ratelimit-remaining-requests"] == "3"
     assert not any(name.endswith("-tokens") for name in plain.headers if name.startswith("x-ratelimit"))
     free = call(proxy.port, UNLIMITED)
@@ -696,17 +677,17 @@ def test_rate_limit_headers_count_down_on_plain_and_streaming_responses(tmp_path
 BUDGETED = make_key("budgeted")
 
 
-def test_exhausted_daily_budget_refuses_until_utc_midnight(tmp_path, procs, store):
+def test_exhausted_daily_budget_refuses_until_utc_midnight(tmp_path, procs, store, new_mock):
     now = datetime.now(timezone.utc)
     midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     if (midnight - now).total_seconds() < 120:
         pytest.skip("too close to UTC midnight: the budget period would roll over during the test")
-    mock = started_mock(procs)
+    mock = new_mock()
     proxy = launch(tmp_path, procs, [backend(mock)], {BUDGETED: {"budget": {"tokens": 50, "per": "day"}}},
                    usage=True, **store)
     first = call(proxy.port, BUDGETED, headers={"x-mock-tokens": "60"})
     assert first.status == 200
-    record = record_for(tmp_path / "usage.jsonl", first.headers["x-request-id"])
+    record = usage_record(tmp_path, first.headers["x-request-id"])
     assert record["prompt_tokens"] + record["completion_tokens"] > 50
 
     before = posts(mock)
@@ -717,7 +698,7 @@ def test_exhausted_daily_budget_refuses_until_utc_midnight(tmp_path, procs, stor
         assert abs(int(refused.headers["retry-after"]) - until_midnight) <= 60, refused.headers
         assert midnight.strftime("%Y-%m-%dT00:00:00Z") in refused.error["message"]
     assert posts(mock) == before  # the backend got nothing for the refused requests
-    assert len(records(tmp_path / "usage.jsonl")) == 1
+    assert len(usage_records(tmp_path)) == 1
     assert_idle(proxy)
 
 
@@ -726,8 +707,8 @@ def test_exhausted_daily_budget_refuses_until_utc_midnight(tmp_path, procs, stor
 OWN_LIMIT, NO_OWN_LIMIT = make_key("own-limit"), make_key("no-own-limit")
 
 
-def test_global_limit_is_shared_and_not_consumed_by_requests_a_key_limit_refused(tmp_path, procs, store):
-    mock = started_mock(procs)
+def test_global_limit_is_shared_and_not_consumed_by_requests_a_key_limit_refused(tmp_path, procs, store, new_mock):
+    mock = new_mock()
     proxy = launch(tmp_path, procs, [backend(mock)], {
         OWN_LIMIT: {"requests_per_minute": 1, "burst": 2},
         NO_OWN_LIMIT: None,

@@ -12,8 +12,10 @@ from tests.fixtures.record import SPECS
 from tests.support import (
     FIXTURE_FILES,
     FIXTURES,
+    STREAM_CHAT,
     ResponseReader,
     assert_idle,
+    free_port,
     http_post,
     metric_value,
     mock_stats,
@@ -26,23 +28,11 @@ from tests.support import (
     wait_for,
 )
 
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 # Asking for usage ourselves means the proxy strips no event: what the backend sends is what we get.
-CHAT_WITH_USAGE = json.dumps({**json.loads(CHAT), "stream_options": {"include_usage": True}}).encode()
+CHAT_WITH_USAGE = json.dumps({**json.loads(STREAM_CHAT), "stream_options": {"include_usage": True}}).encode()
 
 
-@pytest.fixture(scope="module")
-def proxy(mock_vllm, tmp_path_factory):
-    proc = start_proxy(tmp_path_factory.mktemp("proxy"), [{"url": mock_vllm.url, "name": "vllm"}])
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _invariants(request):
-    yield
-    if "proxy" in request.fixturenames:
-        assert_idle(request.getfixturevalue("proxy"))
+pytestmark = pytest.mark.usefixtures("proxy_idle_after")  # `proxy`: tests/e2e/conftest.py
 
 
 def _fixture_dialect(name: str) -> str:
@@ -56,10 +46,9 @@ def test_recorded_fixtures_are_present():
 
 
 @pytest.mark.parametrize("fixture", FIXTURE_FILES)
-def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mock_ollama, tmp_path, procs):
+def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mock_ollama, new_proxy):
     mock = {"vllm": mock_vllm, "tgi": mock_tgi, "ollama": mock_ollama}[_fixture_dialect(fixture)]
-    proxy = start_proxy(tmp_path, [{"url": mock.url}])
-    procs.append(proxy)
+    proxy = new_proxy([{"url": mock.url}])
     expected = (FIXTURES / fixture).read_bytes()
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/chat/completions", CHAT_WITH_USAGE, {"x-mock-fixture": fixture}))
@@ -97,7 +86,7 @@ def test_no_buffering_event_two_is_sent_only_after_client_holds_event_one(proxy,
 def test_client_disconnect_mid_stream_closes_upstream_within_one_second(proxy, mock_vllm):
     before = mock_stats(mock_vllm)["client_disconnects_midstream"]
     sock = raw_connect(proxy.port)
-    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000", "x-mock-delay-ms": "50"}))
+    sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "1000", "x-mock-delay-ms": "50"}))
     reader = ResponseReader(sock).read_head()
     assert reader.read_chunk()
     sock.close()
@@ -110,7 +99,7 @@ def test_client_disconnect_mid_stream_closes_upstream_within_one_second(proxy, m
 def test_client_disconnect_during_a_long_prefill_closes_upstream_within_one_second(proxy, mock_vllm):
     marker = f"prefill-{time.monotonic_ns()}"
     sock = raw_connect(proxy.port)
-    sock.sendall(post_request("/v1/chat/completions", CHAT,
+    sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
                               {"x-mock-first-byte-delay-ms": "30000", "x-marker": marker}))
     wait_for(lambda: [r for r in mock_stats(mock_vllm)["requests"] if ["x-marker", marker] in r["headers"]])
     sock.close()  # the backend has sent nothing yet: only the client's EOF can tell the proxy
@@ -124,7 +113,7 @@ def test_client_disconnect_during_a_long_prefill_closes_upstream_within_one_seco
 
 def test_backend_reset_mid_stream_reaches_client_as_truncation(proxy):
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT,
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
                                   {"x-mock-tokens": "50", "x-mock-reset-after-bytes": "600"}))
         reader = ResponseReader(sock).read_head()
         assert reader.status == 200
@@ -139,7 +128,7 @@ def test_slow_client_keeps_proxy_memory_bounded(proxy):
     sock = raw_connect(proxy.port)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     # ~200 MB offered: 1M events of ~200 bytes, sent as fast as the backend can.
-    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000000"}))
+    sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "1000000"}))
     time.sleep(3.0)  # the backend pushes as hard as it can while we read nothing
     growth_mib = (rss_kib(proxy.pid) - rss_before) / 1024
     reader = ResponseReader(sock).read_head()
@@ -165,13 +154,10 @@ def test_openai_sdk_streaming_and_plain_chat(proxy):
     assert models.data
 
 
-def test_openai_sdk_error_shape_when_no_backend_answers(tmp_path, procs):
+def test_openai_sdk_error_shape_when_no_backend_answers(new_proxy):
     openai = pytest.importorskip("openai")
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        dead_port = free.getsockname()[1]
-    proxy = start_proxy(tmp_path, [{"url": f"http://127.0.0.1:{dead_port}"}])
-    procs.append(proxy)
+    dead_port = free_port()
+    proxy = new_proxy([{"url": f"http://127.0.0.1:{dead_port}"}])
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=10)
     with pytest.raises(openai.APIStatusError) as raised:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
@@ -186,10 +172,9 @@ def test_openai_sdk_error_shape_when_no_backend_answers(tmp_path, procs):
     ("ollama", "/api/chat", {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}),
     ("ollama", "/api/generate", {"model": "llama3.2", "prompt": "hi"}),
 ])
-def test_native_streaming_paths_are_relayed(dialect, path, body, mock_tgi, mock_ollama, tmp_path, procs):
+def test_native_streaming_paths_are_relayed(dialect, path, body, mock_tgi, mock_ollama, new_proxy):
     mock = {"tgi": mock_tgi, "ollama": mock_ollama}[dialect]
-    proxy = start_proxy(tmp_path, [{"url": mock.url}])
-    procs.append(proxy)
+    proxy = new_proxy([{"url": mock.url}])
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request(path, json.dumps(body).encode()))
         reader = ResponseReader(sock).read_head()
@@ -203,7 +188,7 @@ def test_upstream_connections_are_reused_and_metrics_count_requests(proxy):
     before = metric_value(proxy, "llmproxy_requests_total", 'backend="vllm",status="200"')
     with raw_connect(proxy.port) as sock:
         for _ in range(5):
-            sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "2"}))
+            sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "2"}))
             reader = ResponseReader(sock).read_head()
             _, complete = reader.read_body()
             assert complete
@@ -215,7 +200,8 @@ def test_upstream_connections_are_reused_and_metrics_count_requests(proxy):
 
 def test_close_delimited_backend_body_is_rechunked_for_the_client(proxy):
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-close-delimited": "1", "x-mock-tokens": "4"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-close-delimited": "1", "x-mock-tokens": "4"}))
         reader = ResponseReader(sock).read_head()
         assert reader.headers.get("transfer-encoding") == "chunked"
         body, complete = reader.read_body()
@@ -224,7 +210,7 @@ def test_close_delimited_backend_body_is_rechunked_for_the_client(proxy):
 
 def test_http10_client_gets_a_close_delimited_stream(proxy):
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"}, version="1.0"))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"}, version="1.0"))
         raw = recv_until_closed(sock)
     head, body = raw.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200")
@@ -234,7 +220,7 @@ def test_http10_client_gets_a_close_delimited_stream(proxy):
 
 def test_pipelined_requests_are_answered_in_order(proxy):
     with raw_connect(proxy.port) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + post_request("/v1/chat/completions", CHAT)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + post_request("/v1/chat/completions", STREAM_CHAT)
                      + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         reader = ResponseReader(sock)
         statuses = []
@@ -249,21 +235,20 @@ def test_pipelined_requests_are_answered_in_order(proxy):
 
 def test_expect_100_continue_is_honoured(proxy):
     with raw_connect(proxy.port) as sock:
-        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(CHAT)}\r\n"
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(STREAM_CHAT)}\r\n"
                 "Expect: 100-continue\r\n\r\n").encode()
         sock.sendall(head)
         assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
-        sock.sendall(CHAT)
+        sock.sendall(STREAM_CHAT)
         reader = ResponseReader(sock).read_head()
         _, complete = reader.read_body()
     assert reader.status == 200 and complete
 
 
-def test_first_byte_timeout_answers_504(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url, "timeouts": {"first_byte": "300ms"}}])
-    procs.append(proxy)
+def test_first_byte_timeout_answers_504(mock_vllm, new_proxy):
+    proxy = new_proxy([{"url": mock_vllm.url, "timeouts": {"first_byte": "300ms"}}])
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-first-byte-delay-ms": "3000"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-first-byte-delay-ms": "3000"}))
         reader = ResponseReader(sock).read_head()
         body, _ = reader.read_body()
     assert reader.status == 504
@@ -276,7 +261,7 @@ def test_stream_idle_timeout_truncates(mock_vllm, tmp_path, procs):
                         server={"listen": "127.0.0.1:0", "timeouts": {"stream_idle": "400ms"}})
     procs.append(proxy)
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-stall-after": "2"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-stall-after": "2"}))
         reader = ResponseReader(sock).read_head()
         _body, complete = reader.read_body()
     assert reader.status == 200 and not complete
@@ -287,7 +272,8 @@ def test_stream_idle_timeout_truncates(mock_vllm, tmp_path, procs):
 
 def test_backend_error_status_is_passed_through(proxy):
     with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-status": "503", "x-mock-retry-after": "2"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-status": "503", "x-mock-retry-after": "2"}))
         reader = ResponseReader(sock).read_head()
         _body, complete = reader.read_body()
     assert reader.status == 503 and complete

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import urllib.request
 from pathlib import Path
@@ -11,24 +10,22 @@ from pathlib import Path
 import yaml
 
 from tests.support import (
-    Proc,
+    CHAT,
     ResponseReader,
     assert_idle,
-    http_get,
     http_post,
     mock_stats,
+    post_count,
     post_request,
     raw_connect,
+    sighup,
     start_mock,
     start_proxy,
+    upstreams,
+    usage_config,
+    usage_records,
     wait_for,
 )
-
-CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def _posts(mock: Proc) -> int:
-    return sum(1 for r in mock_stats(mock)["requests"] if r["method"] == "POST")
 
 
 def _rewrite(config: Path, change) -> None:
@@ -37,29 +34,19 @@ def _rewrite(config: Path, change) -> None:
     config.write_text(yaml.safe_dump(doc))
 
 
-def _reload(proxy: Proc, expect: str) -> None:
-    seen = proxy.text().count(expect)
-    proxy.popen.send_signal(signal.SIGHUP)
-    wait_for(lambda: proxy.text().count(expect) > seen, timeout=10)
-
-
-def _upstream_names(proxy: Proc) -> list[str]:
-    return [u["name"] for u in json.loads(http_get(proxy.url + "/health")[1])["upstreams"]]
-
-
 def test_reload_that_adds_a_backend_starts_using_it(tmp_path):
     a, b = start_mock("vllm"), start_mock("vllm")
     proxy = start_proxy(tmp_path, [{"url": a.url, "name": "a"}], routing={"load_balance": "round_robin"})
     try:
         for _ in range(4):
             assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
-        assert _posts(b) == 0
+        assert post_count(b) == 0
         _rewrite(tmp_path / "config.yaml", lambda doc: doc["backends"].append({"url": b.url, "name": "b"}))
-        _reload(proxy, "reloaded")
-        assert _upstream_names(proxy) == ["a", "b"]
+        sighup(proxy)
+        assert list(upstreams(proxy)) == ["a", "b"]
         for _ in range(10):
             assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
-        assert _posts(b) == 5 and _posts(a) == 4 + 5
+        assert post_count(b) == 5 and post_count(a) == 4 + 5
     finally:
         for proc in (proxy, a, b):
             proc.stop()
@@ -72,12 +59,12 @@ def test_a_broken_config_is_refused_and_traffic_continues(tmp_path):
         config = tmp_path / "config.yaml"
         good = config.read_text()
         _rewrite(config, lambda doc: doc["backends"][0].update(weight="heavy"))
-        _reload(proxy, "reload refused")
+        sighup(proxy, "reload refused")
         assert "backends[0].weight: must be a positive integer" in proxy.text()
         config.write_text(good + "\nnot: [valid")  # and YAML that does not even parse
-        _reload(proxy, "reload refused")
+        sighup(proxy, "reload refused")
         assert proxy.popen.poll() is None
-        assert _upstream_names(proxy) == ["a"]
+        assert list(upstreams(proxy)) == ["a"]
         assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
     finally:
         proxy.stop()
@@ -97,16 +84,16 @@ def test_streams_in_flight_finish_on_a_backend_the_reload_removed(tmp_path):
         reader.read_head()
         # ...while the config moves all traffic to the new backend.
         _rewrite(tmp_path / "config.yaml", lambda doc: doc.update(backends=[{"url": new.url, "name": "new"}]))
-        _reload(proxy, "reloaded")
-        assert _upstream_names(proxy) == ["new"]
+        sighup(proxy)
+        assert list(upstreams(proxy)) == ["new"]
         assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
-        assert _posts(new) == 1
+        assert post_count(new) == 1
         for _ in range(10):  # one release per further event
             assert http_post(old.url + "/_mock/release/reload")[0] == 200
         rest, complete = reader.read_body()
         assert complete and b"data: [DONE]" in rest
         sock.close()
-        assert _posts(old) == 1
+        assert post_count(old) == 1
         assert_idle(proxy)
         wait_for(lambda: "backend old removed" in proxy.text(), timeout=5)
         # Its pool was closed: the only connection left open is the one asking for these stats.
@@ -126,7 +113,7 @@ def test_weights_and_strategy_change_without_restart(tmp_path):
                 assert http_post(proxy.url + "/v1/chat/completions", CHAT)[0] == 200
 
         send(20)
-        assert (_posts(a), _posts(b)) == (10, 10)
+        assert (post_count(a), post_count(b)) == (10, 10)
         for mock in (a, b):
             http_post(mock.url + "/_mock/reset-stats")
 
@@ -135,9 +122,9 @@ def test_weights_and_strategy_change_without_restart(tmp_path):
             doc["routing"]["load_balance"] = "weighted"
 
         _rewrite(tmp_path / "config.yaml", reweigh)
-        _reload(proxy, "reloaded")
+        sighup(proxy)
         send(40)
-        assert abs(_posts(a) - 30) <= 1 and abs(_posts(b) - 10) <= 1
+        assert abs(post_count(a) - 30) <= 1 and abs(post_count(b) - 10) <= 1
     finally:
         for proc in (proxy, a, b):
             proc.stop()
@@ -165,12 +152,12 @@ def test_reload_while_requests_flow_drops_none(tmp_path):
                 _rewrite(config, lambda doc: doc["backends"].append({"url": b.url, "name": "b"}))
             else:
                 _rewrite(config, lambda doc: doc.update(backends=doc["backends"][:1]))
-            _reload(proxy, "reloaded")
+            sighup(proxy)
         stop.set()
         for t in threads:
             t.join(10)
         assert failures == []
-        assert _posts(a) > 0 and _posts(b) > 0
+        assert post_count(a) > 0 and post_count(b) > 0
     finally:
         stop.set()
         for proc in (proxy, a, b):
@@ -182,10 +169,6 @@ OLD_PRICE = {"input_per_million": 1.0, "output_per_million": 2.0}
 NEW_PRICE = {"input_per_million": 100.0, "output_per_million": 300.0}
 
 
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _cost(record: dict, price: dict) -> float:
     return round((record["prompt_tokens"] * price["input_per_million"]
                   + record["completion_tokens"] * price["output_per_million"]) / 1e6, 10)
@@ -195,15 +178,13 @@ def test_a_stream_keeps_its_generation_across_a_reload_and_the_next_request_gets
     """A reload mid-stream changes the key's user and limits and the model's price: the stream's record is
     built with what its own generation said, the next request's with the new one."""
     mock = start_mock("vllm")
-    usage = tmp_path / "usage.jsonl"
     proxy = start_proxy(
         tmp_path, [{"url": mock.url, "name": "a", "models": ["m"]}],
         auth={"enabled": True, "keys": [{"key": KEY, "user_id": "team-old",
                                          "rate_limit": {"requests_per_minute": 600, "burst": 50}}]},
         rate_limit={"enabled": True},
         pricing={"m": OLD_PRICE},
-        usage={"enabled": True, "spool_dir": str(tmp_path / "spool"),
-               "reporters": [{"name": "f", "type": "file", "file": {"path": str(usage)}}]})
+        usage=usage_config(tmp_path))
     try:
         body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
         sock = raw_connect(proxy.port)
@@ -218,7 +199,7 @@ def test_a_stream_keeps_its_generation_across_a_reload_and_the_next_request_gets
             doc["pricing"]["m"] = NEW_PRICE
 
         _rewrite(tmp_path / "config.yaml", next_generation)
-        _reload(proxy, "reloaded")
+        sighup(proxy)
         request = urllib.request.Request(proxy.url + "/v1/chat/completions", data=CHAT, headers={
             "Authorization": f"Bearer {KEY}", "X-Request-Id": "after-reload", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -230,7 +211,8 @@ def test_a_stream_keeps_its_generation_across_a_reload_and_the_next_request_gets
         assert complete and b"data: [DONE]" in rest
         sock.close()
 
-        records = {r["client_request_id"]: r for r in wait_for(lambda: len(_records(usage)) == 2 and _records(usage))}
+        both = wait_for(lambda: len(usage_records(tmp_path)) == 2 and usage_records(tmp_path))
+        records = {r["client_request_id"]: r for r in both}
         held, after = records["held-stream"], records["after-reload"]
         assert held["usage_source"] == after["usage_source"] == "reported"
         assert held["user_id"] == "team-old" and held["cost_usd"] == _cost(held, OLD_PRICE) > 0

@@ -5,74 +5,53 @@ from __future__ import annotations
 import json
 
 from tests.support import (
+    STREAM_CHAT,
     ResponseReader,
     post_request,
     raw_connect,
-    start_proxy,
+    send_request,
+    usage_records,
     wait_for,
 )
 
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
-
-def _usage(tmp_path) -> dict:
-    return {"enabled": True, "spool_dir": str(tmp_path / "spool"),
-            "reporters": [{"name": "file", "type": "file", "file": {"path": str(tmp_path / "usage.jsonl")}}]}
-
-
-def _records(tmp_path) -> list[dict]:
-    path = tmp_path / "usage.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _request(port: int, body: bytes, headers: dict | None = None, path: str = "/v1/chat/completions"):
-    with raw_connect(port) as sock:
-        sock.sendall(post_request(path, body, headers))
-        reader = ResponseReader(sock).read_head()
-        data, complete = reader.read_body()
-    return reader, data, complete
-
-
-def test_recording_failures_never_strand_the_connection(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}], usage=_usage(tmp_path))
-    procs.append(proxy)
+def test_recording_failures_never_strand_the_connection(mock_vllm, tmp_path, metered_proxy):
+    proxy = metered_proxy([{"url": mock_vllm.url}])
     deep = "[" * 600 + "]" * 600  # deep enough to break a recursive walk of the request
     body = ('{"model": "m", "input": ' + deep + "}").encode()
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/completions", body, {"x-mock-status": "400"}))
         reader = ResponseReader(sock).read_head()
         reader.read_body()
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "2"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "2"}))
         second = ResponseReader(sock)
         second.buffer = reader.buffer
         second.read_head()
         _, complete = second.read_body()
     assert complete, "the connection goes on after the first request"
-    wait_for(lambda: len(_records(tmp_path)) == 2, timeout=5)
+    wait_for(lambda: len(usage_records(tmp_path)) == 2, timeout=5)
 
 
-def test_clients_cannot_dodge_metering_with_odd_bodies(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}], usage=_usage(tmp_path))
-    procs.append(proxy)
+def test_clients_cannot_dodge_metering_with_odd_bodies(mock_vllm, tmp_path, metered_proxy):
+    proxy = metered_proxy([{"url": mock_vllm.url}])
     ids = []
-    for body in (b"\n  " + CHAT, json.dumps({"model": "m", "stream": 1, "messages": [{"role": "user",
+    for body in (b"\n  " + STREAM_CHAT, json.dumps({"model": "m", "stream": 1, "messages": [{"role": "user",
                                                                                       "content": "hi"}]}).encode()):
-        reader, data, complete = _request(proxy.port, body, {"x-mock-tokens": "5"})
+        reader, data, complete = send_request(proxy.port, body, {"x-mock-tokens": "5"})
         assert complete and b"data: [DONE]" in data
         ids.append(reader.headers["x-request-id"])
-    records = wait_for(lambda: [r for r in _records(tmp_path) if r["request_id"] in ids] if len(
-        [r for r in _records(tmp_path) if r["request_id"] in ids]) == 2 else None, timeout=5)
+    records = wait_for(lambda: [r for r in usage_records(tmp_path) if r["request_id"] in ids] if len(
+        [r for r in usage_records(tmp_path) if r["request_id"] in ids]) == 2 else None, timeout=5)
     for record in records:
         assert record["completion_tokens"] == 5 and record["prompt_tokens"] > 0, record
         assert record["is_stream"] is True
 
 
-def test_reused_client_request_ids_still_give_distinct_usage_records(mock_vllm, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url}], usage=_usage(tmp_path))
-    procs.append(proxy)
+def test_reused_client_request_ids_still_give_distinct_usage_records(mock_vllm, tmp_path, metered_proxy):
+    proxy = metered_proxy([{"url": mock_vllm.url}])
     for _ in range(2):
-        reader, _, _ = _request(proxy.port, CHAT, {"X-Request-Id": "same-id", "x-mock-tokens": "2"})
+        reader, _, _ = send_request(proxy.port, STREAM_CHAT, {"X-Request-Id": "same-id", "x-mock-tokens": "2"})
         assert reader.headers["x-request-id"] == "same-id"  # the client's id is still echoed
-    records = wait_for(lambda: len(_records(tmp_path)) == 2 and _records(tmp_path), timeout=5)
+    records = wait_for(lambda: len(usage_records(tmp_path)) == 2 and usage_records(tmp_path), timeout=5)
     assert len({r["request_id"] for r in records}) == 2
     assert {r["client_request_id"] for r in records} == {"same-id"}

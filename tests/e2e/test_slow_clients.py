@@ -31,12 +31,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.support import (
+    NO_PERIODIC_PROBES,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     assert_idle,
@@ -46,9 +48,12 @@ from tests.support import (
     open_fds,
     post_request,
     raw_connect,
+    read_jsonl,
     recv_until_closed,
     rss_kib,
     wait_for,
+    wait_steady,
+    write_config,
 )
 
 # The proxy under attack: small timeouts, so that every cut happens within the test.
@@ -56,10 +61,7 @@ HEAD_S, BODY_S, WRITE_S = 2.0, 2.0, 2.0  # keepalive 5 s: longer, so that it nev
 TIMEOUTS = {"request_head": "2s", "body": "2s", "write": "2s", "keepalive": "5s"}
 # A cut is "at the timeout" within this much (timers, scheduling, a loaded two-CPU runner).
 TOLERANCE = 0.5
-# No periodic probes: the fd count and the backends' counters then move only with the test's traffic.
-QUIET_HEALTH = {"interval": 3600, "models_interval": 3600}
 API_KEY = "sk-slow-clients-test-key-0123456789"
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 OFFERED = 100 * 1024 * 1024  # what the big backend offers each slow reader
 BIG_PATH = f"/?bytes={OFFERED}"  # "/" is a TGI-only path: the router sends it to the big backend only
 RSS_SLACK_KIB = 30 * 1024
@@ -191,7 +193,7 @@ class Served:
         return self.proxy.port
 
     def access_log(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.log)
 
     def assert_idle(self) -> None:
         assert self.proxy.popen.poll() is None, "the proxy died:\n" + self.proxy.text()
@@ -214,7 +216,8 @@ def serve(tmp_path: Path, procs: list[Proc], mock: Proc, big: BigBackend | None 
     if big is not None:
         backends.append({"url": big.url, "type": "tgi", "models": ["big"]})
     server = {"listen": "127.0.0.1:0", "timeouts": timeouts or TIMEOUTS}
-    proxy = Proc(["serve", "--config", str(_write_config(tmp_path, backends, server, sections))])
+    config = write_config(tmp_path, backends, server=server, health_check=NO_PERIODIC_PROBES, **sections)
+    proxy = Proc(["serve", "--config", str(config)])
     procs.append(proxy)
     proxy.wait_listening()
     headers = {"Authorization": f"Bearer {API_KEY}"} if "auth" in sections else {}
@@ -227,28 +230,20 @@ def serve(tmp_path: Path, procs: list[Proc], mock: Proc, big: BigBackend | None 
                 sock.sendall(_get("/?bytes=100000", headers))
                 assert ResponseReader(sock).read_head().read_body()[1]
     metric_value(proxy, "llmproxy_inflight_requests")
-    samples = [open_fds(proxy.pid)]
-
-    def settled() -> bool:  # the start-up probes' connections are closed once the count stops moving
-        time.sleep(0.1)
-        samples.append(open_fds(proxy.pid))
-        return len(samples) > 3 and samples[-1] == samples[-2] == samples[-3]
-    wait_for(settled, timeout=10.0)
-    served.fd_baseline = samples[-1]
+    # the start-up probes' connections are closed once the count stops moving
+    served.fd_baseline = wait_steady(lambda: open_fds(proxy.pid), timeout=10.0)
     served.rss_baseline = rss_kib(proxy.pid)
     return served
 
 
-def _write_config(tmp_path: Path, backends: list[dict], server: dict, sections: dict) -> Path:
-    config = {"server": server, "backends": backends, "health_check": QUIET_HEALTH,
-              "logging": {"access_log": str(tmp_path / "access.log")}, **sections}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def chat_entries(served: Served) -> list[dict]:
     return [r for r in served.access_log() if r.get("path") == "/v1/chat/completions"]
+
+
+def since_first_byte(entry: dict) -> float:
+    """Seconds from the first body bytes the proxy sent the client (its ttft) to the end of the request. A write
+    timer cannot start before them; how long a request took to get that far is the machine's load."""
+    return (entry["duration_ms"] - (entry["ttft_ms"] or 0.0)) / 1000
 
 
 def _get(target: str, headers: dict[str, str] | None = None) -> bytes:
@@ -260,7 +255,8 @@ def chat_stream(port: int, headers: dict[str, str] | None = None, tokens: int = 
     """One streaming chat completion on a fresh connection: (status, seconds to the first event, complete)."""
     started = time.monotonic()
     with raw_connect(port, timeout=10) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": str(tokens), **(headers or {})}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-tokens": str(tokens), **(headers or {})}))
         reader = ResponseReader(sock).read_head()
         if reader.status != 200:
             return reader.status, math.inf, False
@@ -270,16 +266,36 @@ def chat_stream(port: int, headers: dict[str, str] | None = None, tokens: int = 
     return 200, ttft, bool(first) and complete and rest.endswith(b"data: [DONE]\n\n")
 
 
-class NormalClient(threading.Thread):
+class Background(threading.Thread):
+    """A daemon thread for the span of a `with` block: on leaving it, told to stop (`_done`) and waited for, at
+    most `join_timeout` seconds."""
+
+    join_timeout = 5.0
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self._done = threading.Event()
+
+    def __enter__(self) -> Background:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self.join(self.join_timeout)
+
+
+class NormalClient(Background):
     """Streams a short chat completion every ~100 ms on a fresh connection, timing its first token."""
 
+    join_timeout = 15.0
+
     def __init__(self, served: Served, period: float = 0.1) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.served = served
         self.period = period
         self.results: list[tuple[int, float, bool]] = []
         self.errors: list[str] = []
-        self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
@@ -289,14 +305,6 @@ class NormalClient(threading.Thread):
             except (OSError, EOFError, ValueError) as exc:
                 self.errors.append(repr(exc))
             self._done.wait(max(0.0, self.period - (time.monotonic() - started)))
-
-    def __enter__(self) -> NormalClient:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self.join(15)
 
     def summary(self) -> dict:
         ttfts = sorted(r[1] for r in self.results if r[0] == 200)
@@ -320,15 +328,14 @@ class NormalClient(threading.Thread):
         return found
 
 
-class Sampler(threading.Thread):
+class Sampler(Background):
     """The proxy's peak RSS and open fds while an attack runs."""
 
     def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.pid = pid
         self.peak_rss = rss_kib(pid)
         self.peak_fds = open_fds(pid)
-        self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.05):
@@ -336,13 +343,32 @@ class Sampler(threading.Thread):
                 self.peak_rss = max(self.peak_rss, rss_kib(self.pid))
                 self.peak_fds = max(self.peak_fds, open_fds(self.pid))
 
-    def __enter__(self) -> Sampler:
-        self.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self.join(5)
+class LastMove(Background):
+    """Polls a counter every `interval` s while running; `at` is when (time.time(), the clock of the access
+    log's "ts") it was first seen at its latest value: it had stopped moving by then, give or take a poll."""
+
+    join_timeout = 10.0
+
+    def __init__(self, read, interval: float = 0.1) -> None:
+        super().__init__()
+        self.read = read
+        self.interval = interval
+        self.value = None
+        self.at = time.time()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                value = self.read()
+                if value != self.value:
+                    self.value, self.at = value, time.time()
+
+
+def ended_at(entry: dict) -> float:
+    """When the proxy ended the request (time.time()): its access-log line's start plus its duration."""
+    started = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp()
+    return started + entry["duration_ms"] / 1000
 
 
 def sockets_holding_data(port: int) -> dict[int, tuple[str, int]]:
@@ -397,6 +423,11 @@ class SlowReport:
         """slowhttptest's probe found the service unavailable at some point."""
         return (any(row["Service Available"] == 0 for row in self.rows)
                 or re.search(r"service available:\s+NO", self.output) is not None)
+
+    @property
+    def unavailable_at(self) -> list[int]:
+        """The seconds into the attack at which slowhttptest's table says the service was unavailable."""
+        return [row["Seconds"] for row in self.rows if row["Service Available"] == 0]
 
 
 def run_slowhttptest(binary: str, args: list[str], url: str, prefix: Path, while_running=None) -> SlowReport:
@@ -524,16 +555,25 @@ def test_slow_readers_are_cut_by_the_write_timeout_with_memory_bounded(
     mode = ["-X", "-w", "1", "-y", "512", "-n", "1", "-z", "5", "-l", "10"]
     cut_window = scale.connections / scale.rate + WRITE_S + 2.0
     checks: list[dict] = []
+    rounds: list[tuple[float, float]] = []  # each attack's start, and when the backend stopped sending (time.time())
 
     def while_running(popen: subprocess.Popen) -> None:
         # Once every slow reader has been cut, and while slowhttptest still holds them, the proxy holds none:
         # no fd, and no socket still delivering queued bytes to a reader that drains 5 bytes a second.
-        started = time.monotonic()
-        time.sleep(cut_window)
-        while open_fds(served.proxy.pid) > served.fd_baseline + 4 and time.monotonic() - started < 8.5:
-            time.sleep(0.05)
-        checks.append({"fds": open_fds(served.proxy.pid), "at": time.monotonic() - started,
-                       "running": popen.poll() is None, "held": list(sockets_holding_data(served.port).values())})
+        begun = time.time()
+        with LastMove(lambda: big_backend.stats()["bytes_sent"]) as sending:
+            started = time.monotonic()
+            time.sleep(cut_window)
+            while open_fds(served.proxy.pid) > served.fd_baseline + 4 and time.monotonic() - started < 8.5:
+                time.sleep(0.05)
+            checks.append({"fds": open_fds(served.proxy.pid), "at": time.monotonic() - started, "running":
+                           popen.poll() is None, "held": list(sockets_holding_data(served.port).values())})
+        rounds.append((begun, sending.at))
+
+    def stalled_by(entry: dict) -> float:
+        """When the backend last sent a byte during the entry's attack: by then every stream waited on its reader."""
+        started = ended_at(entry) - entry["duration_ms"] / 1000
+        return [stalled for begun, stalled in rounds if begun <= started + 0.01][-1]
 
     reports, normal, sampler = _attack(served, slowhttptest, tmp_path, mode, served.proxy.url + BIG_PATH,
                                        scale, while_running)
@@ -548,21 +588,27 @@ def test_slow_readers_are_cut_by_the_write_timeout_with_memory_bounded(
     report("slow read", **normal.summary(), cut_cD=len(cut), cut_after=spread(durations),
            backend_sent_mib_per_stream=round(sent_mib / max(1, streams), 1), peak_fds=sampler.peak_fds,
            rss_growth_mib=round(growth / 1024, 1), kib_per_reader=round(growth / scale.connections),
-           orphaned_sockets=len(orphans), orphaned_mib=round(sum(q for _, q in orphans) / 2**20, 1))
+           orphaned_sockets=len(orphans), orphaned_mib=round(sum(q for _, q in orphans) / 2**20, 1),
+           backend_sent_until_s=[round(stalled - begun, 1) for begun, stalled in rounds])
     problems = normal.problems(min_requests=int(sum(r.seconds for r in reports) * 5))
     for check in checks:
         if not check["running"] or check["fds"] > served.fd_baseline + 4:
             problems.append(f"{check['at']:.1f}s into the attack the proxy still had {check['fds']} fds open "
                             f"(baseline {served.fd_baseline}; slowhttptest running: {check['running']})")
     if any(rep.unavailable for rep in reports):
-        problems.append("slowhttptest's probe found the proxy unavailable")
+        problems.append(f"slowhttptest's probe found the proxy unavailable (at {[r.unavailable_at for r in reports]} "
+                        f"s into each attack; the backend sent until "
+                        f"{[round(stalled - begun, 1) for begun, stalled in rounds]} s)")
     if len(cut) < scale.connections * scale.rounds:
         problems.append(f"only {len(cut)} slow readers were cut by the write timeout, "
                         f"not {scale.connections * scale.rounds}")
     # The write timer starts when the proxy has to stop writing, once the socket buffers are full:
     # slowhttptest's loopback connections (64 KiB segments) make the kernel buffer ~3 MB for each, and
-    # 500 of them take the proxy a second or two to fill.
-    late = [d for d in durations if not WRITE_S <= d <= WRITE_S + 2.5]
+    # 500 of them take the proxy a second or two to fill; on a loaded machine, longer. So a cut more than 2.5 s
+    # after its request started is late only if it also came more than the write timeout (and TOLERANCE) after
+    # the backend's last byte: how long the buffers took to fill is the machine's, the timeout the proxy's.
+    late = [d for r, d in zip(cut, durations, strict=True)
+            if d < WRITE_S or (d > WRITE_S + 2.5 and ended_at(r) > stalled_by(r) + WRITE_S + TOLERANCE)]
     if late:
         problems.append(f"{len(late)} slow readers were not cut at the write timeout ({WRITE_S}s): {spread(late)}")
     if after["open"] > 1:
@@ -647,7 +693,9 @@ def _non_reader(rcvbuf: int = 4096) -> socket.socket:
 
 
 async def _stop_reading(port: int, request: bytes, give_up: float, open_readers: dict[int, socket.socket]) -> Cut:
-    """Send `request`, never read; the cut (the connection leaving ESTABLISHED: a reset) is timed from the send.
+    """Send `request`, never read; the cut (the connection leaving ESTABLISHED: a reset) is timed from the first
+    response byte received (from the send if none came): the write timer cannot start before the proxy writes,
+    and how long a request takes to get that far is the machine's load, not the timeout.
     A connection not cut within `give_up` is left open in `open_readers` (by local port) for _drive to inspect."""
     loop = asyncio.get_running_loop()
     sock = _non_reader()
@@ -655,12 +703,14 @@ async def _stop_reading(port: int, request: bytes, give_up: float, open_readers:
     try:
         await loop.sock_connect(sock, ("127.0.0.1", port))
         await loop.sock_sendall(sock, request)
-        started = time.monotonic()
+        started = sent = time.monotonic()
         peeked = b""
-        while time.monotonic() - started < give_up:
+        while time.monotonic() - sent < give_up:
             if not peeked:
                 with contextlib.suppress(BlockingIOError, OSError):
                     peeked = sock.recv(12, socket.MSG_PEEK)
+                if peeked:
+                    started = time.monotonic()
             if tcp_state(sock) != TCP_ESTABLISHED:
                 return Cut(peeked, time.monotonic() - started)
             await asyncio.sleep(0.02)
@@ -715,21 +765,21 @@ def _authenticated(served: Served, coroutines, give_up: float,
 
 
 AUTH_HEAD = (f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nHost: test\r\n"
-             f"Content-Type: application/json\r\nContent-Length: {len(CHAT)}\r\n\r\n").encode()
+             f"Content-Type: application/json\r\nContent-Length: {len(STREAM_CHAT)}\r\n\r\n").encode()
 
 
 def test_authenticated_heads_trickled_every_100ms_are_cut_at_the_head_deadline(auth_served):
     served = auth_served
     give_up = HEAD_S + 3
     cuts, normal, sampler = _authenticated(
-        served, [_trickle(served.port, AUTH_HEAD + CHAT, 0.1, give_up) for _ in range(SLOW)], give_up)
+        served, [_trickle(served.port, AUTH_HEAD + STREAM_CHAT, 0.1, give_up) for _ in range(SLOW)], give_up)
     _conclude_408_cuts(served, "auth slow heads", "trickled heads", cuts, normal, sampler, HEAD_S)
 
 
 def test_authenticated_bodies_that_stall_are_cut_by_the_body_timeout(auth_served):
     served = auth_served
     give_up = BODY_S + 3
-    stalled = AUTH_HEAD + CHAT[:10]  # a valid, authenticated head and the start of its body
+    stalled = AUTH_HEAD + STREAM_CHAT[:10]  # a valid, authenticated head and the start of its body
     cuts, normal, sampler = _authenticated(served, [_stall(served.port, stalled, give_up) for _ in range(SLOW)],
                                            give_up)
     _conclude_408_cuts(served, "auth slow bodies", "stalled bodies", cuts, normal, sampler, BODY_S)
@@ -758,7 +808,7 @@ def test_authenticated_streams_whose_readers_stop_reading_are_cut_after_the_writ
     log_before = len(served.access_log())
     big = _get(BIG_PATH, served.headers)
     # A few metered chat streams too (the mock generates them far slower than the big backend).
-    chat = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000000", **served.headers})
+    chat = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "1000000", **served.headers})
     open_readers: dict[int, socket.socket] = {}
     readers = [_stop_reading(served.port, big, give_up, open_readers) for _ in range(SLOW)]
     readers += [_stop_reading(served.port, chat, give_up, open_readers) for _ in range(10)]
@@ -769,6 +819,7 @@ def test_authenticated_streams_whose_readers_stop_reading_are_cut_after_the_writ
     growth = sampler.peak_rss - served.rss_baseline
     reset = [c.after for c in cuts if c.after != math.inf]
     report("auth slow readers", **normal.summary(), proxy_cut_after=spread(durations),
+           proxy_cut_after_first_byte=spread([since_first_byte(r) for r in cut]),
            client_saw_reset=spread(reset), rss_growth_mib=round(growth / 1024, 1),
            kib_per_reader=round(growth / len(readers)))
     problems = normal.problems(min_requests=int(WRITE_S * 5))
@@ -777,8 +828,11 @@ def test_authenticated_streams_whose_readers_stop_reading_are_cut_after_the_writ
         problems.append(f"{len(not_200)} slow readers did not get their stream started: {not_200[:3]}")
     if len(cut) != len(readers):
         problems.append(f"{len(cut)} authenticated slow readers were cut by the write timeout, not {len(readers)}")
-    # The write timer starts once the proxy has to stop writing: after the socket buffers filled.
-    late = [d for d in durations if not WRITE_S <= d <= WRITE_S + 1.0]
+    # The write timer starts once the proxy has to stop writing: after the socket buffers (a 4 KiB window,
+    # 1460-byte segments: they fill at once) took its first bytes. The cut is timed from those: how long 210
+    # requests at once took to get their streams going is the machine's load, not the write timeout.
+    late = [since_first_byte(r) for r in cut
+            if not (r["duration_ms"] / 1000 >= WRITE_S and since_first_byte(r) <= WRITE_S + 1.0)]
     if late:
         problems.append(f"{len(late)} readers were not cut at the {WRITE_S}s write timeout: {spread(late)}")
     held = [c.held for c in cuts if c.after == math.inf]
@@ -867,7 +921,7 @@ def test_idle_connections_are_closed_after_the_keepalive_timeout(mock_vllm, tmp_
 
     def after_a_response() -> tuple[bytes, float]:
         with raw_connect(served.port, timeout=10) as sock:
-            sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"}))
+            sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"}))
             reader = ResponseReader(sock).read_head()
             assert reader.read_body()[1]
             started = time.monotonic()
@@ -894,9 +948,9 @@ def _send_slowly(sock: socket.socket, head: bytes, body: bytes, pieces: int, int
 
 def test_a_body_that_keeps_making_progress_is_not_cut_however_long_it_takes(mock_vllm, tmp_path, procs):
     served = serve(tmp_path, procs, mock_vllm, timeouts={**TIMEOUTS, "body": "1s"})
-    request = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "3"})
-    head, body = request[:len(request) - len(CHAT)], CHAT
-    chunked_head = head.replace(f"Content-Length: {len(CHAT)}".encode(), b"Transfer-Encoding: chunked")
+    request = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "3"})
+    head, body = request[:len(request) - len(STREAM_CHAT)], STREAM_CHAT
+    chunked_head = head.replace(f"Content-Length: {len(STREAM_CHAT)}".encode(), b"Transfer-Encoding: chunked")
 
     def content_length() -> tuple[int, bytes, float]:
         with raw_connect(served.port, timeout=10) as sock:
@@ -906,7 +960,8 @@ def test_a_body_that_keeps_making_progress_is_not_cut_however_long_it_takes(mock
             return reader.status, reader.read_body()[0], time.monotonic() - started
 
     def chunked() -> tuple[int, bytes, float]:
-        encoded = b"".join(b"%x\r\n%b\r\n" % (len(CHAT[i:i + 8]), CHAT[i:i + 8]) for i in range(0, len(CHAT), 8))
+        encoded = b"".join(b"%x\r\n%b\r\n" % (len(STREAM_CHAT[i:i + 8]), STREAM_CHAT[i:i + 8])
+                           for i in range(0, len(STREAM_CHAT), 8))
         with raw_connect(served.port, timeout=10) as sock:
             started = time.monotonic()
             _send_slowly(sock, chunked_head, encoded + b"0\r\n\r\n", 10, 0.35)
@@ -924,15 +979,15 @@ def test_a_body_that_keeps_making_progress_is_not_cut_however_long_it_takes(mock
 
 def test_a_stalled_body_is_cut_one_body_timeout_after_its_last_progress(mock_vllm, tmp_path, procs):
     served = serve(tmp_path, procs, mock_vllm)
-    request = post_request("/v1/chat/completions", CHAT)
-    head = request[:len(request) - len(CHAT)]
+    request = post_request("/v1/chat/completions", STREAM_CHAT)
+    head = request[:len(request) - len(STREAM_CHAT)]
 
     def stall_after(progress_at: float) -> tuple[bytes, float]:
         """Head and 5 body bytes; 3 more at `progress_at`; then nothing. Seconds from the last progress."""
         with raw_connect(served.port, timeout=10) as sock:
-            sock.sendall(head + CHAT[:5])
+            sock.sendall(head + STREAM_CHAT[:5])
             time.sleep(progress_at)
-            sock.sendall(CHAT[5:8])
+            sock.sendall(STREAM_CHAT[5:8])
             last_progress = time.monotonic()
             answer = recv_until_closed(sock)
             return answer, time.monotonic() - last_progress
@@ -954,7 +1009,7 @@ def test_a_reader_that_stops_reading_a_stream_is_cut_after_the_write_timeout_wit
     served = serve(tmp_path, procs, mock_vllm)
     disconnects = mock_stats(mock_vllm)["client_disconnects_midstream"]
     # 500 000 events: over 100 MB offered by the backend, as fast as the proxy takes them.
-    request = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "500000"})
+    request = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "500000"})
     with Sampler(served.proxy.pid) as sampler:
         open_readers: dict[int, socket.socket] = {}
         (cut,) = _drive([_stop_reading(served.port, request, WRITE_S + 3, open_readers)], served.port, open_readers)
@@ -1010,7 +1065,7 @@ def test_each_stalled_reader_costs_the_proxy_a_bounded_amount_of_memory(mock_vll
 
 def test_a_slow_reader_that_keeps_making_progress_is_not_cut(mock_vllm, tmp_path, procs):
     served = serve(tmp_path, procs, mock_vllm, timeouts={**TIMEOUTS, "write": "1s"})
-    request = post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "500000"})
+    request = post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "500000"})
     reading_for = 4.0  # four write timeouts
 
     def stopped() -> None:

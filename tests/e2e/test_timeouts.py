@@ -8,19 +8,22 @@ import time
 
 import pytest
 
-from tests.support import ResponseReader, assert_idle, post_request, raw_connect, recv_until_closed, start_proxy
+from tests.support import (
+    STREAM_CHAT,
+    ResponseReader,
+    assert_idle,
+    post_request,
+    raw_connect,
+    recv_until_closed,
+)
 
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+def _proxy(new_proxy, backend_url: str, **server) -> object:
+    return new_proxy([{"url": backend_url}], server={"listen": "127.0.0.1:0", **server})
 
 
-def _proxy(tmp_path, procs, backend_url: str, **server) -> object:
-    proxy = start_proxy(tmp_path, [{"url": backend_url}], server={"listen": "127.0.0.1:0", **server})
-    procs.append(proxy)
-    return proxy
-
-
-def test_trickled_head_is_cut_at_the_absolute_deadline(mock_vllm, tmp_path, procs):
-    proxy = _proxy(tmp_path, procs, mock_vllm.url, timeouts={"request_head": "1s"})
+def test_trickled_head_is_cut_at_the_absolute_deadline(mock_vllm, new_proxy):
+    proxy = _proxy(new_proxy, mock_vllm.url, timeouts={"request_head": "1s"})
     with raw_connect(proxy.port, timeout=10) as sock:
         started = time.monotonic()
         answer = b""
@@ -38,8 +41,8 @@ def test_trickled_head_is_cut_at_the_absolute_deadline(mock_vllm, tmp_path, proc
     assert 0.9 < elapsed < 2.5
 
 
-def test_idle_keepalive_connection_is_closed(mock_vllm, tmp_path, procs):
-    proxy = _proxy(tmp_path, procs, mock_vllm.url, timeouts={"keepalive": "500ms"})
+def test_idle_keepalive_connection_is_closed(mock_vllm, new_proxy):
+    proxy = _proxy(new_proxy, mock_vllm.url, timeouts={"keepalive": "500ms"})
     with raw_connect(proxy.port, timeout=10) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         ResponseReader(sock).read_head().read_body()
@@ -51,8 +54,8 @@ def test_idle_keepalive_connection_is_closed(mock_vllm, tmp_path, procs):
         assert 0.3 < time.monotonic() - started < 2.0
 
 
-def test_stalled_request_body_gets_408(mock_vllm, tmp_path, procs):
-    proxy = _proxy(tmp_path, procs, mock_vllm.url, timeouts={"body": "500ms"})
+def test_stalled_request_body_gets_408(mock_vllm, new_proxy):
+    proxy = _proxy(new_proxy, mock_vllm.url, timeouts={"body": "500ms"})
     with raw_connect(proxy.port, timeout=10) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
         started = time.monotonic()
@@ -62,11 +65,11 @@ def test_stalled_request_body_gets_408(mock_vllm, tmp_path, procs):
     assert_idle(proxy)
 
 
-def test_client_that_stops_reading_is_cut_after_the_write_timeout(mock_vllm, tmp_path, procs):
-    proxy = _proxy(tmp_path, procs, mock_vllm.url, timeouts={"write": "1s"})
+def test_client_that_stops_reading_is_cut_after_the_write_timeout(mock_vllm, tmp_path, new_proxy):
+    proxy = _proxy(new_proxy, mock_vllm.url, timeouts={"write": "1s"})
     sock = raw_connect(proxy.port, timeout=10)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "1000000"}))
+    sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "1000000"}))
     time.sleep(2.5)  # read nothing: the proxy pauses the backend, then gives up on us
     assert_idle(proxy)
     log = (tmp_path / "access.log").read_text()
@@ -74,8 +77,8 @@ def test_client_that_stops_reading_is_cut_after_the_write_timeout(mock_vllm, tmp
     sock.close()
 
 
-def test_connections_beyond_max_connections_are_refused_without_disturbing_others(mock_vllm, tmp_path, procs):
-    proxy = _proxy(tmp_path, procs, mock_vllm.url, max_connections=2)
+def test_connections_beyond_max_connections_are_refused_without_disturbing_others(mock_vllm, new_proxy):
+    proxy = _proxy(new_proxy, mock_vllm.url, max_connections=2)
     first, second = raw_connect(proxy.port), raw_connect(proxy.port)
     time.sleep(0.2)
     third = raw_connect(proxy.port)
@@ -104,12 +107,11 @@ def blackhole_port():
         sock.close()
 
 
-def test_connect_timeout_answers_504(blackhole_port, tmp_path, procs):
-    proxy = start_proxy(tmp_path, [{"url": f"http://127.0.0.1:{blackhole_port}", "timeouts": {"connect": "500ms"}}])
-    procs.append(proxy)
+def test_connect_timeout_answers_504(blackhole_port, new_proxy):
+    proxy = new_proxy([{"url": f"http://127.0.0.1:{blackhole_port}", "timeouts": {"connect": "500ms"}}])
     with raw_connect(proxy.port, timeout=10) as sock:
         started = time.monotonic()
-        sock.sendall(post_request("/v1/chat/completions", CHAT))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT))
         reader = ResponseReader(sock).read_head()
         body, _ = reader.read_body()
     assert reader.status == 504
@@ -118,10 +120,11 @@ def test_connect_timeout_answers_504(blackhole_port, tmp_path, procs):
     assert_idle(proxy)
 
 
-def test_a_slow_pipelined_head_does_not_cut_the_stream_before_it(mock_vllm, tmp_path, procs):
-    proxy = _proxy(tmp_path, procs, mock_vllm.url, timeouts={"request_head": "1s"})
+def test_a_slow_pipelined_head_does_not_cut_the_stream_before_it(mock_vllm, new_proxy):
+    proxy = _proxy(new_proxy, mock_vllm.url, timeouts={"request_head": "1s"})
     with raw_connect(proxy.port, timeout=10) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "15", "x-mock-delay-ms": "100"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-tokens": "15", "x-mock-delay-ms": "100"}))
         reader = ResponseReader(sock).read_head()
         sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request, pipelined, arrives slowly
         body, complete = reader.read_body()  # the stream lasts 1.5 s: longer than the head deadline

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.support import ResponseReader, post_request, raw_connect, start_proxy
+from tests.support import ResponseReader, post_request, raw_connect
 
 EVENTS = [b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
 
@@ -47,10 +47,9 @@ def tls_backend(tmp_path):
     thread.join(5)
 
 
-def test_https_backend_is_reached_over_tls(tls_backend, tmp_path, procs):
+def test_https_backend_is_reached_over_tls(tls_backend, new_proxy):
     port, seen = tls_backend
-    proxy = start_proxy(tmp_path, [{"url": f"https://127.0.0.1:{port}", "tls_verify": False}])
-    procs.append(proxy)
+    proxy = new_proxy([{"url": f"https://127.0.0.1:{port}", "tls_verify": False}])
     body = json.dumps({"model": "m", "stream": True}).encode()
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/chat/completions", body))
@@ -61,10 +60,9 @@ def test_https_backend_is_reached_over_tls(tls_backend, tmp_path, procs):
     assert seen and seen[0].startswith(b"POST /v1/chat/completions HTTP/1.1")
 
 
-def test_https_backend_with_untrusted_certificate_is_refused_when_verifying(tls_backend, tmp_path, procs):
+def test_https_backend_with_untrusted_certificate_is_refused_when_verifying(tls_backend, new_proxy):
     port, seen = tls_backend
-    proxy = start_proxy(tmp_path, [{"url": f"https://127.0.0.1:{port}"}])
-    procs.append(proxy)
+    proxy = new_proxy([{"url": f"https://127.0.0.1:{port}"}])
     with raw_connect(proxy.port) as sock:
         sock.sendall(post_request("/v1/chat/completions", b"{}"))
         reader = ResponseReader(sock).read_head()

@@ -19,18 +19,19 @@ import pytest
 
 from tests.support import (
     REPO,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     metric_value,
     post_request,
     raw_connect,
+    usage_config,
     wait_for,
     write_config,
 )
 from tests.webhook_consumer import Answer, WebhookConsumer
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 class ThreadedConsumer:
@@ -70,8 +71,7 @@ def consumer():
 def _config(tmp_path, mock_vllm, consumer: ThreadedConsumer, **webhook):
     hook = {"url": consumer.consumer.url, "timeout": "2s", "secret": SECRET, "backoff_base": "50ms",
             "backoff_cap": "500ms", **webhook}
-    usage = {"enabled": True, "spool_dir": str(tmp_path / "spool"), "flush_interval": "50ms",
-             "reporters": [{"name": "billing", "type": "webhook", "webhook": hook}]}
+    usage = usage_config(tmp_path, {"name": "billing", "type": "webhook", "webhook": hook}, flush_interval="50ms")
     return write_config(tmp_path, [{"url": mock_vllm.url}], usage=usage)
 
 
@@ -81,7 +81,7 @@ def _serve(config_path) -> Proc:
 
 def _one_stream(port: int) -> str:
     with raw_connect(port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", CHAT, {"x-mock-tokens": "2"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT, {"x-mock-tokens": "2"}))
         reader = ResponseReader(sock).read_head()
         _, complete = reader.read_body()
         assert complete

@@ -21,33 +21,36 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
+    CHAT,
     REPO,
+    STREAM_CHAT,
     Proc,
     ResponseReader,
     assert_idle,
+    free_port,
     metric_value,
     post_request,
     raw_connect,
+    usage_config,
+    usage_records,
     wait_for,
     write_config,
 )
 
-CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-STREAM = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 ACCEPTING = re.compile(r"worker (\d+) \(pid (\d+)\) accepting connections")
 
 
-def _usage(tmp_path: Path, **reporter: object) -> dict:
-    reporter = reporter or {"name": "f", "type": "file", "file": {"path": str(tmp_path / "usage.jsonl")}}
-    return {"enabled": True, "spool_dir": str(tmp_path / "spool"), "flush_interval": "50ms", "reporters": [reporter]}
+def _usage(tmp_path: Path, reporter: dict | None = None) -> dict:
+    return usage_config(tmp_path, reporter, flush_interval="50ms")
 
 
-def _start(tmp_path: Path, mock: Proc, procs: list[Proc], **sections: dict) -> Proc:
-    sections.setdefault("usage", _usage(tmp_path))
-    config = write_config(tmp_path, [{"url": mock.url}], server={"listen": "127.0.0.1:0", "workers": 2}, **sections)
-    proxy = Proc(["serve", "--config", str(config)]).wait_listening()
-    procs.append(proxy)
-    return proxy
+@pytest.fixture
+def two_workers(metered_proxy, mock_vllm, tmp_path):
+    """two_workers(**sections): a proxy of two workers in front of the vLLM mock, usage flushed every 50 ms."""
+    def start(**sections: dict) -> Proc:
+        sections.setdefault("usage", _usage(tmp_path))
+        return metered_proxy([{"url": mock_vllm.url}], server={"listen": "127.0.0.1:0", "workers": 2}, **sections)
+    return start
 
 
 def _worker_pids(proxy: Proc) -> dict[int, int]:
@@ -72,16 +75,11 @@ def _chat(proxy: Proc, retry: bool = False) -> str:
     raise AssertionError("no successful request in 50 attempts")
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _wait_records(path: Path, request_ids: list[str], timeout: float = 15.0) -> None:
+def _wait_records(tmp_path: Path, request_ids: list[str], timeout: float = 15.0) -> None:
     """Every request's usage record arrives, and exactly once."""
-    wait_for(lambda: {r["request_id"] for r in _records(path)} >= set(request_ids), timeout=timeout, interval=0.1)
-    counts = collections.Counter(r["request_id"] for r in _records(path))
+    wait_for(lambda: {r["request_id"] for r in usage_records(tmp_path)} >= set(request_ids), timeout=timeout,
+             interval=0.1)
+    counts = collections.Counter(r["request_id"] for r in usage_records(tmp_path))
     assert set(counts) == set(request_ids)
     assert max(counts.values()) == 1, [rid for rid, n in counts.items() if n > 1]
 
@@ -90,8 +88,8 @@ def _backend(mock: Proc) -> str:
     return f'backend="127.0.0.1:{mock.port}"'
 
 
-def test_two_workers_serve_one_port_and_metrics_sum_both(tmp_path, mock_vllm, procs):
-    proxy = _start(tmp_path, mock_vllm, procs)
+def test_two_workers_serve_one_port_and_metrics_sum_both(tmp_path, mock_vllm, two_workers):
+    proxy = two_workers()
     assert re.search(r"listening on http://127\.0\.0\.1:\d+ \(2 workers\)", proxy.text())
     assert proxy.text().count("listening on") == 1, "only the supervisor says it"
     assert sorted(_worker_pids(proxy)) == [0, 1]
@@ -101,7 +99,7 @@ def test_two_workers_serve_one_port_and_metrics_sum_both(tmp_path, mock_vllm, pr
     # byte and scraped the other worker: the sum reaches 40 within moments, and never more.
     wait_for(lambda: metric_value(proxy, "llmproxy_requests_total", _backend(mock_vllm)) == 40, timeout=5)
     assert metric_value(proxy, "llmproxy_request_duration_seconds_count", _backend(mock_vllm)) == 40
-    _wait_records(tmp_path / "usage.jsonl", request_ids)
+    _wait_records(tmp_path, request_ids)
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["worker-0", "worker-1"]
     assert metric_value(proxy, "llmproxy_usage_records_total") == 40
     wait_for(lambda: metric_value(proxy, "llmproxy_webhook_success_total", 'reporter="f"') == 40, timeout=5)
@@ -109,12 +107,11 @@ def test_two_workers_serve_one_port_and_metrics_sum_both(tmp_path, mock_vllm, pr
     assert metric_value(proxy, "llmproxy_backend_healthy", _backend(mock_vllm)) == 1
 
 
-def test_a_killed_worker_is_restarted_and_serving_goes_on(tmp_path, mock_vllm, procs):
-    proxy = _start(tmp_path, mock_vllm, procs)
-    usage = tmp_path / "usage.jsonl"
+def test_a_killed_worker_is_restarted_and_serving_goes_on(tmp_path, mock_vllm, two_workers):
+    proxy = two_workers()
     killed = _worker_pids(proxy)[1]
     before = [_chat(proxy) for _ in range(20)]
-    _wait_records(usage, before)  # committed before the kill: a SIGKILL may lose the last flush_interval
+    _wait_records(tmp_path, before)  # committed before the kill: a SIGKILL may lose the last flush_interval
     os.kill(killed, signal.SIGKILL)
     wait_for(lambda: f"worker 1 (pid {killed}) was killed by SIGKILL: restarting it in 0 s" in proxy.text())
     during = [_chat(proxy, retry=True) for _ in range(20)]
@@ -124,19 +121,20 @@ def test_a_killed_worker_is_restarted_and_serving_goes_on(tmp_path, mock_vllm, p
     assert len(prefixes_after) == 2 and prefixes_after - {rid[:12] for rid in before}, "the new worker serves"
     # The dead worker's counts stay in the sums; its live gauges are gone.
     assert metric_value(proxy, "llmproxy_requests_total", _backend(mock_vllm)) == 80
-    _wait_records(usage, before + during + after)
+    _wait_records(tmp_path, before + during + after)
     assert_idle(proxy)
 
 
-def test_sigterm_drains_every_worker_then_the_supervisor_exits_zero(tmp_path, mock_vllm, procs):
-    proxy = _start(tmp_path, mock_vllm, procs)
+def test_sigterm_drains_every_worker_then_the_supervisor_exits_zero(tmp_path, mock_vllm, two_workers):
+    proxy = two_workers()
     pids = _worker_pids(proxy)
     environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
     metrics_dir = next(v.split(b"=", 1)[1] for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
     assert Path(os.fsdecode(metrics_dir)).is_dir()
     request_ids = [_chat(proxy) for _ in range(20)]
     with raw_connect(proxy.port, timeout=10) as sock:
-        sock.sendall(post_request("/v1/chat/completions", STREAM, {"x-mock-tokens": "20", "x-mock-delay-ms": "50"}))
+        sock.sendall(post_request("/v1/chat/completions", STREAM_CHAT,
+                                  {"x-mock-tokens": "20", "x-mock-delay-ms": "50"}))
         reader = ResponseReader(sock).read_head()
         assert reader.read_chunk()
         proxy.popen.send_signal(signal.SIGTERM)
@@ -149,16 +147,14 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_zero(tmp_path, mo
         raw_connect(proxy.port, timeout=1).close()
     # Whatever was left undelivered at the stop goes out when each worker starts again on its own spool.
     request_ids.append(reader.headers["x-request-id"])
-    _start(tmp_path, mock_vllm, procs)
-    _wait_records(tmp_path / "usage.jsonl", request_ids)
+    two_workers()
+    _wait_records(tmp_path, request_ids)
 
 
-def test_dead_letters_are_listed_and_replayed_across_workers(tmp_path, mock_vllm, procs):
-    with socket.socket() as closed:  # a consumer that is down: its port refuses connections
-        closed.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+def test_dead_letters_are_listed_and_replayed_across_workers(tmp_path, mock_vllm, two_workers):
+    dead_url = f"http://127.0.0.1:{free_port()}/hook"  # a consumer that is down: its port refuses connections
     hook = {"url": dead_url, "timeout": "1s", "max_age": "200ms", "backoff_base": "20ms", "backoff_cap": "50ms"}
-    proxy = _start(tmp_path, mock_vllm, procs, usage=_usage(tmp_path, name="billing", type="webhook", webhook=hook))
+    proxy = two_workers(usage=_usage(tmp_path, {"name": "billing", "type": "webhook", "webhook": hook}))
     request_ids = [_chat(proxy) for _ in range(20)]
     config = str(tmp_path / "config.yaml")
 
