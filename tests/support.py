@@ -135,8 +135,13 @@ def mock_stats(mock: Proc) -> dict:
 
 
 def mock_posts(mock: Proc) -> list[dict]:
-    """The POSTs a mock received (since its last stats reset): the proxy's probes are GETs."""
-    return [r for r in mock_stats(mock)["requests"] if r["method"] == "POST"]
+    """The POSTs clients sent a mock through the proxy (since its last stats reset), not the proxy's own: its
+    probes are GETs, and its prompt recounts (POST /tokenize) say llmproxy in their User-Agent."""
+    return [r for r in mock_stats(mock)["requests"] if r["method"] == "POST" and not _from_the_proxy(r)]
+
+
+def _from_the_proxy(request: dict) -> bool:
+    return any(name == "user-agent" and value.startswith("llmproxy-") for name, value in request["headers"])
 
 
 def post_count(mock: Proc) -> int:
