@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from llmproxy.mockbackend import TEMPLATES, prompt_tokens
 from tests.support import (
     ResponseReader,
     assert_idle,
@@ -73,11 +74,13 @@ def test_injection_can_be_switched_off_per_backend(proxy_for, tmp_path):
                                    {"x-mock-tokens": "4"})
     assert not any(e.get("usage") for e in _events(data))
     record = usage_record(tmp_path, reader.headers["x-request-id"])
-    assert record["usage_source"] == "estimated"  # the backend was not asked, so it reported nothing
+    # The backend was not asked, so it reported nothing: its tokenizer counted the prompt afterwards.
+    assert record["usage_source"] == "tokenized"
+    assert record["prompt_tokens"] == prompt_tokens({"messages": MESSAGES}, TEMPLATES["vllm"])
     assert record["completion_tokens"] == 4  # one per content delta relayed
 
 
-def test_client_disconnect_before_the_usage_event_still_gives_one_estimated_record(proxy_for, tmp_path, mock_vllm):
+def test_client_disconnect_before_the_usage_event_still_gives_one_counted_record(proxy_for, tmp_path, mock_vllm):
     proxy = proxy_for("vllm")
     gate = f"gate-{time.monotonic_ns()}"
     sock = raw_connect(proxy.port)
@@ -93,9 +96,9 @@ def test_client_disconnect_before_the_usage_event_still_gives_one_estimated_reco
             http_post(f"{mock_vllm.url}/_mock/release/{gate}")
     sock.close()  # before the usage event: the backend never gets to report
     record = usage_record(tmp_path, reader.headers["x-request-id"])
-    assert record["usage_source"] == "estimated"
+    assert record["usage_source"] == "tokenized"  # the backend's tokenizer counted the prompt afterwards
     assert record["completion_tokens"] == 3
-    assert record["prompt_tokens"] == -(-len(MESSAGES[0]["content"]) // 4)  # chars / 4, rounded up
+    assert record["prompt_tokens"] == prompt_tokens({"messages": MESSAGES}, TEMPLATES["vllm"])
     assert record["termination"] == "CD"
     time.sleep(0.5)
     assert len([r for r in usage_records(tmp_path) if r["request_id"] == reader.headers["x-request-id"]]) == 1

@@ -67,7 +67,8 @@ def test_huggingface_hub_inference_client_text_generation(setup, stream: bool):
         assert isinstance(text, str) and text
     record = _record(usage, before + 1)
     assert record["endpoint"] == "/" and record["completion_tokens"] == 3 and record["status"] == 200
-    if stream:  # asked without details: the stream reports no usage, the tokens relayed are counted
-        assert (record["usage_source"], record["is_stream"]) == ("estimated", True)
+    if stream:  # asked without details the stream reports no usage: TGI's tokenizer counts the prompt after
+        assert (record["usage_source"], record["is_stream"]) == ("tokenized", True)
+        assert record["prompt_tokens"] == EXPECTED_PROMPT
     else:  # TGI's x-prompt-tokens / x-generated-tokens headers
         assert (record["usage_source"], record["prompt_tokens"]) == ("reported", EXPECTED_PROMPT)
