@@ -158,10 +158,10 @@ def test_vllm_messages_in_band_error_ends_the_stream_with_an_error_event(backend
     got = events(resp.body)
     assert [e for e, _ in got] == ["message_start", "content_block_start", "content_block_delta", "error"]
     assert got[-1][1]["error"]["type"] == "internal_error"
-    with pytest.raises(anthropic.APIStatusError):
-        with claude(backends["vllm"]).messages.stream(**{k: v for k, v in body.items() if k != "stream"},
-                                                      extra_headers={"x-mock-error-after": "3"}) as stream:
-            stream.get_final_message()
+    unstreamed = {k: v for k, v in body.items() if k != "stream"}
+    with (pytest.raises(anthropic.APIStatusError),
+          claude(backends["vllm"]).messages.stream(**unstreamed, extra_headers={"x-mock-error-after": "3"}) as stream):
+        stream.get_final_message()
 
 
 # --- OpenAI Responses ------------------------------------------------------------------------------------
