@@ -41,7 +41,12 @@ def backends() -> Iterator[dict[str, Backend]]:
 
 
 def claude(backend: Backend) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{backend.port}", api_key="x", max_retries=0, timeout=5.0)
+    # llama.cpp closes the connection after each stream while announcing keep-alive, so a pooled connection
+    # can be dead when the next request takes it: the SDK's retry on connection errors covers that, as it
+    # does against the real server
+    retries = 2 if backend.backend._state.options.dialect == "llamacpp" else 0
+    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{backend.port}", api_key="x", max_retries=retries,
+                               timeout=5.0)
 
 
 def events(body: bytes) -> list[tuple[str, dict]]:
