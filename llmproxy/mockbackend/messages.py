@@ -342,7 +342,14 @@ def llamacpp_messages(call: Call, msg_id: str, tool_id: Callable[[int], str]) ->
         final.append(event("message_stop", {"type": "message_stop"}))
         yield b"".join(final)
 
-    return stream_reply(partials(), b"text/event-stream", prompt_tokens=t.prompt, completion_tokens=t.output)
+    return stream_reply(error_after(partials(), call.error_after, LLAMACPP_STREAM_ERROR), b"text/event-stream",
+                        prompt_tokens=t.prompt, completion_tokens=t.output)
+
+
+# A failed generation after the stream began: the error result as an `event: error` (format_error_response
+# shape, not Anthropic's), and the stream ends.
+LLAMACPP_STREAM_ERROR = (named_sse("error", dumps({"code": 500, "message": "mock generation failure "
+                                                   "(x-mock-error-after)", "type": "server_error"})),)
 
 
 def llamacpp_count_tokens(call: Call) -> Reply:

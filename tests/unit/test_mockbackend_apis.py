@@ -7,6 +7,11 @@ The real `anthropic` and `openai` SDKs parse what the mock sends; the counts are
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import anthropic
@@ -21,7 +26,7 @@ from llmproxy.mockbackend.textgen import (
     responses_tool_calls,
     tool_call_completion_tokens,
 )
-from tests.unit.test_mockbackend import Backend, Client, control, metric, request
+from tests.unit.test_mockbackend import REPO, Backend, Client, control, metric, request
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 SYSTEM = [{"type": "text", "text": "Answer in one word."}]
@@ -56,6 +61,23 @@ def events(body: bytes) -> list[tuple[str, dict]]:
         if lines:
             out.append((lines["event"], json.loads(lines["data"])))
     return out
+
+
+UNMETERED = REPO / "tests" / "fixtures" / "streams_unmetered"
+
+
+def test_unmetered_recordings_replay_byte_for_byte() -> None:
+    backend = Backend(MockOptions(fixtures_dir=str(UNMETERED)))
+    try:
+        names = sorted(p.name for p in UNMETERED.glob("*.sse"))
+        assert len(names) >= 6
+        for name in names:
+            resp = request(backend.port, "POST", "/anything", b"{}", {"x-mock-fixture": name})
+            assert resp.body == (UNMETERED / name).read_bytes()
+            meta = json.loads((UNMETERED / name).with_suffix(".json").read_text())
+            assert resp.headers["content-type"] == meta["http"]["headers"]["content-type"]
+    finally:
+        backend.close()
 
 
 # --- Anthropic Messages -----------------------------------------------------------------------------------
@@ -382,6 +404,35 @@ def test_kv_pin_reaches_vllm_and_refuses_bad_fractions(backends: dict[str, Backe
         assert metric(port, "vllm:kv_cache_usage_perc") == 0.5
     finally:
         control(port, "/_mock/gauges")
+
+
+def test_llamacpp_messages_stream_fails_with_an_error_event(backends: dict[str, Backend]) -> None:
+    body = {"model": "m", "max_tokens": 64, "stream": True, "messages": MESSAGES}
+    resp = request(backends["llamacpp"].port, "POST", "/v1/messages", body, {"x-mock-error-after": "2"})
+    got = events(resp.body)
+    assert got[-1] == ("error", {"code": 500, "message": "mock generation failure (x-mock-error-after)",
+                                 "type": "server_error"})
+    assert "message_stop" not in [e for e, _ in got]
+
+
+def test_process_serves_llamacpp_metrics_with_the_metrics_option() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "llmproxy", "mock-backend", "--dialect", "llamacpp", "--metrics"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        assert ready, "no listening line"
+        line = proc.stdout.readline().decode()
+        assert line.startswith("mock-backend (llamacpp) listening on http://127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1])
+        assert b"llamacpp:requests_processing 0\n" in request(port, "GET", "/metrics").body
+        assert json.loads(request(port, "GET", "/props").body)["endpoint_metrics"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
 
 
 @pytest.mark.parametrize("dialect", ["llamacpp", "sglang"])
