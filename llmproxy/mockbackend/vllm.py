@@ -296,8 +296,10 @@ def check_model(call: Call) -> Reply | None:
     name = call.named_model()
     if name is None or name in call.served:
         return None
-    return json_reply({"error": {"message": f"The model `{name}` does not exist.", "type": "NotFoundError",
-                                 "param": "model", "code": 404}}, 404)
+    message = f"The model `{name}` does not exist."
+    if call.path.startswith("/v1/messages"):
+        return messages.vllm_error(404, message, "NotFoundError")
+    return json_reply({"error": {"message": message, "type": "NotFoundError", "param": "model", "code": 404}}, 404)
 
 
 def unhealthy(status: int) -> Reply:
