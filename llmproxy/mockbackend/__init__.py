@@ -1,4 +1,4 @@
-"""A deterministic, fast fake of vLLM, TGI and Ollama for the proxy's tests, benchmarks and demo.
+"""A deterministic, fast fake of vLLM, TGI, Ollama, llama.cpp and SGLang for the proxy's tests, benchmarks and demo.
 
 Embed it in a running loop with `await start_mock_backend(MockOptions(...))`, or run it as a
 process with `llmproxy mock-backend` / `python -m llmproxy.mockbackend` (prints one line,
@@ -21,6 +21,20 @@ What the request body asks for is honoured the way the real server does it (docs
                                     the call markup plus an EOS token (`textgen.tool_call_completion_tokens`);
                                     x-mock-tokens and max_tokens do not apply.
 
+Anthropic Messages (POST /v1/messages, /v1/messages/count_tokens) on vllm, ollama and llamacpp, each as its
+engine converts it (docs/protocols.md §8): vLLM puts the real input count in message_start and cumulative
+counts in message_delta; Ollama puts its len/4 estimate (textgen.ollama_estimated_input_tokens) in
+message_start and the real counts in message_delta; llama.cpp puts input in message_start and only output in
+message_delta. The prompt is prompt_tokens(body, TEMPLATES[dialect]) of the Messages body (system, blocks and
+tools included). stop_reason is "max_tokens" when the request's max_tokens cut the answer, else "end_turn";
+tools (tool_choice not none) are answered with tool_use blocks (textgen.anthropic_tool_calls), "tool_use".
+OpenAI Responses (POST /v1/responses) on vllm and ollama (§9): counted by textgen.responses_prompt_tokens,
+function tools answered with function_call items; responses stored unless store is false, and an unknown
+previous_response_id is the engine's 404 (a bounded map of ids per process).
+llamacpp (§10): /completion, /infill, /tokenize, /props, /slots, its OpenAI routes with timings, /metrics only
+with --metrics, and the connection closed after every streamed response. sglang (§11): /generate with
+meta_info, /get_model_info, /get_server_info, /metrics.
+
 Request headers steer one request (each overrides the CLI default):
   x-mock-tokens: N                  completion length
   x-mock-delay-ms: D                pause between two events
@@ -38,12 +52,20 @@ Request headers steer one request (each overrides the CLI default):
   x-mock-fixture: NAME              replay a recorded stream verbatim from the fixtures directory
                                     ($LLMPROXY_FIXTURES_DIR, else tests/fixtures/streams in the checkout)
   x-mock-gate: TOKEN                each event after the first waits for POST /_mock/release/TOKEN
+  x-mock-cache-read: N              N prompt tokens were a prefix-cache hit: Anthropic cache_read_input_tokens
+                                    (input_tokens then excludes them), llama.cpp cache_n/cached_tokens, SGLang
+                                    cached_tokens, vLLM Responses input_tokens_details.cached_tokens
+  x-mock-cache-write: N             Anthropic cache_creation_input_tokens (excluded from input_tokens)
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
 POST /_mock/reset-stats, and two whose state reset-stats keeps:
   POST /_mock/health/<status>       200..599; the health routes (vLLM/TGI /health and /ping, Ollama
-                                    /api/version and /) answer it in the dialect's shape; 200 restores
-  POST /_mock/gauges?waiting=N&running=M   pin the /metrics queue gauges (either or both); a gauge not
-                                    given, or every gauge when there is no query, follows the live count
+                                    /api/version and /, llama.cpp /health, SGLang /health) answer it in the
+                                    dialect's shape; 200 restores
+  POST /_mock/gauges?waiting=N&running=M&kv=F   pin the /metrics load gauges (any of them): waiting and
+                                    running in every dialect (llama.cpp requests_deferred/processing, SGLang
+                                    num_queue_reqs/num_running_reqs), kv the KV-cache use 0..1 (vLLM
+                                    kv_cache_usage_perc, SGLang token_usage); a gauge not given, or every
+                                    gauge when there is no query, follows the live count
 
 --model a,b serves several models (the first is the default); --strict-models answers a request naming
 any other model with the real server's 404 (vLLM and Ollama; TGI ignores model names).
@@ -55,7 +77,17 @@ from llmproxy.mockbackend.cli import main
 from llmproxy.mockbackend.options import DEFAULT_MODELS, MockOptions
 from llmproxy.mockbackend.server import MockBackend, start_mock_backend
 from llmproxy.mockbackend.stats import MockStats
-from llmproxy.mockbackend.textgen import TEMPLATES, completion_text, count_tokens, prompt_tokens, word
+from llmproxy.mockbackend.textgen import (
+    TEMPLATES,
+    anthropic_tool_calls,
+    completion_text,
+    count_tokens,
+    ollama_estimated_input_tokens,
+    prompt_tokens,
+    responses_prompt_tokens,
+    responses_tool_calls,
+    word,
+)
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -63,10 +95,14 @@ __all__ = [
     "MockBackend",
     "MockOptions",
     "MockStats",
+    "anthropic_tool_calls",
     "completion_text",
     "count_tokens",
     "main",
+    "ollama_estimated_input_tokens",
     "prompt_tokens",
+    "responses_prompt_tokens",
+    "responses_tool_calls",
     "start_mock_backend",
     "word",
 ]

@@ -11,6 +11,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import llmproxy.mockbackend.messages as messages
+import llmproxy.mockbackend.responses as responses
 from llmproxy.mockbackend.reply import (
     CREATED,
     DONE,
@@ -60,7 +62,10 @@ NDJSON_ERROR = (dumps({"error": "mock generation failure (x-mock-error-after)"})
 
 
 def error(status: int, message: str, path: str) -> Reply:
-    """Native routes answer {"error": "..."}; the /v1 routes answer OpenAI's shape with code null."""
+    """Native routes answer {"error": "..."}; the /v1 routes answer OpenAI's shape with code null, and
+    /v1/messages Anthropic's (anthropic.NewError)."""
+    if path.startswith("/v1/messages"):
+        return messages.ollama_error(path.encode() + message.encode(), status, message)
     if path.startswith("/v1/"):
         etype = _OPENAI_ERROR_TYPES.get(status, "api_error")
         body: dict[str, Any] = {"error": {"message": message, "type": etype, "param": None, "code": None}}
@@ -204,6 +209,13 @@ def v1_embeddings(call: Call) -> Reply:
                        "usage": {"prompt_tokens": p, "total_tokens": p}})
 
 
+def v1_responses(call: Call) -> Reply:
+    try:
+        return responses.ollama_responses(call)
+    except responses.UnknownPreviousResponse as exc:
+        return responses.ollama_not_found(exc.response_id)
+
+
 def v1_models(call: Call) -> Reply:
     cards = [{"id": name, "object": "model", "created": CREATED, "owned_by": "library"} for name in call.served]
     return json_reply({"object": "list", "data": cards})
@@ -282,5 +294,7 @@ ROUTES = {
     "/v1/completions": ("POST", v1_completions),
     "/v1/embeddings": ("POST", v1_embeddings),
     "/v1/models": ("GET", v1_models),
+    "/v1/responses": ("POST", v1_responses),
+    "/v1/messages": ("POST", messages.ollama_messages),
     "/": ("GET", root),
 }

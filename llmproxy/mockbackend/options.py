@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIALECTS = ("vllm", "tgi", "ollama")
+DIALECTS = ("vllm", "tgi", "ollama", "llamacpp", "sglang")
 
 # The model each real server would report when the request does not name one.
 DEFAULT_MODELS = {
     "vllm": "Qwen/Qwen2.5-7B-Instruct",
     "tgi": "HuggingFaceH4/zephyr-7b-beta",
     "ollama": "llama3.2:latest",
+    "llamacpp": "qwen2.5-7b-instruct-q4_k_m.gguf",  # llama-server names the model by its file unless --alias
+    "sglang": "Qwen/Qwen2.5-7B-Instruct",
 }
 
 # A backend must never be asked to hold more than this many events in one response: it bounds the
@@ -41,6 +43,8 @@ class MockOptions:
     model: str | None = None
     fixtures_dir: str | None = None  # None: $LLMPROXY_FIXTURES_DIR, else <repo>/tests/fixtures/streams
     strict_models: bool = False  # answer a request naming an unserved model like the real server does
+    # llama.cpp only: serve GET /metrics, as llama-server does when started with --metrics (else 501)
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:
@@ -79,6 +83,8 @@ class Knobs:
     close_delimited: bool = False
     fixture: str | None = None
     gate: str | None = None
+    cache_read: int = 0  # prompt tokens served from the prefix cache (x-mock-cache-read)
+    cache_write: int = 0  # prompt tokens written to a prompt cache (x-mock-cache-write, Anthropic usage only)
 
 
 def _int(headers: dict[str, str], name: str, low: int, high: int) -> int | None:
@@ -122,4 +128,6 @@ def parse_knobs(headers: dict[str, str], options: MockOptions) -> Knobs:
         close_delimited=headers.get("x-mock-close-delimited", "0").strip().lower() in ("1", "true", "yes"),
         fixture=headers.get("x-mock-fixture"),
         gate=headers.get("x-mock-gate"),
+        cache_read=_int(headers, "x-mock-cache-read", 0, MAX_TOKENS) or 0,
+        cache_write=_int(headers, "x-mock-cache-write", 0, MAX_TOKENS) or 0,
     )

@@ -29,6 +29,8 @@ class Reply:
     events: Iterator[bytes] | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     generation: bool = False  # counts in the num_requests_running/waiting gauges
+    # close the connection once the response is sent, without announcing it (llama.cpp after a stream)
+    close_after: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -46,6 +48,11 @@ class Call:
     gauges: Callable[[], tuple[int, int, int, int]]  # (running, waiting, prompt total, generation total)
     models: tuple[str, ...] = ()  # every served model, `model` first; empty means just `model`
     error_after: int | None = None  # the x-mock-error-after knob
+    cache_read: int = 0  # the x-mock-cache-read knob: prompt tokens that were a prefix-cache hit
+    cache_write: int = 0  # the x-mock-cache-write knob: prompt tokens written to the cache
+    kv_usage: Callable[[], float] = lambda: 0.0  # KV-cache use, 0..1 (pinned by /_mock/gauges?kv=F)
+    responses: Any = None  # the per-process map of Responses ids (responses.ResponseStore)
+    metrics_enabled: bool = False  # llama.cpp's --metrics
     _json: Any = None
 
     def json(self) -> dict[str, Any]:
@@ -116,6 +123,11 @@ def dumps(obj: Any) -> bytes:
 
 def sse(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
+
+
+def named_sse(event: str, payload: bytes) -> bytes:
+    """An SSE event with an `event:` line, as the Anthropic Messages and Responses APIs frame them."""
+    return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 # A placeholder value inside a template object; orjson escapes the control character, so the dumped

@@ -9,19 +9,25 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl
 
+import llmproxy.mockbackend.llamacpp as llamacpp
 import llmproxy.mockbackend.ollama as ollama
+import llmproxy.mockbackend.sglang as sglang
 import llmproxy.mockbackend.tgi as tgi
 import llmproxy.mockbackend.vllm as vllm
 from llmproxy.mockbackend.connection import MockConnection, ParsedRequest
 from llmproxy.mockbackend.fixtures import FixtureStore
 from llmproxy.mockbackend.options import BadRequest, Knobs, MockOptions, parse_knobs
 from llmproxy.mockbackend.reply import Call, Reply, json_reply
+from llmproxy.mockbackend.responses import ResponseStore
 from llmproxy.mockbackend.stats import Gate, MockStats
 from llmproxy.mockbackend.writer import ResponseWriter
 
-DIALECT_MODULES: dict[str, ModuleType] = {"vllm": vllm, "tgi": tgi, "ollama": ollama}
+DIALECT_MODULES: dict[str, ModuleType] = {"vllm": vllm, "tgi": tgi, "ollama": ollama, "llamacpp": llamacpp,
+                                          "sglang": sglang}
 CONTROL_PREFIX = "/_mock/"
-GAUGE_NAMES = ("waiting", "running")
+GAUGE_NAMES = ("waiting", "running", "kv")
+# Live KV-cache use when /_mock/gauges does not pin it: each running generation holds 1/16 of the cache.
+KV_PER_RUNNING = 1 / 16
 MAX_GAUGE = 1_000_000_000  # far above any real queue, and small enough to print exactly as a float
 
 
@@ -37,6 +43,14 @@ def _control_int(name: str, raw: str, low: int, high: int) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and low <= int(raw) <= high):
         raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw!r}")
     return int(raw)
+
+
+def _control_fraction(raw: str) -> float:
+    """A KV-cache fraction: a plain decimal from 0 to 1 ("0.5", "1", ".25"); no signs, exponents or nan."""
+    digits = raw.replace(".", "", 1)
+    if not (raw and len(raw) <= 12 and raw.isascii() and digits.isdigit() and 0.0 <= float(raw) <= 1.0):
+        raise BadRequest(f"kv must be a fraction from 0 to 1, got {raw!r}")
+    return float(raw)
 
 
 def _health_reply(dialect: ModuleType, status: int) -> Reply:
@@ -61,7 +75,8 @@ class MockState:
         # Set through /_mock/health and /_mock/gauges. They are configuration, not observations, so
         # reset-stats keeps them: tests reset the stats between phases of one scenario.
         self.health = 200
-        self.gauge_overrides: dict[str, int] = {}
+        self.gauge_overrides: dict[str, float] = {}
+        self.responses = ResponseStore()  # the Responses API ids this process produced
 
     def connection_opened(self, conn: MockConnection) -> None:
         self.connections.add(conn)
@@ -76,7 +91,14 @@ class MockState:
         """The stats' live gauges, with the queue gauges pinned by /_mock/gauges swapped in."""
         running, waiting, prompt_total, generation_total = self.stats.gauges()
         pinned = self.gauge_overrides
-        return pinned.get("running", running), pinned.get("waiting", waiting), prompt_total, generation_total
+        return (int(pinned.get("running", running)), int(pinned.get("waiting", waiting)), prompt_total,
+                generation_total)
+
+    def kv_usage(self) -> float:
+        """KV-cache use, 0..1: pinned by /_mock/gauges?kv=F, else following the running generations."""
+        if "kv" in self.gauge_overrides:
+            return self.gauge_overrides["kv"]
+        return min(1.0, self.stats.requests_running * KV_PER_RUNNING)
 
     def default_knobs(self) -> Knobs:
         opts = self.options
@@ -123,7 +145,9 @@ class MockState:
         if self.health != 200 and path in self.dialect.HEALTH_PATHS:
             return _health_reply(self.dialect, self.health)
         call = Call(method=method, path=path, headers=headers, body=request.body, tokens=knobs.tokens,
-                    model=self.models[0], models=self.models, gauges=self.gauges, error_after=knobs.error_after)
+                    model=self.models[0], models=self.models, gauges=self.gauges, error_after=knobs.error_after,
+                    cache_read=knobs.cache_read, cache_write=knobs.cache_write, kv_usage=self.kv_usage,
+                    responses=self.responses, metrics_enabled=self.options.metrics)
         refused = self._refuse_model(call)
         return handler(call) if refused is None else refused
 
@@ -183,14 +207,19 @@ class MockState:
         return json_reply({"health": self.health})
 
     def _set_gauges(self, query: str) -> Reply:
-        """Pin the given queue gauges; each call replaces the previous pins, so no query unpins both."""
-        pinned: dict[str, int] = {}
+        """Pin the given load gauges; each call replaces the previous pins, so no query unpins them all.
+
+        waiting and running are the queue gauges of every dialect (vLLM waiting/running, TGI queue/batch,
+        llama.cpp deferred/processing, SGLang queue/running); kv is the KV-cache use, a fraction 0..1
+        (vLLM kv_cache_usage_perc, SGLang token_usage).
+        """
+        pinned: dict[str, float] = {}
         for name, raw in parse_qsl(query, keep_blank_values=True):
             if name not in GAUGE_NAMES:
-                raise BadRequest(f"unknown gauge {name!r}; expected waiting and/or running")
+                raise BadRequest(f"unknown gauge {name!r}; expected waiting, running and/or kv")
             if name in pinned:
                 raise BadRequest(f"{name} given twice")
-            pinned[name] = _control_int(name, raw, 0, MAX_GAUGE)
+            pinned[name] = _control_fraction(raw) if name == "kv" else _control_int(name, raw, 0, MAX_GAUGE)
         self.gauge_overrides = pinned
         return json_reply({name: pinned.get(name) for name in GAUGE_NAMES})
 

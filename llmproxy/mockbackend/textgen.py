@@ -50,7 +50,10 @@ CHATML_QWEN = ChatTemplate("ChatML (Qwen2.5)", 0, 5, 3,
                            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", 30)
 ZEPHYR = ChatTemplate("Zephyr", 0, 4, 2)  # the TGI mock's zephyr-7b-beta: <|user|>\n ... </s>\n
 LLAMA3 = ChatTemplate("Llama 3.2", 1, 5, 4, None, 40)  # the Ollama mock's llama3.2: <|start_header_id|>...
-TEMPLATES = {"vllm": CHATML_QWEN, "tgi": ZEPHYR, "ollama": LLAMA3}  # by mock dialect
+# llama.cpp's llama-server runs a Qwen2.5 GGUF (its embedded template is the same ChatML, default system prompt
+# included); SGLang serves Qwen2.5 from Hugging Face like the vLLM mock.
+TEMPLATES = {"vllm": CHATML_QWEN, "tgi": ZEPHYR, "ollama": LLAMA3, "llamacpp": CHATML_QWEN,
+             "sglang": CHATML_QWEN}  # by mock dialect
 
 
 def word(i: int) -> str:
@@ -90,12 +93,23 @@ def generated_token_id(i: int) -> int:
 
 
 def _content_text(content: Any) -> str:
-    # OpenAI content is a string or a list of parts; only text parts count.
+    # OpenAI content is a string or a list of parts; only text parts count. Anthropic blocks count too: a
+    # tool_result by its content, a tool_use by its input as JSON (what the engines render into the prompt).
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "".join(_part_text(p) for p in content if isinstance(p, dict))
     return ""
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    kind = part.get("type")
+    if kind == "tool_result":
+        return _content_text(part.get("content"))
+    if kind == "tool_use":
+        return json.dumps(part.get("input") or {}, separators=(",", ":"), ensure_ascii=False)
+    text = part.get("text", "")
+    return text if isinstance(text, str) else ""
 
 
 def prompt_pieces(body: Any) -> list[Any]:
@@ -121,7 +135,10 @@ def prompt_tokens(body: Any, template: ChatTemplate = PLAIN) -> int:
     by the template, any other prompt as its text (or its token ids) plus the template's BOS."""
     messages = body.get("messages") if isinstance(body, dict) else None
     if isinstance(messages, list):
-        return chat_prompt_tokens(messages, body.get("tools"), template)
+        system = body.get("system")  # Anthropic Messages: a top-level system prompt (a string or text blocks)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return chat_prompt_tokens(messages, chat_tools(body.get("tools")), template)
     pieces = prompt_pieces(body)
     if not pieces:
         return 0
@@ -264,3 +281,145 @@ def tool_call_text(calls: list[tuple[str, str]]) -> str:
 def tool_call_completion_tokens(calls: list[tuple[str, str]]) -> int:
     """completion_tokens of a tool-call answer: the markup's tokens plus the EOS token."""
     return count_tokens(tool_call_text(calls)) + 1
+
+
+# --- Anthropic Messages and OpenAI Responses requests ----------------------------------------------
+# Both are rendered by the engines as chat requests (vLLM converts them to a ChatCompletionRequest, Ollama to
+# an api.ChatRequest, llama.cpp to its OpenAI chat form), so they are counted with the same chat template;
+# their tools are counted in the chat form {"type": "function", "function": {name, description, parameters}}.
+
+
+def chat_tools(tools: Any) -> Any:
+    """Tools in the OpenAI chat shape: Anthropic tools (input_schema) and flat Responses function tools are
+    converted, chat tools pass unchanged."""
+    if not isinstance(tools, list):
+        return tools
+    out = []
+    for tool in tools:
+        schema_key = "input_schema" if isinstance(tool, dict) and "input_schema" in tool else "parameters"
+        if isinstance(tool, dict) and (schema_key == "input_schema" or (
+                tool.get("type") == "function" and "function" not in tool)):
+            function = {"name": tool.get("name"), "description": tool.get("description"),
+                        "parameters": tool.get(schema_key)}
+            out.append({"type": "function", "function": function})
+        else:
+            out.append(tool)
+    return out
+
+
+def anthropic_tool_calls(body: Any) -> list[tuple[str, str]]:
+    """The calls the mock makes for an Anthropic Messages request ([] for a plain text turn).
+
+    tool_choice {"type": "auto"|"any"} calls every tool (disable_parallel_tool_use: the first only), "tool"
+    calls the named one, "none" (or no tools) answers with text, as the engines map them onto chat tool_choice.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("tools"), list) or not body["tools"]:
+        return []
+    choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {"type": "auto"}
+    kind = choice.get("type", "auto")
+    tools = chat_tools(body["tools"])
+    if kind == "none":
+        return []
+    if kind == "tool":
+        tools = [t for t in tools if t.get("function", {}).get("name") == choice.get("name")][:1]
+    chat = {"tools": tools, "tool_choice": "auto"}
+    if choice.get("disable_parallel_tool_use"):
+        chat["parallel_tool_calls"] = False
+    return tool_calls(chat)
+
+
+def responses_tool_calls(body: Any) -> list[tuple[str, str]]:
+    """The calls the mock makes for a Responses request: one per function tool unless tool_choice is "none";
+    a named function tool_choice ({"type": "function", "name": ...}) calls that one only."""
+    if not isinstance(body, dict) or not isinstance(body.get("tools"), list) or not body["tools"]:
+        return []
+    choice = body.get("tool_choice", "auto")
+    tools = chat_tools(body["tools"])
+    if choice == "none":
+        return []
+    if isinstance(choice, dict):
+        tools = [t for t in tools if t.get("function", {}).get("name") == choice.get("name")][:1]
+    chat = {"tools": tools, "tool_choice": "auto", "parallel_tool_calls": body.get("parallel_tool_calls", True)}
+    return tool_calls(chat)
+
+
+def responses_messages(body: Any) -> list[dict[str, Any]]:
+    """The chat messages a Responses request stands for: instructions as the system message, then `input`
+    (a string is one user message; items are messages, function_call and function_call_output items)."""
+    if not isinstance(body, dict):
+        return []
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str) and body["instructions"]:
+        messages.append({"role": "system", "content": body["instructions"]})
+    value = body.get("input")
+    if isinstance(value, str):
+        messages.append({"role": "user", "content": value})
+    elif isinstance(value, list):
+        for item in value:
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type", "message")
+            if kind == "message":
+                messages.append({"role": item.get("role", "user"), "content": item.get("content")})
+            elif kind == "function_call":
+                messages.append({"role": "assistant", "content": "", "tool_calls": [
+                    {"id": item.get("call_id"), "type": "function",
+                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}]})
+            elif kind == "function_call_output":
+                messages.append({"role": "tool", "content": item.get("output", "")})
+    return messages
+
+
+def responses_prompt_tokens(body: Any, template: ChatTemplate = PLAIN,
+                            history: list[dict[str, Any]] | None = None) -> int:
+    """The prompt tokens of a Responses request rendered by `template`: `history` (the conversation of the
+    response named by previous_response_id, its output included) comes before this request's messages."""
+    messages = [*(history or []), *responses_messages(body)]
+    tools = chat_tools(body.get("tools")) if isinstance(body, dict) else None
+    return chat_prompt_tokens(messages, tools, template)
+
+
+def ollama_estimated_input_tokens(body: Any) -> int:
+    """Ollama's estimate of a Messages request's input tokens (anthropic.EstimateInputTokens): the byte length
+    of the system prompt, each message's role and text (a tool_use or tool_result block: its JSON), and each
+    tool's name, description and input_schema, divided by 4; at least 1 when there is any message or system.
+
+    Ollama measures input_schema as the raw bytes the client sent; the mock measures it as compact JSON,
+    which is what the anthropic SDK sends.
+    """
+    if not isinstance(body, dict):
+        return 0
+    total = _estimate_content(body.get("system"), system=True)
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    for message in messages:
+        if isinstance(message, dict):
+            total += len(str(message.get("role", "")).encode()) + _estimate_content(message.get("content"))
+    for tool in body.get("tools") or []:
+        if isinstance(tool, dict):
+            schema = tool.get("input_schema")
+            total += len(str(tool.get("name", "")).encode()) + len(str(tool.get("description") or "").encode())
+            total += len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode()) if schema else 0
+    tokens = total // 4
+    if tokens == 0 and (messages or body.get("system") is not None):
+        tokens = 1
+    return tokens
+
+
+def _estimate_content(content: Any, system: bool = False) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content.encode())
+    if not isinstance(content, list):
+        return len(json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode())
+    total = 0
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            total += len(block["text"].encode())
+        if isinstance(block.get("thinking"), str):
+            total += len(block["thinking"].encode())
+        if not system and block.get("type") in ("tool_use", "tool_result"):
+            total += len(json.dumps(block, separators=(",", ":"), ensure_ascii=False).encode())
+    return total

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
 
+import llmproxy.mockbackend.messages as messages
+import llmproxy.mockbackend.responses as responses
 from llmproxy.mockbackend.options import BadRequest
 from llmproxy.mockbackend.reply import (
     CREATED,
@@ -58,14 +60,28 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServ
 
 
 def error(status: int, message: str, path: str) -> Reply:
-    """vLLM's ErrorResponse: `code` is the integer status; unmapped statuses use the reason phrase."""
+    """vLLM's ErrorResponse: `code` is the integer status; unmapped statuses use the reason phrase. The
+    Anthropic routes put the same type and message in Anthropic's envelope (translate_error_response)."""
     etype = _ERROR_TYPES.get(status)
     if etype is None:
         try:
             etype = HTTPStatus(status).phrase
         except ValueError:
             etype = "Error"
+    if path.startswith("/v1/messages"):
+        return messages.vllm_error(status, message, etype)
     return json_reply({"error": {"message": message, "type": etype, "param": None, "code": status}}, status)
+
+
+def anthropic_messages(call: Call) -> Reply:
+    return messages.vllm_messages(call)
+
+
+def responses_route(call: Call) -> Reply:
+    try:
+        return responses.vllm_responses(call)
+    except responses.UnknownPreviousResponse as exc:
+        return responses.vllm_not_found(exc.response_id)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -280,8 +296,10 @@ def check_model(call: Call) -> Reply | None:
     name = call.named_model()
     if name is None or name in call.served:
         return None
-    return json_reply({"error": {"message": f"The model `{name}` does not exist.", "type": "NotFoundError",
-                                 "param": "model", "code": 404}}, 404)
+    message = f"The model `{name}` does not exist."
+    if call.path.startswith("/v1/messages"):
+        return messages.vllm_error(404, message, "NotFoundError")
+    return json_reply({"error": {"message": message, "type": "NotFoundError", "param": "model", "code": 404}}, 404)
 
 
 def unhealthy(status: int) -> Reply:
@@ -307,6 +325,7 @@ def metrics(call: Call) -> Reply:
     return prometheus_reply([
         ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running),
         ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting),
+        ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", call.kv_usage()),
         ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt_total),
         ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
          generation_total),
@@ -321,6 +340,9 @@ ROUTES = {
     "/v1/completions": ("POST", completions),
     "/v1/embeddings": ("POST", embeddings),
     "/v1/models": ("GET", models),
+    "/v1/messages": ("POST", anthropic_messages),
+    "/v1/messages/count_tokens": ("POST", messages.vllm_count_tokens),
+    "/v1/responses": ("POST", responses_route),
     "/health": ("GET", empty_reply),
     "/ping": ("GET", empty_reply),
     "/version": ("GET", version),

@@ -58,7 +58,7 @@ class ResponseWriter:
             self._mode = CLOSE  # HTTP/1.0 has no chunked encoding either
         else:
             self._mode = CHUNKED if reply.events is not None else LENGTH
-        self.keep_alive = keep_alive and self._mode != CLOSE
+        self.keep_alive = keep_alive and self._mode != CLOSE and not reply.close_after
         self._head_only = head_only  # HEAD: the head a GET would get (Content-Length included), no body
         self._events: Iterator[bytes]
         if head_only or (reply.events is None and not reply.body):
@@ -87,7 +87,7 @@ class ResponseWriter:
         lines.extend(b"%b: %b\r\n" % pair for pair in reply.headers)
         if request_id is not None:
             lines.append(b"x-request-id: %b\r\n" % request_id.encode("latin-1", "replace"))
-        if not self.keep_alive:
+        if not self.keep_alive and not reply.close_after:
             lines.append(b"connection: close\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)

@@ -683,19 +683,25 @@ def metric(port: int, name: str) -> float:
     return float(re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M).group(1))
 
 
+GENERATE_PATHS = {"vllm": "/v1/chat/completions", "tgi": "/generate_stream", "llamacpp": "/completion",
+                  "sglang": "/generate"}
+
+
 @pytest.mark.parametrize("dialect,waiting,running", [
     ("vllm", "vllm:num_requests_waiting", "vllm:num_requests_running"),
     ("tgi", "tgi_queue_size", "tgi_batch_current_size"),
+    ("llamacpp", "llamacpp:requests_deferred", "llamacpp:requests_processing"),
+    ("sglang", "sglang:num_queue_reqs", "sglang:num_running_reqs"),
 ])
 def test_gauge_pins_replace_live_counts_until_cleared(fresh: list[Backend], dialect: str, waiting: str,
                                                       running: str) -> None:
-    port = start(fresh, dialect=dialect).port
-    assert control(port, "/_mock/gauges?waiting=7&running=3") == (200, {"waiting": 7, "running": 3})
+    port = start(fresh, dialect=dialect, metrics=True).port
+    assert control(port, "/_mock/gauges?waiting=7&running=3") == (200, {"waiting": 7, "running": 3, "kv": None})
     request(port, "POST", "/_mock/reset-stats")  # pins are configuration, not stats
     assert (metric(port, waiting), metric(port, running)) == (7.0, 3.0)
-    assert control(port, "/_mock/gauges?waiting=2") == (200, {"waiting": 2, "running": None})
-    body = {**STREAM, "inputs": "x", "parameters": {"max_new_tokens": 3}}
-    path = "/v1/chat/completions" if dialect == "vllm" else "/generate_stream"
+    assert control(port, "/_mock/gauges?waiting=2") == (200, {"waiting": 2, "running": None, "kv": None})
+    body = {**STREAM, "inputs": "x", "parameters": {"max_new_tokens": 3}, "prompt": "x", "text": "x"}
+    path = GENERATE_PATHS[dialect]
     stalled = Client(port)
     try:
         stalled.send("POST", path, body, {"x-mock-stall-after": "1"})
@@ -703,7 +709,7 @@ def test_gauge_pins_replace_live_counts_until_cleared(fresh: list[Backend], dial
         assert (metric(port, waiting), metric(port, running)) == (2.0, 1.0)  # running is live again
     finally:
         stalled.close()
-    assert control(port, "/_mock/gauges") == (200, {"waiting": None, "running": None})
+    assert control(port, "/_mock/gauges") == (200, {"waiting": None, "running": None, "kv": None})
     deadline = time.monotonic() + TIMEOUT
     while metric(port, running):
         assert time.monotonic() < deadline, "the stalled stream never left the running gauge"
