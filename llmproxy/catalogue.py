@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from llmproxy.metering.dialects import (
     ANTHROPIC_MESSAGES_SSE,
+    LLAMACPP_COMPLETION_SSE,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES_SSE,
+    SGLANG_GENERATE_SSE,
     TGI_GENERATE_SSE,
 )
 
@@ -59,7 +61,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     # llama.cpp's llama-server: its queue gauges need --metrics (else /metrics answers 501).
     Kind("llamacpp", "/health", "/props", "default_generation_settings", key_is_str=False,
          load_metrics=frozenset({"llamacpp:requests_processing", "llamacpp:requests_deferred"}),
-         tokenizes=frozenset({"openai-chat", "openai-completions", "llamacpp-completion"}),
+         tokenizes=frozenset({"openai-chat", "openai-completions", "openai-embeddings", "llamacpp-completion",
+                              "llamacpp-embedding"}),
          closes_after_stream=True),
     Kind("vllm", "/health", "/version", "version",
          load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"}),
@@ -88,12 +91,25 @@ class Endpoint:
     # means a generation only on one kind (TGI's `/`): metering anything else would misread it.
     guess_unknown_kind: bool = True
     errors: str = OPENAI_ERRORS
+    # Kinds that serve this path as an API of their own (SGLang's /generate is not TGI's): their row instead.
+    variants: tuple[tuple[str, Endpoint], ...] = ()
 
     def served_by(self, kind: str) -> bool:
         return kind in self.kinds or kind == AUTO
 
+    def on(self, kind: str) -> Endpoint:
+        """This endpoint as a backend of `kind` serves it (its variant for that kind, if any)."""
+        for name, variant in self.variants:
+            if name == kind:
+                return variant
+        return self
+
     def dialect_on(self, kind: str) -> str | None:
         """The metering dialect of this endpoint's responses from a backend of `kind`; None: not metered."""
+        if self.variants:
+            variant = self.on(kind)
+            if variant is not self:
+                return variant.dialect_on(kind)
         if self.dialect is None:
             return None
         if kind == AUTO:
@@ -101,8 +117,17 @@ class Endpoint:
         return self.dialect if kind in self.kinds else None
 
 
-_OLLAMA, _TGI, _LLAMACPP = frozenset({"ollama"}), frozenset({"tgi"}), frozenset({"llamacpp"})
+_OLLAMA, _TGI, _LLAMACPP, _SGLANG = (frozenset({name}) for name in ("ollama", "tgi", "llamacpp", "sglang"))
 _MESSAGES_KINDS = frozenset({"vllm", "ollama", "llamacpp"})  # engines that serve Anthropic's Messages API
+# OpenAI's paths without /v1 (a client whose base URL lacks it): llama.cpp serves them, and so may any server
+# of unknown make; vLLM, SGLang, TGI and Ollama answer 404.
+_UNVERSIONED_KINDS = frozenset({"llamacpp", "openai"})
+# llama.cpp's native completion (docs/protocols.md §10.2): tokens_evaluated / tokens_predicted on its last chunk.
+_LLAMACPP_COMPLETION = Endpoint("llamacpp-completion", _LLAMACPP, LLAMACPP_COMPLETION_SSE)
+# llama.cpp's native embeddings report no usage: metered as an embedding, the record is estimated or counted.
+_LLAMACPP_EMBEDDING = Endpoint("llamacpp-embedding", _LLAMACPP, OPENAI_EMBEDDINGS)
+_LLAMACPP_NATIVE = Endpoint("llamacpp-native", _LLAMACPP)
+_SGLANG_NATIVE = Endpoint("sglang-native", _SGLANG)
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True),
     "/v1/completions": Endpoint("openai-completions", ANY_KIND, OPENAI_COMPLETIONS_SSE, usage_option=True),
@@ -112,14 +137,31 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/messages/count_tokens": Endpoint("anthropic-count-tokens", frozenset({"vllm", "llamacpp"}),
                                           errors=ANTHROPIC_ERRORS),  # counts, generates nothing: not billed
     "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND, OPENAI_EMBEDDINGS),
-    "/generate": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE),
+    "/chat/completions": Endpoint("openai-chat", _UNVERSIONED_KINDS, OPENAI_CHAT_SSE, usage_option=True),
+    # llama.cpp's /completions is its native completion, not OpenAI's.
+    "/completions": Endpoint("openai-completions", _UNVERSIONED_KINDS, OPENAI_COMPLETIONS_SSE, usage_option=True,
+                             variants=(("llamacpp", _LLAMACPP_COMPLETION),)),
+    "/embeddings": Endpoint("openai-embeddings", _UNVERSIONED_KINDS, OPENAI_EMBEDDINGS,
+                            variants=(("llamacpp", _LLAMACPP_EMBEDDING),)),
+    # TGI's and SGLang's /generate share a path, not a format. A backend of unknown kind is read as TGI.
+    "/generate": Endpoint("tgi-generate", _TGI | _SGLANG, TGI_GENERATE_SSE,
+                          variants=(("sglang", Endpoint("sglang-generate", _SGLANG, SGLANG_GENERATE_SSE)),)),
     "/generate_stream": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE, STREAMS_ALWAYS),
     # TGI's compat route: /generate or /generate_stream by the body's "stream".
     "/": Endpoint("tgi-generate", _TGI, TGI_GENERATE_SSE, guess_unknown_kind=False),
     "/info": Endpoint("tgi-native", _TGI),
     "/chat_tokenize": Endpoint("tgi-native", _TGI),
-    "/tokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi"})),
-    "/detokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi"})),
+    "/tokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi", "llamacpp"})),
+    "/detokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi", "llamacpp"})),
+    "/completion": _LLAMACPP_COMPLETION,
+    "/infill": _LLAMACPP_COMPLETION,
+    "/embedding": _LLAMACPP_EMBEDDING,
+    "/apply-template": _LLAMACPP_NATIVE,
+    "/props": _LLAMACPP_NATIVE,
+    "/slots": _LLAMACPP_NATIVE,
+    "/get_model_info": _SGLANG_NATIVE,
+    "/get_server_info": _SGLANG_NATIVE,
+    "/health_generate": _SGLANG_NATIVE,
     "/api/chat": Endpoint("ollama-chat", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
     "/api/generate": Endpoint("ollama-generate", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
 }

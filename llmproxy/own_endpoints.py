@@ -70,7 +70,8 @@ def _backend_state(backend: Backend, now: float) -> dict:
 
 
 def models(services: Services, ctx: RequestContext) -> None:
-    """GET /v1/models: the union of the available backends' models, aliases included."""
+    """GET /v1/models (or /models, asked by clients whose base URL lacks /v1): the union of the available
+    backends' models, aliases included."""
     cards = services.fleet.router.model_cards(services.clock())
     tenant = ctx.tenant
     if tenant is not None and tenant.models is not None:
@@ -79,9 +80,10 @@ def models(services: Services, ctx: RequestContext) -> None:
 
 
 def model(services: Services, ctx: RequestContext) -> None:
-    """GET /v1/models/{id} (the id may contain slashes: "Qwen/Qwen2.5-7B-Instruct")."""
+    """GET /v1/models/{id} or /models/{id} (the id may contain slashes: "Qwen/Qwen2.5-7B-Instruct")."""
     path = request_path(ctx)
-    model_id = unquote(path[len(MODELS_PREFIX):].decode("latin-1"))
+    prefix = next(prefix for prefix in MODELS_PREFIXES if path.startswith(prefix))
+    model_id = unquote(path[len(prefix):].decode("latin-1"))
     card = services.fleet.router.model_card(model_id, services.clock())
     if ctx.tenant is not None and not ctx.tenant.may_use(card["id"], card.get("root")):
         raise ProxyError("model_not_found", f"The model `{model_id}` does not exist.")
@@ -99,8 +101,9 @@ OWN_ENDPOINTS: dict[bytes, OwnHandler] = {
     b"/ready": ready,
     b"/metrics": metrics,
     b"/v1/models": models,
+    b"/models": models,
 }
-MODELS_PREFIX = b"/v1/models/"
+MODELS_PREFIXES = (b"/v1/models/", b"/models/")
 
 
 def request_path(ctx: RequestContext) -> bytes:
@@ -116,7 +119,7 @@ def match_own(ctx: RequestContext) -> OwnHandler | None:
     """
     path = request_path(ctx)
     handler = OWN_ENDPOINTS.get(path)
-    if handler is None and path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
+    if handler is None and any(path.startswith(prefix) and len(path) > len(prefix) for prefix in MODELS_PREFIXES):
         handler = model
     if handler is not None and ctx.head.method not in (b"GET", b"HEAD"):
         raise ProxyError("method_not_allowed", f"{path.decode()} accepts GET and HEAD only")

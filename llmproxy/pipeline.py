@@ -207,7 +207,8 @@ def finish(services: Services, ctx: RequestContext) -> None:
         if ctx.upstream_sent and ctx.meter is not None:  # one record per request sent to a backend
             usage = ctx.meter.final_usage(ctx.backend_status)
             record = build_record(ctx, usage, duration, ttft, services.prices)
-            counting = usage.source == ESTIMATED and _recount_later(services, ctx, record)
+            counting = (usage.source == ESTIMATED and not ctx.meter.prompt_reported
+                        and _recount_later(services, ctx, record))
             if not counting:
                 deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)
@@ -229,8 +230,11 @@ def _recount_later(services: Services, ctx: RequestContext, record: dict) -> boo
     """Have the backend's tokenizer count an estimated record's prompt (recount.py); True if it will: the
     record and the charge of its rate limits go out when the count is in."""
     backend = services.fleet.backend_named(ctx.backend)
-    api, body, admission = ctx.endpoint.api, ctx.body_data, ctx.admission
-    if backend is None or not isinstance(body, dict) or not can_count(backend.kind, api):
+    body, admission = ctx.body_data, ctx.admission
+    if backend is None:
+        return False
+    api = ctx.endpoint.on(backend.kind).api
+    if not isinstance(body, dict) or not can_count(backend.kind, api):
         return False
     timeout = services.recounter.config.timeout
 

@@ -1,8 +1,10 @@
 """How many tokens a backend's own tokenizer makes of a request's prompt, asked after the request ended.
 
-Only kinds with a tokenizer endpoint can say (docs/protocols.md §2-3): vLLM's `POST /tokenize` renders chat
+Only kinds with a tokenizer endpoint can say (docs/protocols.md §2-3, §10): vLLM's `POST /tokenize` renders chat
 messages with the model's template (`add_generation_prompt`, tools included) and answers `count`; TGI's
-`POST /chat_tokenize` does the same for messages, and `POST /tokenize` counts plain `inputs`. The answer is
+`POST /chat_tokenize` does the same for messages, and `POST /tokenize` counts plain `inputs`; llama.cpp renders
+messages with `POST /apply-template`, and its `POST /tokenize` counts text (special tokens parsed, BOS added,
+as its chat route does). The answer is
 the prompt as the backend counted it for a request that reported no usage (cut off before its last event).
 """
 
@@ -17,6 +19,7 @@ from llmproxy.config.model import BackendConfig
 from llmproxy.fleet.probe import ProbeError, probe_post
 
 _CHAT, _TGI = "openai-chat", "tgi-generate"
+_LLAMACPP_TEXT_KEYS = ("prompt", "content", "input")  # completion, native embedding, OpenAI embedding
 
 
 def can_count(kind: str, api: str) -> bool:
@@ -33,6 +36,8 @@ async def count_prompt_tokens(backend: BackendConfig, kind: str, api: str, body:
         return None
     if kind == "vllm":
         return await _vllm(backend, api, body, timeout)
+    if kind == "llamacpp":
+        return await _llamacpp(backend, api, body, timeout)
     return await _tgi(backend, api, body, timeout)
 
 
@@ -62,6 +67,23 @@ async def _tgi(backend: BackendConfig, api: str, body: dict[str, Any], timeout: 
         if not isinstance(text, str):
             return None
         tokens = await _post_json(backend, "/tokenize", {"inputs": text}, timeout)
+    return len(tokens) if isinstance(tokens, list) else None
+
+
+async def _llamacpp(backend: BackendConfig, api: str, body: dict[str, Any], timeout: float) -> int | None:
+    if api == _CHAT:
+        request = {key: body[key] for key in ("messages", "tools") if body.get(key) is not None}
+        rendered = await _post_json(backend, "/apply-template", request, timeout)
+        text = rendered.get("prompt") if isinstance(rendered, dict) else None
+    else:
+        text = next((body[key] for key in _LLAMACPP_TEXT_KEYS if key in body), None)
+        if isinstance(text, list) and all(type(token) is int for token in text):
+            return len(text)  # a prompt given as token ids
+    if not isinstance(text, str):
+        return None
+    answer = await _post_json(backend, "/tokenize", {"content": text, "add_special": True, "parse_special": True},
+                              timeout)
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
     return len(tokens) if isinstance(tokens, list) else None
 
 

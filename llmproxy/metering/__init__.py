@@ -21,11 +21,13 @@ import orjson
 from llmproxy.metering.dialects import (
     ANTHROPIC_MESSAGES_SSE,
     DIALECTS,
+    LLAMACPP_COMPLETION_SSE,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES_SSE,
+    SGLANG_GENERATE_SSE,
     SPECS,
     STRIPPABLE,
     TGI_GENERATE_SSE,
@@ -39,11 +41,13 @@ __all__ = [
     "ANTHROPIC_MESSAGES_SSE",
     "DEFAULT_MAX_LINE",
     "DIALECTS",
+    "LLAMACPP_COMPLETION_SSE",
     "OLLAMA_NDJSON",
     "OPENAI_CHAT_SSE",
     "OPENAI_COMPLETIONS_SSE",
     "OPENAI_EMBEDDINGS",
     "OPENAI_RESPONSES_SSE",
+    "SGLANG_GENERATE_SSE",
     "STRIPPABLE",
     "TGI_GENERATE_SSE",
     "Meter",
@@ -92,7 +96,8 @@ def meter_for_json_body(body: bytes, dialect: str) -> Usage | None:
     OpenAI chat/completions/embeddings: `usage` (embeddings report prompt tokens only); Responses API:
     `usage.input_tokens/output_tokens`; TGI /generate (or `/`):
     `details` (present only with parameters.details); Ollama native: `prompt_eval_count`/`eval_count`; Anthropic
-    Messages: `usage.input_tokens` (+ cache reads and writes) / `output_tokens`.
+    Messages: `usage.input_tokens` (+ cache reads and writes) / `output_tokens`; llama.cpp /completion:
+    `tokens_evaluated` / `tokens_predicted` (+ `timings.cache_n`); SGLang /generate: `meta_info`.
     Never raises on the body; raises ValueError for an unknown dialect.
     """
     extract = SPECS[resolve(dialect)].body_usage

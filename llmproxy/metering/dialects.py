@@ -25,6 +25,9 @@ What `count` counts, per dialect:
 - tgi-generate-sse: `"special":false},"`, the end of a StreamResponse's main token when it is not special
   (fields run index, token, top_tokens, generated_text, details); an entry of top_tokens is followed by `,{`
   or `]` instead, so it does not count.
+- llamacpp-completion-sse: non-empty `"content":"` (the final chunk's content is empty when streamed).
+- sglang-generate-sse: `"meta_info":{`, one per chunk: a chunk is one decoding step (text is cumulative).
+- anthropic-messages-sse: `"type":"content_block_delta"` (text, thinking and tool-input fragments).
 - ollama-ndjson: `"done":false` lines minus those whose only text is empty: `"content":""},"done":false`
   (/api/chat) and `"response":"","done":false` (/api/generate). Thinking and tool-call lines count.
 """
@@ -38,10 +41,12 @@ from typing import Any
 from llmproxy.metering.usage import (
     Usage,
     anthropic_usage,
+    llamacpp_usage,
     ollama_usage,
     openai_usage,
     responses_body_usage,
     responses_event_usage,
+    sglang_usage,
     tgi_usage,
 )
 
@@ -52,6 +57,8 @@ OPENAI_EMBEDDINGS = "openai-embeddings"  # JSON only: usage.prompt_tokens (and t
 TGI_GENERATE_SSE = "tgi-generate-sse"
 OLLAMA_NDJSON = "ollama-ndjson"
 ANTHROPIC_MESSAGES_SSE = "anthropic-messages-sse"
+LLAMACPP_COMPLETION_SSE = "llamacpp-completion-sse"  # llama.cpp's native /completion and /infill
+SGLANG_GENERATE_SSE = "sglang-generate-sse"  # SGLang's native /generate
 # The names docs/protocols.md §5 and the recorded fixtures (§7) use for the two Ollama native endpoints.
 ALIASES = {"ollama-chat-ndjson": OLLAMA_NDJSON, "ollama-generate-ndjson": OLLAMA_NDJSON}
 # Dialects whose usage-only event a client may not expect (the proxy injected include_usage).
@@ -94,6 +101,14 @@ def count_responses(data: bytes) -> int:
     return data.count(b'.delta"')
 
 
+def count_llamacpp(data: bytes) -> int:
+    return _nonempty(data, b'"content":"')
+
+
+def count_sglang(data: bytes) -> int:
+    return data.count(b'"meta_info":{')
+
+
 def _no_content(data: bytes) -> int:
     return 0
 
@@ -125,6 +140,7 @@ class Spec:
 
 
 _USAGE_KEY, _DETAILS_KEY, _DONE_KEY = b'"usage":', b'"details":', b'"done":'
+_STOP_KEY, _FINISH_KEY = b'"stop":', b'"finish_reason":'
 _USAGE = _key_then(_USAGE_KEY, b"{")
 SPECS = {
     OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage, _USAGE_KEY),
@@ -137,6 +153,10 @@ SPECS = {
     ANTHROPIC_MESSAGES_SSE: Spec(_USAGE, count_anthropic, anthropic_usage, _USAGE_KEY),
     TGI_GENERATE_SSE: Spec(_key_then(_DETAILS_KEY, b"{"), count_tgi, tgi_usage, _DETAILS_KEY),
     OLLAMA_NDJSON: Spec(_key_then(_DONE_KEY, b"t"), count_ollama, ollama_usage, _DONE_KEY),
+    # Every chunk has running counts; only the last (`"stop":true`) is read. `"stop":[` (its settings) is not.
+    LLAMACPP_COMPLETION_SSE: Spec(_key_then(_STOP_KEY, b"t"), count_llamacpp, llamacpp_usage, _STOP_KEY),
+    # meta_info is on every chunk, cumulative; only the last, whose finish_reason is an object, is read.
+    SGLANG_GENERATE_SSE: Spec(_key_then(_FINISH_KEY, b"{"), count_sglang, sglang_usage, _FINISH_KEY),
 }
 
 DIALECTS = tuple(SPECS)

@@ -21,13 +21,15 @@ PER_MESSAGE = 4  # role markers and separators around one message (ChatML, Llama
 REPLY_OPENING = 3  # the assistant's header that opens the reply
 TOOLS_PREAMBLE = 10  # the words a template puts around tool definitions, beyond their JSON
 # Where the text a model reads is, by API: chat/Anthropic messages, OpenAI completions and Responses input,
-# TGI inputs, Ollama's prompt and system, the Responses API's instructions.
-_TEXT_KEYS = ("prompt", "input", "inputs", "system", "suffix", "instructions")
+# TGI inputs, Ollama's prompt and system, the Responses API's instructions, SGLang's text, llama.cpp's
+# content (embeddings) and infill parts.
+_TEXT_KEYS = ("prompt", "input", "inputs", "system", "suffix", "instructions", "text", "content",
+              "input_prefix", "input_suffix")
 _CONTENT_KEYS = ("content", "text", "input_text", "output", "arguments")
 
 
 def estimate_prompt_tokens(body: Any) -> int:
-    """Estimate the prompt tokens of a request body (OpenAI, Anthropic, TGI or Ollama shape)."""
+    """Estimate the prompt tokens of a request body (OpenAI, Anthropic, TGI, Ollama, llama.cpp or SGLang shape)."""
     if not isinstance(body, dict):
         return 0
     tokens = 0
@@ -53,6 +55,8 @@ def text_tokens(value: Any) -> int:
         item = pending.pop()
         if isinstance(item, str):
             size += len(item.encode("utf-8", "surrogatepass"))
+        elif type(item) is int:  # a token id (a prompt given as tokens): one token
+            size += BYTES_PER_TOKEN
         elif isinstance(item, list):
             pending.extend(item)
         elif isinstance(item, dict):

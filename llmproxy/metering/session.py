@@ -123,16 +123,23 @@ class MeteringSession:
         cut before the backend answered (it did the prefill), a backend that reports none.
         """
         usage = self.reported
+        relayed = self._meter.content_events if self._meter is not None else 0
         if usage is not None:
-            prompt, source = usage.prompt, REPORTED
+            prompt, completion, source = usage.prompt, usage.completion_tokens, REPORTED
             if prompt is None:  # the backend said what it generated, not what it read: that part is estimated
                 prompt, source = estimate_prompt_tokens(self._body), ESTIMATED
-            return MeteredUsage(prompt, usage.completion_tokens or 0, usage.cache_read_tokens,
-                                usage.cache_write_tokens, source)
+            if completion is None:  # what it read, not yet what it generated (a Messages stream cut off)
+                completion, source = relayed, ESTIMATED
+            return MeteredUsage(prompt, completion, usage.cache_read_tokens, usage.cache_write_tokens, source)
         if self.dialect is None or backend_status >= 400:
             return MeteredUsage(0, 0, None, None, NONE)
-        relayed = self._meter.content_events if self._meter is not None else 0
         return MeteredUsage(estimate_prompt_tokens(self._body), relayed, None, None, ESTIMATED)
+
+    @property
+    def prompt_reported(self) -> bool:
+        """The backend reported the prompt's count (so its tokenizer need not be asked)."""
+        usage = self.reported
+        return usage is not None and usage.prompt is not None
 
     def _collect(self, data: bytes) -> bytes:
         collected = self._collected

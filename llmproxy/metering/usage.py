@@ -69,10 +69,59 @@ def _from_counts(obj: Any, prompt_key: str, completion_key: str, details_key: st
 
 
 def openai_usage(obj: Any) -> Usage | None:
-    """`usage` of a chat/completions chunk or body: prompt_tokens, completion_tokens[, total_tokens]."""
+    """`usage` of a chat/completions chunk or body: prompt_tokens, completion_tokens[, total_tokens].
+
+    Cache reads: `prompt_tokens_details.cached_tokens`, else llama.cpp's `timings.cache_n` beside the usage.
+    """
     if not isinstance(obj, dict):
         return None
-    return _from_counts(obj.get("usage"), "prompt_tokens", "completion_tokens", "prompt_tokens_details")
+    usage = _from_counts(obj.get("usage"), "prompt_tokens", "completion_tokens", "prompt_tokens_details")
+    if usage is not None and usage.cache_read_tokens is None:
+        usage.cache_read_tokens = _cache_n(obj)
+    return usage
+
+
+def _cache_n(obj: dict) -> int | None:
+    timings = obj.get("timings")
+    return _count(timings.get("cache_n")) if isinstance(timings, dict) else None
+
+
+def llamacpp_usage(obj: Any) -> Usage | None:
+    """The final object of llama.cpp's native /completion (or /infill), streamed or not (docs/protocols.md
+    §10.2): `tokens_evaluated` is the whole prompt, `tokens_predicted` the completion, `timings.cache_n` the
+    prompt tokens read from the slot's cache. Partial chunks carry running counts too, but only the final
+    one (`stop: true`) is read."""
+    if not isinstance(obj, dict) or obj.get("stop") is not True:
+        return None
+    prompt = _count(obj.get("tokens_evaluated"))
+    completion = _count(obj.get("tokens_predicted"))
+    if prompt is None and completion is None:
+        return None
+    prompt, completion = prompt or 0, completion or 0
+    return Usage(prompt, completion, prompt + completion, cache_read_tokens=_cache_n(obj))
+
+
+def _summed(parts: list[Usage]) -> Usage:
+    def add(counts: tuple[int | None, ...]) -> int | None:
+        known = [count for count in counts if count is not None]
+        return sum(known) if known else None
+
+    return Usage(*map(add, zip(*(usage.counts() for usage in parts), strict=True)))
+
+
+def sglang_usage(obj: Any) -> Usage | None:
+    """`meta_info` of SGLang's /generate answer or stream chunk (§11.2): prompt_tokens, completion_tokens
+    (so far, in a stream), cached_tokens. A batch answer (a list, one object per prompt) is summed."""
+    if isinstance(obj, list):
+        parts = [usage for usage in map(sglang_usage, obj) if usage is not None]
+        return _summed(parts) if parts else None
+    meta = obj.get("meta_info") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    usage = _from_counts(meta, "prompt_tokens", "completion_tokens", "")
+    if usage is not None:
+        usage.cache_read_tokens = _count(meta.get("cached_tokens"))
+    return usage
 
 
 def responses_body_usage(obj: Any) -> Usage | None:
@@ -136,12 +185,14 @@ def anthropic_usage(obj: Any) -> Usage | None:
     `message_start` nests it in `message`, `message_delta` has it at the top, as a whole body does. Counts are
     cumulative, and an event reports only some of them (input in message_start, output in message_delta;
     Ollama's message_start input is an estimate its message_delta corrects): each is kept apart and merged.
+    message_start's output count is not read: only message_delta says what was generated.
     `input_tokens` excludes cache reads and writes, which come as their own counts.
     """
     if not isinstance(obj, dict):
         return None
     message = obj.get("message")
-    usage = message.get("usage") if isinstance(message, dict) and "usage" not in obj else obj.get("usage")
+    starting = isinstance(message, dict) and "usage" not in obj  # message_start
+    usage = message.get("usage") if starting else obj.get("usage")
     if not isinstance(usage, dict):
         return None
     counts = [_count(usage.get(key)) for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -149,4 +200,6 @@ def anthropic_usage(obj: Any) -> Usage | None:
     if all(count is None for count in counts):
         return None
     uncached, output, read, write = counts
+    if starting:
+        output = None  # message_start's output count is a placeholder (0 or 1): a stream cut here is estimated
     return Usage(None, output, None, cache_read_tokens=read, cache_write_tokens=write, uncached_prompt_tokens=uncached)

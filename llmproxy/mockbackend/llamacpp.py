@@ -10,6 +10,7 @@ budget (stop_type "limit", finish_reason "length"). Like the real server (cpp-ht
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from llmproxy.mockbackend.reply import (
     stream_reply,
 )
 from llmproxy.mockbackend.textgen import (
+    SPECIAL_TOKEN_ID,
     TEMPLATES,
     capped,
     completion_text,
@@ -264,14 +266,38 @@ def count_tokens(call: Call) -> Reply:
 # --- tokenizer, template, information -------------------------------------------------------------------
 
 
+_SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")  # ChatML's <|im_start|>, <|im_end|>: one token each
+
+
+def _pieces(text: str, parse_special: bool) -> list[str]:
+    """The tokens of `text`; with `parse_special`, the template's markers are one token each (as rendered by
+    /apply-template, they count what the chat route counts)."""
+    if not parse_special:
+        return tokenize(text)
+    pieces: list[str] = []
+    after_start = False
+    for part in _SPECIAL.split(text):
+        if _SPECIAL.fullmatch(part):
+            pieces.append(part)
+        elif after_start and (role := re.match(r"[a-z]+", part)):  # a role name is one token in the vocabulary
+            pieces += [role.group(), *tokenize(part[role.end():])]
+        else:
+            pieces += tokenize(part)
+        after_start = part == "<|im_start|>"
+    return pieces
+
+
 def tokenize_route(call: Call) -> Reply:
+    """POST /tokenize: `content` (text or token ids); parse_special defaults to true, as in llama-server."""
     req = call.json()
     content = req.get("content", "")
-    text = content if isinstance(content, str) else ""
-    if req.get("with_pieces"):
-        tokens: list[Any] = [{"id": token_id(piece), "piece": piece} for piece in tokenize(text)]
+    if isinstance(content, str):
+        pieces = _pieces(content, req.get("parse_special", True) is not False)
+        ids = [SPECIAL_TOKEN_ID if _SPECIAL.fullmatch(p) else token_id(p) for p in pieces]
+        tokens: list[Any] = ([{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]
+                             if req.get("with_pieces") else ids)
     else:
-        tokens = prompt_token_ids({"prompt": content}) if isinstance(content, list | str) else []
+        tokens = prompt_token_ids({"prompt": content}) if isinstance(content, list) else []
     return decorate(json_reply({"tokens": tokens}, content_type=JSON_UTF8))
 
 

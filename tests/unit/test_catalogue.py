@@ -18,11 +18,13 @@ from llmproxy.catalogue import (
 )
 from llmproxy.metering.dialects import (
     ANTHROPIC_MESSAGES_SSE,
+    LLAMACPP_COMPLETION_SSE,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES_SSE,
+    SGLANG_GENERATE_SSE,
     SPECS,
     TGI_GENERATE_SSE,
 )
@@ -46,7 +48,21 @@ from llmproxy.metering.dialects import (
     ("/", AUTO, None),  # only a backend known to be TGI makes `/` a generation
     ("/v1/embeddings", AUTO, OPENAI_EMBEDDINGS),
     ("/v1/models", "vllm", None),
-    ("/chat/completions", AUTO, None),
+    # OpenAI's paths without /v1: llama.cpp serves them (its /completions is its native completion).
+    ("/chat/completions", AUTO, OPENAI_CHAT_SSE),
+    ("/chat/completions", "llamacpp", OPENAI_CHAT_SSE),
+    ("/chat/completions", "vllm", None),
+    ("/completions", "openai", OPENAI_COMPLETIONS_SSE),
+    ("/completions", "llamacpp", LLAMACPP_COMPLETION_SSE),
+    ("/completion", "llamacpp", LLAMACPP_COMPLETION_SSE),
+    ("/infill", AUTO, LLAMACPP_COMPLETION_SSE),
+    ("/embedding", "llamacpp", OPENAI_EMBEDDINGS),  # no usage in its answer: estimated, then counted
+    ("/embeddings", "llamacpp", OPENAI_EMBEDDINGS),
+    ("/props", "llamacpp", None),
+    # TGI's and SGLang's /generate: one path, two formats.
+    ("/generate", "sglang", SGLANG_GENERATE_SSE),
+    ("/generate", AUTO, TGI_GENERATE_SSE),
+    ("/get_model_info", "sglang", None),
     ("/health", AUTO, None),
     ("/v1/messages", "vllm", ANTHROPIC_MESSAGES_SSE),
     ("/v1/messages", "ollama", ANTHROPIC_MESSAGES_SSE),
@@ -59,7 +75,9 @@ def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, k
 
 @pytest.mark.parametrize(("path", "kinds"), [
     ("/api/chat", {"ollama"}), ("/api/tags", {"ollama"}), ("/generate_stream", {"tgi"}), ("/", {"tgi"}),
-    ("/tokenize", {"vllm", "tgi"}), ("/v1/chat/completions", set(BACKEND_KINDS)), ("/v1/models/x", set(BACKEND_KINDS)),
+    ("/tokenize", {"vllm", "tgi", "llamacpp"}), ("/generate", {"tgi", "sglang"}), ("/slots", {"llamacpp"}),
+    ("/get_server_info", {"sglang"}), ("/chat/completions", {"llamacpp", "openai"}),
+    ("/v1/chat/completions", set(BACKEND_KINDS)), ("/v1/models/x", set(BACKEND_KINDS)),
 ])
 def test_native_paths_are_served_by_their_kinds_only(path: str, kinds: set[str]):
     endpoint = lookup(path)
@@ -81,9 +99,17 @@ def test_an_unknown_path_is_forwarded_to_any_backend_unmetered():
     assert OTHER.kinds == ANY_KIND and OTHER.dialect is None
 
 
+def test_a_kind_with_a_format_of_its_own_reads_its_variant_of_the_path():
+    generate = lookup("/generate")
+    assert generate.on("sglang").api == "sglang-generate" and generate.on("tgi") is generate
+    assert lookup("/completions").on("llamacpp").api == "llamacpp-completion"
+
+
 def test_every_row_names_known_kinds_and_dialects():
     for path, endpoint in ENDPOINTS.items():
         assert endpoint.kinds <= ANY_KIND, path
+        for kind, variant in endpoint.variants:
+            assert kind in endpoint.kinds and variant.kinds == {kind}, path
         assert endpoint.dialect is None or endpoint.dialect in SPECS, path
         assert endpoint.streams in (STREAMS_IF_ASKED, STREAMS_UNLESS_DECLINED, STREAMS_ALWAYS), path
 

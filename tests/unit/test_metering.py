@@ -20,11 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmproxy.metering import (
+    ANTHROPIC_MESSAGES_SSE,
     DIALECTS,
+    LLAMACPP_COMPLETION_SSE,
     OLLAMA_NDJSON,
     OPENAI_CHAT_SSE,
     OPENAI_COMPLETIONS_SSE,
     OPENAI_RESPONSES_SSE,
+    SGLANG_GENERATE_SSE,
     TGI_GENERATE_SSE,
     Usage,
     meter_for,
@@ -100,6 +103,12 @@ def is_content(dialect: str, obj: object) -> bool:
         return str(obj.get("type", "")).endswith(".delta")
     if dialect == TGI_GENERATE_SSE:
         return (obj.get("token") or {}).get("special") is False
+    if dialect == ANTHROPIC_MESSAGES_SSE:
+        return obj.get("type") == "content_block_delta"
+    if dialect == LLAMACPP_COMPLETION_SSE:
+        return bool(obj.get("content"))
+    if dialect == SGLANG_GENERATE_SSE:
+        return isinstance(obj.get("meta_info"), dict)
     message = obj.get("message") or {}
     return any((message.get("content"), message.get("thinking"), message.get("tool_calls"), obj.get("response")))
 
@@ -144,7 +153,11 @@ def run(dialect: str, chunks: list[bytes], **kwargs) -> tuple[bytes, object]:
 
 
 def triple(usage: Usage | None) -> tuple[int, int, int] | None:
-    return None if usage is None else (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    """Prompt (cache reads and writes included), completion, total: Messages streams report no total."""
+    if usage is None:
+        return None
+    total = usage.total_tokens
+    return usage.prompt, usage.completion_tokens, usage.prompt + usage.completion_tokens if total is None else total
 
 
 def variant(fx: Fixture, eol: str) -> bytes:
@@ -604,6 +617,25 @@ BODIES = [
     (OPENAI_CHAT_SSE, {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}, None),
     (OPENAI_CHAT_SSE, {"error": "Unauthorized"}, None),
     (OLLAMA_NDJSON, {"error": "model \"x\" not found, try pulling it first"}, None),
+    # llama.cpp: its OpenAI routes put the slot cache's reuse in timings when prompt_tokens_details lacks it.
+    (OPENAI_CHAT_SSE, {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+                       "timings": {"cache_n": 4, "prompt_n": 5}}, Usage(9, 2, 11, 4)),
+    (LLAMACPP_COMPLETION_SSE, {"content": "hi", "stop": True, "tokens_predicted": 7, "tokens_evaluated": 30,
+                               "generation_settings": {"stop": []}, "timings": {"cache_n": 24, "prompt_n": 6}},
+     Usage(30, 7, 37, 24)),
+    (LLAMACPP_COMPLETION_SSE, {"content": " tok", "stop": False, "tokens_predicted": 1, "tokens_evaluated": 30},
+     None),  # a partial chunk: only the last one is read
+    (SGLANG_GENERATE_SSE, {"text": "x", "meta_info": {"id": "a", "finish_reason": {"type": "length", "length": 4},
+                                                      "prompt_tokens": 12, "completion_tokens": 4,
+                                                      "cached_tokens": 8}}, Usage(12, 4, 16, 8)),
+    # A batch: one answer per prompt, summed.
+    (SGLANG_GENERATE_SSE, [{"meta_info": {"prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 0}},
+                           {"meta_info": {"prompt_tokens": 5, "completion_tokens": 1, "cached_tokens": 2}}],
+     Usage(8, 3, 11, 2)),
+    (ANTHROPIC_MESSAGES_SSE, {"type": "message", "usage": {"input_tokens": 10, "output_tokens": 3,
+                                                           "cache_read_input_tokens": 20,
+                                                           "cache_creation_input_tokens": 5}},
+     Usage(None, 3, None, 20, 5, 10)),
 ]
 
 

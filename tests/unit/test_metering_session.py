@@ -159,3 +159,26 @@ def test_a_completion_count_without_a_prompt_count_estimates_only_the_prompt():
     session.response_ended()
     prompt, completion, _, _, source = session.final_usage(200)
     assert (completion, source) == (5, ESTIMATED) and prompt > 0
+
+
+def test_a_messages_stream_cut_after_message_start_keeps_the_reported_prompt_and_estimates_the_rest():
+    body = {"model": "m", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    session = plan("/v1/messages", "vllm", body=body)
+    feed = session.response_started(200, streaming=True)
+    feed(b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":'
+         b'{"input_tokens":30,"cache_read_input_tokens":12,"output_tokens":0}}}\n\n')
+    feed(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+         b'"delta":{"type":"text_delta","text":"Hi"}}\n\n' * 3)
+    # The client left: no message_delta. The prompt is the backend's; only the output is estimated.
+    assert session.prompt_reported
+    assert session.final_usage(200) == (42, 3, 12, None, ESTIMATED)
+
+
+def test_sglang_generate_is_read_in_its_own_format_not_tgis():
+    session = plan("/generate", "sglang", body={"text": "hello", "stream": True})
+    feed = session.response_started(200, streaming=True)
+    feed(b'data: {"text":" a","meta_info":{"finish_reason":null,"prompt_tokens":4,"completion_tokens":1}}\n\n')
+    feed(b'data: {"text":" a b","meta_info":{"finish_reason":{"type":"length","length":2},"prompt_tokens":4,'
+         b'"completion_tokens":2,"cached_tokens":3}}\n\ndata: [DONE]\n\n')
+    session.response_ended()
+    assert session.final_usage(200) == (4, 2, 3, None, REPORTED)

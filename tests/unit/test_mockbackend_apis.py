@@ -63,18 +63,19 @@ def events(body: bytes) -> list[tuple[str, dict]]:
     return out
 
 
-UNMETERED = REPO / "tests" / "fixtures" / "streams_unmetered"
+STREAMS = REPO / "tests" / "fixtures" / "streams"
+NEW_DIALECT_RECORDINGS = ("vllm_messages_stream.sse", "vllm_messages_tool_use_stream.sse",
+                          "ollama_messages_stream.sse", "llamacpp_messages_stream.sse",
+                          "llamacpp_completion_stream.sse", "sglang_generate_stream.sse")
 
 
-def test_unmetered_recordings_replay_byte_for_byte() -> None:
-    backend = Backend(MockOptions(fixtures_dir=str(UNMETERED)))
+def test_recordings_of_these_dialects_replay_byte_for_byte() -> None:
+    backend = Backend(MockOptions(fixtures_dir=str(STREAMS)))
     try:
-        names = sorted(p.name for p in UNMETERED.glob("*.sse"))
-        assert len(names) >= 6
-        for name in names:
+        for name in NEW_DIALECT_RECORDINGS:
             resp = request(backend.port, "POST", "/anything", b"{}", {"x-mock-fixture": name})
-            assert resp.body == (UNMETERED / name).read_bytes()
-            meta = json.loads((UNMETERED / name).with_suffix(".json").read_text())
+            assert resp.body == (STREAMS / name).read_bytes()
+            meta = json.loads((STREAMS / name).with_suffix(".json").read_text())
             assert resp.headers["content-type"] == meta["http"]["headers"]["content-type"]
     finally:
         backend.close()
