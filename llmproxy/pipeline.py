@@ -1,6 +1,7 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates)
+    authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates;
+    a Responses follow-up -> the backend that stored its previous response)
     -> admit (rate limits)
     -> [choose backend -> plan metering, prepare body -> acquire connection -> relay] x attempts
     -> finish (records, releases rate-limit slots, charges usage)
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmproxy")
 WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="llmproxy"\r\n'
+RESPONSES_API = "openai-responses"
 
 
 async def handle_request(services: Services, ctx: RequestContext) -> None:
@@ -90,6 +92,8 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
         if ctx.tenant is not None and not ctx.tenant.may_use(requested, ctx.model):
             raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
         candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, services.clock())
+        if ctx.endpoint.api == RESPONSES_API:  # a follow-up goes where its previous response is stored
+            candidates = services.lasting.affinity.home_of_follow_up(ctx.body_data, candidates)
         if services.limiter is not None:
             ctx.admission = await services.limiter.admit(ctx.tenant, ctx.body_data)
             if ctx.admission is not None:
@@ -207,6 +211,9 @@ def finish(services: Services, ctx: RequestContext) -> None:
         if ctx.upstream_sent and ctx.meter is not None:  # one record per request sent to a backend
             usage = ctx.meter.final_usage(ctx.backend_status)
             record = build_record(ctx, usage, duration, ttft, services.prices)
+            response_id = ctx.meter.response_id
+            if response_id is not None:
+                services.lasting.affinity.remember(response_id, ctx.backend)
             counting = (usage.source == ESTIMATED and not ctx.meter.prompt_reported
                         and _recount_later(services, ctx, record))
             if not counting:

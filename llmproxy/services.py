@@ -21,6 +21,7 @@ from llmproxy.auth import KeyRing
 from llmproxy.config.model import Config, PriceConfig
 from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.delivery import DeliveryService
+from llmproxy.fleet.affinity import ResponseAffinity
 from llmproxy.fleet.fleet import Fleet, build_fleet
 from llmproxy.http11.headers import HeaderRules
 from llmproxy.metrics import Metrics
@@ -54,6 +55,7 @@ class Lasting:
     clock: Callable[[], float]  # the event loop's time: health and ejection deadlines are in it
     trusted_proxies: tuple[str, ...]  # server.trusted_proxies
     recounter: Recounter  # exact prompt counts of estimated records, from the backends' tokenizers
+    affinity: ResponseAffinity  # which backend stored which Responses API response
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -99,6 +101,7 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         clock=loop.time,
         trusted_proxies=tuple(config.server.trusted_proxies),
         recounter=Recounter(config.usage.recount),
+        affinity=ResponseAffinity(),
     )
 
 

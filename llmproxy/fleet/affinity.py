@@ -9,8 +9,16 @@ first; a follow-up whose id it does not know (forgotten, or produced before a re
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any, Protocol, TypeVar
 
 DEFAULT_CAPACITY = 100_000  # responses remembered: ~100 bytes each, 10 MB at most
+
+
+class Named(Protocol):
+    name: str
+
+
+B = TypeVar("B", bound=Named)
 
 
 class ResponseAffinity:
@@ -30,6 +38,15 @@ class ResponseAffinity:
         homes.move_to_end(response_id)
         if len(homes) > self._capacity:
             homes.popitem(last=False)
+
+    def home_of_follow_up(self, body: Any, candidates: list[B]) -> list[B]:
+        """`candidates` narrowed to the backend that stored the response a request continues
+        (`previous_response_id`), when that backend is known and among them; else all of them."""
+        previous = body.get("previous_response_id") if isinstance(body, dict) else None
+        home = self.backend_of(previous) if isinstance(previous, str) else None
+        if home is None:
+            return candidates
+        return [backend for backend in candidates if backend.name == home] or candidates
 
     def backend_of(self, response_id: str) -> str | None:
         """The name of the backend that produced `response_id`, or None if it is not known."""

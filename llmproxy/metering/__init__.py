@@ -54,6 +54,7 @@ __all__ = [
     "Usage",
     "meter_for",
     "meter_for_json_body",
+    "read_json_body",
 ]
 
 DEFAULT_MAX_LINE = 1 << 20
@@ -63,6 +64,7 @@ class Meter(Protocol):
     usage: Usage | None  # the usage seen so far, merged over the events that carried it (None if none)
     content_events: int  # events that carried generated content: an estimate when no usage arrives
     overflowed: bool  # a line exceeded the cap: metering stopped for this stream (bytes still flow)
+    response_id: str | None  # the stored response's id, read with the usage (Responses API), else None
 
     def feed(self, data: bytes) -> bytes:
         """Read one upstream chunk; return the bytes to forward (usually `data` itself)."""
@@ -100,9 +102,15 @@ def meter_for_json_body(body: bytes, dialect: str) -> Usage | None:
     `tokens_evaluated` / `tokens_predicted` (+ `timings.cache_n`); SGLang /generate: `meta_info`.
     Never raises on the body; raises ValueError for an unknown dialect.
     """
-    extract = SPECS[resolve(dialect)].body_usage
+    return read_json_body(body, dialect)[0]
+
+
+def read_json_body(body: bytes, dialect: str) -> tuple[Usage | None, str | None]:
+    """The usage of a complete JSON response in `dialect` (see meter_for_json_body) and the id of the response
+    the backend stored (Responses API), each None when the body does not say."""
+    spec = SPECS[resolve(dialect)]
     try:
         obj = orjson.loads(body)
     except ValueError:
-        return None
-    return extract(obj)
+        return None, None
+    return spec.body_usage(obj), spec.identify(obj) if spec.identify is not None else None

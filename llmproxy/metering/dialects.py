@@ -46,6 +46,7 @@ from llmproxy.metering.usage import (
     openai_usage,
     responses_body_usage,
     responses_event_usage,
+    responses_id,
     sglang_usage,
     tgi_usage,
 )
@@ -133,6 +134,8 @@ class Spec:
     extract: Callable[[Any], Usage | None]  # parsed event -> usage it reports, or None
     marker: bytes  # the key `carries` looks for: every event that carries usage contains it
     body: Callable[[Any], Usage | None] | None = None  # parsed non-streamed body -> usage; None: as `extract`
+    # parsed event or body that carried usage -> the id of the response the backend stored, if it says one
+    identify: Callable[[Any], str | None] | None = None
 
     @property
     def body_usage(self) -> Callable[[Any], Usage | None]:
@@ -148,7 +151,8 @@ SPECS = {
     # Embeddings never stream; were one streamed, it would carry no content events to count.
     OPENAI_EMBEDDINGS: Spec(_USAGE, _no_content, openai_usage, _USAGE_KEY),
     # Only response.completed (or .incomplete) embeds a response whose usage is an object; the others say null.
-    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY, responses_body_usage),
+    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY, responses_body_usage,
+                               responses_id),
     # message_start (input, in its message) and message_delta (output, cumulative; Ollama's real input too).
     ANTHROPIC_MESSAGES_SSE: Spec(_USAGE, count_anthropic, anthropic_usage, _USAGE_KEY),
     TGI_GENERATE_SSE: Spec(_key_then(_DETAILS_KEY, b"{"), count_tgi, tgi_usage, _DETAILS_KEY),

@@ -14,10 +14,12 @@ from llmproxy.metering.dialects import Spec
 class NDJSONMeter:
     """Meter for ollama-ndjson; see llmproxy.metering.Meter for the contract."""
 
-    __slots__ = ("_carries", "_count", "_extract", "_max", "_tail", "content_events", "overflowed", "usage")
+    __slots__ = ("_carries", "_count", "_extract", "_max", "_tail", "content_events", "overflowed", "response_id",
+                 "usage")
 
     def __init__(self, spec: Spec, max_line: int) -> None:
         self.usage = None
+        self.response_id = None  # Ollama's native API has no stored responses
         self.content_events = 0
         self.overflowed = False
         self._carries = spec.carries

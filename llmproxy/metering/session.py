@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from llmproxy.metering import DEFAULT_MAX_LINE, Meter, meter_for, meter_for_json_body
+from llmproxy.metering import DEFAULT_MAX_LINE, Meter, meter_for, read_json_body
 from llmproxy.metering.dialects import OLLAMA_NDJSON, STRIPPABLE, TGI_GENERATE_SSE
 from llmproxy.metering.estimate import estimate_prompt_tokens
 from llmproxy.metering.usage import Usage, tgi_header_usage
@@ -45,8 +45,8 @@ class MeteredUsage(NamedTuple):
 class MeteringSession:
     """What metering decided and read for one attempt at a request; see the module docstring."""
 
-    __slots__ = ("_body", "_collected", "_collected_size", "_head_usage", "_meter", "_usage", "dialect",
-                 "injects_usage", "rewrites")
+    __slots__ = ("_body", "_body_response_id", "_collected", "_collected_size", "_head_usage", "_meter", "_usage",
+                 "dialect", "injects_usage", "rewrites")
 
     def __init__(self, dialect: str | None, injects_usage: bool, body: Any) -> None:
         self.dialect = dialect  # None: the response is not read; the record is estimated
@@ -59,6 +59,7 @@ class MeteringSession:
         self._collected: list[bytes] | None = None  # a non-streamed body whose usage is read at its end
         self._collected_size = 0
         self._usage: Usage | None = None  # of a non-streamed body
+        self._body_response_id: str | None = None  # of a non-streamed body
         self._head_usage: Usage | None = None  # what the response head said (TGI's x-prompt-tokens...)
 
     @classmethod
@@ -96,7 +97,7 @@ class MeteringSession:
         collected = self._collected
         if collected is not None:
             self._collected = None
-            self._usage = meter_for_json_body(b"".join(collected), self.dialect)
+            self._usage, self._body_response_id = read_json_body(b"".join(collected), self.dialect)
         return b""
 
     @property
@@ -134,6 +135,12 @@ class MeteringSession:
         if self.dialect is None or backend_status >= 400:
             return MeteredUsage(0, 0, None, None, NONE)
         return MeteredUsage(estimate_prompt_tokens(self._body), relayed, None, None, ESTIMATED)
+
+    @property
+    def response_id(self) -> str | None:
+        """The id under which the backend stored the response (Responses API), when it said one."""
+        meter = self._meter
+        return meter.response_id if meter is not None else self._body_response_id
 
     @property
     def prompt_reported(self) -> bool:

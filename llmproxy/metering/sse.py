@@ -35,16 +35,19 @@ def _is_data(line: bytes, n: int) -> bool:
 class SSEMeter:
     """Meter for the SSE dialects; see llmproxy.metering.Meter for the contract."""
 
-    __slots__ = ("_carries", "_count", "_event", "_event_size", "_extract", "_held", "_idle", "_lf", "_marked",
-                 "_marker", "_max", "_strip", "_tail", "content_events", "overflowed", "usage")
+    __slots__ = ("_carries", "_count", "_event", "_event_size", "_extract", "_held", "_identify", "_idle", "_lf",
+                 "_marked", "_marker", "_max", "_strip", "_tail", "content_events", "overflowed", "response_id",
+                 "usage")
 
     def __init__(self, spec: Spec, strip: bool, max_line: int) -> None:
         self.usage = None
+        self.response_id: str | None = None
         self.content_events = 0
         self.overflowed = False
         self._carries = spec.carries
         self._count = spec.count
         self._extract = spec.extract
+        self._identify = spec.identify
         self._marker = spec.marker
         self._strip = strip
         self._max = max_line
@@ -263,6 +266,8 @@ class SSEMeter:
         # Counts are cumulative (vLLM continuous stats, Ollama's zeros): each one reported replaces the last,
         # and one an event does not carry (a dialect that splits usage over events) is kept.
         self.usage = usage if self.usage is None else self.usage.merged(usage)
+        if self._identify is not None:
+            self.response_id = self._identify(obj) or self.response_id
         return isinstance(obj, dict) and not obj.get("choices")
 
     def _overflow_in(self, parts: list[bytes], unsent: bytes) -> None:

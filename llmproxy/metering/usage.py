@@ -136,6 +136,18 @@ def responses_event_usage(obj: Any) -> Usage | None:
     return responses_body_usage(obj.get("response")) if isinstance(obj, dict) else None
 
 
+def responses_id(obj: Any) -> str | None:
+    """The id of a Responses API response: of the body, or of the response an event embeds (the completed one,
+    which is the event metering parses). A follow-up names it in previous_response_id."""
+    response = obj.get("response") if isinstance(obj, dict) else None
+    if not isinstance(response, dict):
+        response = obj
+    if not isinstance(response, dict) or response.get("object") != "response":
+        return None
+    response_id = response.get("id")
+    return response_id if isinstance(response_id, str) and response_id else None
+
+
 def tgi_usage(obj: Any) -> Usage | None:
     """`details` of a TGI /generate(_stream) reply; None without `parameters.details`.
 

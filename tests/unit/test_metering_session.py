@@ -182,3 +182,30 @@ def test_sglang_generate_is_read_in_its_own_format_not_tgis():
          b'"completion_tokens":2,"cached_tokens":3}}\n\ndata: [DONE]\n\n')
     session.response_ended()
     assert session.final_usage(200) == (4, 2, 3, None, REPORTED)
+
+
+def test_the_id_of_a_stored_response_is_read_with_its_usage_streamed_or_not():
+    body = {"model": "m", "input": "hi", "stream": True}
+    session = plan("/v1/responses", "vllm", body=body)
+    feed = session.response_started(200, streaming=True)
+    feed(b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","object":"response",'
+         b'"usage":null}}\n\n')
+    assert session.response_id is None  # not parsed: it carries no usage
+    feed(b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1",'
+         b'"object":"response","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7}}}\n\n')
+    session.response_ended()
+    assert session.response_id == "resp_1" and session.final_usage(200) == (5, 2, None, None, REPORTED)
+
+    session = plan("/v1/responses", "vllm", body={**body, "stream": False})
+    session.response_started(200, streaming=False)(
+        b'{"id":"resp_2","object":"response","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7}}')
+    session.response_ended()
+    assert session.response_id == "resp_2"
+
+
+def test_chat_responses_have_no_stored_response_id():
+    session = plan(body={**CHAT, "stream": False})
+    session.response_started(200, streaming=False)(
+        b'{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}')
+    session.response_ended()
+    assert session.response_id is None
