@@ -187,3 +187,12 @@ def lookup(path: str) -> Endpoint:
         if path.startswith(prefix):
             return native
     return OTHER
+
+
+def error_shape(target: bytes | None) -> str:
+    """The shape of the proxy's own errors for a request target (path and query): its endpoint's, or OpenAI's
+    when the target is not known (a request refused before its head could be read)."""
+    if target is None:
+        return OPENAI_ERRORS
+    path = target.split(b"?", 1)[0] if b"?" in target else target
+    return lookup(path.decode("latin-1")).errors

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from time import perf_counter
 
+from llmproxy.catalogue import error_shape
 from llmproxy.config.model import ServerConfig, Timeouts
 from llmproxy.context import RequestContext, RequestIds, new_context
 from llmproxy.eager import EagerRun
@@ -277,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer a request that never became a RequestContext (bad head) and close."""
         reject_malformed(self._clients.services, self.peer, error)
         spec = error.spec
-        body = error_body(spec, error.message)
+        body = error_body(spec, error.message, error_shape(error.target))
         self.transport.write(status_line(spec.status) + b"content-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
         self._close()

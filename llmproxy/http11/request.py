@@ -22,7 +22,17 @@ ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTI
 
 
 class ProtocolError(ProxyError):
-    """The request bytes are malformed or over a limit; answer `kind`'s status and close."""
+    """The request bytes are malformed or over a limit; answer `kind`'s status and close.
+
+    `target` is the request's canonical target when the head was valid enough to know it (refused for its
+    body's size or an upgrade, say), else None: the answer can then speak the API of the path it was for.
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, kind: str, message: str, target: bytes | None = None) -> None:
+        super().__init__(kind, message)
+        self.target = target
 
 
 @dataclass(slots=True)
@@ -244,19 +254,20 @@ class RequestCodec:
             target = canonical_target(target)
         except InvalidPath as error:
             self._raise(ProtocolError("invalid_path", str(error)))
+        # From here on the target is known: a refusal carries it.
         if host_count > 1 or (host_count == 0 and version == "1.1"):
-            self._raise(ProtocolError("bad_request", "exactly one Host header is required"))
+            self._raise(ProtocolError("bad_request", "exactly one Host header is required", target))
         if te_count > 1 or (te_count and version == "1.0"):
-            self._raise(ProtocolError("bad_request", "invalid Transfer-Encoding"))
+            self._raise(ProtocolError("bad_request", "invalid Transfer-Encoding", target))
         if upgrade is not None and upgrade != b"h2c":
             # WebSocket and the like: the proxy switches no protocol, and relaying one as a plain request
             # would answer 200 to a client waiting for 101. (curl --http2 asks for h2c: ignoring that
             # offer is allowed, and the request is served as HTTP/1.1.)
-            self._raise(ProtocolError("upgrade_not_supported", "protocol upgrades are not supported"))
+            self._raise(ProtocolError("upgrade_not_supported", "protocol upgrades are not supported", target))
         if upgrade is not None and (content_length or te_count):
             # llhttp would skip the body of an upgrade request and parse it as the next request.
-            self._raise(ProtocolError("not_implemented", "protocol upgrade with a request body"))
+            self._raise(ProtocolError("not_implemented", "protocol upgrade with a request body", target))
         if content_length is not None and content_length > self._limits.max_body_size:
-            self._raise(ProtocolError("body_too_large", "request body is too large"))
+            self._raise(ProtocolError("body_too_large", "request body is too large", target))
         return RequestHead(method, target, version, headers, host or b"", content_length, te_count == 1,
                            parser.should_keep_alive(), expect_continue, request_id, connection_tokens)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 
 from llmproxy.catalogue import (
+    ANTHROPIC_ERRORS,
     ANY_KIND,
     AUTO,
     BACKEND_KINDS,
     ENDPOINTS,
     KINDS,
+    OPENAI_ERRORS,
     OTHER,
     STREAMS_ALWAYS,
     STREAMS_IF_ASKED,
     STREAMS_UNLESS_DECLINED,
+    error_shape,
     lookup,
 )
 from llmproxy.metering.dialects import (
@@ -103,6 +106,18 @@ def test_a_kind_with_a_format_of_its_own_reads_its_variant_of_the_path():
     generate = lookup("/generate")
     assert generate.on("sglang").api == "sglang-generate" and generate.on("tgi") is generate
     assert lookup("/completions").on("llamacpp").api == "llamacpp-completion"
+
+
+@pytest.mark.parametrize(("target", "shape"), [
+    (b"/v1/messages", ANTHROPIC_ERRORS),
+    (b"/v1/messages?beta=true", ANTHROPIC_ERRORS),  # Claude Code's path: the query is not part of it
+    (b"/v1/messages/count_tokens", ANTHROPIC_ERRORS),
+    (b"/v1/chat/completions", OPENAI_ERRORS),
+    (b"/api/chat", OPENAI_ERRORS),
+    (None, OPENAI_ERRORS),  # a request refused before its target was known
+])
+def test_the_shape_of_the_proxys_own_errors_follows_the_path_of_the_target(target: bytes | None, shape: str):
+    assert error_shape(target) == shape
 
 
 def test_every_row_names_known_kinds_and_dialects():

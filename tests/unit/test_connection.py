@@ -280,6 +280,20 @@ def test_a_malformed_or_over_limit_request_is_answered_and_the_connection_closed
     assert sample(clients.services, "llmproxy_requests_total", backend="", status=str(status)) == 1
 
 
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: p\r\nContent-Length: 4097\r\n\r\n", 413),
+    (b"POST /v1/messages HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+], ids=["content-length-over-limit", "upgrade"])
+def test_a_request_refused_from_its_head_on_a_messages_path_is_answered_in_anthropics_shape(loop, raw, status):
+    # The anthropic SDK (Claude Code) reads {"type": "error", "error": {"type", "message"}} on these paths.
+    client = Client(proxy(loop, server={"max_body_size": 4096}), loop)
+    client.send(raw)
+    [reply] = client.responses()
+    error = reply.json()
+    assert reply.status == status and error["type"] == "error" and set(error["error"]) == {"type", "message"}
+    assert client.transport.closed and loop.upstreams == []
+
+
 def test_a_body_over_the_limit_is_answered_413_by_its_request(loop):
     clients = proxy(loop, server={"max_body_size": 100})
     client = Client(clients, loop)

@@ -115,6 +115,24 @@ def test_a_protocol_upgrade_is_not_supported(upgrade: bytes):
     assert (raised.value.spec.status, raised.value.spec.code) == (501, "upgrade_not_supported")
 
 
+@pytest.mark.parametrize(("payload", "target"), [
+    # Refused once the head is read: the refusal says which target it was for (its answer speaks that API).
+    (b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n",
+     b"/v1/messages?beta=true"),
+    (b"GET /v1//messages HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+     b"/v1/messages"),
+    (b"POST /v1/messages HTTP/1.1\r\n\r\n", b"/v1/messages"),  # no Host
+    # Refused before the head could be read: no target to speak of.
+    (b"POST /v1/messages HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 2000 + b"\r\n\r\n", None),
+    (b"GET /v1/%2e%2e/messages HTTP/1.1\r\nHost: a\r\n\r\n", None),
+    (b"NOT HTTP\r\n\r\n", None),
+])
+def test_a_refusal_carries_the_canonical_target_once_the_head_was_read(payload: bytes, target: bytes | None):
+    with pytest.raises(ProtocolError) as raised:
+        feed(payload, limits=CodecLimits(max_header_size=1024, max_body_size=4000))
+    assert raised.value.target == target
+
+
 def test_a_head_that_never_ends_is_cut_before_memory_grows():
     codec = RequestCodec(Sink(), CodecLimits(max_header_size=4096))
     codec.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: ")
