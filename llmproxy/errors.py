@@ -65,7 +65,9 @@ ERRORS: dict[str, ErrorSpec] = {
     "method_not_allowed": ErrorSpec(405, "invalid_request_error", "method_not_allowed", "LR"),
     # Upstream side: nothing reached the client yet, so these are clean replies.
     # A connect failure means nothing was sent: retrying elsewhere is always safe.
-    "no_backend": ErrorSpec(503, "service_unavailable", "no_backend_available", "PC"),
+    # No configured backend's type serves the path (Ollama's /api/* with only vLLM behind): it would be a 404
+    # from any of them, and a 503 would have SDKs retry what can never succeed.
+    "path_not_served": ErrorSpec(404, "invalid_request_error", "path_not_served", "LR"),
     "pool_exhausted": ErrorSpec(503, "service_unavailable", "upstream_pool_exhausted", "PQ",
                                 retry_on="connect_error"),
     "connect_failed": ErrorSpec(502, "api_error", "upstream_connect_failed", "SC",

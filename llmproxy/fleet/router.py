@@ -35,7 +35,7 @@ class Router:
         """
         able = [b for b in self.backends if endpoint.served_by(b.kind)]
         if not able:
-            raise ProxyError("no_backend", f"no backend serves {path}")
+            raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
         if model is not None:
             able = [b for b in able if b.serves(model)]
             if not able:

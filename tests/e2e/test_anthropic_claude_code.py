@@ -217,14 +217,14 @@ def test_a_backend_that_cannot_be_reached_is_the_sdks_server_error(setup: Setup)
     assert_anthropic_error(raised.value, 502, "api_error")
 
 
-def test_a_path_no_backend_serves_is_the_sdks_overloaded_service_error(setup: Setup, new_proxy) -> None:
+def test_a_path_no_backend_serves_is_the_sdks_not_found_error(setup: Setup, new_proxy) -> None:
     # Only Ollama behind this proxy, and Ollama has no count_tokens: nobody can serve the path.
     ollama_only = new_proxy([{"url": setup.mocks["ollama"].url, "type": "ollama", "models": [MODELS["ollama"]]}],
                             health_check=NO_PERIODIC_PROBES)
     client = anthropic.Anthropic(base_url=ollama_only.url, api_key=KEY, max_retries=0, timeout=CLIENT_TIMEOUT)
-    with pytest.raises(anthropic.InternalServerError) as raised:
+    with pytest.raises(anthropic.NotFoundError) as raised:  # as Ollama itself answers; not retried
         client.messages.count_tokens(model=MODELS["ollama"], messages=[QUESTION])
-    assert_anthropic_error(raised.value, 503, "overloaded_error")
+    assert_anthropic_error(raised.value, 404, "not_found_error")
 
 
 def exchange_head(setup: Setup, head: list[str]) -> tuple[int, dict]:

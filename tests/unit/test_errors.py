@@ -17,7 +17,7 @@ from llmproxy.errors import ERRORS, ProxyError, error_body
     ("bad_request", "invalid_request_error"),
     ("invalid_path", "invalid_request_error"),
     ("body_too_large", "request_too_large"),
-    ("no_backend", "overloaded_error"),
+    ("path_not_served", "not_found_error"),
     ("pool_exhausted", "overloaded_error"),
     ("connect_failed", "api_error"),
     ("first_byte_timeout", "api_error"),

@@ -63,7 +63,7 @@ def test_candidates_by_model_alias_and_path():
     assert missing.value.spec.status == 404 and missing.value.spec.code == "model_not_found"
     with pytest.raises(ProxyError) as nobody:
         candidates(router, "/generate_stream", None, 0)
-    assert nobody.value.kind == "no_backend"
+    assert nobody.value.kind == "path_not_served"
 
 
 def test_a_backend_whose_models_are_unknown_may_serve_anything():

@@ -170,9 +170,9 @@ def test_a_key_may_use_only_the_models_it_is_allowed(loop, allowed, requested, s
 
 @pytest.mark.parametrize(("raw", "status", "error_type", "code", "termination"), [
     (chat("nope"), 404, "invalid_request_error", "model_not_found", "LR"),
-    (http_request("POST", "/generate", b'{"inputs":"hi"}'), 503, "service_unavailable", "no_backend_available",
-     "PC"),  # TGI's path, and only vLLM is configured
-    (http_request("POST", "/api/chat", b'{"model":"m"}'), 503, "service_unavailable", "no_backend_available", "PC"),
+    (http_request("POST", "/generate", b'{"inputs":"hi"}'), 404, "invalid_request_error", "path_not_served",
+     "LR"),  # TGI's path, and only vLLM is configured
+    (http_request("POST", "/api/chat", b'{"model":"m"}'), 404, "invalid_request_error", "path_not_served", "LR"),
 ], ids=["unknown-model", "tgi-path", "ollama-path"])
 def test_a_request_no_backend_can_serve_gets_an_openai_shaped_error(loop, raw, status, error_type, code,
                                                                      termination):
