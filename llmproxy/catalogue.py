@@ -124,6 +124,10 @@ _MESSAGES_KINDS = frozenset({"vllm", "ollama", "llamacpp"})  # engines that serv
 _UNVERSIONED_KINDS = frozenset({"llamacpp", "openai"})
 # llama.cpp's native completion (docs/protocols.md §10.2): tokens_evaluated / tokens_predicted on its last chunk.
 _LLAMACPP_COMPLETION = Endpoint("llamacpp-completion", _LLAMACPP, LLAMACPP_COMPLETION_SSE)
+# Its /infill answers in the same format, but its prompt is input_prefix, input_suffix, input_extra and prompt
+# framed by the model's FIM tokens: an API of its own, which /tokenize cannot count from `prompt` alone (a cut
+# infill stream is estimated, not "counted" as its often empty `prompt`).
+_LLAMACPP_INFILL = Endpoint("llamacpp-infill", _LLAMACPP, LLAMACPP_COMPLETION_SSE)
 # llama.cpp's native embeddings report no usage: metered as an embedding, the record is estimated or counted.
 _LLAMACPP_EMBEDDING = Endpoint("llamacpp-embedding", _LLAMACPP, OPENAI_EMBEDDINGS)
 _LLAMACPP_NATIVE = Endpoint("llamacpp-native", _LLAMACPP)
@@ -154,7 +158,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/tokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi", "llamacpp"})),
     "/detokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi", "llamacpp"})),
     "/completion": _LLAMACPP_COMPLETION,
-    "/infill": _LLAMACPP_COMPLETION,
+    "/infill": _LLAMACPP_INFILL,
     "/embedding": _LLAMACPP_EMBEDDING,
     "/apply-template": _LLAMACPP_NATIVE,
     "/props": _LLAMACPP_NATIVE,

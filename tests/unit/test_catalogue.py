@@ -105,6 +105,15 @@ def test_a_kind_with_a_format_of_its_own_reads_its_variant_of_the_path():
     assert lookup("/completions").on("llamacpp").api == "llamacpp-completion"
 
 
+def test_llamacpps_tokenizer_counts_a_completions_prompt_but_not_an_infills():
+    # /infill's prompt is input_prefix + input_suffix (+ input_extra) + prompt in FIM tokens: counting `prompt`
+    # alone (often "") would record a cut infill stream as exactly counted at next to nothing.
+    tokenizes = KINDS["llamacpp"].tokenizes
+    assert lookup("/completion").api in tokenizes and lookup("/completions").on("llamacpp").api in tokenizes
+    assert lookup("/infill").api not in tokenizes
+    assert lookup("/infill").dialect_on("llamacpp") == lookup("/completion").dialect_on("llamacpp")
+
+
 def test_every_row_names_known_kinds_and_dialects():
     for path, endpoint in ENDPOINTS.items():
         assert endpoint.kinds <= ANY_KIND, path
