@@ -227,21 +227,46 @@ def test_native_embeddings_are_counted_by_llamacpps_tokenizer(proxy, llama, usag
         assert "/tokenize" in _proxy_posts(llama, before)
 
 
-def test_a_chat_stream_its_client_left_is_counted_by_apply_template_and_tokenize(proxy, llama, usage_dir):
-    before = _last_request_id(llama)
-    body = {"model": "m", "stream": True, "messages": MESSAGES}
-    with raw_connect(proxy.port) as sock:
-        sock.sendall(post_request("/v1/chat/completions", json.dumps(body).encode(),
-                                  {"X-Request-Id": "left-mid-stream", "x-mock-tokens": "50",
-                                   "x-mock-delay-ms": "20"}))
+def _leave_after_first_event(port: int, path: str, body: dict, client_id: str) -> None:
+    with raw_connect(port) as sock:
+        sock.sendall(post_request(path, json.dumps(body).encode(),
+                                  {"X-Request-Id": client_id, "x-mock-tokens": "50", "x-mock-delay-ms": "20"}))
         reader = ResponseReader(sock).read_head()
         assert reader.status == 200 and reader.read_chunk()  # one event, then the client leaves
-    record = _record_of_client_id(usage_dir, "left-mid-stream")
+
+
+# (path, body, the proxy's requests to llama.cpp's tokenizer that count its prompt)
+LEFT_STREAMS = [
+    ("/v1/chat/completions", {"model": "m", "stream": True, "messages": MESSAGES}, ["/apply-template", "/tokenize"]),
+    ("/completion", {"prompt": PROMPT, "stream": True}, ["/tokenize"]),
+    ("/v1/completions", {"model": "m", "prompt": PROMPT, "stream": True}, ["/tokenize"]),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "asked"), LEFT_STREAMS, ids=[path for path, _, _ in LEFT_STREAMS])
+def test_a_stream_its_client_left_is_counted_by_llamacpps_tokenizer(proxy, llama, usage_dir, path, body, asked):
+    before = _last_request_id(llama)
+    client_id = f"left{path.replace('/', '-')}"
+    _leave_after_first_event(proxy.port, path, body, client_id)
+    record = _record_of_client_id(usage_dir, client_id)
     assert (record["termination"], record["usage_source"]) == ("CD", "tokenized"), record
-    assert record["prompt_tokens"] == prompt_tokens(body, TEMPLATE)  # what the chat route would have reported
+    assert record["prompt_tokens"] == prompt_tokens(body, TEMPLATE)  # what llama.cpp would have reported
     assert 1 <= record["completion_tokens"] < 50
-    recounts = _proxy_posts(llama, before)
-    assert recounts[-2:] == ["/apply-template", "/tokenize"], recounts
+    assert _proxy_posts(llama, before) == asked
+
+
+def test_an_infill_stream_its_client_left_is_estimated_not_counted_from_its_empty_prompt(proxy, llama, usage_dir):
+    # An editor plugin sends the code around the cursor as input_prefix/input_suffix and "prompt": "". /tokenize
+    # of `prompt` would say 0 tokens, "tokenized"; the FIM-framed prompt is not countable that way: estimated.
+    body = {"input_prefix": "def area(radius):\n    return 3.14159 * ", "input_suffix": "\n\nprint(area(2))\n",
+            "prompt": "", "stream": True}
+    exact = prompt_tokens({"prompt": body["input_prefix"] + body["input_suffix"]}, TEMPLATE) + FIM_MARKERS
+    before = _last_request_id(llama)
+    _leave_after_first_event(proxy.port, "/infill", body, "left-infill")
+    record = _record_of_client_id(usage_dir, "left-infill")
+    assert (record["termination"], record["usage_source"]) == ("CD", "estimated"), record
+    assert abs(record["prompt_tokens"] - exact) <= exact / 2, (record["prompt_tokens"], exact)
+    assert _proxy_posts(llama, before) == []
 
 
 # 5. llama.cpp's own routes are forwarded to it -------------------------------------------------------
