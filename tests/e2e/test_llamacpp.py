@@ -123,6 +123,25 @@ def test_auto_detects_llamacpp_and_sglang(proxy):
     assert (found["llama"]["type"], found["sglang"]["type"]) == ("llamacpp", "sglang"), found
 
 
+def test_a_llamacpp_still_loading_its_model_at_start_is_detected_once_it_has(new_mock, new_proxy):
+    # llama-server answers every path 503 "Loading model" until its model is loaded: no kind can be told yet,
+    # and settling on the generic one would leave /completion unserved for good.
+    loading = new_mock("llamacpp")
+    assert http_post(loading.url + "/_mock/loading/1")[0] == 200
+    proxy = new_proxy([{"url": loading.url, "name": "loading"}], health_check={"interval": 0.2})
+    state = upstreams(proxy)["loading"]
+    assert (state["type"], state["available"]) == ("auto", False), state
+    assert "503" in state["last_error"]
+
+    assert http_post(loading.url + "/_mock/loading/0")[0] == 200
+    state = wait_for(lambda: (u := upstreams(proxy)["loading"])["available"] and u, timeout=10)
+    assert state["type"] == "llamacpp", state
+    reader, data, complete = send_request(proxy.port, {"prompt": PROMPT, "stream": True}, {"x-mock-tokens": "2"},
+                                          path="/completion")
+    assert (reader.status, complete) == (200, True), data[:300]
+    assert_idle(proxy)
+
+
 # 2. every generation path metered as llama.cpp counted it --------------------------------------------
 
 # (path, body, what the mock counts as its prompt): native completion and infill, then the OpenAI routes.
