@@ -163,14 +163,21 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/apply-template": _LLAMACPP_NATIVE,
     "/props": _LLAMACPP_NATIVE,
     "/slots": _LLAMACPP_NATIVE,
+    "/lora-adapters": _LLAMACPP_NATIVE,
     "/get_model_info": _SGLANG_NATIVE,
     "/get_server_info": _SGLANG_NATIVE,
+    "/model_info": _SGLANG_NATIVE,  # the newer names of the two above
+    "/server_info": _SGLANG_NATIVE,
     "/health_generate": _SGLANG_NATIVE,
+    "/flush_cache": _SGLANG_NATIVE,
+    "/abort_request": _SGLANG_NATIVE,
     "/api/chat": Endpoint("ollama-chat", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
     "/api/generate": Endpoint("ollama-generate", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
 }
 # Paths under a prefix that only one kind serves, whatever follows it.
-PREFIXES: tuple[tuple[str, Endpoint], ...] = (("/api/", Endpoint("ollama-native", _OLLAMA)),)
+# llama.cpp's /slots/<id>?action=save|restore|erase acts on one slot of one server.
+PREFIXES: tuple[tuple[str, Endpoint], ...] = (("/api/", Endpoint("ollama-native", _OLLAMA)),
+                                              ("/slots/", _LLAMACPP_NATIVE))
 # Any other path: forwarded to any backend, not metered.
 OTHER = Endpoint("other", ANY_KIND)
 

@@ -77,6 +77,10 @@ def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, k
     ("/api/chat", {"ollama"}), ("/api/tags", {"ollama"}), ("/generate_stream", {"tgi"}), ("/", {"tgi"}),
     ("/tokenize", {"vllm", "tgi", "llamacpp"}), ("/generate", {"tgi", "sglang"}), ("/slots", {"llamacpp"}),
     ("/get_server_info", {"sglang"}), ("/chat/completions", {"llamacpp", "openai"}),
+    # engine-specific paths must not reach another engine of a mixed fleet: llama.cpp's slot actions and LoRA
+    # adapters, SGLang's newer info names and cache controls
+    ("/slots/0", {"llamacpp"}), ("/lora-adapters", {"llamacpp"}), ("/server_info", {"sglang"}),
+    ("/model_info", {"sglang"}), ("/flush_cache", {"sglang"}),
     ("/v1/chat/completions", set(BACKEND_KINDS)), ("/v1/models/x", set(BACKEND_KINDS)),
 ])
 def test_native_paths_are_served_by_their_kinds_only(path: str, kinds: set[str]):
