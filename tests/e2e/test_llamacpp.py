@@ -315,6 +315,17 @@ def test_props_and_slots_are_forwarded_to_llamacpp(proxy, llama):
     assert _client_paths(llama, before) == ["/props", "/slots"]
 
 
+def test_slot_actions_and_lora_adapters_go_to_llamacpp_not_to_the_sglang_beside_it(proxy, llama, sglang):
+    # Paths only llama.cpp serves, which its mock does not implement (it answers its own 404): what matters is
+    # that none of them is balanced onto the SGLang backend.
+    llama_before, sglang_before = _last_request_id(llama), _last_request_id(sglang)
+    for _ in range(3):
+        http_post(proxy.url + "/slots/0?action=erase", b"{}")
+        http_get(proxy.url + "/lora-adapters")
+    assert _client_paths(llama, llama_before) == ["/slots/0?action=erase", "/lora-adapters"] * 3
+    assert _client_paths(sglang, sglang_before) == []
+
+
 @pytest.mark.parametrize("path", ["/models", "/v1/models"])
 def test_model_lists_are_the_union_of_both_backends(proxy, llama, sglang, path):
     status, body = http_get(proxy.url + path)
