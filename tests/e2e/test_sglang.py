@@ -8,6 +8,7 @@ backend's format (SGLang's `meta_info`, TGI's `details` and headers). One proxy 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,15 @@ from tests.support import (
     assert_idle,
     http_get,
     mock_stats,
+    post_request,
+    raw_connect,
     send_request,
     start_mock,
     start_proxy,
     upstreams,
     usage_config,
     usage_record,
+    usage_records,
     wait_for,
 )
 
@@ -115,6 +119,24 @@ def test_max_new_tokens_caps_the_metered_completion(proxy, usage_dir):
     reader, _, complete = send_request(proxy.port, body, {"x-mock-tokens": "20"}, path="/generate")
     assert reader.status == 200 and complete
     assert _record(usage_dir, reader)["completion_tokens"] == 3
+
+
+def test_a_generate_stream_its_client_left_is_recorded_once_as_estimated(proxy, usage_dir):
+    # SGLang has no tokenizer endpoint to count the prompt afterwards: the record is an estimate (its
+    # completion is the chunks relayed), and it must say so, not pass for SGLang's own counts.
+    body = {"model": SGLANG_MODEL, "text": TEXT, "stream": True}
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(post_request("/generate", json.dumps(body).encode(),
+                                  {"X-Request-Id": "left-generate", "x-mock-tokens": "50", "x-mock-delay-ms": "20"}))
+        reader = ResponseReader(sock).read_head()
+        assert reader.status == 200 and reader.read_chunk()
+    found = wait_for(lambda: [r for r in usage_records(usage_dir) if r["client_request_id"] == "left-generate"])
+    time.sleep(0.3)  # a second record would be written by now
+    records = [r for r in usage_records(usage_dir) if r["client_request_id"] == "left-generate"]
+    assert records == found and len(records) == 1, records
+    record = records[0]
+    assert (record["termination"], record["usage_source"], record["backend"]) == ("CD", "estimated", "sglang")
+    assert 1 <= record["completion_tokens"] < 50 and record["prompt_tokens"] > 0, record
 
 
 # SGLang's OpenAI routes ------------------------------------------------------------------------------
