@@ -2,10 +2,12 @@
 
 One proxy for the module, metering every request to a file, in front of a llama.cpp mock and an SGLang mock
 (both `type: auto`; the SGLang one serves a model of its own, so it only adds to the model list). What must
-hold: every generation path of llama.cpp is metered exactly as the mock counted it, in one record per request;
-what llama.cpp does not report (native embeddings, a chat stream its client left) is counted afterwards by its
-own /apply-template and /tokenize; its tokenizer and information routes are forwarded; and the connection
-llama-server closes after every streamed response never costs a retry or an ejection.
+hold: a llama.cpp is detected, even one still loading its model when the proxy starts; every generation path
+of llama.cpp is metered exactly as the mock counted it, in one record per request; what llama.cpp does not
+report (native embeddings, batches too, a stream its client left) is counted afterwards by its own
+/apply-template and /tokenize, except an infill, which is estimated; its own routes are forwarded to it and
+never to the SGLang beside it; and the connection llama-server closes after every streamed response never
+costs a retry or an ejection.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -53,14 +56,14 @@ STREAM_ID = "closed-after-stream-"  # the client request ids of those streams, n
 
 
 @pytest.fixture(scope="module")
-def llama() -> Proc:
+def llama() -> Iterator[Proc]:
     mock = start_mock("llamacpp")
     yield mock
     mock.stop()
 
 
 @pytest.fixture(scope="module")
-def sglang() -> Proc:
+def sglang() -> Iterator[Proc]:
     mock = start_mock("sglang", "--model", SGLANG_ONLY_MODEL)
     yield mock
     mock.stop()
@@ -72,7 +75,7 @@ def usage_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def proxy(llama, sglang, usage_dir) -> Proc:
+def proxy(llama, sglang, usage_dir) -> Iterator[Proc]:
     # No periodic probes: after start-up, the mocks' request logs move only with the tests' own traffic (and
     # the proxy's recounts).
     proc = start_proxy(usage_dir, [{"url": llama.url, "name": "llama"}, {"url": sglang.url, "name": "sglang"}],
@@ -86,10 +89,6 @@ def proxy(llama, sglang, usage_dir) -> Proc:
 def idle_after(proxy):
     yield
     assert_idle(proxy)
-
-
-def _sse_events(data: bytes) -> list[dict]:
-    return [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
 
 
 def _record(usage_dir: Path, reader: ResponseReader) -> dict:
@@ -242,8 +241,8 @@ def test_native_embeddings_are_counted_by_llamacpps_tokenizer(proxy, llama, usag
     texts = body.get("content", body.get("input"))
     assert record["usage_source"] == "tokenized", record
     assert record["prompt_tokens"] == prompt_tokens({"input": texts}, TEMPLATE), record
-    if any(isinstance(text, str) for text in (texts if isinstance(texts, list) else [texts])):
-        assert "/tokenize" in _proxy_posts(llama, before)
+    texts_to_count = [text for text in (texts if isinstance(texts, list) else [texts]) if isinstance(text, str)]
+    assert _proxy_posts(llama, before) == ["/tokenize"] * len(texts_to_count)  # token ids need no asking
 
 
 def _leave_after_first_event(port: int, path: str, body: dict, client_id: str) -> None:

@@ -10,6 +10,7 @@ following its live count), and a proxy of its own. Shares are counted proxy-side
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,7 +44,7 @@ CASES = {
 
 
 @pytest.fixture
-def started(procs) -> list[Proc]:
+def started(procs) -> Iterator[list[Proc]]:
     """What a test starts (mocks, its proxy), stopped at its end; the proxy is checked idle first."""
     yield procs
     for proc in procs:

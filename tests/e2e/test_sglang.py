@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +40,14 @@ MESSAGES = [{"role": "user", "content": "Name three rivers of Europe, one per li
 
 
 @pytest.fixture(scope="module")
-def sglang() -> Proc:
+def sglang() -> Iterator[Proc]:
     mock = start_mock("sglang", "--model", SGLANG_MODEL)
     yield mock
     mock.stop()
 
 
 @pytest.fixture(scope="module")
-def tgi() -> Proc:
+def tgi() -> Iterator[Proc]:
     mock = start_mock("tgi", "--model", TGI_MODEL)
     yield mock
     mock.stop()
@@ -58,7 +59,7 @@ def usage_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def proxy(sglang, tgi, usage_dir) -> Proc:
+def proxy(sglang, tgi, usage_dir) -> Iterator[Proc]:
     proc = start_proxy(usage_dir, [{"url": sglang.url, "name": "sglang"}, {"url": tgi.url, "name": "tgi"}],
                        usage=usage_config(usage_dir), health_check=NO_PERIODIC_PROBES)
     wait_for(lambda: all(u["available"] and u["models"] for u in upstreams(proc).values()), timeout=10)
