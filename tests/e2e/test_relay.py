@@ -46,8 +46,10 @@ def test_recorded_fixtures_are_present():
 
 
 @pytest.mark.parametrize("fixture", FIXTURE_FILES)
-def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mock_ollama, new_proxy):
-    mock = {"vllm": mock_vllm, "tgi": mock_tgi, "ollama": mock_ollama}[_fixture_dialect(fixture)]
+def test_fixture_bytes_reach_the_client_exactly(fixture, mock_vllm, mock_tgi, mock_ollama, new_mock, new_proxy):
+    dialect = _fixture_dialect(fixture)
+    # the llama.cpp and SGLang recordings are replayed by a mock of their own dialect, started for the test
+    mock = {"vllm": mock_vllm, "tgi": mock_tgi, "ollama": mock_ollama}.get(dialect) or new_mock(dialect)
     proxy = new_proxy([{"url": mock.url}])
     expected = (FIXTURES / fixture).read_bytes()
     with raw_connect(proxy.port) as sock:
