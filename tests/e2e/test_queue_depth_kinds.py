@@ -39,6 +39,7 @@ VLLM_GAUGES = {"queued": ["vllm:num_requests_waiting"], "running": ["vllm:num_re
 CASES = {
     "llamacpp": (("llamacpp", "--metrics"), {}, False),
     "sglang": (("sglang",), {}, True),
+    "vllm": (("vllm",), {}, True),  # its built-in gauges, beside the same names given to a generic kind below
     "openai-with-metrics-names": (("vllm",), {"type": "openai", "metrics": VLLM_GAUGES}, True),
 }
 
