@@ -124,6 +124,10 @@ _MESSAGES_KINDS = frozenset({"vllm", "ollama", "llamacpp"})  # engines that serv
 _UNVERSIONED_KINDS = frozenset({"llamacpp", "openai"})
 # llama.cpp's native completion (docs/protocols.md §10.2): tokens_evaluated / tokens_predicted on its last chunk.
 _LLAMACPP_COMPLETION = Endpoint("llamacpp-completion", _LLAMACPP, LLAMACPP_COMPLETION_SSE)
+# Its /infill answers in the same format, but its prompt is input_prefix, input_suffix, input_extra and prompt
+# framed by the model's FIM tokens: an API of its own, which /tokenize cannot count from `prompt` alone (a cut
+# infill stream is estimated, not "counted" as its often empty `prompt`).
+_LLAMACPP_INFILL = Endpoint("llamacpp-infill", _LLAMACPP, LLAMACPP_COMPLETION_SSE)
 # llama.cpp's native embeddings report no usage: metered as an embedding, the record is estimated or counted.
 _LLAMACPP_EMBEDDING = Endpoint("llamacpp-embedding", _LLAMACPP, OPENAI_EMBEDDINGS)
 _LLAMACPP_NATIVE = Endpoint("llamacpp-native", _LLAMACPP)
@@ -154,19 +158,26 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/tokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi", "llamacpp"})),
     "/detokenize": Endpoint("tokenizer", frozenset({"vllm", "tgi", "llamacpp"})),
     "/completion": _LLAMACPP_COMPLETION,
-    "/infill": _LLAMACPP_COMPLETION,
+    "/infill": _LLAMACPP_INFILL,
     "/embedding": _LLAMACPP_EMBEDDING,
     "/apply-template": _LLAMACPP_NATIVE,
     "/props": _LLAMACPP_NATIVE,
     "/slots": _LLAMACPP_NATIVE,
+    "/lora-adapters": _LLAMACPP_NATIVE,
     "/get_model_info": _SGLANG_NATIVE,
     "/get_server_info": _SGLANG_NATIVE,
+    "/model_info": _SGLANG_NATIVE,  # the newer names of the two above
+    "/server_info": _SGLANG_NATIVE,
     "/health_generate": _SGLANG_NATIVE,
+    "/flush_cache": _SGLANG_NATIVE,
+    "/abort_request": _SGLANG_NATIVE,
     "/api/chat": Endpoint("ollama-chat", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
     "/api/generate": Endpoint("ollama-generate", _OLLAMA, OLLAMA_NDJSON, STREAMS_UNLESS_DECLINED),
 }
 # Paths under a prefix that only one kind serves, whatever follows it.
-PREFIXES: tuple[tuple[str, Endpoint], ...] = (("/api/", Endpoint("ollama-native", _OLLAMA)),)
+# llama.cpp's /slots/<id>?action=save|restore|erase acts on one slot of one server.
+PREFIXES: tuple[tuple[str, Endpoint], ...] = (("/api/", Endpoint("ollama-native", _OLLAMA)),
+                                              ("/slots/", _LLAMACPP_NATIVE))
 # Any other path: forwarded to any backend, not metered.
 OTHER = Endpoint("other", ANY_KIND)
 

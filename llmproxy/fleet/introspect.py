@@ -27,8 +27,15 @@ _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.\d+)?([Z
 # --- kind --------------------------------------------------------------------------------------------
 
 async def detect_kind(backend: BackendConfig, timeout: float) -> str:
-    """Return the name of a catalogue kind; raises ProbeError when no probe got any HTTP answer (retry later)."""
+    """Return the name of a catalogue kind; raises ProbeError when no probe got any HTTP answer, or when every
+    answer was 503 (retry later).
+
+    A server that answers 503 to every probe is up but not ready: llama-server answers every path so while it
+    loads its model. Settling on the generic kind then would file it as "openai" for good (a kind is detected
+    once): its native paths unserved, its streams' closed connections pooled, its counts unread.
+    """
     answered = False
+    statuses: set[int] = set()
     error: ProbeError | None = None
     for kind in KINDS.values():
         if kind.detect_path is None:
@@ -42,8 +49,11 @@ async def detect_kind(backend: BackendConfig, timeout: float) -> str:
             error = exc
             continue
         answered = True
+        statuses.add(response.status)
         if response.status == 200 and _holds(_json_or_none(response.body), kind.detect_key, kind.key_is_str):
             return kind.name
+    if statuses == {503}:
+        raise ProbeError("every detection probe answered 503: not ready (a llama.cpp loading its model?)", 503)
     if answered:
         return GENERIC_KIND
     assert error is not None

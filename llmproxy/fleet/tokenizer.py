@@ -4,7 +4,8 @@ Only kinds with a tokenizer endpoint can say (docs/protocols.md §2-3, §10): vL
 messages with the model's template (`add_generation_prompt`, tools included) and answers `count`; TGI's
 `POST /chat_tokenize` does the same for messages, and `POST /tokenize` counts plain `inputs`; llama.cpp renders
 messages with `POST /apply-template`, and its `POST /tokenize` counts text (special tokens parsed, BOS added,
-as its chat route does). The answer is
+as its chat route does); a batch of prompts (a list of texts or token-id lists) is counted prompt by prompt, each
+with its own special tokens, as llama-server tokenizes a batch. The answer is
 the prompt as the backend counted it for a request that reported no usage (cut off before its last event).
 """
 
@@ -20,6 +21,8 @@ from llmproxy.fleet.probe import ProbeError, probe_post
 
 _CHAT, _TGI = "openai-chat", "tgi-generate"
 _LLAMACPP_TEXT_KEYS = ("prompt", "content", "input")  # completion, native embedding, OpenAI embedding
+# A batch of more prompts than this is not counted one /tokenize at a time: its estimate stands.
+LLAMACPP_MAX_PROMPTS = 64
 
 
 def can_count(kind: str, api: str) -> bool:
@@ -75,16 +78,39 @@ async def _llamacpp(backend: BackendConfig, api: str, body: dict[str, Any], time
         request = {key: body[key] for key in ("messages", "tools") if body.get(key) is not None}
         rendered = await _post_json(backend, "/apply-template", request, timeout)
         text = rendered.get("prompt") if isinstance(rendered, dict) else None
-    else:
-        text = next((body[key] for key in _LLAMACPP_TEXT_KEYS if key in body), None)
-        if isinstance(text, list) and all(type(token) is int for token in text):
-            return len(text)  # a prompt given as token ids
-    if not isinstance(text, str):
-        return None
+        return await _llamacpp_text(backend, text, timeout) if isinstance(text, str) else None
+    prompt = next((body[key] for key in _LLAMACPP_TEXT_KEYS if key in body), None)
+    if _token_ids(prompt):
+        return len(prompt)  # one prompt given as token ids
+    if isinstance(prompt, list) and 0 < len(prompt) <= LLAMACPP_MAX_PROMPTS:
+        return await _llamacpp_batch(backend, prompt, timeout)
+    return await _llamacpp_text(backend, prompt, timeout) if isinstance(prompt, str) else None
+
+
+async def _llamacpp_batch(backend: BackendConfig, prompts: list[Any], timeout: float) -> int | None:
+    """Several prompts (a batch of embeddings or completions): each is tokenized on its own, its special tokens
+    included, as llama-server does; None when one is neither text nor token ids."""
+    total = 0
+    for prompt in prompts:
+        if _token_ids(prompt):
+            total += len(prompt)
+            continue
+        count = await _llamacpp_text(backend, prompt, timeout) if isinstance(prompt, str) else None
+        if count is None:
+            return None
+        total += count
+    return total
+
+
+async def _llamacpp_text(backend: BackendConfig, text: str, timeout: float) -> int | None:
     answer = await _post_json(backend, "/tokenize", {"content": text, "add_special": True, "parse_special": True},
                               timeout)
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     return len(tokens) if isinstance(tokens, list) else None
+
+
+def _token_ids(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(type(token) is int for token in prompt)
 
 
 async def _post_json(backend: BackendConfig, path: str, request: dict[str, Any], timeout: float) -> Any:

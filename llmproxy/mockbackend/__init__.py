@@ -57,7 +57,7 @@ Request headers steer one request (each overrides the CLI default):
                                     cached_tokens, vLLM Responses input_tokens_details.cached_tokens
   x-mock-cache-write: N             Anthropic cache_creation_input_tokens (excluded from input_tokens)
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
-POST /_mock/reset-stats, and two whose state reset-stats keeps:
+POST /_mock/reset-stats, and three whose state reset-stats keeps:
   POST /_mock/health/<status>       200..599; the health routes (vLLM/TGI /health and /ping, Ollama
                                     /api/version and /, llama.cpp /health, SGLang /health) answer it in the
                                     dialect's shape; 200 restores
@@ -66,6 +66,9 @@ POST /_mock/reset-stats, and two whose state reset-stats keeps:
                                     num_queue_reqs/num_running_reqs), kv the KV-cache use 0..1 (vLLM
                                     kv_cache_usage_perc, SGLang token_usage); a gauge not given, or every
                                     gauge when there is no query, follows the live count
+  POST /_mock/loading/1             every route answers the dialect's 503 (as /_mock/health/503 shapes it),
+                                    unknown paths too, as llama-server does while it loads its model (its
+                                    /models and /v1/models stay open); /_mock/loading/0 ends it
 
 --model a,b serves several models (the first is the default); --strict-models answers a request naming
 any other model with the real server's 404 (vLLM and Ollama; TGI ignores model names).

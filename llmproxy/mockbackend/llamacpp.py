@@ -401,6 +401,9 @@ def check_model(call: Call) -> Reply | None:
 
 
 HEALTH_PATHS = frozenset({"/health", "/v1/health"})
+# While llama-server loads its model, a middleware answers every other path 503 "Loading model" (unknown ones
+# included), its model lists excepted (server.cpp, middleware_server_state).
+OPEN_WHILE_LOADING = frozenset({"/models", "/v1/models"})
 
 ROUTES = {
     "/completion": ("POST", completion),

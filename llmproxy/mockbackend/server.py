@@ -75,6 +75,7 @@ class MockState:
         # Set through /_mock/health and /_mock/gauges. They are configuration, not observations, so
         # reset-stats keeps them: tests reset the stats between phases of one scenario.
         self.health = 200
+        self.loading = False  # /_mock/loading/1: every route but the model lists answers 503, as while loading
         self.gauge_overrides: dict[str, float] = {}
         self.responses = ResponseStore()  # the Responses API ids this process produced
 
@@ -132,6 +133,8 @@ class MockState:
         return ResponseWriter(conn, reply, knobs, record, gate=gate, **options)
 
     def _route(self, request: ParsedRequest, path: str, headers: dict[str, str], knobs: Knobs) -> Reply:
+        if self.loading and path not in getattr(self.dialect, "OPEN_WHILE_LOADING", ()):
+            return _health_reply(self.dialect, 503)  # before routing: unknown paths too, as llama-server does
         if knobs.status is not None:
             return self.dialect.error(knobs.status, f"{_phrase(knobs.status)} (x-mock-status)", path)
         if knobs.fixture is not None:
@@ -185,6 +188,8 @@ class MockState:
             return self._reset_stats()
         if action.startswith("health/"):
             return self._set_health(action[len("health/"):])
+        if action.startswith("loading/"):
+            return self._set_loading(action[len("loading/"):])
         if action == "gauges":
             return self._set_gauges(query)
         return None
@@ -205,6 +210,10 @@ class MockState:
     def _set_health(self, raw: str) -> Reply:
         self.health = _control_int("health status", raw, 200, 599)
         return json_reply({"health": self.health})
+
+    def _set_loading(self, raw: str) -> Reply:
+        self.loading = bool(_control_int("loading", raw, 0, 1))
+        return json_reply({"loading": self.loading})
 
     def _set_gauges(self, query: str) -> Reply:
         """Pin the given load gauges; each call replaces the previous pins, so no query unpins them all.

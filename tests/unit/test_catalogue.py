@@ -80,6 +80,10 @@ def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, k
     ("/api/chat", {"ollama"}), ("/api/tags", {"ollama"}), ("/generate_stream", {"tgi"}), ("/", {"tgi"}),
     ("/tokenize", {"vllm", "tgi", "llamacpp"}), ("/generate", {"tgi", "sglang"}), ("/slots", {"llamacpp"}),
     ("/get_server_info", {"sglang"}), ("/chat/completions", {"llamacpp", "openai"}),
+    # engine-specific paths must not reach another engine of a mixed fleet: llama.cpp's slot actions and LoRA
+    # adapters, SGLang's newer info names and cache controls
+    ("/slots/0", {"llamacpp"}), ("/lora-adapters", {"llamacpp"}), ("/server_info", {"sglang"}),
+    ("/model_info", {"sglang"}), ("/flush_cache", {"sglang"}),
     ("/v1/chat/completions", set(BACKEND_KINDS)), ("/v1/models/x", set(BACKEND_KINDS)),
 ])
 def test_native_paths_are_served_by_their_kinds_only(path: str, kinds: set[str]):
@@ -118,6 +122,15 @@ def test_a_kind_with_a_format_of_its_own_reads_its_variant_of_the_path():
 ])
 def test_the_shape_of_the_proxys_own_errors_follows_the_path_of_the_target(target: bytes | None, shape: str):
     assert error_shape(target) == shape
+
+
+def test_llamacpps_tokenizer_counts_a_completions_prompt_but_not_an_infills():
+    # /infill's prompt is input_prefix + input_suffix (+ input_extra) + prompt in FIM tokens: counting `prompt`
+    # alone (often "") would record a cut infill stream as exactly counted at next to nothing.
+    tokenizes = KINDS["llamacpp"].tokenizes
+    assert lookup("/completion").api in tokenizes and lookup("/completions").on("llamacpp").api in tokenizes
+    assert lookup("/infill").api not in tokenizes
+    assert lookup("/infill").dialect_on("llamacpp") == lookup("/completion").dialect_on("llamacpp")
 
 
 def test_every_row_names_known_kinds_and_dialects():

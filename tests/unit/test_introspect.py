@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from llmproxy.catalogue import KINDS
 from llmproxy.config import parse_config
 from llmproxy.config.model import BackendConfig, BackendMetricsConfig
 from llmproxy.fleet.introspect import (
@@ -140,6 +141,30 @@ def test_a_server_answering_only_v1_models_is_openai() -> None:
 def test_a_json_version_without_a_string_is_not_ollama() -> None:
     async def check() -> str:
         async with TinyServer({"/api/version": reply(200, b'{"version": 3}')}) as server:
+            return await detect_kind(backend_for(server.url), TIMEOUT)
+
+    assert run(check()) == "openai"
+
+
+LOADING = reply(503, b'{"error":{"message":"Loading model","type":"unavailable_error","code":503}}')
+DETECT_PATHS = [kind.detect_path for kind in KINDS.values() if kind.detect_path is not None]
+
+
+def test_a_server_answering_every_probe_503_is_not_ready_rather_than_openai() -> None:
+    # llama-server while it loads its model: every path 503. Filed as "openai" now, it would stay so for good.
+    async def check() -> str:
+        async with TinyServer(dict.fromkeys(DETECT_PATHS, LOADING)) as server:
+            return await detect_kind(backend_for(server.url), TIMEOUT)
+
+    with pytest.raises(ProbeError, match="503") as caught:
+        run(check())
+    assert caught.value.status == 503 and not caught.value.local
+
+
+def test_a_503_beside_other_answers_still_settles_the_kind() -> None:
+    async def check() -> str:
+        routes = {DETECT_PATHS[0]: LOADING, "/v1/models": reply(200, b'{"object":"list","data":[]}')}
+        async with TinyServer(routes) as server:  # the other probes answer 404
             return await detect_kind(backend_for(server.url), TIMEOUT)
 
     assert run(check()) == "openai"

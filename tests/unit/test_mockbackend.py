@@ -670,6 +670,21 @@ def test_health_status_is_answered_verbatim_and_counted_like_any_request(fresh: 
         ("HEAD", "/", 500), ("POST", "/api/chat", 200), ("GET", "/api/version", 200)]
 
 
+def test_loading_control_answers_every_route_503_but_the_model_lists_and_survives_reset(fresh: list[Backend]) -> None:
+    port = start(fresh, dialect="llamacpp").port
+    assert control(port, "/_mock/loading/1") == (200, {"loading": True})
+    request(port, "POST", "/_mock/reset-stats")  # must not end the loading
+    for method, path in [("GET", "/props"), ("GET", "/health"), ("POST", "/completion"), ("GET", "/info"),
+                         ("GET", "/api/version")]:  # unknown paths too: llama-server answers before routing
+        resp = request(port, method, path, {"prompt": "hi"} if method == "POST" else None)
+        assert resp.status == 503, path
+        assert json.loads(resp.body)["error"]["message"] == "Loading model", path
+    assert request(port, "GET", "/v1/models").status == 200
+    assert control(port, "/_mock/loading/0") == (200, {"loading": False})
+    assert request(port, "GET", "/props").status == 200
+    assert control(port, "/_mock/loading/2")[0] == 400
+
+
 @pytest.mark.parametrize("status", ["199", "600", "abc", "", "+503", "5031"])
 def test_health_control_refuses_bad_statuses(fresh: list[Backend], status: str) -> None:
     port = start(fresh, dialect="vllm").port
