@@ -119,7 +119,7 @@ def match_own(ctx: RequestContext) -> OwnHandler | None:
     """
     path = request_path(ctx)
     handler = OWN_ENDPOINTS.get(path)
-    if handler is None and any(path.startswith(prefix) and len(path) > len(prefix) for prefix in MODELS_PREFIXES):
+    if handler is None and path.startswith(MODELS_PREFIXES) and path not in MODELS_PREFIXES:
         handler = model
     if handler is not None and ctx.head.method not in (b"GET", b"HEAD"):
         raise ProxyError("method_not_allowed", f"{path.decode()} accepts GET and HEAD only")

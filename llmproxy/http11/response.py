@@ -126,19 +126,21 @@ class ResponseCodec:
 
     def on_headers_complete(self) -> None:
         headers = self._headers
-        size = STATUS_LINE_SIZE + len(self._reason) + sum(len(name) + len(value) + 4 for name, value in headers)
-        if size > self._limit:
-            self._fail(f"response head of {size} bytes, over {self._limit}")
+        if self._fed_in_head > self._limit:  # the head is at most what was fed: measure it only if that is over
+            size = STATUS_LINE_SIZE + len(self._reason) + sum(len(name) + len(value) + 4 for name, value in headers)
+            if size > self._limit:
+                self._fail(f"response head of {size} bytes, over {self._limit}")
         status = self._parser.get_status_code()
-        self._fed_in_head = 0
         self._reason = b""
         if 100 <= status < 200:
-            # 100 Continue / 103 Early Hints: not forwarded; the real status follows on this connection.
+            # 100 Continue / 103 Early Hints: not forwarded; the real status follows on this connection, and
+            # its head counts against the limit together with this one (so one slice cannot hide it).
             if status == 101:
                 self._fail("backend switched protocols")
             self._informational = True
             self._headers = []
             return
+        self._fed_in_head = 0
         self.in_head = False
         self.keep_alive = self._parser.should_keep_alive()  # reset by httptools once the message ends
         self.framing = self._body_framing(status, headers)
