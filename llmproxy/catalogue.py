@@ -46,32 +46,53 @@ class Kind:
     # It closes its connection after a streamed response, whatever its headers say: such a connection is not
     # pooled (reusing it would fail as stale, every time).
     closes_after_stream: bool = False
+    # The API families (FAMILIES) it serves under /v1, unless its backend's `apis:` says otherwise.
+    apis: frozenset[str] = frozenset({"chat", "completions", "embeddings"})
+    # Its chat streams take stream_options.continuous_usage_stats: usage on every chunk, so a translated
+    # Messages stream's message_start can carry the prompt's count.
+    continuous_usage: bool = False
+    # How its credential is sent: "bearer" (Authorization: Bearer) or "x-api-key" with anthropic-version.
+    auth: str = "bearer"
 
 
 # Detection tries the kinds in this order: vLLM's /version and TGI's /info both carry "version" too, and
 # only Ollama answers /api/version. A server that answers none of them is a generic OpenAI-compatible one.
+_OPENAI_APIS = frozenset({"chat", "completions", "embeddings"})
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("ollama", "/api/version", "/api/version", "version"),
+    Kind("ollama", "/api/version", "/api/version", "version", apis=_OPENAI_APIS | {"responses", "messages"}),
     Kind("tgi", "/health", "/info", "model_id", key_is_str=False,
          load_metrics=frozenset({"tgi_queue_size", "tgi_batch_current_size"}),
          tokenizes=frozenset({"openai-chat", "openai-completions", "tgi-generate"})),
     Kind("sglang", "/health", "/get_model_info", "model_path",
          load_metrics=frozenset({"sglang:num_queue_reqs", "sglang:num_running_reqs"}),
-         kv_metric="sglang:token_usage"),
+         kv_metric="sglang:token_usage", continuous_usage=True),
     # llama.cpp's llama-server: its queue gauges need --metrics (else /metrics answers 501).
     Kind("llamacpp", "/health", "/props", "default_generation_settings", key_is_str=False,
          load_metrics=frozenset({"llamacpp:requests_processing", "llamacpp:requests_deferred"}),
          tokenizes=frozenset({"openai-chat", "openai-completions", "openai-embeddings", "llamacpp-completion",
                               "llamacpp-embedding"}),
-         closes_after_stream=True),
+         closes_after_stream=True, apis=_OPENAI_APIS | {"messages"}),
     Kind("vllm", "/health", "/version", "version",
          load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"}),
-         tokenizes=frozenset({"openai-chat", "openai-completions"}), kv_metric="vllm:kv_cache_usage_perc"),
-    Kind("openai", "/v1/models", None),
+         tokenizes=frozenset({"openai-chat", "openai-completions"}), kv_metric="vllm:kv_cache_usage_perc",
+         apis=_OPENAI_APIS | {"responses", "messages"}, continuous_usage=True),
+    Kind("openai", "/v1/models", None, apis=_OPENAI_APIS | {"responses"}),
+    # Anthropic's own API (api.anthropic.com, or a gateway in front of it): Messages only, keyed by x-api-key.
+    # Never detected: declared with `type: anthropic`.
+    Kind("anthropic", "/v1/models", None, apis=frozenset({"messages"}), auth="x-api-key"),
 )}
 BACKEND_KINDS = tuple(KINDS)
 GENERIC_KIND = "openai"
 ANY_KIND = frozenset(BACKEND_KINDS)
+# The client APIs a backend may serve or be translated to, as `backends[].apis` names them.
+FAMILIES = ("chat", "completions", "responses", "messages", "embeddings")
+ALL_FAMILIES = frozenset(FAMILIES)
+# The translations the proxy can make (translate/): a client's API family -> the backend families it can be
+# translated to, in order of preference.
+TRANSLATIONS: dict[str, tuple[str, ...]] = {"messages": ("chat",), "responses": ("chat",), "chat": ("messages",)}
+# routing.translate: translate only when no backend serves the client's API natively (the default), whenever
+# a translation exists into an API the chosen backend serves, or never.
+TRANSLATE_MODES = ("when_needed", "always", "never")
 
 # Whether a response streams: as the body's "stream" says (default false), unless it says false (native
 # Ollama), or always (TGI's /generate_stream).
@@ -93,8 +114,14 @@ class Endpoint:
     errors: str = OPENAI_ERRORS
     # Kinds that serve this path as an API of their own (SGLang's /generate is not TGI's): their row instead.
     variants: tuple[tuple[str, Endpoint], ...] = ()
+    # One of FAMILIES: which backends serve it is their `apis` (a kind's default, or configured), not `kinds`.
+    family: str | None = None
 
     def served_by(self, kind: str) -> bool:
+        """A backend of `kind` serves this path (for a family: by its kind's defaults; Backend.serves_endpoint
+        knows its configured `apis`)."""
+        if self.family is not None:
+            return kind == AUTO or (kind in KINDS and self.family in KINDS[kind].apis)
         return kind in self.kinds or kind == AUTO
 
     def on(self, kind: str) -> Endpoint:
@@ -114,11 +141,14 @@ class Endpoint:
             return None
         if kind == AUTO:
             return self.dialect if self.guess_unknown_kind else None
-        return self.dialect if kind in self.kinds else None
+        return self.dialect if kind in self.kinds or self.family is not None else None
 
 
 _OLLAMA, _TGI, _LLAMACPP, _SGLANG = (frozenset({name}) for name in ("ollama", "tgi", "llamacpp", "sglang"))
-_MESSAGES_KINDS = frozenset({"vllm", "ollama", "llamacpp"})  # engines that serve Anthropic's Messages API
+CHAT = Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True, family="chat")
+MESSAGES = Endpoint("anthropic-messages", ANY_KIND, ANTHROPIC_MESSAGES_SSE, errors=ANTHROPIC_ERRORS, family="messages")
+# The path of each family a request may be translated to.
+FAMILY_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages"}
 # OpenAI's paths without /v1 (a client whose base URL lacks it): llama.cpp serves them, and so may any server
 # of unknown make; vLLM, SGLang, TGI and Ollama answer 404.
 _UNVERSIONED_KINDS = frozenset({"llamacpp", "openai"})
@@ -133,14 +163,16 @@ _LLAMACPP_EMBEDDING = Endpoint("llamacpp-embedding", _LLAMACPP, OPENAI_EMBEDDING
 _LLAMACPP_NATIVE = Endpoint("llamacpp-native", _LLAMACPP)
 _SGLANG_NATIVE = Endpoint("sglang-native", _SGLANG)
 ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True),
-    "/v1/completions": Endpoint("openai-completions", ANY_KIND, OPENAI_COMPLETIONS_SSE, usage_option=True),
-    "/v1/responses": Endpoint("openai-responses", frozenset({"vllm", "ollama", "openai"}), OPENAI_RESPONSES_SSE),
-    # Anthropic's Messages API (Claude Code): the engines that serve it natively.
-    "/v1/messages": Endpoint("anthropic-messages", _MESSAGES_KINDS, ANTHROPIC_MESSAGES_SSE, errors=ANTHROPIC_ERRORS),
-    "/v1/messages/count_tokens": Endpoint("anthropic-count-tokens", frozenset({"vllm", "llamacpp"}),
+    # The API families: served by the backends whose `apis` (their kind's by default) name them.
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": Endpoint("openai-completions", ANY_KIND, OPENAI_COMPLETIONS_SSE, usage_option=True,
+                                family="completions"),
+    "/v1/responses": Endpoint("openai-responses", ANY_KIND, OPENAI_RESPONSES_SSE, family="responses"),
+    # Anthropic's Messages API (Claude Code).
+    "/v1/messages": MESSAGES,
+    "/v1/messages/count_tokens": Endpoint("anthropic-count-tokens", frozenset({"vllm", "llamacpp", "anthropic"}),
                                           errors=ANTHROPIC_ERRORS),  # counts, generates nothing: not billed
-    "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND, OPENAI_EMBEDDINGS),
+    "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND, OPENAI_EMBEDDINGS, family="embeddings"),
     "/chat/completions": Endpoint("openai-chat", _UNVERSIONED_KINDS, OPENAI_CHAT_SSE, usage_option=True),
     # llama.cpp's /completions is its native completion, not OpenAI's.
     "/completions": Endpoint("openai-completions", _UNVERSIONED_KINDS, OPENAI_COMPLETIONS_SSE, usage_option=True,

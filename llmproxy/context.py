@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from llmproxy.metering.session import MeteringSession
     from llmproxy.ratelimit import Admission
     from llmproxy.tenant import Tenant
+    from llmproxy.translate import Translation
 
 
 # A client may pass its own X-Request-Id (1-128 visible ASCII characters) through to the backend.
@@ -101,6 +102,9 @@ class RequestContext:
     is_stream: bool = False
     body_data: Any = None  # the parsed JSON body
     meter: MeteringSession | None = None  # this request's metering, planned per attempt
+    translation: Translation | None = None  # this attempt's backend does not serve the client's API
+    backend_api: str = ""  # the API the backend was sent (catalogue family or endpoint api)
+    key_throttled: bool = False  # this attempt's 429 would be retried with another of the backend's keys
     upstream_sent: bool = False  # the request was written to a backend: it gets a usage record
     tenant: Tenant | None = None  # the caller, when auth is enabled
     admission: Admission | None = None  # rate-limit slots held until the request ends

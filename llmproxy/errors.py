@@ -48,6 +48,9 @@ ERRORS: dict[str, ErrorSpec] = {
                                        close=True),
     "request_timeout": ErrorSpec(408, "invalid_request_error", "request_timeout", "cR", close=True),
     "invalid_json": ErrorSpec(400, "invalid_request_error", "invalid_json", "LR"),
+    # A request in an API the chosen backend does not serve, holding something the translation cannot express
+    # (translate/): refused before anything is sent upstream.
+    "untranslatable": ErrorSpec(400, "invalid_request_error", "untranslatable", "LR"),
     "invalid_path": ErrorSpec(400, "invalid_request_error", "invalid_path", "CR", close=True),
     "upgrade_not_supported": ErrorSpec(501, "invalid_request_error", "upgrade_not_supported", "CR", close=True),
     # Who is calling, and how much (auth.py, ratelimit/). Refused before any backend is chosen.
@@ -122,10 +125,19 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
 def error_body(spec: ErrorSpec, message: str, shape: str = "openai") -> bytes:
     """Return the JSON body of a local error in the shape of the client's API: OpenAI's (the default) or, with
     shape "anthropic", Anthropic's `{"type": "error", "error": {"type", "message"}}`."""
+    return shaped_error(spec.status, message, shape, spec.type, spec.code)
+
+
+def shaped_error(status: int, message: str, shape: str, openai_type: str | None = None,
+                 code: str | None = None) -> bytes:
+    """An error body in the client API's shape for `status`; the types are the API's own for that status
+    unless given."""
     if shape == "anthropic":
-        kind = _ANTHROPIC_TYPES.get(spec.status, "api_error" if spec.status >= 500 else "invalid_request_error")
+        kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
-    return orjson.dumps({"error": {"message": message, "type": spec.type, "param": None, "code": spec.code}})
+    if openai_type is None:
+        openai_type = "invalid_request_error" if status < 500 else "api_error"
+    return orjson.dumps({"error": {"message": message, "type": openai_type, "param": None, "code": code}})
 
 
 def drop_traceback(error: BaseException) -> None:

@@ -31,6 +31,7 @@ from llmproxy.own_endpoints import match_own, request_path
 from llmproxy.record import build_record, recount
 from llmproxy.relay import Exchange
 from llmproxy.request_body import body_for_backend, inspect_body
+from llmproxy.translate import translation_for
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmproxy")
 WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="llmproxy"\r\n'
 RESPONSES_API = "openai-responses"
+# A translated response is read and rewritten: it must come uncompressed.
+TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
+KEY_THROTTLED = "key_throttled"  # a 429 on one of a backend's keys while another key is free: always retried
 
 
 async def handle_request(services: Services, ctx: RequestContext) -> None:
@@ -91,7 +95,8 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
         ctx.model_aliased = ctx.model != requested
         if ctx.tenant is not None and not ctx.tenant.may_use(requested, ctx.model):
             raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
-        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, services.clock())
+        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, services.clock(),
+                                             fleet.routing.translate)
         if ctx.endpoint.api == RESPONSES_API:  # a follow-up goes where its previous response is stored
             candidates = services.lasting.affinity.home_of_follow_up(ctx.body_data, candidates)
         if services.limiter is not None:
@@ -114,13 +119,15 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
         tried.append(backend)
         last = attempt == routing.retries
         try:
-            await forward(services, ctx, backend, prepare_attempt(services, ctx, backend, body),
-                          frozenset() if last else fleet.retry_statuses)
+            await forward(services, ctx, backend, prepare_attempt(services, ctx, backend, body), last)
         except ProxyError as error:
             if error.backend_fault:
                 fleet.health.request_failed(backend)
             condition = error.retry_condition
-            if last or condition not in fleet.retry_on or ctx.response_started or ctx.conn.closed:
+            if condition == "429" and ctx.key_throttled:
+                condition = KEY_THROTTLED
+            retryable = condition == KEY_THROTTLED or condition in fleet.retry_on
+            if last or not retryable or ctx.response_started or ctx.conn.closed:
                 raise
             drop_traceback(error)  # swallowed: its frames hold the exchange, connection and ctx
             ctx.retries += 1
@@ -137,7 +144,22 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
 
 
 def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, body: bytes) -> bytes:
-    """Plan this attempt's metering on `backend`; return the body to send it (alias resolved, usage asked)."""
+    """Plan this attempt on `backend`: its translation if the backend does not serve the client's API, its
+    metering; return the body to send it (translated, alias resolved, usage asked)."""
+    endpoint = ctx.endpoint
+    translation = translation_for(endpoint, backend, services.fleet.routing.translate) if endpoint.family else None
+    ctx.translation = translation
+    if translation is not None:
+        if not isinstance(ctx.body_data, dict):
+            raise ProxyError("invalid_json", "a request in an API this backend does not serve must be a JSON object")
+        request = {**ctx.body_data, "model": ctx.model} if ctx.model_aliased else ctx.body_data
+        ctx.backend_api = translation.backend
+        mapped = translation.request(request, backend, ctx.is_stream, services.translation.default_max_tokens)
+        # A session even with metering off: the translator maps the response (finish() records nothing then).
+        ctx.meter = MeteringSession.translated(translation, ctx.body_data)
+        return mapped
+    served = endpoint.on(backend.kind)
+    ctx.backend_api = served.family or served.api
     if services.metering:
         ctx.meter = MeteringSession.plan(ctx.endpoint.dialect_on(backend.kind),
                                          inject_allowed=backend.config.inject_usage, is_stream=ctx.is_stream,
@@ -145,17 +167,22 @@ def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, b
     return body_for_backend(ctx, body, ctx.meter is not None and ctx.meter.injects_usage)
 
 
-async def forward(services: Services, ctx: RequestContext, backend: Backend, body: bytes,
-                  refuse_statuses: frozenset[int]) -> None:
+async def forward(services: Services, ctx: RequestContext, backend: Backend, body: bytes, last: bool) -> None:
     """Send the request to `backend` and relay the response; raises ProxyError before any byte is sent.
 
-    A response whose status is in `refuse_statuses` is not relayed: it raises ProxyError("upstream_status").
+    Unless this is the `last` attempt, a response whose status routing.retry_on names (or a 429 on one of
+    the backend's keys while another is free) is not relayed: it raises ProxyError("upstream_status").
     """
     ctx.backend = backend.name
     backend.in_flight += 1
+    credentials = backend.credentials
+    credential, key = credentials.pick()
+    refuse_statuses = frozenset() if last else services.fleet.retry_statuses
+    ctx.key_throttled = not last and credentials.rotates and credentials.another_available(key)
+    if ctx.key_throttled:
+        refuse_statuses |= {429}
     try:
-        request = services.headers.upstream_request(ctx.head, ctx.conn.peer, ctx.forwarded_request_id, backend,
-                                                    body)
+        request = upstream_request(services, ctx, backend, body, credential)
         pool = backend.pool
         for attempt in (1, 2):
             conn = await pool.acquire()
@@ -176,8 +203,27 @@ async def forward(services: Services, ctx: RequestContext, backend: Backend, bod
                 raise
             finally:
                 pool.release(conn, conn.reusable() and not (ctx.is_stream and backend.closes_after_stream))
+                if ctx.backend_status == 429 and exchange.retry_after is not None:
+                    credentials.throttled(key, exchange.retry_after)  # relayed: the key rests all the same
     finally:
         backend.in_flight -= 1
+
+
+def upstream_request(services: Services, ctx: RequestContext, backend: Backend, body: bytes,
+                     credential: bytes) -> bytes:
+    """The request bytes for `backend`: the client's head with the backend's credential (and, for a translated
+    request, the path of the backend's API)."""
+    head = ctx.head
+    if backend.anthropic_auth and not head.has_header(b"anthropic-version"):
+        credential += b"anthropic-version: %b\r\n" % backend.config.anthropic_version.encode()
+    translation = ctx.translation
+    if translation is None:
+        skip = TRANSLATED_SKIPS if backend.anthropic_auth else frozenset()
+        return services.headers.upstream_request(head, ctx.conn.peer, ctx.forwarded_request_id, backend, body,
+                                                 credential=credential, skip=skip)
+    return services.headers.upstream_request(head, ctx.conn.peer, ctx.forwarded_request_id, backend, body,
+                                             credential=credential, target=translation.target,
+                                             skip=TRANSLATED_SKIPS)
 
 
 def reply_error(ctx: RequestContext, error: ProxyError) -> None:
@@ -208,7 +254,7 @@ def finish(services: Services, ctx: RequestContext) -> None:
         metrics = services.metrics
         if metrics is not None:
             metrics.observe_request(ctx.backend, ctx.status, ctx.termination, duration, ttft)
-        if ctx.upstream_sent and ctx.meter is not None:  # one record per request sent to a backend
+        if ctx.upstream_sent and ctx.meter is not None and services.metering:  # one per request sent upstream
             usage = ctx.meter.final_usage(ctx.backend_status)
             record = build_record(ctx, usage, duration, ttft, services.prices)
             response_id = ctx.meter.response_id

@@ -53,6 +53,9 @@ def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft
         "timestamp": rfc3339(time.time() - duration),
         "backend": ctx.backend,
         "endpoint": ctx.path,
+        # The API the client spoke and the one the backend was sent: they differ for a translated request.
+        "client_api": ctx.endpoint.family or ctx.endpoint.api,
+        "backend_api": ctx.backend_api,
         "status": ctx.status,
         "termination": ctx.termination,
         "usage_source": source,

@@ -35,6 +35,22 @@ log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
 
 
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for header, value in headers:
+        if header == name:
+            return value
+    return None
+
+
+def _translated_headers(headers: list[tuple[bytes, bytes]], streaming: bool) -> list[tuple[bytes, bytes]]:
+    """The backend's headers for a translated body: its type is the translation's (JSON for a whole body, an
+    error included), its length and encoding no longer hold."""
+    kept = [(name, value) for name, value in headers
+            if name not in (b"content-type", b"content-length", b"content-encoding")]
+    kept.append((b"content-type", b"text/event-stream" if streaming else b"application/json"))
+    return kept
+
+
 def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"content-type":
@@ -46,8 +62,9 @@ class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
     __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_last_progress", "_loop", "_out",
-                 "_overhead", "_pending_head", "_progress", "_refuse_statuses", "_settings", "_stream_idle",
-                 "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done", "upstream")
+                 "_overhead", "_pending_head", "_ping", "_ping_at", "_progress", "_refuse_statuses", "_settings",
+                 "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done", "retry_after",
+                 "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
                  settings: RelaySettings, refuse_statuses: frozenset[int] = frozenset()) -> None:
@@ -72,6 +89,10 @@ class Exchange:
         self._sweeper = settings.sweeper
         self._overhead = settings.overhead
         self._feed: Callable[[bytes], bytes] | None = None  # the metering session's reader of this response
+        # A translated Messages stream's keep-alive: the events to send when the backend is silent too long.
+        self._ping: Callable[[], bytes] | None = None
+        self._ping_at = 0.0
+        self.retry_after: bytes | None = None  # a 429's retry-after, for the backend's key rotation
 
     def start(self, request: bytes) -> None:
         ctx = self.ctx
@@ -94,14 +115,20 @@ class Exchange:
             # A client that reads slowly is the write timeout's business, not the backend's.
             self._last_progress = self._progress
             self._deadline = now + self._stream_idle
+            self._ping_at = now + self._settings.ping_interval
         elif now >= self._deadline:
             self._stream_idle_timeout()
+        elif self._ping is not None and now >= self._ping_at:
+            self._ping_at = now + self._settings.ping_interval
+            self._send_ping()
 
     # ResponseSink: called from the upstream protocol's data_received ------------------------------
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self._awaiting_head = False
         self.ctx.backend_status = status
+        if status == 429:
+            self.retry_after = _header(headers, b"retry-after")
         if status in self._refuse_statuses:
             self._refuse(status)
             return
@@ -113,6 +140,10 @@ class Exchange:
             self._feed = session.response_started(status, streaming, headers)
             if session.streamed:
                 ctx.is_stream = True
+            if session.translation is not None:
+                headers = _translated_headers(headers, streaming)
+                self._ping = session.pinger()
+                self._ping_at = self._loop.time() + self._settings.ping_interval
             if session.rewrites and framing == FRAMING_LENGTH:
                 framing = FRAMING_CHUNKED  # the meter may drop an event: the original length would be wrong
         self._chunked = framing not in (FRAMING_LENGTH, FRAMING_NONE) and ctx.head.version == "1.1"
@@ -161,6 +192,23 @@ class Exchange:
         # The proxy's own time on this read: from the read to the write (the in-product overhead histograms).
         histogram = self._overhead.chunk if head is None else self._overhead.first_byte
         histogram.observe(perf_counter() - self.upstream.read_at)
+
+    def _send_ping(self) -> None:
+        """Keep a silent translated stream alive: its ping goes out at once (with the head, if still held)."""
+        try:
+            data = self._ping()
+        except Exception:
+            log.exception("ping of request %s failed", self.ctx.request_id)
+            self._ping = None
+            return
+        self._forward(data)
+        out = self._out
+        if self._pending_head is not None:
+            out.insert(0, self._pending_head)
+            self._pending_head = None
+            self.ctx.response_started = True
+        self._write(b"".join(out))
+        out.clear()
 
     def on_response_complete(self) -> None:
         if self._feed is not None:

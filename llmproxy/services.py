@@ -18,7 +18,7 @@ from typing import Any
 
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
-from llmproxy.config.model import Config, PriceConfig
+from llmproxy.config.model import Config, PriceConfig, TranslationConfig
 from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.delivery import DeliveryService
 from llmproxy.fleet.affinity import ResponseAffinity
@@ -41,6 +41,7 @@ class RelaySettings:
     overhead: ProxyOverhead  # the proxy's own time per read, counted in place
     write_timeout: float  # a client that reads nothing for this long is cut
     traffic: Traffic  # draining: responses tell the client the connection closes
+    ping_interval: float = 10.0  # translation.ping_interval: a translated Messages stream's keep-alive
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -67,6 +68,7 @@ class Services:
     limiter: Limiter | None  # None: rate_limit disabled
     prices: dict[str, PriceConfig]
     metering: bool  # usage.metering: responses are metered and every request sent upstream gets a record
+    translation: TranslationConfig  # how requests in an API their backend does not serve are translated
     headers: HeaderRules
     # Handed on from generation to generation (see Lasting), flat here: the request path reads them often.
     metrics: Metrics | None
@@ -96,7 +98,8 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         outbox=outbox if outbox is not None else DeliveryService(
             dataclasses.replace(config.usage, spool_dir=spool_dir) if spool_dir else config.usage, metrics),
         relay=RelaySettings(sweeper=DeadlineSweeper(loop, tick_for(_deadlines(config))), overhead=overhead,
-                            write_timeout=config.server.timeouts.write, traffic=traffic),
+                            write_timeout=config.server.timeouts.write, traffic=traffic,
+                            ping_interval=config.translation.ping_interval),
         traffic=traffic,
         clock=loop.time,
         trusted_proxies=tuple(config.server.trusted_proxies),
@@ -118,6 +121,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         limiter=_limiter(config, lasting.metrics, previous.limiter if previous is not None else None),
         prices=config.pricing,
         metering=config.usage.metering,
+        translation=config.translation,
         headers=HeaderRules(frozenset(keys.header_names), lasting.trusted_proxies),
         metrics=lasting.metrics,
         access_log=lasting.access_log,
@@ -133,8 +137,9 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
 def _deadlines(config: Config) -> list[float]:
     """Every first-byte and stream-idle timeout in use: the sweeper ticks often enough for the shortest."""
     timeouts = config.server.timeouts
-    return [t for b in config.backends for t in (b.timeouts.first_byte or timeouts.first_byte,
-                                                    b.timeouts.stream_idle or timeouts.stream_idle)]
+    return [config.translation.ping_interval] + [
+        t for b in config.backends for t in (b.timeouts.first_byte or timeouts.first_byte,
+                                             b.timeouts.stream_idle or timeouts.stream_idle)]
 
 
 def _limiter(config: Config, metrics: Metrics | None, old: Limiter | None) -> Limiter | None:

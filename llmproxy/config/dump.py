@@ -21,6 +21,7 @@ _SECRET_SUFFIXES = ("_key", "_secret", "_password", "_token")
 # as the file would say them, never as bare numbers of seconds.
 _DURATIONS = {
     "routing": ("retry_backoff",),
+    "translation": ("ping_interval",),
     "health_check": ("interval", "timeout", "models_interval"),
     "passive": ("base_ejection_time", "max_ejection_time"),
     "usage": ("flush_interval",),
@@ -35,6 +36,7 @@ def dump_config(cfg: Config) -> str:
         "server": _dump_server(cfg.server),
         "backends": [_dump_backend(backend) for backend in cfg.backends],
         "routing": dataclasses.asdict(cfg.routing),
+        "translation": dataclasses.asdict(cfg.translation),
         "health_check": dataclasses.asdict(cfg.health_check),
         "auth": _without_nones(dataclasses.asdict(cfg.auth)),
         "rate_limit": _dump_rate_limit(cfg),
@@ -93,6 +95,11 @@ def _dump_server(server: ServerConfig) -> dict[str, Any]:
 def _dump_backend(backend: BackendConfig) -> dict[str, Any]:
     derived = ("scheme", "host", "port", "base_path")  # recomputed from url on load
     doc = {key: value for key, value in dataclasses.asdict(backend).items() if key not in derived}
+    for unset in ("api_keys", "apis"):
+        if doc[unset] is None:
+            del doc[unset]
+    if "apis" in doc:
+        doc["apis"] = sorted(doc["apis"])
     doc["idle_timeout"] = _format_duration(backend.idle_timeout)
     doc["timeouts"] = {
         name: None if value is None else _format_duration(value) for name, value in doc["timeouts"].items()
@@ -110,6 +117,8 @@ def _mask_secrets(node: Any) -> Any:
         # Secrets are strings: `per_key: {...}` or `metrics_per_key: false` are settings, not secrets.
         if isinstance(value, str) and (key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)):
             masked[key] = "***"
+        elif key == "api_keys" and isinstance(value, list):
+            masked[key] = ["***" for _ in value]
         elif isinstance(value, str) and key.endswith("url"):
             masked[key] = _mask_url_credentials(value)
         else:

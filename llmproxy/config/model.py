@@ -71,7 +71,12 @@ class BackendConfig:
     name: str = ""  # defaults to host:port
     weight: int = 1
     type: str = "auto"  # a kind of llmproxy.catalogue.KINDS, or auto: detected
-    api_key: str | None = None  # sent upstream as "Authorization: Bearer <key>"
+    api_key: str | None = None  # sent upstream as "Authorization: Bearer <key>" (x-api-key for type anthropic)
+    api_keys: list[str] | None = None  # several keys, rotated round robin; a throttled (429) one rests
+    # The API families it serves natively (catalogue.FAMILIES); None: its type's. A request in another family is
+    # translated to one of these when it can be (routing.translate).
+    apis: frozenset[str] | None = None
+    anthropic_version: str = "2023-06-01"  # sent to a type: anthropic backend when the client sent none
     max_connections: int = 1024  # pool cap (in use + idle)
     max_idle: int = 1024  # idle connections kept (as many as may be in use: steady load never reconnects)
     idle_timeout: float = 4.0  # below vLLM's (uvicorn) 5 s keep-alive
@@ -87,6 +92,13 @@ class BackendConfig:
     port: int = 80
     base_path: str = ""  # prefix added to every forwarded path, without a trailing slash
 
+    @property
+    def keys(self) -> list[str]:
+        """Its API keys: api_keys, else api_key alone, else none."""
+        if self.api_keys:
+            return self.api_keys
+        return [self.api_key] if self.api_key else []
+
 
 @dataclass(slots=True)
 class RoutingConfig:
@@ -95,6 +107,18 @@ class RoutingConfig:
     retry_on: list[str] = field(default_factory=lambda: ["connect_error", "reset", "502", "503"])
     retry_backoff: float = 0.025  # full jitter: each retry waits uniform(0, retry_backoff * 2**(n-1))
     model_aliases: dict[str, str] = field(default_factory=dict)  # requested name -> name forwarded
+    translate: str = "when_needed"  # catalogue.TRANSLATE_MODES: when a client's API is translated
+
+
+@dataclass(slots=True)
+class TranslationConfig:
+    """How translated requests are made (translate/)."""
+
+    # A Messages stream translated from a backend silent this long gets a `ping` event: Claude Code and the
+    # intermediaries in front of it see the connection alive through a long prefill.
+    ping_interval: float = 10.0
+    # max_tokens for an Anthropic upstream when the Chat Completions client set none (Anthropic requires it).
+    default_max_tokens: int = 4096
 
 
 @dataclass(slots=True)
@@ -314,6 +338,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    translation: TranslationConfig = field(default_factory=TranslationConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from llmproxy.catalogue import AUTO, BACKEND_KINDS
+from llmproxy.catalogue import AUTO, BACKEND_KINDS, FAMILIES, TRANSLATE_MODES
 from llmproxy.config.access import parse_auth, parse_rate_limit
 from llmproxy.config.model import (
     REPORTER_TYPES,
@@ -25,6 +25,7 @@ from llmproxy.config.model import (
     RoutingConfig,
     ServerConfig,
     Timeouts,
+    TranslationConfig,
     UsageConfig,
     WebhookConfig,
 )
@@ -169,6 +170,9 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "weight": _int_at_least(1),
     "type": _choice((AUTO, *BACKEND_KINDS)),
     "api_key": _api_key,
+    "api_keys": _optional(lambda value, path: _api_keys(value, path)),
+    "apis": _optional(lambda value, path: _apis(value, path)),
+    "anthropic_version": _clean_string("an anthropic-version date"),
     "max_connections": _int_at_least(1),
     "max_idle": _int_at_least(0),
     "idle_timeout": parse_duration,
@@ -181,11 +185,31 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
 }
 
 
+def _api_keys(value: Any, path: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of keys")
+    keys = [_api_key(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    for i, key in enumerate(keys):
+        if key is None:
+            raise ConfigError(f"{path}[{i}]", "is empty")
+    return [key for key in keys if key is not None]
+
+
+def _apis(value: Any, path: str) -> frozenset[str]:
+    names = _string_list(value, path, "API")
+    for i, name in enumerate(names):
+        if name not in FAMILIES:
+            raise ConfigError(f"{path}[{i}]", f"unknown API {_show(name)}; expected some of {', '.join(FAMILIES)}")
+    return frozenset(names)
+
+
 def _parse_backend(value: Any, path: str) -> BackendConfig:
     values = _parse_fields(value, path, _BACKEND_FIELDS)
     url = values.pop("url", None)
     if url is None:
         raise ConfigError(_join(path, "url"), "is required")
+    if values.get("api_key") is not None and values.get("api_keys") is not None:
+        raise ConfigError(_join(path, "api_keys"), "give api_key or api_keys, not both")
     backend = BackendConfig(
         url=url.url, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path, **values
     )
@@ -307,6 +331,7 @@ _ROUTING_FIELDS: dict[str, _Parser] = {
     "retry_on": _retry_on,
     "retry_backoff": parse_duration,
     "model_aliases": _model_aliases,
+    "translate": _choice(TRANSLATE_MODES),
 }
 
 _PASSIVE_FIELDS: dict[str, _Parser] = {
@@ -331,6 +356,8 @@ _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "server": _parse_server,
     "backends": _parse_backends,
     "routing": _section(RoutingConfig, _ROUTING_FIELDS),
+    "translation": _section(TranslationConfig, {"ping_interval": _positive_duration,
+                                                "default_max_tokens": _int_at_least(1)}),
     "health_check": _section(HealthCheckConfig, _HEALTH_CHECK_FIELDS),
     "auth": parse_auth,
     "rate_limit": parse_rate_limit,

@@ -6,11 +6,14 @@ All the state here is written from the event loop only (probes, requests), so it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from time import monotonic
 
-from llmproxy.catalogue import KINDS
+from llmproxy.catalogue import ALL_FAMILIES, KINDS, Endpoint
 from llmproxy.config.model import BackendConfig, Config
+from llmproxy.fleet.credentials import Credentials
 from llmproxy.upstream.pool import UpstreamPool
 
 # How fast a new TTFT sample replaces the estimate (seconds; time-based, so independent of traffic rate).
@@ -34,7 +37,7 @@ class Backend:
     name: str
     host_header: bytes
     base_path: bytes
-    authorization: bytes | None
+    credentials: Credentials  # its API keys, as header lines, rotated
     first_byte_timeout: float
     stream_idle_timeout: float
     kind: str  # vllm | tgi | ollama | openai, or "auto" until detection succeeds
@@ -62,7 +65,7 @@ class Backend:
     wrr_current: int = 0  # smooth weighted round robin's running weight
 
     @classmethod
-    def create(cls, config: BackendConfig, server: Config) -> Backend:
+    def create(cls, config: BackendConfig, server: Config, clock: Callable[[], float] = monotonic) -> Backend:
         timeouts = server.server.timeouts
         default_port = 443 if config.scheme == "https" else 80
         host = f"[{config.host}]" if ":" in config.host else config.host
@@ -73,7 +76,8 @@ class Backend:
             name=config.name,
             host_header=host_header.encode(),
             base_path=config.base_path.encode(),
-            authorization=f"Bearer {config.api_key}".encode() if config.api_key else None,
+            credentials=Credentials(config.keys, KINDS[config.type].auth if config.type in KINDS else "bearer",
+                                    clock),
             first_byte_timeout=config.timeouts.first_byte or timeouts.first_byte,
             stream_idle_timeout=config.timeouts.stream_idle or timeouts.stream_idle,
             kind=config.type,
@@ -90,6 +94,28 @@ class Backend:
         pooled, or the next request on it would fail as stale."""
         kind = KINDS.get(self.kind)
         return kind is not None and kind.closes_after_stream
+
+    @property
+    def apis(self) -> frozenset[str]:
+        """The API families it serves: as configured, else its kind's (all of them while its kind is unknown)."""
+        configured = self.config.apis
+        if configured is not None:
+            return configured
+        kind = KINDS.get(self.kind)
+        return ALL_FAMILIES if kind is None else kind.apis
+
+    def serves_endpoint(self, endpoint: Endpoint) -> bool:
+        """It serves the endpoint natively (no translation)."""
+        family = endpoint.family
+        if family is not None:
+            return family in self.apis
+        return endpoint.served_by(self.kind)
+
+    @property
+    def anthropic_auth(self) -> bool:
+        """Its credential goes as x-api-key, with an anthropic-version (Anthropic's own API)."""
+        kind = KINDS.get(self.kind)
+        return kind is not None and kind.auth == "x-api-key"
 
     def available(self, now: float) -> bool:
         """Healthy by the probes and not ejected by passive checks (`now` is loop time)."""

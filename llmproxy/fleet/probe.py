@@ -110,8 +110,11 @@ async def _connect(backend: BackendConfig) -> tuple[asyncio.StreamReader, asynci
 def _request_headers(backend: BackendConfig) -> list[tuple[str, str]]:
     headers = [("Host", host_header(backend)), ("User-Agent", USER_AGENT), ("Accept", "*/*"),
                ("Connection", "close")]
-    if backend.api_key:
-        headers.append(("Authorization", f"Bearer {backend.api_key}"))
+    keys = backend.keys
+    if keys and backend.type == "anthropic":  # Anthropic's API takes its key as x-api-key, with a version
+        headers += [("x-api-key", keys[0]), ("anthropic-version", backend.anthropic_version)]
+    elif keys:
+        headers.append(("Authorization", f"Bearer {keys[0]}"))
     return headers
 
 

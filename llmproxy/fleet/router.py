@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from llmproxy.catalogue import TRANSLATIONS
 from llmproxy.errors import ProxyError
 
 if TYPE_CHECKING:
@@ -27,19 +28,27 @@ class Router:
             return None
         return self.aliases.get(requested, requested)
 
-    def candidates(self, endpoint: Endpoint, path: str, model: str | None, now: float) -> list[Backend]:
+    def candidates(self, endpoint: Endpoint, path: str, model: str | None, now: float,
+                   translate: str = "when_needed") -> list[Backend]:
         """The backends to balance a request for `path` over; raises ProxyError if none can serve it.
 
         `endpoint` is the path's catalogue row (which kinds serve it); `model` is the resolved name (after
-        aliases); `now` is loop time.
+        aliases); `now` is loop time; `translate` is routing.translate. Backends that serve the endpoint's API
+        natively come first: those that serve it only through a translation are candidates when none of the
+        former serves the model (always: as well; never: not at all).
         """
-        able = [b for b in self.backends if endpoint.served_by(b.kind)]
-        if not able:
+        native = [b for b in self.backends if b.serves_endpoint(endpoint)]
+        targets = TRANSLATIONS.get(endpoint.family or "", ()) if translate != "never" else ()
+        translated = [b for b in self.backends if b not in native and any(t in b.apis for t in targets)] \
+            if targets else []
+        if not native and not translated:
             raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
         if model is not None:
-            able = [b for b in able if b.serves(model)]
-            if not able:
-                raise ProxyError("model_not_found", f"The model `{model}` does not exist.")
+            native = [b for b in native if b.serves(model)]
+            translated = [b for b in translated if b.serves(model)]
+        able = native + translated if translate == "always" or not native else native
+        if not able:
+            raise ProxyError("model_not_found", f"The model `{model}` does not exist.")
         available = [b for b in able if b.available(now)]
         return available or able
 

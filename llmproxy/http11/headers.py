@@ -38,7 +38,6 @@ class Upstream(Protocol):
 
     base_path: bytes  # prefixed to the request target
     host_header: bytes
-    authorization: bytes | None  # the backend's own credential, sent as Authorization
 
 
 class HeaderRules:
@@ -51,11 +50,17 @@ class HeaderRules:
         self.credential_headers = credential_headers  # auth.header_names, lower-case
         self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted_proxies)
 
-    def upstream_request(self, head: RequestHead, peer: str, request_id: bytes, upstream: Upstream,
-                         body: bytes) -> bytes:
-        """The complete request (head and body) for `upstream`, ready for one write()."""
-        parts = [head.method, b" ", upstream.base_path, head.target, b" HTTP/1.1\r\nhost: ", upstream.host_header,
-                 CRLF]
+    def upstream_request(self, head: RequestHead, peer: str, request_id: bytes, upstream: Upstream, body: bytes, *,
+                         credential: bytes = b"", target: bytes | None = None,
+                         skip: frozenset[bytes] = frozenset()) -> bytes:
+        """The complete request (head and body) for `upstream`, ready for one write().
+
+        `credential`: the backend's own credential header lines; `target`: the path to send instead of the
+        client's (a translated request); `skip`: client headers not to forward (a translated request's
+        Accept-Encoding: its response is read and rewritten, so it must come uncompressed).
+        """
+        parts = [head.method, b" ", upstream.base_path, head.target if target is None else target,
+                 b" HTTP/1.1\r\nhost: ", upstream.host_header, CRLF]
         extra_hop = head.connection_tokens
         credentials = self.credential_headers
         forwarded_for = None
@@ -66,11 +71,13 @@ class HeaderRules:
                 continue
             if name.startswith(OWN_PREFIX) or (name in CLAIMED_ORIGIN and not self.is_trusted_proxy(peer)):
                 continue
+            if skip and name in skip:
+                continue
             parts += (name, b": ", value, CRLF)
         parts += (b"x-request-id: ", request_id, CRLF)
         parts += (b"x-forwarded-for: ", self._forwarded_for(peer, forwarded_for), CRLF)
-        if upstream.authorization is not None:
-            parts += (b"authorization: ", upstream.authorization, CRLF)
+        if credential:
+            parts.append(credential)
         if body or head.method in BODY_METHODS:
             parts.append(b"content-length: %d\r\n" % len(body))
         parts.append(CRLF)

@@ -56,10 +56,13 @@ class RequestHead:
     request_id: bytes | None = None  # the client's X-Request-Id, as sent
     connection_tokens: frozenset[bytes] = frozenset()  # header names listed in Connection (hop-by-hop too)
 
-
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+    def has_header(self, name: bytes) -> bool:
+        """The client sent a header of this (lower-case) name."""
+        return any(header == name for header, _ in self.headers)
 
 
 class RequestSink(Protocol):

@@ -18,7 +18,7 @@ and the content relayed so far.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from llmproxy.metering import DEFAULT_MAX_LINE, Meter, meter_for, read_json_body
 from llmproxy.metering.dialects import OLLAMA_NDJSON, STRIPPABLE, TGI_GENERATE_SSE
@@ -28,10 +28,27 @@ from llmproxy.metering.usage import Usage, tgi_header_usage
 # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
 MAX_METERED_JSON = 8 * 1024 * 1024  # non-streamed bodies larger than this are not parsed for usage
+# A translated non-streamed body is mapped whole: one larger than this is passed on as it is (and estimated).
+MAX_TRANSLATED_JSON = 64 * 1024 * 1024
 # Where a record's counts come from: the backend's own; an estimate (the backend did work but reported none:
 # a stream cut off, a backend that does not say); none (nothing to count: the backend refused the request,
 # or the endpoint is not a generation).
 REPORTED, ESTIMATED, NONE = "reported", "estimated", "none"
+
+
+class Translation(Protocol):
+    """What a session needs of a translation (llmproxy.translate.Translation): it maps every response."""
+
+    dialect: str  # of the backend's responses
+
+    @property
+    def pings(self) -> bool: ...
+
+    def stream(self, request: dict[str, Any]) -> Meter: ...
+
+    def body(self, raw: bytes, request: dict[str, Any]) -> tuple[bytes, Usage | None]: ...
+
+    def error(self, raw: bytes, status: int) -> bytes: ...
 
 
 class MeteredUsage(NamedTuple):
@@ -45,10 +62,11 @@ class MeteredUsage(NamedTuple):
 class MeteringSession:
     """What metering decided and read for one attempt at a request; see the module docstring."""
 
-    __slots__ = ("_body", "_body_response_id", "_collected", "_collected_size", "_head_usage", "_meter", "_usage",
-                 "dialect", "injects_usage", "rewrites")
+    __slots__ = ("_body", "_body_response_id", "_collected", "_collected_size", "_error_status", "_head_usage",
+                 "_meter", "_usage", "dialect", "injects_usage", "rewrites", "translation")
 
-    def __init__(self, dialect: str | None, injects_usage: bool, body: Any) -> None:
+    def __init__(self, dialect: str | None, injects_usage: bool, body: Any,
+                 translation: Translation | None = None) -> None:
         self.dialect = dialect  # None: the response is not read; the record is estimated
         self.injects_usage = injects_usage  # the request asks for usage on the client's behalf
         # A stream is metered: the body relayed may differ from the backend's (a usage event removed, bytes
@@ -61,6 +79,9 @@ class MeteringSession:
         self._usage: Usage | None = None  # of a non-streamed body
         self._body_response_id: str | None = None  # of a non-streamed body
         self._head_usage: Usage | None = None  # what the response head said (TGI's x-prompt-tokens...)
+        # The client's API is not the backend's: every response is mapped (translate/), its translator meters it.
+        self.translation = translation
+        self._error_status = 0  # a translated error response, mapped whole at its end
 
     @classmethod
     def plan(cls, dialect: str | None, *, inject_allowed: bool, is_stream: bool, body: Any) -> MeteringSession:
@@ -72,10 +93,18 @@ class MeteringSession:
         inject = (dialect in STRIPPABLE and is_stream and inject_allowed and not _client_asked_usage(body))
         return cls(dialect, inject, body)
 
+    @classmethod
+    def translated(cls, translation: Translation, body: Any) -> MeteringSession:
+        """The session of a translated request: its translator maps every response and reads the usage (the
+        translated request always asks the backend for it)."""
+        return cls(translation.dialect, False, body, translation)
+
     def response_started(self, status: int, streaming: bool,
                          headers: list[tuple[bytes, bytes]] = ()) -> Callable[[bytes], bytes] | None:
         """The response head arrived: return what the relay passes each body chunk through, or None when
         this response is not read (not metered, or not a success)."""
+        if self.translation is not None:
+            return self._translating(status, streaming)
         if self.dialect is None or not 200 <= status < 300:
             return None
         if self.dialect == TGI_GENERATE_SSE:
@@ -90,11 +119,48 @@ class MeteringSession:
         self._collected = []
         return self._collect
 
+    def _translating(self, status: int, streaming: bool) -> Callable[[bytes], bytes]:
+        self.rewrites = True
+        if streaming and 200 <= status < 300:
+            self._meter = self.translation.stream(self._body)
+            return self._meter.feed
+        if not 200 <= status < 300:
+            self._error_status = status
+        self._collected = []
+        return self._hold
+
+    def pinger(self) -> Callable[[], bytes] | None:
+        """What makes the keep-alive events of a translated stream whose client API has them, else None."""
+        meter = self._meter
+        if self.translation is None or not self.translation.pings or meter is None:
+            return None
+        ping: Callable[[], bytes] | None = getattr(meter, "ping", None)
+        return ping
+
+    def _hold(self, data: bytes) -> bytes:
+        """A translated body is mapped whole at its end; one too large to map goes on as it is."""
+        collected = self._collected
+        if collected is None:
+            return data
+        collected.append(data)
+        self._collected_size += len(data)
+        if self._collected_size <= MAX_TRANSLATED_JSON:
+            return b""
+        self._collected = None
+        return b"".join(collected)
+
     def response_ended(self) -> bytes:
         """The response ended cleanly: return the bytes a meter still held back (usually b"")."""
         if self._meter is not None:
             return self._meter.finish()
         collected = self._collected
+        if collected is not None and self.translation is not None:
+            self._collected = None
+            raw = b"".join(collected)
+            if self._error_status:
+                return self.translation.error(raw, self._error_status)
+            out, self._usage = self.translation.body(raw, self._body)
+            return out
         if collected is not None:
             self._collected = None
             self._usage, self._body_response_id = read_json_body(b"".join(collected), self.dialect)

@@ -118,6 +118,7 @@ def chat(call: Call) -> Reply:
         n = tool_call_completion_tokens(calls)
     else:
         n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
+    n, finish, matched = chat_finish(call, req, n)
     p = prompt_tokens(req, TEMPLATE)
     base = {"id": _request_id(call, "chatcmpl-"), "object": "chat.completion.chunk", "created": CREATED,
             "model": call.request_model()}
@@ -125,12 +126,11 @@ def chat(call: Call) -> Reply:
         if calls:
             events = _tool_call_events(base, _tool_call_ids(call, len(calls)), calls, p, include, continuous)
         else:
-            events = _chat_events(base, n, p, include, continuous)
+            events = _chat_events(base, n, p, include, continuous, finish, matched)
         return stream_reply(error_after(events, call.error_after, MIDSTREAM_ERROR), EVENT_STREAM,
                             prompt_tokens=p, completion_tokens=n)
     message = {"role": "assistant", "content": completion_text(n), "refusal": None, "annotations": None,
                "audio": None, "function_call": None, "tool_calls": [], "reasoning": None}
-    finish = "length"
     if calls:
         ids = _tool_call_ids(call, len(calls))
         message["content"], finish = None, "tool_calls"
@@ -138,14 +138,34 @@ def chat(call: Call) -> Reply:
                                  for i, (name, args) in enumerate(calls)]
     body = {**base, "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish,
-                         "stop_reason": None, "token_ids": None}],
+                         "stop_reason": matched, "token_ids": None}],
             "service_tier": None, "system_fingerprint": FINGERPRINT,
             "usage": {**_usage(p, n), "prompt_tokens_details": None},
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None}
     return generated(json_reply(body), p, n)
 
 
-def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous: bool) -> Iterator[bytes]:
+def chat_finish(call: Call, req: dict[str, Any], n: int) -> tuple[int, str, str | None]:
+    """(tokens, finish_reason, stop_reason) of a text answer of at most `n` tokens.
+
+    The mock's "model" runs out of its budget ("length") unless asked to end with an EOS token
+    (x-mock-eos: 1, and max_tokens did not cut it first: "stop"). A stop string in the request ends it
+    before the first token where the text would contain it: "stop", and vLLM's `stop_reason` names the string.
+    """
+    stops = req.get("stop")
+    stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
+    text = ""
+    for i in range(n):
+        text += word(i)
+        hit = next((stop for stop in stops if isinstance(stop, str) and stop and stop in text), None)
+        if hit is not None:
+            return i, "stop", hit
+    eos = call.headers.get("x-mock-eos", "").strip().lower() in ("1", "true", "yes")
+    return n, "stop" if eos and n == call.tokens else "length", None
+
+
+def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous: bool, finish: str = "length",
+                 matched: str | None = None) -> Iterator[bytes]:
     role: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}
     if continuous:
@@ -159,8 +179,8 @@ def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous
     for i in range(n - 1):
         yield template.fill(word(i), _usage(p, i + 1)) if continuous else template.fill(word(i))
     last: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"content": word(n - 1) if n else ""},
-                                                 "logprobs": None, "finish_reason": "length",
-                                                 "stop_reason": None, "token_ids": None}]}
+                                                 "logprobs": None, "finish_reason": finish,
+                                                 "stop_reason": matched, "token_ids": None}]}
     if continuous:
         last["usage"] = _usage(p, n)
     if not include:

@@ -26,6 +26,7 @@ from llmproxy.fleet.balancer import (
     queue_depth,
     smooth_weighted,
 )
+from llmproxy.fleet.credentials import Credentials
 
 
 @dataclass(eq=False)
@@ -264,7 +265,8 @@ def test_the_strategy_names_are_exactly_the_documented_ones():
 
 def backend(name: str) -> Backend:
     config = BackendConfig(url=f"http://{name}", name=name)
-    return Backend(config=config, pool=None, name=name, host_header=b"", base_path=b"", authorization=None,
+    return Backend(config=config, pool=None, name=name, host_header=b"", base_path=b"",
+                   credentials=Credentials([], "bearer", lambda: 0.0),
                    first_byte_timeout=1.0, stream_idle_timeout=1.0, kind="vllm")
 
 

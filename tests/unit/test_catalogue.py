@@ -40,7 +40,7 @@ from llmproxy.metering.dialects import (
     ("/v1/completions", "tgi", OPENAI_COMPLETIONS_SSE),
     ("/v1/responses", "vllm", OPENAI_RESPONSES_SSE),
     ("/v1/responses", "ollama", OPENAI_RESPONSES_SSE),
-    ("/v1/responses", "tgi", None),
+    ("/v1/responses", "tgi", OPENAI_RESPONSES_SSE),
     ("/generate_stream", AUTO, TGI_GENERATE_SSE),
     ("/generate", "tgi", TGI_GENERATE_SSE),
     ("/generate_stream", "vllm", None),
@@ -69,7 +69,8 @@ from llmproxy.metering.dialects import (
     ("/health", AUTO, None),
     ("/v1/messages", "vllm", ANTHROPIC_MESSAGES_SSE),
     ("/v1/messages", "ollama", ANTHROPIC_MESSAGES_SSE),
-    ("/v1/messages", "tgi", None),
+    # An API family's path is read in its own format whatever the kind: `apis:` may give it to any backend.
+    ("/v1/messages", "tgi", ANTHROPIC_MESSAGES_SSE),
     ("/v1/messages/count_tokens", "vllm", None),  # counts, generates nothing
 ])
 def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, kind: str, expected: str | None):
@@ -84,7 +85,7 @@ def test_the_metering_dialect_of_a_path_depends_on_the_backend_kind(path: str, k
     # adapters, SGLang's newer info names and cache controls
     ("/slots/0", {"llamacpp"}), ("/lora-adapters", {"llamacpp"}), ("/server_info", {"sglang"}),
     ("/model_info", {"sglang"}), ("/flush_cache", {"sglang"}),
-    ("/v1/chat/completions", set(BACKEND_KINDS)), ("/v1/models/x", set(BACKEND_KINDS)),
+    ("/v1/chat/completions", set(BACKEND_KINDS) - {"anthropic"}), ("/v1/models/x", set(BACKEND_KINDS)),
 ])
 def test_native_paths_are_served_by_their_kinds_only(path: str, kinds: set[str]):
     endpoint = lookup(path)
@@ -142,6 +143,20 @@ def test_every_row_names_known_kinds_and_dialects():
         assert endpoint.streams in (STREAMS_IF_ASKED, STREAMS_UNLESS_DECLINED, STREAMS_ALWAYS), path
 
 
-def test_kinds_are_listed_once_and_the_generic_one_is_not_detected_by_a_probe():
+def test_kinds_are_listed_once_and_only_the_generic_one_and_anthropic_are_not_detected_by_a_probe():
     assert tuple(KINDS) == BACKEND_KINDS
-    assert [kind.name for kind in KINDS.values() if kind.detect_path is None] == ["openai"]
+    # openai is what answers no probe; anthropic (Anthropic's API) is only ever declared
+    assert [kind.name for kind in KINDS.values() if kind.detect_path is None] == ["openai", "anthropic"]
+
+
+@pytest.mark.parametrize(("kind", "apis"), [
+    ("vllm", {"chat", "completions", "responses", "messages", "embeddings"}),
+    ("tgi", {"chat", "completions", "embeddings"}),
+    ("anthropic", {"messages"}),
+])
+def test_the_api_families_a_kind_serves_decide_who_serves_their_paths(kind: str, apis: set[str]):
+    assert KINDS[kind].apis == apis
+    served = {family for family, path in (("chat", "/v1/chat/completions"), ("messages", "/v1/messages"),
+                                          ("responses", "/v1/responses"), ("embeddings", "/v1/embeddings"),
+                                          ("completions", "/v1/completions")) if lookup(path).served_by(kind)}
+    assert served == apis

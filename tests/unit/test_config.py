@@ -33,6 +33,7 @@ from llmproxy.config.model import (
     RoutingConfig,
     ServerConfig,
     Timeouts,
+    TranslationConfig,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.yaml.example"
@@ -358,7 +359,7 @@ def test_unknown_key_message() -> None:
         (one(tls_verify=1), "backends[0].tls_verify: must be true or false, got 1"),
         (one(tls_verify="yes"), 'backends[0].tls_verify: must be true or false, got "yes"'),
         (one(type="foo"),
-         'backends[0].type: must be one of auto, ollama, tgi, sglang, llamacpp, vllm, openai, got "foo"'),
+         'backends[0].type: must be one of auto, ollama, tgi, sglang, llamacpp, vllm, openai, anthropic, got "foo"'),
         (one(name=""), 'backends[0].name: must be a non-empty name, got ""'),
         (one(name="a b"), 'backends[0].name: must not contain whitespace or control characters, got "a b"'),
         (
@@ -647,6 +648,7 @@ def test_example_documents_every_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
         BackendConfig,
         BackendTimeouts,
         RoutingConfig,
+        TranslationConfig,
         LoggingConfig,
         MetricsConfig,
         AuthConfig,

@@ -16,13 +16,15 @@ from llmproxy.catalogue import lookup
 from llmproxy.config.model import BackendConfig, HealthCheckConfig, PassiveHealthConfig
 from llmproxy.errors import ProxyError
 from llmproxy.fleet.backend import TTFT_FADE, Backend, is_pattern
+from llmproxy.fleet.credentials import Credentials
 from llmproxy.fleet.health import HealthMonitor
 from llmproxy.fleet.router import Router
 
 
 def backend(name: str, weight: int = 1, kind: str = "vllm", models: list[str] | None = None) -> Backend:
     config = BackendConfig(url=f"http://{name}", name=name, weight=weight, type=kind, models=models)
-    made = Backend(config=config, pool=None, name=name, host_header=b"", base_path=b"", authorization=None,
+    made = Backend(config=config, pool=None, name=name, host_header=b"", base_path=b"",
+                   credentials=Credentials([], "bearer", lambda: 0.0),
                    first_byte_timeout=1.0, stream_idle_timeout=1.0, kind=kind, weight=weight)
     if models is not None:
         made.model_patterns = tuple(m for m in models if is_pattern(m))

@@ -20,7 +20,6 @@ REQUEST_ID = b"rid-0001"
 class Upstream:
     base_path: bytes = b""
     host_header: bytes = b"backend:8000"
-    authorization: bytes | None = None
 
 
 def request(*headers: tuple[bytes, bytes], method: bytes = b"POST", target: bytes = b"/v1/chat/completions",
@@ -44,8 +43,8 @@ def split(message: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
 
 
 def upstream(head: RequestHead, body: bytes = b"", *, peer: str = PEER, rules: HeaderRules | None = None,
-             to: Upstream | None = None) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
-    sent = (rules or HeaderRules()).upstream_request(head, peer, REQUEST_ID, to or Upstream(), body)
+             to: Upstream | None = None, **options) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    sent = (rules or HeaderRules()).upstream_request(head, peer, REQUEST_ID, to or Upstream(), body, **options)
     return split(sent)
 
 
@@ -144,15 +143,25 @@ def test_the_request_id_is_the_one_given_and_only_it():
     assert values(fields, b"x-request-id") == [REQUEST_ID]
 
 
-@pytest.mark.parametrize(("authorization", "sent"), [
-    (b"Bearer sk-backend", [b"Bearer sk-backend"]),
-    (None, []),
+@pytest.mark.parametrize(("credential", "authorization", "api_key"), [
+    (b"authorization: Bearer sk-backend\r\n", [b"Bearer sk-backend"], []),
+    (b"x-api-key: sk-backend\r\n", [], [b"sk-backend"]),  # Anthropic's API
+    (b"", [], []),
 ])
-def test_the_backend_gets_its_own_authorization_or_none(authorization: bytes | None, sent: list[bytes]):
+def test_the_backend_gets_its_own_credential_or_none(credential: bytes, authorization: list[bytes],
+                                                     api_key: list[bytes]):
     head = request((b"authorization", b"Bearer sk-client"), (b"x-api-key", b"sk-client"))
-    _, fields, _ = upstream(head, to=Upstream(authorization=authorization))
-    assert values(fields, b"authorization") == sent
-    assert values(fields, b"x-api-key") == []
+    _, fields, _ = upstream(head, credential=credential)
+    assert values(fields, b"authorization") == authorization
+    assert values(fields, b"x-api-key") == api_key
+
+
+def test_a_translated_request_goes_to_the_backend_apis_path_uncompressed():
+    head = request((b"accept-encoding", b"gzip, deflate"), (b"anthropic-version", b"2023-06-01"),
+                   target=b"/v1/messages")
+    line, fields, _ = upstream(head, target=b"/v1/chat/completions", skip=frozenset({b"accept-encoding"}))
+    assert line == b"POST /v1/chat/completions HTTP/1.1"
+    assert values(fields, b"accept-encoding") == [] and values(fields, b"anthropic-version") == [b"2023-06-01"]
 
 
 # (trusted_proxies, peer, the client's X-Forwarded-For headers, what the backend gets)

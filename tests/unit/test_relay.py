@@ -312,6 +312,7 @@ class FakeSession:
         self.ended = 0
         self.streamed = True
         self.rewrites = True
+        self.translation = None  # pass-through: the translated path has tests of its own
 
     def response_started(self, status: int, streaming: bool, headers: list[tuple[bytes, bytes]]):
         self.started.append((status, streaming))

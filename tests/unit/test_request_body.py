@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from llmproxy.catalogue import lookup
-from llmproxy.config.model import BackendConfig
+from llmproxy.catalogue import ALL_FAMILIES, lookup
+from llmproxy.config.model import BackendConfig, RoutingConfig, TranslationConfig
 from llmproxy.context import RequestContext, new_context
 from llmproxy.http11.request import RequestHead
 from llmproxy.pipeline import prepare_attempt
@@ -24,12 +24,15 @@ def _ctx(target: bytes) -> RequestContext:
 
 def _backend(**options):
     config = BackendConfig(url="http://b", **options)
-    return SimpleNamespace(config=config, kind=config.type)
+    # Only what an attempt's plan reads of it: a backend of unknown kind serves every API natively.
+    return SimpleNamespace(config=config, kind=config.type, apis=ALL_FAMILIES, serves_endpoint=lambda endpoint: True)
 
 
 def prepare_for_backend(ctx: RequestContext, backend, body: bytes) -> bytes:
     """What the pipeline sends `backend` on an attempt (metering on)."""
-    return prepare_attempt(SimpleNamespace(metering=True), ctx, backend, body)
+    services = SimpleNamespace(metering=True, fleet=SimpleNamespace(routing=RoutingConfig()),
+                               translation=TranslationConfig())
+    return prepare_attempt(services, ctx, backend, body)
 
 
 def _prepare(target: bytes, body: dict, **backend) -> tuple[object, dict]:
