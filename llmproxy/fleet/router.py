@@ -38,19 +38,23 @@ class Router:
         former serves the model (always: as well; never: not at all).
         """
         native = [b for b in self.backends if b.serves_endpoint(endpoint)]
-        targets = TRANSLATIONS.get(endpoint.family or "", ()) if translate != "never" else ()
-        translated = [b for b in self.backends if b not in native and any(t in b.apis for t in targets)] \
-            if targets else []
-        if not native and not translated:
-            raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
-        if model is not None:
-            native = [b for b in native if b.serves(model)]
-            translated = [b for b in translated if b.serves(model)]
-        able = native + translated if translate == "always" or not native else native
+        able = native if model is None else [b for b in native if b.serves(model)]
+        if not able or translate == "always":
+            translated = self._translatable(endpoint, native, translate)
+            if not native and not translated:
+                raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
+            able = able + (translated if model is None else [b for b in translated if b.serves(model)])
         if not able:
             raise ProxyError("model_not_found", f"The model `{model}` does not exist.")
         available = [b for b in able if b.available(now)]
         return available or able
+
+    def _translatable(self, endpoint: Endpoint, native: list[Backend], translate: str) -> list[Backend]:
+        """The backends that serve the endpoint's API only through a translation (none under `never`)."""
+        targets = TRANSLATIONS.get(endpoint.family or "", ()) if translate != "never" else ()
+        if not targets:
+            return []
+        return [b for b in self.backends if b not in native and any(target in b.apis for target in targets)]
 
     def model_cards(self, now: float) -> list[dict]:
         """/v1/models: every model of the available backends (all backends if none is), then aliases."""
