@@ -30,6 +30,7 @@ class Backend(Protocol):
     """What translation needs to know of a backend (llmproxy.fleet.backend.Backend)."""
 
     kind: str
+    config: Any  # its BackendConfig: inject_usage
 
     @property
     def apis(self) -> frozenset[str]: ...
@@ -64,6 +65,8 @@ class Translation:
         kind = KINDS.get(backend.kind)
         mapped = self._request(body, stream=stream, continuous_usage=kind is not None and kind.continuous_usage,
                                default_max_tokens=default_max_tokens)
+        if not backend.config.inject_usage:
+            mapped.pop("stream_options", None)  # a backend that refuses the option: the stream is estimated
         return orjson.dumps(mapped)
 
     def stream(self, request: dict[str, Any]) -> Meter:
