@@ -45,12 +45,17 @@ class MockOptions:
     strict_models: bool = False  # answer a request naming an unserved model like the real server does
     # llama.cpp only: serve GET /metrics, as llama-server does when started with --metrics (else 501)
     metrics: bool = False
+    # anthropic only: the x-api-key values accepted; empty accepts any non-empty key
+    api_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {self.dialect!r}; expected one of {', '.join(DIALECTS)}")
         if self.tokens < 0 or self.delay_ms < 0 or self.first_byte_delay_ms < 0:
             raise ValueError("tokens and delays must not be negative")
+        self.api_keys = tuple(self.api_keys)  # a list from a caller must not be shared and mutated
+        if any(not key for key in self.api_keys):  # an empty key would be the same as sending none
+            raise ValueError("--api-key must not be empty")
         if self.model and not self.models:  # "," or " , ": a typo, not a request for the default
             raise ValueError(f"--model names no model: {self.model!r}")
 
