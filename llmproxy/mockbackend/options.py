@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIALECTS = ("vllm", "tgi", "ollama", "llamacpp", "sglang")
+DIALECTS = ("vllm", "tgi", "ollama", "llamacpp", "sglang", "anthropic")
 
 # The model each real server would report when the request does not name one.
 DEFAULT_MODELS = {
@@ -17,6 +17,7 @@ DEFAULT_MODELS = {
     "ollama": "llama3.2:latest",
     "llamacpp": "qwen2.5-7b-instruct-q4_k_m.gguf",  # llama-server names the model by its file unless --alias
     "sglang": "Qwen/Qwen2.5-7B-Instruct",
+    "anthropic": "claude-sonnet-4-5",  # Anthropic's own API (api.anthropic.com), by the alias clients use
 }
 
 # A backend must never be asked to hold more than this many events in one response: it bounds the
