@@ -1,4 +1,5 @@
-"""A deterministic, fast fake of vLLM, TGI, Ollama, llama.cpp and SGLang for the proxy's tests, benchmarks and demo.
+"""A deterministic, fast fake of vLLM, TGI, Ollama, llama.cpp, SGLang and Anthropic's API for the proxy's tests,
+benchmarks and demo.
 
 Embed it in a running loop with `await start_mock_backend(MockOptions(...))`, or run it as a
 process with `llmproxy mock-backend` / `python -m llmproxy.mockbackend` (prints one line,
@@ -34,6 +35,11 @@ previous_response_id is the engine's 404 (a bounded map of ids per process).
 llamacpp (§10): /completion, /infill, /tokenize, /props, /slots, its OpenAI routes with timings, /metrics only
 with --metrics, and the connection closed after every streamed response. sglang (§11): /generate with
 meta_info, /get_model_info, /get_server_info, /metrics.
+anthropic (§13): Anthropic's own API as a client sees it: x-api-key (or Authorization: Bearer) checked against
+--api-key (any non-empty key when none is given), anthropic-version required, request-id and anthropic-ratelimit-*
+headers, Anthropic's error envelope; /v1/messages with ping, the cache split in both message_start and
+message_delta, stop_sequences honoured (stop_reason "stop_sequence"), an overloaded_error event for
+x-mock-error-after; /v1/messages/count_tokens; /v1/models and /v1/models/{id} (/_mock/health steers /v1/models).
 
 Request headers steer one request (each overrides the CLI default):
   x-mock-tokens: N                  completion length
@@ -57,7 +63,7 @@ Request headers steer one request (each overrides the CLI default):
                                     cached_tokens, vLLM Responses input_tokens_details.cached_tokens
   x-mock-cache-write: N             Anthropic cache_creation_input_tokens (excluded from input_tokens)
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
-POST /_mock/reset-stats, and three whose state reset-stats keeps:
+POST /_mock/reset-stats, and four whose state reset-stats keeps:
   POST /_mock/health/<status>       200..599; the health routes (vLLM/TGI /health and /ping, Ollama
                                     /api/version and /, llama.cpp /health, SGLang /health) answer it in the
                                     dialect's shape; 200 restores
@@ -66,6 +72,8 @@ POST /_mock/reset-stats, and three whose state reset-stats keeps:
                                     num_queue_reqs/num_running_reqs), kv the KV-cache use 0..1 (vLLM
                                     kv_cache_usage_perc, SGLang token_usage); a gauge not given, or every
                                     gauge when there is no query, follows the live count
+  POST /_mock/throttle?key=K&seconds=S   anthropic: requests with key K answer 429 rate_limit_error with
+                                    retry-after (whole seconds left) until S seconds have passed; S=0 lifts it
   POST /_mock/loading/1             every route answers the dialect's 503 (as /_mock/health/503 shapes it),
                                     unknown paths too, as llama-server does while it loads its model (its
                                     /models and /v1/models stay open); /_mock/loading/0 ends it

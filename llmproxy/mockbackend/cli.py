@@ -21,7 +21,7 @@ def _listen(value: str) -> tuple[str, int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmproxy mock-backend",
-        description="Deterministic fake vLLM/TGI/Ollama/llama.cpp/SGLang server for tests and benchmarks.",
+        description="Deterministic fake vLLM/TGI/Ollama/llama.cpp/SGLang/Anthropic server for tests and benchmarks.",
     )
     parser.add_argument("--dialect", choices=DIALECTS, default="vllm")
     parser.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), metavar="HOST:PORT",
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="answer a request naming an unserved model with the server's 404 (TGI ignores names)")
     parser.add_argument("--metrics", action="store_true",
                         help="llama.cpp: serve GET /metrics, as llama-server --metrics does (else 501)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY", dest="api_keys",
+                        help="anthropic: an accepted x-api-key (repeatable; default: any non-empty key)")
     return parser
 
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = MockOptions(dialect=args.dialect, tokens=args.tokens, delay_ms=args.delay_ms,
                               first_byte_delay_ms=args.first_byte_delay_ms, model=args.model,
-                              strict_models=args.strict_models, metrics=args.metrics)
+                              strict_models=args.strict_models, metrics=args.metrics, api_keys=tuple(args.api_keys))
     except ValueError as exc:
         print(f"llmproxy mock-backend: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIALECTS = ("vllm", "tgi", "ollama", "llamacpp", "sglang")
+DIALECTS = ("vllm", "tgi", "ollama", "llamacpp", "sglang", "anthropic")
 
 # The model each real server would report when the request does not name one.
 DEFAULT_MODELS = {
@@ -17,6 +17,7 @@ DEFAULT_MODELS = {
     "ollama": "llama3.2:latest",
     "llamacpp": "qwen2.5-7b-instruct-q4_k_m.gguf",  # llama-server names the model by its file unless --alias
     "sglang": "Qwen/Qwen2.5-7B-Instruct",
+    "anthropic": "claude-sonnet-4-5",  # Anthropic's own API (api.anthropic.com), by the alias clients use
 }
 
 # A backend must never be asked to hold more than this many events in one response: it bounds the
@@ -45,12 +46,17 @@ class MockOptions:
     strict_models: bool = False  # answer a request naming an unserved model like the real server does
     # llama.cpp only: serve GET /metrics, as llama-server does when started with --metrics (else 501)
     metrics: bool = False
+    # anthropic only: the x-api-key values accepted; empty accepts any non-empty key
+    api_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {self.dialect!r}; expected one of {', '.join(DIALECTS)}")
         if self.tokens < 0 or self.delay_ms < 0 or self.first_byte_delay_ms < 0:
             raise ValueError("tokens and delays must not be negative")
+        self.api_keys = tuple(self.api_keys)  # a list from a caller must not be shared and mutated
+        if any(not key for key in self.api_keys):  # an empty key would be the same as sending none
+            raise ValueError("--api-key must not be empty")
         if self.model and not self.models:  # "," or " , ": a typo, not a request for the default
             raise ValueError(f"--model names no model: {self.model!r}")
 

@@ -53,6 +53,8 @@ class Call:
     kv_usage: Callable[[], float] = lambda: 0.0  # KV-cache use, 0..1 (pinned by /_mock/gauges?kv=F)
     responses: Any = None  # the per-process map of Responses ids (responses.ResponseStore)
     metrics_enabled: bool = False  # llama.cpp's --metrics
+    api_keys: tuple[str, ...] = ()  # the keys an API-key dialect accepts (--api-key); empty: any
+    throttled: Callable[[str], float] = lambda key: 0.0  # seconds an API key stays throttled (/_mock/throttle)
     _json: Any = None
 
     def json(self) -> dict[str, Any]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl
 
+import llmproxy.mockbackend.anthropic as anthropic
 import llmproxy.mockbackend.llamacpp as llamacpp
 import llmproxy.mockbackend.ollama as ollama
 import llmproxy.mockbackend.sglang as sglang
@@ -23,12 +25,13 @@ from llmproxy.mockbackend.stats import Gate, MockStats
 from llmproxy.mockbackend.writer import ResponseWriter
 
 DIALECT_MODULES: dict[str, ModuleType] = {"vllm": vllm, "tgi": tgi, "ollama": ollama, "llamacpp": llamacpp,
-                                          "sglang": sglang}
+                                          "sglang": sglang, "anthropic": anthropic}
 CONTROL_PREFIX = "/_mock/"
 GAUGE_NAMES = ("waiting", "running", "kv")
 # Live KV-cache use when /_mock/gauges does not pin it: each running generation holds 1/16 of the cache.
 KV_PER_RUNNING = 1 / 16
 MAX_GAUGE = 1_000_000_000  # far above any real queue, and small enough to print exactly as a float
+MAX_THROTTLE_SECONDS = 86_400
 
 
 def _phrase(status: int) -> str:
@@ -78,6 +81,7 @@ class MockState:
         self.loading = False  # /_mock/loading/1: every route but the model lists answers 503, as while loading
         self.gauge_overrides: dict[str, float] = {}
         self.responses = ResponseStore()  # the Responses API ids this process produced
+        self.throttles: dict[str, float] = {}  # API key -> time.monotonic() its /_mock/throttle ends
 
     def connection_opened(self, conn: MockConnection) -> None:
         self.connections.add(conn)
@@ -100,6 +104,17 @@ class MockState:
         if "kv" in self.gauge_overrides:
             return self.gauge_overrides["kv"]
         return min(1.0, self.stats.requests_running * KV_PER_RUNNING)
+
+    def throttled(self, key: str) -> float:
+        """Seconds the API key `key` stays throttled by /_mock/throttle (0: not throttled)."""
+        until = self.throttles.get(key)
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self.throttles[key]
+            return 0.0
+        return left
 
     def default_knobs(self) -> Knobs:
         opts = self.options
@@ -140,6 +155,8 @@ class MockState:
         if knobs.fixture is not None:
             return self.fixtures.get(knobs.fixture).reply()
         route = self.dialect.ROUTES.get(path)
+        if route is None and hasattr(self.dialect, "route_for"):
+            route = self.dialect.route_for(path)  # paths with a parameter (anthropic's /v1/models/{id})
         if route is None:
             raise BadRequest("Not Found", 404)
         method, handler = route
@@ -150,7 +167,8 @@ class MockState:
         call = Call(method=method, path=path, headers=headers, body=request.body, tokens=knobs.tokens,
                     model=self.models[0], models=self.models, gauges=self.gauges, error_after=knobs.error_after,
                     cache_read=knobs.cache_read, cache_write=knobs.cache_write, kv_usage=self.kv_usage,
-                    responses=self.responses, metrics_enabled=self.options.metrics)
+                    responses=self.responses, metrics_enabled=self.options.metrics,
+                    api_keys=self.options.api_keys, throttled=self.throttled)
         refused = self._refuse_model(call)
         return handler(call) if refused is None else refused
 
@@ -192,6 +210,8 @@ class MockState:
             return self._set_loading(action[len("loading/"):])
         if action == "gauges":
             return self._set_gauges(query)
+        if action == "throttle":
+            return self._set_throttle(query)
         return None
 
     def _release(self, token: str) -> Reply:
@@ -214,6 +234,22 @@ class MockState:
     def _set_loading(self, raw: str) -> Reply:
         self.loading = bool(_control_int("loading", raw, 0, 1))
         return json_reply({"loading": self.loading})
+
+    def _set_throttle(self, query: str) -> Reply:
+        """Make requests carrying x-api-key K answer 429 for S seconds (key=K&seconds=S; S=0 lifts it).
+
+        Only the anthropic dialect reads it: a proxy rotating keys must see one key refused, others not.
+        """
+        args = dict(parse_qsl(query, keep_blank_values=True))
+        key = args.get("key")
+        if not key or set(args) != {"key", "seconds"}:
+            raise BadRequest("expected key=K&seconds=S")
+        seconds = _control_int("seconds", args["seconds"], 0, MAX_THROTTLE_SECONDS)
+        if seconds:
+            self.throttles[key] = time.monotonic() + seconds
+        else:
+            self.throttles.pop(key, None)
+        return json_reply({"key": key, "seconds": seconds})
 
     def _set_gauges(self, query: str) -> Reply:
         """Pin the given load gauges; each call replaces the previous pins, so no query unpins them all.

@@ -26,6 +26,19 @@ class RequestRecord:
     outcome: str | None = None  # complete | client_disconnect | reset | server_close
     response_body_sha256: str | None = None  # of the payload written, framing removed
     response_bytes: int = 0
+    api_key: str | None = None  # the key the request carried (x-api-key, else Authorization: Bearer)
+
+
+def api_key(headers: dict[str, str]) -> str:
+    """The API key a request carries: x-api-key, else an Authorization: Bearer token ("" if neither).
+
+    Anthropic's API takes a key in either header: the classic clients send x-api-key, its current SDKs Bearer.
+    """
+    key = headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 class MockStats:
@@ -57,7 +70,7 @@ class MockStats:
         record = RequestRecord(
             id=self._next_id, method=method, path=path, headers=[[n, v] for n, v in headers],
             body_sha256=hashlib.sha256(body).hexdigest(),
-            body=body[:MAX_LOGGED_BODY].decode("utf-8", "replace"),
+            body=body[:MAX_LOGGED_BODY].decode("utf-8", "replace"), api_key=api_key(dict(headers)) or None,
         )
         self.requests.append(record)
         return record

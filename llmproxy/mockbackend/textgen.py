@@ -42,6 +42,7 @@ class ChatTemplate:
     generation: int  # the prompt that opens the assistant's reply
     default_system: str | None = None  # the system prompt the template adds when the request has none
     tools_preamble: int = 0  # the template's words introducing tool definitions (their JSON is counted too)
+    image_tokens: int = 0  # what one image block costs (0: images are not counted, as text-only engines drop them)
 
 
 PLAIN = ChatTemplate("none", 0, 0, 0)
@@ -50,10 +51,14 @@ CHATML_QWEN = ChatTemplate("ChatML (Qwen2.5)", 0, 5, 3,
                            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", 30)
 ZEPHYR = ChatTemplate("Zephyr", 0, 4, 2)  # the TGI mock's zephyr-7b-beta: <|user|>\n ... </s>\n
 LLAMA3 = ChatTemplate("Llama 3.2", 1, 5, 4, None, 40)  # the Ollama mock's llama3.2: <|start_header_id|>...
+# Claude (the anthropic dialect): no BOS, a few tokens per turn; with tools, the system prompt Anthropic documents
+# for tool use (346 tokens on Claude 4 models). The mock does not decode images: each counts as the largest square
+# Anthropic takes without resizing, 1092x1092 pixels, at its width * height / 750 tokens.
+CLAUDE = ChatTemplate("Claude", 0, 3, 2, None, 346, image_tokens=1092 * 1092 // 750)
 # llama.cpp's llama-server runs a Qwen2.5 GGUF (its embedded template is the same ChatML, default system prompt
 # included); SGLang serves Qwen2.5 from Hugging Face like the vLLM mock.
 TEMPLATES = {"vllm": CHATML_QWEN, "tgi": ZEPHYR, "ollama": LLAMA3, "llamacpp": CHATML_QWEN,
-             "sglang": CHATML_QWEN}  # by mock dialect
+             "sglang": CHATML_QWEN, "anthropic": CLAUDE}  # by mock dialect
 
 
 def word(i: int) -> str:
@@ -112,6 +117,20 @@ def _part_text(part: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
+def count_images(content: Any) -> int:
+    """The image blocks of a message's content, those inside tool_result blocks included."""
+    if not isinstance(content, list):
+        return 0
+    count = 0
+    for part in content:
+        if isinstance(part, dict):
+            if part.get("type") == "image":
+                count += 1
+            elif part.get("type") == "tool_result":
+                count += count_images(part.get("content"))
+    return count
+
+
 def prompt_pieces(body: Any) -> list[Any]:
     """Return the prompt of a request body as a list of strings or token-id lists."""
     if not isinstance(body, dict):
@@ -167,6 +186,8 @@ def chat_prompt_tokens(messages: list[Any], tools: Any, template: ChatTemplate) 
     for message in messages:
         if isinstance(message, dict):
             count += template.per_message + count_tokens(_content_text(message.get("content")))
+            if template.image_tokens:
+                count += template.image_tokens * count_images(message.get("content"))
             calls = message.get("tool_calls")
             if calls:
                 count += count_tokens(json.dumps(calls, separators=(",", ":")))
