@@ -154,12 +154,15 @@ def chat_finish(call: Call, req: dict[str, Any], n: int) -> tuple[int, str, str 
     """
     stops = req.get("stop")
     stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
-    text = ""
-    for i in range(n):
-        text += word(i)
-        hit = next((stop for stop in stops if isinstance(stop, str) and stop and stop in text), None)
-        if hit is not None:
-            return i, "stop", hit
+    stops = [stop for stop in stops if isinstance(stop, str) and stop]
+    if stops:
+        words: list[str] = []
+        for i in range(n):
+            words.append(word(i))
+            text = "".join(words[-64:])  # the tail is enough: a stop string spans a few tokens
+            hit = next((stop for stop in stops if stop in text), None)
+            if hit is not None:
+                return i, "stop", hit
     eos = call.headers.get("x-mock-eos", "").strip().lower() in ("1", "true", "yes")
     return n, "stop" if eos and n == call.tokens else "length", None
 
