@@ -155,7 +155,9 @@ def responses_usage(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
     prompt, completion = usage.prompt or 0, usage.completion_tokens or 0
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+    # Both details are required fields of the API's usage object (the openai SDK's ResponseUsage).
+    details = {"cached_tokens": usage.cache_read_tokens or 0, "cache_write_tokens": usage.cache_write_tokens or 0}
+    return {"input_tokens": prompt, "input_tokens_details": details,
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion}
 
