@@ -176,10 +176,15 @@ def _response(request: dict[str, Any], response_id: str, model: Any, created: in
             "user": request.get("user"), "metadata": request.get("metadata") or {}}
 
 
+# The chat finish reasons that leave a response incomplete, and the reason the Responses API gives.
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 def _finished(response: dict[str, Any], finish_reason: Any, usage: Usage | None) -> dict[str, Any]:
-    if finish_reason == "length":
+    reason = _INCOMPLETE.get(finish_reason) if isinstance(finish_reason, str) else None
+    if reason is not None:
         response["status"] = "incomplete"
-        response["incomplete_details"] = {"reason": "max_output_tokens"}
+        response["incomplete_details"] = {"reason": reason}
     else:
         response["status"] = "completed"
     response["usage"] = responses_usage(usage)

@@ -355,6 +355,12 @@ def test_a_stream_cut_by_max_tokens_is_incomplete():
     assert final["response"]["usage"]["output_tokens"] == 2
 
 
+def test_a_stream_stopped_by_the_content_filter_is_incomplete_for_that_reason():
+    events, _ = translate(ROLE, chunk({"content": "Well"}, "content_filter"), DONE)
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "content_filter"}
+
+
 def test_a_stream_cut_before_done_never_completes():
     # The relay calls finish() only at a clean end: a cut stream is fed and never finished.
     events, _ = translate(ROLE, chunk({"content": "Hel"}), chunk({"content": "lo"}, "stop"), end=False)
@@ -515,6 +521,12 @@ def test_a_body_cut_by_max_tokens_is_incomplete():
     assert response["status"] == "incomplete"
     assert response["incomplete_details"] == {"reason": "max_output_tokens"}
     assert response["max_output_tokens"] == 4
+
+
+def test_a_body_stopped_by_the_content_filter_is_incomplete_for_that_reason():
+    response, _ = whole(chat_body({"role": "assistant", "content": "Well"}, "content_filter"))
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "content_filter"}
 
 
 def test_a_body_that_is_not_json_goes_on_as_it_is():
