@@ -286,6 +286,8 @@ class ChatToResponses:
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else error
+            if self._response is None:  # a client's stream starts with response.created, even one that fails
+                self._start(chunk, out)
             self._emit(out, "error", {"code": None, "message": str(message), "param": None})
             self._done = True
             return

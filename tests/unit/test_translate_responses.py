@@ -407,6 +407,14 @@ def test_an_error_chunk_is_an_error_event_and_nothing_follows(error, message):
     assert types(events).count("response.output_text.delta") == 1
 
 
+def test_an_error_as_the_first_chunk_still_follows_response_created():
+    # The openai SDK's stream helper refuses any event before response.created (RuntimeError), and so would
+    # hide the backend's message.
+    events, _ = translate(b'data: {"error":{"message":"boom","code":500}}\n\n', DONE)
+    assert types(events) == ["response.created", "response.in_progress", "error"]
+    assert events[-1]["message"] == "boom"
+
+
 def test_other_choices_garbage_and_comments_are_ignored():
     events, _ = translate(b": keep-alive\n\n", ROLE, chunk({"content": "other"}, index=1), b"data: not json\n\n",
                           b"data: [1, 2]\n\n", chunk({"content": "mine"}, "stop"), DONE)
