@@ -24,6 +24,7 @@ from tests.e2e.test_responses import CODEX_HEADERS, CODEX_TOOLS
 from tests.support import (
     NO_PERIODIC_PROBES,
     Proc,
+    assert_idle,
     http_post,
     mock_posts,
     mock_stats,
@@ -32,6 +33,8 @@ from tests.support import (
     start_proxy,
     usage_config,
     usage_record,
+    usage_records,
+    wait_for,
 )
 
 TIMEOUT = 10.0
@@ -69,6 +72,14 @@ def setup(tmp_path_factory):
             mock.stop()
 
 
+@pytest.fixture(autouse=True)
+def _idle_after(request):
+    """After each test that used the module's proxy, nothing is left in flight or checked out."""
+    yield
+    if "setup" in request.fixturenames:
+        assert_idle(request.getfixturevalue("setup").proxy)
+
+
 def client(setup: Setup, **headers: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{setup.proxy.url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT,
                          default_headers={**EOS, **headers})
@@ -96,6 +107,14 @@ def last_request(mock: Proc) -> tuple[str, dict]:
     """The path and the JSON body of the last request a client sent the mock."""
     sent = mock_posts(mock)[-1]
     return sent["path"], json.loads(sent["body"])
+
+
+def record_of(setup: Setup, client_request_id: str) -> dict:
+    """The one usage record of the request the client sent with this X-Request-Id."""
+    found = wait_for(lambda: [r for r in usage_records(setup.directory)
+                              if r["client_request_id"] == client_request_id])
+    assert len(found) == 1, found
+    return found[0]
 
 
 def posts_everywhere(setup: Setup) -> int:
@@ -379,11 +398,31 @@ def test_an_in_band_error_is_an_error_event_after_response_created(setup, backen
 
 def test_a_stream_cut_by_the_backend_is_cut_for_the_client_without_response_completed(setup):
     seen = []
-    sdk = client(setup, **{"x-mock-reset-after-bytes": "700"})
+    request_id = f"cut-{uuid.uuid4().hex}"
+    sdk = client(setup, **{"x-mock-reset-after-bytes": "700", "x-request-id": request_id})
     with pytest.raises(openai.APIConnectionError):
         stream = sdk.responses.create(model=MODELS["vllm"], input="Hi", stream=True)
         seen.extend(event.type for event in stream)
     assert "response.output_text.delta" in seen and "response.completed" not in seen
+    record = record_of(setup, request_id)
+    assert (record["termination"], record["usage_source"], record["client_api"]) == ("SD", "estimated", "responses")
+    assert record["completion_tokens"] == seen.count("response.output_text.delta")  # what was relayed
+
+
+def test_a_client_that_hangs_up_stops_the_backend_at_once(setup):
+    mock = setup.mocks["vllm"]
+    token = uuid.uuid4().hex
+    request_id = f"gone-{uuid.uuid4().hex}"
+    before = mock_stats(mock)["client_disconnects_midstream"]
+    stream = client(setup, **{"x-mock-gate": token, "x-request-id": request_id}).responses.create(
+        model=MODELS["vllm"], input="Hi", stream=True)
+    events = iter(stream)
+    assert next(events).type == "response.created"
+    stream.close()  # the backend is held at its gate: only the proxy's close can end its response
+    wait_for(lambda: mock_stats(mock)["client_disconnects_midstream"] > before)
+    assert mock_posts(mock)[-1]["outcome"] == "client_disconnect"
+    record = record_of(setup, request_id)
+    assert (record["termination"], record["backend_api"]) == ("CD", "chat")
 
 
 @pytest.mark.xfail(strict=True, reason=(
