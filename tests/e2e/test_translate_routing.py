@@ -22,6 +22,8 @@ from tests.support import (
     mock_posts,
     send_request,
     start_mock,
+    upstreams,
+    wait_for,
 )
 
 TIMEOUT = 10.0
@@ -211,3 +213,20 @@ def test_a_failover_from_a_translated_attempt_to_a_native_one_relays_the_native_
         assert http_post(fresh["chat"].url + "/_mock/loading/0")[0] == 200
     assert "/v1/chat/completions" in paths(fresh["chat"])  # a translated attempt was made, and failed over
     assert paths(fresh["native"]) == ["/v1/responses"] * 4
+
+
+def test_when_the_native_backend_is_down_responses_are_translated_for_one_that_is_up(new_proxy, fresh):
+    proxy = new_proxy([backend(fresh, "native"), backend(fresh, "chat")],
+                      health_check={"interval": "0.1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+                                    "models_interval": 3600})
+    assert http_post(fresh["native"].url + "/_mock/health/503")[0] == 200  # its probes fail; it would still answer
+    try:
+        wait_for(lambda: not upstreams(proxy)["native"]["available"])
+        ask_responses(proxy, times=2)
+    finally:
+        assert http_post(fresh["native"].url + "/_mock/health/200")[0] == 200
+    assert paths(fresh["chat"]) == ["/v1/chat/completions"] * 2
+    assert paths(fresh["native"]) == []
+    wait_for(lambda: upstreams(proxy)["native"]["available"])
+    ask_responses(proxy, times=2)  # back up: native again
+    assert paths(fresh["native"]) == ["/v1/responses"] * 2
