@@ -35,7 +35,7 @@ class Router:
         `endpoint` is the path's catalogue row (which kinds serve it); `model` is the resolved name (after
         aliases); `now` is loop time; `translate` is routing.translate. Backends that serve the endpoint's API
         natively come first: those that serve it only through a translation are candidates when none of the
-        former serves the model (always: as well; never: not at all).
+        former serves the model, or none of those is available (always: as well; never: not at all).
         """
         native = [b for b in self.backends if b.serves_endpoint(endpoint)]
         able = native if model is None else [b for b in native if b.serves(model)]
@@ -47,6 +47,9 @@ class Router:
         if not able:
             raise ProxyError("model_not_found", f"The model `{model}` does not exist.")
         available = [b for b in able if b.available(now)]
+        if not available and able is native:
+            # Every native one is down: a translation to one that is up beats a failure almost certain.
+            available = [b for b in translated if b.available(now)]
         return available or able
 
     def _translatable(self, endpoint: Endpoint, native: list[Backend], translate: str) -> list[Backend]:

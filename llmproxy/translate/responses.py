@@ -155,7 +155,9 @@ def responses_usage(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
     prompt, completion = usage.prompt or 0, usage.completion_tokens or 0
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+    # Both details are required fields of the API's usage object (the openai SDK's ResponseUsage).
+    details = {"cached_tokens": usage.cache_read_tokens or 0, "cache_write_tokens": usage.cache_write_tokens or 0}
+    return {"input_tokens": prompt, "input_tokens_details": details,
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion}
 
@@ -174,10 +176,15 @@ def _response(request: dict[str, Any], response_id: str, model: Any, created: in
             "user": request.get("user"), "metadata": request.get("metadata") or {}}
 
 
+# The chat finish reasons that leave a response incomplete, and the reason the Responses API gives.
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 def _finished(response: dict[str, Any], finish_reason: Any, usage: Usage | None) -> dict[str, Any]:
-    if finish_reason == "length":
+    reason = _INCOMPLETE.get(finish_reason) if isinstance(finish_reason, str) else None
+    if reason is not None:
         response["status"] = "incomplete"
-        response["incomplete_details"] = {"reason": "max_output_tokens"}
+        response["incomplete_details"] = {"reason": reason}
     else:
         response["status"] = "completed"
     response["usage"] = responses_usage(usage)
@@ -279,6 +286,8 @@ class ChatToResponses:
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else error
+            if self._response is None:  # a client's stream starts with response.created, even one that fails
+                self._start(chunk, out)
             self._emit(out, "error", {"code": None, "message": str(message), "param": None})
             self._done = True
             return
