@@ -515,6 +515,20 @@ def test_what_messages_cannot_express_is_a_400_naming_the_field_and_nothing_goes
     assert not [r for r in usage_records(setup.directory) if r["request_id"] == rid]
 
 
+@pytest.mark.parametrize(("options", "field"), [
+    ({"temperature": "warm"}, "`temperature`"),
+    ({"temperature": [0.5]}, "`temperature`"),
+    ({"tools": 5}, "`tools`"),
+    ({"messages": [*HELLO, {"role": "assistant", "tool_calls": 5}]}, "`messages[1].tool_calls`"),
+])
+def test_a_value_of_the_wrong_type_is_a_400_naming_the_field_not_a_500(setup, options, field):
+    reset_stats(setup)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(setup).chat.completions.create(model=MODEL, messages=HELLO, extra_body=options)
+    assert caught.value.body["message"].startswith(field + ":"), caught.value.body
+    assert mock_posts(setup.mock) == []
+
+
 def test_an_error_event_mid_stream_makes_the_sdk_raise_and_the_stream_has_no_done(setup):
     stream = client(setup).chat.completions.create(model=MODEL, messages=HELLO, stream=True,
                                                    extra_headers={"x-mock-error-after": "5"})
