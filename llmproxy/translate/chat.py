@@ -67,7 +67,8 @@ def request_to_messages(body: dict[str, Any], *, default_max_tokens: int) -> dic
     if tools:
         out["tools"] = [_messages_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
         choice = _tool_choice(body.get("tool_choice"))
-        if body.get("parallel_tool_calls") is False:
+        if body.get("parallel_tool_calls") is False and (choice or {}).get("type") != "none":
+            # Anthropic's "none" takes no such field (and refuses extra inputs): no tool use, nothing to serialise
             choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
         if choice is not None:
             out["tool_choice"] = choice

@@ -286,6 +286,23 @@ def test_parallel_tool_calls_false_makes_one_call(setup):
     assert completion.choices[0].message.content is None
 
 
+@pytest.mark.parametrize(("tool_choice", "sent"), [
+    ("auto", {"type": "auto", "disable_parallel_tool_use": True}),
+    ("required", {"type": "any", "disable_parallel_tool_use": True}),
+    ({"type": "function", "function": {"name": "get_time"}},
+     {"type": "tool", "name": "get_time", "disable_parallel_tool_use": True}),
+    # Anthropic's tool_choice "none" has no disable_parallel_tool_use (ToolChoiceNone: `type` only; the API
+    # refuses extra inputs), and with no tool use there is nothing to make sequential.
+    ("none", {"type": "none"}),
+])
+def test_parallel_tool_calls_false_goes_with_each_tool_choice_that_allows_it(setup, tool_choice, sent):
+    raw = client(setup).chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, tools=[WEATHER, CLOCK], tool_choice=tool_choice, parallel_tool_calls=False)
+    raw.parse()
+    _, body = received_one(setup, request_id(raw))
+    assert body["tool_choice"] == sent
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize(("options", "content", "finish_reason", "sent"), [
     ({}, text(MOCK_TOKENS), "stop", {"max_tokens": DEFAULT_MAX_TOKENS}),
