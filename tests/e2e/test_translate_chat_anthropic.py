@@ -633,6 +633,24 @@ def test_each_translated_chunk_reaches_the_client_before_anthropic_sends_its_nex
     assert rest[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_client_that_leaves_mid_stream_closes_anthropics_stream_and_is_recorded_with_its_prompt(setup):
+    token = f"gate-{time.monotonic_ns()}"
+    stream = client(setup).chat.completions.create(model=MODEL, messages=HELLO, stream=True,
+                                                   extra_headers={"x-mock-gate": token, "x-mock-cache-read": "3"})
+    chunks = iter(stream)
+    next(chunks)
+    release(setup, token, 3)
+    assert next(chunks).choices[0].delta.content == word(0)
+    rid = request_id(stream)
+    stream.close()  # while the mock holds the rest
+    (attempt,) = wait_for(lambda: [r for r in received(setup, rid) if r["outcome"] == "client_disconnect"])
+    record = usage_record(setup.directory, rid)
+    # message_start's prompt (input + cache reads), the one delta relayed as the output.
+    assert (record["usage_source"], record["prompt_tokens"], record["cache_read_tokens"]) == (
+        "estimated", mock_prompt(json.loads(attempt["body"])), 3)
+    assert (record["completion_tokens"], record["termination"]) == (1, "CD")  # the client, in the data
+
+
 # --- a Messages client passes through -----------------------------------------------------------------------
 
 
