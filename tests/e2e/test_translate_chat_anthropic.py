@@ -579,6 +579,14 @@ def test_the_model_list_has_the_configured_models_without_asking_anthropic(setup
     assert mock_stats(setup.mock)["requests"] == []
 
 
+@pytest.mark.xfail(strict=True, reason="fleet/introspect._openai_cards keeps an anthropic backend's cards as Anthropic "
+                   "wrote them (type, display_name, created_at) with only `object` added: OpenAI's required `created` "
+                   "(int) and `owned_by` are missing, so a validating OpenAI client refuses the list")
+def test_the_model_cards_are_openais_models(setup):
+    for card in client(setup).models.with_raw_response.list().http_response.json()["data"]:
+        openai.types.Model.model_validate(card)  # created: int, owned_by: str, object: "model"
+
+
 def test_the_probe_sends_the_key_and_marks_the_backend_healthy_until_the_api_fails(tmp_path):
     probing = {"interval": "100ms", "timeout": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
                "models_interval": 3600}
