@@ -52,17 +52,23 @@ def request_to_messages(body: dict[str, Any], *, default_max_tokens: int) -> dic
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-    if body.get("temperature") is not None:
-        out["temperature"] = min(float(body["temperature"]), 1.0)  # OpenAI's range is 0-2, Anthropic's 0-1
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise untranslatable("temperature", "must be a number")
+        out["temperature"] = min(float(temperature), 1.0)  # OpenAI's range is 0-2, Anthropic's 0-1
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
     tools = body.get("tools")
+    if tools and not isinstance(tools, list):
+        raise untranslatable("tools", "must be a list of tools")
     if tools:
         out["tools"] = [_messages_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
         choice = _tool_choice(body.get("tool_choice"))
-        if body.get("parallel_tool_calls") is False:
+        if body.get("parallel_tool_calls") is False and (choice or {}).get("type") != "none":
+            # Anthropic's "none" takes no such field (and refuses extra inputs): no tool use, nothing to serialise
             choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
         if choice is not None:
             out["tool_choice"] = choice
@@ -131,7 +137,10 @@ def _assistant_blocks(message: dict[str, Any], field: str) -> list[dict[str, Any
     text = text_of(message.get("content"), f"{field}.content")
     if text:
         blocks.append({"type": "text", "text": text})
-    for i, call in enumerate(message.get("tool_calls") or []):
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise untranslatable(f"{field}.tool_calls", "must be a list of tool calls")
+    for i, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
             raise untranslatable(f"{field}.tool_calls[{i}]", "must be a function call")
