@@ -46,6 +46,7 @@ RESPONSES_API = "openai-responses"
 # A translated response is read and rewritten: it must come uncompressed.
 TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
 KEY_THROTTLED = "key_throttled"  # a 429 on one of a backend's keys while another key is free: always retried
+MAX_KEY_ROTATIONS = 16  # bounds the key retries of one request (an upstream that 429s every key, never resting)
 
 
 async def handle_request(services: Services, ctx: RequestContext) -> None:
@@ -113,28 +114,33 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
     """Forward to one backend after another until one answers or retrying is no longer allowed."""
     routing = fleet.routing
     tried: list[Backend] = []
-    for attempt in range(routing.retries + 1):
+    attempt = 0
+    rotations = 0  # retries with another key of the same backend after a 429: not attempts of their own
+    while True:
         untried = [b for b in candidates if b not in tried] if tried else candidates
         backend = fleet.balancer.choose(untried or candidates)
         tried.append(backend)
         last = attempt == routing.retries
         try:
-            await forward(services, ctx, backend, prepare_attempt(services, ctx, backend, body), last)
+            await forward(services, ctx, backend, prepare_attempt(services, ctx, backend, body), last,
+                          rotations < MAX_KEY_ROTATIONS)
         except ProxyError as error:
             if error.backend_fault:
                 fleet.health.request_failed(backend)
-            condition = error.retry_condition
-            if condition == "429" and ctx.key_throttled:
-                condition = KEY_THROTTLED
-            retryable = condition == KEY_THROTTLED or condition in fleet.retry_on
-            if last or not retryable or ctx.response_started or ctx.conn.closed:
+            rotated = error.retry_condition == "429" and ctx.key_throttled
+            retryable = rotated or error.retry_condition in fleet.retry_on
+            if (last and not rotated) or not retryable or ctx.response_started or ctx.conn.closed:
                 raise
             drop_traceback(error)  # swallowed: its frames hold the exchange, connection and ctx
             ctx.retries += 1
             if services.metrics is not None:
-                services.metrics.observe_retry(condition)
+                services.metrics.observe_retry(KEY_THROTTLED if rotated else error.retry_condition)
+            if rotated:  # another key, at once: the throttled one rests
+                rotations += 1
+                continue
             # Full jitter: retries of many requests that failed together do not arrive together.
             await asyncio.sleep(random.uniform(0.0, routing.retry_backoff * 2 ** attempt))
+            attempt += 1
             continue
         if ctx.status >= 500:
             fleet.health.request_failed(backend)
@@ -160,6 +166,7 @@ def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, b
         return mapped
     served = endpoint.on(backend.kind)
     ctx.backend_api = served.family or served.api
+    ctx.meter = None  # not a previous (translated) attempt's
     if services.metering:
         ctx.meter = MeteringSession.plan(ctx.endpoint.dialect_on(backend.kind),
                                          inject_allowed=backend.config.inject_usage, is_stream=ctx.is_stream,
@@ -167,18 +174,20 @@ def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, b
     return body_for_backend(ctx, body, ctx.meter is not None and ctx.meter.injects_usage)
 
 
-async def forward(services: Services, ctx: RequestContext, backend: Backend, body: bytes, last: bool) -> None:
+async def forward(services: Services, ctx: RequestContext, backend: Backend, body: bytes, last: bool,
+                  may_rotate: bool = True) -> None:
     """Send the request to `backend` and relay the response; raises ProxyError before any byte is sent.
 
-    Unless this is the `last` attempt, a response whose status routing.retry_on names (or a 429 on one of
-    the backend's keys while another is free) is not relayed: it raises ProxyError("upstream_status").
+    Unless this is the `last` attempt, a response whose status routing.retry_on names is not relayed: it
+    raises ProxyError("upstream_status"). Nor is a 429 on one of the backend's keys while another is free
+    (`may_rotate`): the pipeline retries with that one.
     """
     ctx.backend = backend.name
     backend.in_flight += 1
     credentials = backend.credentials
     credential, key = credentials.pick()
     refuse_statuses = frozenset() if last else services.fleet.retry_statuses
-    ctx.key_throttled = not last and credentials.rotates and credentials.another_available(key)
+    ctx.key_throttled = may_rotate and credentials.rotates and credentials.another_available(key)
     if ctx.key_throttled:
         refuse_statuses |= {429}
     try:

@@ -24,7 +24,7 @@ from llmproxy.http11.headers import connection_line, response_head
 from llmproxy.http11.response import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
 from llmproxy.http11.wire import LAST_CHUNK
 from llmproxy.overhead import server_timing
-from llmproxy.upstream.connection import UPSTREAM_FAILED, UpstreamConnection
+from llmproxy.upstream.connection import PROTOCOL_ERROR, UPSTREAM_FAILED, UpstreamConnection
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
@@ -128,7 +128,7 @@ class Exchange:
         self._awaiting_head = False
         self.ctx.backend_status = status
         if status == 429:
-            self.retry_after = _header(headers, b"retry-after")
+            self.retry_after = _header(headers, b"retry-after") or b""  # b"": the key rests the default time
         if status in self._refuse_statuses:
             self._refuse(status)
             return
@@ -162,6 +162,9 @@ class Exchange:
             try:
                 data = feed(data)  # the same bytes, unless it removed the usage event we injected
             except Exception:  # a metering bug must never cost the client its stream
+                if self.ctx.meter is not None and self.ctx.meter.translation is not None:
+                    self._translation_failed()  # the backend's API is not the client's: nothing to fall back to
+                    return
                 log.exception("meter failed; relaying the rest of request %s unmetered", self.ctx.request_id)
                 self._feed = None
             if not data:
@@ -193,6 +196,15 @@ class Exchange:
         histogram = self._overhead.chunk if head is None else self._overhead.first_byte
         histogram.observe(perf_counter() - self.upstream.read_at)
 
+    def _translation_failed(self) -> None:
+        """A translator that cannot follow the backend's response: the client must not get it in the backend's API,
+        nor a clean end. Before any byte went out it is a 502; after, a truncation."""
+        log.exception("translating the response of request %s failed", self.ctx.request_id)
+        self._feed = None
+        self.upstream.detach()
+        self.upstream.abort()
+        self.on_upstream_lost("the backend's response could not be translated", PROTOCOL_ERROR)
+
     def _send_ping(self) -> None:
         """Keep a silent translated stream alive: its ping goes out at once (with the head, if still held)."""
         try:
@@ -217,6 +229,9 @@ class Exchange:
                 if tail:
                     self._forward(tail)
             except Exception:  # a metering bug must never cost the client the end of its response
+                if self.ctx.meter.translation is not None:
+                    self._translation_failed()
+                    return
                 log.exception("metering the end of request %s failed", self.ctx.request_id)
         if self._chunked:
             self._out.append(LAST_CHUNK)

@@ -101,7 +101,10 @@ async def fetch_models(backend: BackendConfig, kind: str, timeout: float) -> lis
         tags = await _get_json(backend, "/api/tags", timeout)
         return _ollama_cards(tags)
     listing = await _get_json(backend, "/v1/models", timeout)
-    return _openai_cards(listing)
+    cards = _openai_cards(listing)
+    if kind == "anthropic":
+        cards = [_as_openai_card(card) for card in cards]
+    return cards
 
 
 async def _get_json(backend: BackendConfig, path: str, timeout: float) -> Any:
@@ -121,6 +124,12 @@ def _openai_cards(listing: Any) -> list[dict]:
     # Cards are kept whole: clients read extra fields (vLLM's max_model_len, root, ...).
     return [card if "object" in card else {**card, "object": "model"}
             for card in data if isinstance(card, dict) and isinstance(card.get("id"), str)]
+
+
+def _as_openai_card(card: dict) -> dict:
+    """An Anthropic model card (`created_at`, `display_name`) with the fields OpenAI clients require."""
+    created = card.get("created") if type(card.get("created")) is int else _epoch(card.get("created_at"))
+    return {**card, "object": "model", "created": created, "owned_by": card.get("owned_by") or "anthropic"}
 
 
 def _ollama_cards(tags: Any) -> list[dict]:

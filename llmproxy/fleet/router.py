@@ -39,17 +39,20 @@ class Router:
         """
         native = [b for b in self.backends if b.serves_endpoint(endpoint)]
         able = native if model is None else [b for b in native if b.serves(model)]
+        translated: list[Backend] | None = None  # looked for only when needed
         if not able or translate == "always":
-            translated = self._translatable(endpoint, native, translate)
-            if not native and not translated:
+            reachable = self._translatable(endpoint, native, translate)
+            if not native and not reachable:
                 raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
-            able = able + (translated if model is None else [b for b in translated if b.serves(model)])
+            translated = reachable if model is None else [b for b in reachable if b.serves(model)]
+            able = able + translated
         if not able:
             raise ProxyError("model_not_found", f"The model `{model}` does not exist.")
         available = [b for b in able if b.available(now)]
-        if not available and able is native:
+        if not available and translated is None:
             # Every native one is down: a translation to one that is up beats a failure almost certain.
-            available = [b for b in translated if b.available(now)]
+            available = [b for b in self._translatable(endpoint, native, translate)
+                         if b.available(now) and (model is None or b.serves(model))]
         return available or able
 
     def _translatable(self, endpoint: Endpoint, native: list[Backend], translate: str) -> list[Backend]:

@@ -126,14 +126,21 @@ assert set(PLANS) == {(client, backend) for client, targets in TRANSLATIONS.item
 
 def translation_for(endpoint: Endpoint, backend: Backend, mode: str) -> Translation | None:
     """How a request for `endpoint` is translated for `backend` under routing.translate `mode`; None: sent as
-    it is (the backend serves it natively, or no translation applies)."""
+    it is (the backend serves it natively, or no translation applies).
+
+    `always` translates what a backend serves natively only into Chat Completions, the API every engine serves
+    best: a chat request is never turned into a Messages request for an engine that serves both.
+    """
     family = endpoint.family
     if family is None or mode == "never" or family not in TRANSLATIONS:
         return None
-    if mode != "always" and backend.serves_endpoint(endpoint):
-        return None
+    targets = TRANSLATIONS[family]
+    if backend.serves_endpoint(endpoint):
+        if mode != "always":
+            return None
+        targets = tuple(target for target in targets if target == "chat")
     apis = backend.apis
-    for target in TRANSLATIONS[family]:
+    for target in targets:
         if target in apis:
             return PLANS[(family, target)]
     return None

@@ -425,10 +425,6 @@ def test_a_client_that_hangs_up_stops_the_backend_at_once(setup):
     assert (record["termination"], record["backend_api"]) == ("CD", "chat")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay.Exchange.on_response_body: when the translator raises (here: an SSE event over 8 MiB, EventTooLarge), "
-    "the relay drops it as if it were a meter and forwards the backend's raw chat chunks to the Responses client, "
-    "ending cleanly with [DONE]; a translated stream that can no longer be translated must be cut instead"))
 def test_a_stream_the_translator_cannot_follow_is_cut_not_passed_on_in_the_backends_api(tmp_path, procs, new_proxy):
     fixtures = tmp_path / "fixtures"
     fixtures.mkdir()

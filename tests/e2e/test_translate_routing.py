@@ -184,14 +184,7 @@ def test_an_unknown_api_or_translate_mode_refuses_to_start_naming_the_key(tmp_pa
         assert "listening on" not in result.stdout
 
 
-METERING_OFF_FAILOVER = pytest.mark.xfail(strict=True, reason=(
-    "pipeline.prepare_attempt sets ctx.meter only when usage.metering is on (or the attempt is translated): with "
-    "metering off, a native attempt after a translated one keeps the translated attempt's session, so the native "
-    "Responses stream is fed to the chat->Responses translator and the client gets response.created and nothing "
-    "more"))
-
-
-@pytest.mark.parametrize("metering", [True, pytest.param(False, marks=METERING_OFF_FAILOVER)],
+@pytest.mark.parametrize("metering", [True, False],
                          ids=["metered", "not-metered"])
 def test_a_failover_from_a_translated_attempt_to_a_native_one_relays_the_native_response(new_proxy, fresh, metering):
     # Every request is translated where it can be; the chat-only backend answers 503 (loading), and the one

@@ -97,7 +97,7 @@ def test_when_every_native_backend_is_down_a_translation_to_an_available_one_is_
     ("/v1/responses", "chat", "when_needed", "responses->chat"),
     ("/v1/responses", "chat", "never", None),
     ("/v1/messages", "tgi", "when_needed", "messages->chat"),
-    ("/v1/chat/completions", "native", "always", "chat->messages"),  # vLLM serves Messages: always is always
+    ("/v1/chat/completions", "native", "always", None),  # always translates into chat only: never chat->messages
     ("/v1/chat/completions", "chat", "always", None),  # no API to translate chat to on it
     ("/v1/completions", "chat", "always", None),  # no translation exists for completions
 ])
