@@ -616,9 +616,11 @@ def test_the_proxy_is_idle_after_the_module(setup: Setup) -> None:
     assert http_get(setup.proxy.url + "/health")[0] == 200
 
 
-# --- known defects outside the translator (xfail, strict) --------------------------------------------------
+# --- hand-made chat streams, replayed by a mock of their own ------------------------------------------------
 
 HUGE = 9 << 20  # one SSE event larger than the translator follows (translate/events.py MAX_EVENT, 8 MiB)
+# Two parallel calls as Ollama's OpenAI-compatible stream sends them: each whole, each numbered 0 (#15457).
+OLLAMA_CALLS = [("get_weather", '{"city":"Paris","days":2}'), ("get_time", '{"tz":"Europe/Paris"}')]
 
 
 @pytest.fixture(scope="module")
@@ -636,6 +638,10 @@ def odd_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc
     huge = event({"role": "assistant", "content": ""}) + event({"content": "x" * HUGE}) + event({}, "stop") \
         + b"data: [DONE]\n\n"
     write_fixture(fixtures, "huge_event.sse", huge)
+    write_fixture(fixtures, "reused_index.sse", event({"role": "assistant", "content": ""}) + b"".join(
+        event({"tool_calls": [{"id": f"call_{i}", "index": 0, "type": "function",
+                               "function": {"name": name, "arguments": arguments}}]})
+        for i, (name, arguments) in enumerate(OLLAMA_CALLS)) + event({}, "tool_calls") + b"data: [DONE]\n\n")
     mock = Proc(["mock-backend", "--dialect", "vllm", "--listen", "127.0.0.1:0", "--model", "claude-odd"],
                 env={"LLMPROXY_FIXTURES_DIR": str(fixtures)}).wait_listening()
     try:
@@ -653,6 +659,20 @@ def write_fixture(directory: Path, name: str, data: bytes) -> None:
     (directory / name).write_bytes(data)
     meta: dict[str, Any] = {"http": {"status": 200, "headers": {"content-type": "text/event-stream"}}}
     (directory / name).with_suffix(".json").write_text(json.dumps(meta))
+
+
+def test_parallel_calls_all_numbered_0_reach_the_sdk_as_one_tool_use_block_each(odd_backend) -> None:
+    _, proxy = odd_backend
+    sdk = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT)
+    with sdk.messages.stream(model="claude-odd", max_tokens=64, messages=[QUESTION], tools=[WEATHER, CLOCK],
+                             extra_headers={"x-mock-fixture": "reused_index.sse"}) as stream:
+        message = stream.get_final_message()
+    assert [(b.id, b.name, b.input) for b in message.content] == [
+        (f"call_{i}", name, json.loads(arguments)) for i, (name, arguments) in enumerate(OLLAMA_CALLS)]
+    assert message.stop_reason == "tool_use"
+
+
+# --- known defects outside the translator (xfail, strict) --------------------------------------------------
 
 
 @pytest.mark.xfail(strict=True, reason=(

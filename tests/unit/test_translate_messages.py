@@ -365,6 +365,25 @@ def test_two_calls_in_one_chunk_each_get_their_block():
     assert tool_uses(sdk_message(translate(stream)[0])) == [("a", "f", {}), ("b", "g", {})]
 
 
+def test_calls_that_all_say_index_0_are_told_apart_by_their_ids():
+    # Ollama's OpenAI-compatible stream numbers every parallel call 0, each sent whole with an id of its own
+    # (ollama/ollama#15457): a new id at a known index is a new call, not more arguments for the last one.
+    stream = (role() + calls(call(0, id="call_a", name="get_weather", arguments='{"city":"Paris"}'))
+              + calls(call(0, id="call_b", name="get_time", arguments='{"tz":"CET"}'))
+              + chunk({}, "tool_calls") + DONE)
+    out, _ = translate(stream)
+    assert tool_uses(sdk_message(out)) == [("call_a", "get_weather", {"city": "Paris"}),
+                                           ("call_b", "get_time", {"tz": "CET"})]
+    # An empty id repeated on every delta of one call is no new call.
+    tgi = (role() + calls(call(0, id="", name="f", arguments='{"a":')) + calls(call(0, id="", arguments="1}"))
+           + chunk({}, "tool_calls") + DONE)
+    assert tool_uses(sdk_message(translate(tgi)[0]))[0][1:] == ("f", {"a": 1})
+    # A call whose id comes again on later deltas is still one call.
+    same = (role() + calls(call(0, id="c", name="f", arguments='{"a":')) + calls(call(0, id="c", arguments="1}"))
+            + chunk({}, "tool_calls") + DONE)
+    assert tool_uses(sdk_message(translate(same)[0])) == [("c", "f", {"a": 1})]
+
+
 def test_a_call_without_an_id_gets_one():
     out, _ = translate(role() + calls(call(0, name="f", arguments="{}")) + chunk({}, "tool_calls") + DONE)
     ((block_id, name, arguments),) = tool_uses(sdk_message(out))
