@@ -403,7 +403,8 @@ def test_each_translated_event_reaches_the_client_while_the_backend_holds_the_ne
 @pytest.mark.parametrize("backend", CHAT_BACKENDS)
 def test_a_backend_silent_between_events_gets_pings_and_the_sdk_reads_through_them(setup: Setup,
                                                                                   backend: str) -> None:
-    knobs = {"x-mock-tokens": "2", "x-mock-delay-ms": "700"}  # each event after the first: 0.7 s of silence
+    # Each event after the first comes after 0.6 s of silence: a ping is due 0.3 s (and a sweeper tick) into it.
+    knobs = {"x-mock-tokens": "1", "x-mock-delay-ms": "600"}
     response, data, rid, error = raw_stream(setup, backend, {"max_tokens": 64, "messages": [QUESTION]}, **knobs)
     assert error is None and response.status_code == 200
     events = sse_blocks(data)
@@ -412,12 +413,12 @@ def test_a_backend_silent_between_events_gets_pings_and_the_sdk_reads_through_th
     assert names[0] == "message_start" and names[-1] == "message_stop", "pings only inside the message"
     assert all(data == {"type": "ping"} for name, data in events if name == "ping")
     assert [name for name, _ in without_pings(events)] == [
-        "message_start", "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "message_delta", "message_stop"]
+        "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+        "message_stop"]
     assert data.count(b"event: ping\ndata: ") == names.count("ping")  # well-formed as events, nothing else
-    assert record_for(setup, rid)["completion_tokens"] == 2
+    assert record_for(setup, rid)["completion_tokens"] == 1
     message, _ = streamed(setup, backend, {"max_tokens": 64, "messages": [QUESTION]}, **knobs)
-    assert text_of(message) == completion_text(2)
+    assert text_of(message) == completion_text(1)
 
 
 @pytest.mark.parametrize("backend", CHAT_BACKENDS)
