@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -489,6 +490,49 @@ def test_event_reader_joins_data_lines_and_keeps_the_unfinished_event():
     assert reader.feed(b"\n") == []
     assert reader.feed(b"\n") == [(b"", b"3")]
     assert reader.feed(b"data: 4") == [] and reader.finish() == [(b"", b"4")]
+
+
+# --- the recorded chat streams of the engines (tests/fixtures/streams) --------------------------------------
+
+STREAMS = Path(__file__).resolve().parents[1] / "fixtures" / "streams"
+CHAT_RECORDINGS = sorted(p.stem for p in STREAMS.glob("*.json")
+                         if json.loads(p.read_text()).get("dialect") == "openai-chat-sse")
+STOP_REASONS = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_use"}
+
+
+@pytest.mark.parametrize("name", CHAT_RECORDINGS)
+def test_each_recorded_chat_stream_reaches_the_sdk_whole_with_its_text_calls_and_counts(name):
+    meta = json.loads((STREAMS / f"{name}.json").read_text())
+    stream = (STREAMS / f"{name}.sse").read_bytes()
+    whole, _ = translate(stream)
+    bytewise, _ = translate(stream, pieces=list(range(1, len(stream))))
+    assert without_ids(events(bytewise)) == without_ids(events(whole)), "one byte per read"
+    if meta.get("expected_text") is None:  # an error inside the stream
+        assert names(whole)[-1] == "error" and "message_stop" not in names(whole)
+        with pytest.raises(anthropic.APIStatusError):
+            sdk_message(whole)
+        return
+    message = sdk_message(whole)
+    assert text_of_all(message) == meta["expected_text"]
+    assert message.stop_reason == STOP_REASONS[meta["finish_reason"]]
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in meta.get("expected_tool_calls", [])]
+    assert [(block_name, arguments) for _, block_name, arguments in tool_uses(message)] == calls
+    if meta.get("usage"):
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (
+            meta["usage"]["prompt_tokens"], meta["usage"]["completion_tokens"])
+    else:  # no usage in the stream: the deltas relayed
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (0, meta["content_events"])
+
+
+def without_ids(events_: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The events with message_start's id left out: made up when the engine's chunks have none (TGI's are "")."""
+    return [(name, {**data, "message": {**data["message"], "id": None}} if name == "message_start" else data)
+            for name, data in events_]
+
+
+def text_of_all(message: anthropic.types.Message) -> str:
+    return "".join(texts(message))
 
 
 # --- the property: any stream the vLLM mock can make, cut anywhere, parses in the SDK ----------------------
