@@ -492,6 +492,54 @@ def test_event_reader_joins_data_lines_and_keeps_the_unfinished_event():
     assert reader.feed(b"data: 4") == [] and reader.finish() == [(b"", b"4")]
 
 
+# --- a whole (not streamed) chat.completion --------------------------------------------------------------
+
+
+def completion(message: dict, finish: str, usage: dict | None = None, **choice: Any) -> bytes:
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "qwen",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish, **choice}]}
+    if usage is not None:
+        body["usage"] = usage
+    return json.dumps(body).encode()
+
+
+def test_a_whole_text_completion_is_a_message_with_the_backends_usage():
+    raw = completion({"content": "Paris."}, "stop", {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14,
+                                                      "prompt_tokens_details": {"cached_tokens": 8}})
+    out, usage = tm.chat_body_to_messages(raw, {"model": "alias"})
+    assert json.loads(out) == {"id": "msg_chatcmpl-1", "type": "message", "role": "assistant", "model": "qwen",
+                               "content": [{"type": "text", "text": "Paris."}], "stop_reason": "end_turn",
+                               "stop_sequence": None,
+                               "usage": {"input_tokens": 4, "output_tokens": 2, "cache_read_input_tokens": 8}}
+    assert (usage.prompt, usage.completion_tokens, usage.cache_read_tokens) == (12, 2, 8)
+
+
+def test_a_whole_tool_call_completion_is_tool_use_blocks_after_the_text():
+    raw = completion({"content": "Checking.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"type": "function", "function": {"name": "get_time", "arguments": ""}}]}, "tool_calls")
+    message = json.loads(tm.chat_body_to_messages(raw, {})[0])
+    assert message["content"][:2] == [{"type": "text", "text": "Checking."}, {
+        "type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]
+    third = message["content"][2]
+    assert third["id"].startswith("toolu_") and (third["name"], third["input"]) == ("get_time", {})
+    assert message["stop_reason"] == "tool_use"
+    assert message["usage"] == {"input_tokens": 0, "output_tokens": 0}  # the backend said nothing
+
+
+@pytest.mark.parametrize(("finish", "matched", "reason", "sequence"), [
+    ("stop", "END", "stop_sequence", "END"), ("length", None, "max_tokens", None), ("stop", None, "end_turn", None)])
+def test_a_whole_completion_says_why_it_stopped(finish, matched, reason, sequence):
+    raw = completion({"content": "x"}, finish, stop_reason=matched)
+    message = json.loads(tm.chat_body_to_messages(raw, {"stop_sequences": ["END"]})[0])
+    assert (message["stop_reason"], message["stop_sequence"]) == (reason, sequence)
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b""])
+def test_a_body_that_is_no_completion_goes_on_as_it_is(raw):
+    assert tm.chat_body_to_messages(raw, {}) == (raw, None)
+
+
 # --- the recorded chat streams of the engines (tests/fixtures/streams) --------------------------------------
 
 STREAMS = Path(__file__).resolve().parents[1] / "fixtures" / "streams"
