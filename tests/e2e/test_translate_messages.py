@@ -622,6 +622,7 @@ def test_the_proxy_is_idle_after_the_module(setup: Setup) -> None:
 HUGE = 9 << 20  # one SSE event larger than the translator follows (translate/events.py MAX_EVENT, 8 MiB)
 # Two parallel calls as Ollama's OpenAI-compatible stream sends them: each whole, each numbered 0 (#15457).
 OLLAMA_CALLS = [("get_weather", '{"city":"Paris","days":2}'), ("get_time", '{"tz":"Europe/Paris"}')]
+THOUGHTS = 12  # chunks of a reasoning model's thinking (vLLM --reasoning-parser: delta.reasoning_content)
 
 
 @pytest.fixture(scope="module")
@@ -643,11 +644,15 @@ def odd_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc
         event({"tool_calls": [{"id": f"call_{i}", "index": 0, "type": "function",
                                "function": {"name": name, "arguments": arguments}}]})
         for i, (name, arguments) in enumerate(OLLAMA_CALLS)) + event({}, "tool_calls") + b"data: [DONE]\n\n")
+    write_fixture(fixtures, "thinking.sse", event({"role": "assistant", "content": ""}) + b"".join(
+        event({"reasoning_content": f" thought{i}"}) for i in range(THOUGHTS)) + event({"content": "Paris."}, "stop")
+        + b"data: [DONE]\n\n")
     mock = Proc(["mock-backend", "--dialect", "vllm", "--listen", "127.0.0.1:0", "--model", "claude-odd"],
                 env={"LLMPROXY_FIXTURES_DIR": str(fixtures)}).wait_listening()
     try:
         proxy = start_proxy(directory, [{"url": mock.url, "name": "odd", "type": "vllm", "apis": ["chat"],
-                                         "models": ["claude-odd"]}], health_check=NO_PERIODIC_PROBES)
+                                         "models": ["claude-odd"]}], health_check=NO_PERIODIC_PROBES,
+                             translation={"ping_interval": f"{PING_INTERVAL}s"})
         try:
             yield mock, proxy
         finally:
@@ -695,6 +700,25 @@ def test_a_translator_failure_never_passes_chat_chunks_to_a_messages_client(odd_
     data = b"".join(chunks)
     assert response.status_code == 200 and data.startswith(b"event: message_start")
     assert b"chat.completion.chunk" not in data and b"[DONE]" not in data
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "relay.Exchange.check_deadlines times pings by the backend's silence (its reads), but the translator maps a "
+    "reasoning model's thinking chunks (delta.reasoning_content) to no event: while the backend thinks, chunk "
+    "after chunk, the Messages client hears nothing at all, however long (a load balancer's idle timeout cuts "
+    "it). Pings should follow the client's silence (or thinking become thinking blocks)."))
+def test_a_client_hears_a_ping_every_interval_while_the_backend_streams_what_maps_to_nothing(odd_backend) -> None:
+    _, proxy = odd_backend
+    body = {"model": "claude-odd", "max_tokens": 64, "stream": True, "messages": [QUESTION]}
+    # One thinking chunk every 0.15 s for 1.8 s: the backend is never silent for a ping interval (0.3 s).
+    with httpx.Client(timeout=CLIENT_TIMEOUT) as client, client.stream(
+            "POST", f"{proxy.url}/v1/messages", json=body,
+            headers={"x-mock-fixture": "thinking.sse", "x-mock-delay-ms": "150"}) as response:
+        data = b"".join(response.iter_raw())
+    events = [name for name, _ in sse_blocks(data)]
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    thinking = events[:events.index("content_block_start")]
+    assert thinking.count("ping") >= 3, f"the client heard {thinking} in {THOUGHTS * 0.15:.1f} s of thinking"
 
 
 @pytest.mark.xfail(strict=True, reason=(
