@@ -35,6 +35,7 @@ from tests.support import (
     assert_idle,
     http_get,
     http_post,
+    mock_posts,
     mock_stats,
     post_request,
     raw_connect,
@@ -720,6 +721,37 @@ def test_a_client_hears_a_ping_every_interval_while_the_backend_streams_what_map
     assert events[0] == "message_start" and events[-1] == "message_stop"
     thinking = events[:events.index("content_block_start")]
     assert thinking.count("ping") >= 3, f"the client heard {thinking} in {THOUGHTS * 0.15:.1f} s of thinking"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline.prepare_attempt: an attempt that is not translated sets ctx.meter only when metering is on, so with "
+    "usage.metering false a retry on a native Messages backend after a translated attempt keeps the previous "
+    "attempt's translated session: the native stream is fed to ChatToMessages and the client gets a message with "
+    "no content and no stop_reason."))
+def test_a_retry_from_a_translated_backend_to_a_native_one_relays_the_native_stream(setup: Setup,
+                                                                                     tmp_path: Path) -> None:
+    # routing.translate always: a chat-capable backend is translated to, a Messages-only one is not.
+    loading = start_mock("vllm", "--model", MODELS["native"])
+    try:
+        proxy = start_proxy(tmp_path, [
+            {"url": loading.url, "name": "chat", "type": "vllm", "apis": ["chat"], "models": [MODELS["native"]]},
+            {"url": setup.mocks["native"].url, "name": "native", "type": "vllm", "apis": ["messages"],
+             "models": [MODELS["native"]]},
+        ], usage={"metering": False}, routing={"translate": "always"}, health_check=NO_PERIODIC_PROBES)
+        try:
+            http_post(f"{loading.url}/_mock/loading/1")  # it answers 503 (retried elsewhere) from now on
+            sdk = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT)
+            answers = []
+            for _ in range(2):  # round robin: one of them goes to the 503 backend first
+                with sdk.messages.stream(model=MODELS["native"], max_tokens=64, messages=[QUESTION],
+                                         extra_headers={"x-mock-tokens": "3"}) as stream:
+                    answers.append(stream.get_final_message())
+            assert mock_posts(loading), "no attempt was retried"
+        finally:
+            proxy.stop()
+    finally:
+        loading.stop()
+    assert [(text_of(m), m.stop_reason) for m in answers] == [(completion_text(3), "end_turn")] * 2
 
 
 @pytest.mark.xfail(strict=True, reason=(
