@@ -16,6 +16,7 @@ from typing import Any
 import anthropic
 import httpx2
 import pytest
+from anthropic._streaming import SSEDecoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -490,6 +491,34 @@ def test_event_reader_joins_data_lines_and_keeps_the_unfinished_event():
     assert reader.feed(b"\n") == []
     assert reader.feed(b"\n") == [(b"", b"3")]
     assert reader.feed(b"data: 4") == [] and reader.finish() == [(b"", b"4")]
+
+
+@st.composite
+def sse_texts(draw) -> bytes:
+    """SSE text of any shape: data (with colons, spaces, empty), event names, ids, retries, comments, unknown
+    fields, blank-line runs, any of the three line ends (a CR and a LF that follow make one); it ends with a
+    blank line, so that every event in it is complete."""
+    value = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=12)
+    line = st.one_of(
+        st.builds(lambda v: "data: " + v, value), st.builds(lambda v: "data:" + v, value), st.just("data"),
+        st.builds(lambda v: "event: " + v, st.from_regex(r"[a-z_]{1,8}", fullmatch=True)),
+        st.builds(lambda v: "id: " + v, value), st.just("retry: 10"), st.builds(lambda v: ": " + v, value),
+        st.builds(lambda v: "x-field: " + v, value), st.just(""))
+    lines = draw(st.lists(line, max_size=30))
+    ends = draw(st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=len(lines), max_size=len(lines)))
+    return "".join(text + end for text, end in zip(lines, ends, strict=True)).encode() + b"\n\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=sse_texts(), data=st.data())
+def test_event_reader_reads_any_sse_cut_anywhere_as_the_sdks_own_decoder_does(text, data):
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(text) - 1), max_size=20))))
+    pieces = [text[a:b] for a, b in itertools.pairwise([0, *cuts, len(text)])]
+    reader = EventReader()
+    ours = [event for piece in pieces for event in reader.feed(piece)] + reader.finish()
+    sdk = [((e.event or "").encode(), e.data.encode()) for e in SSEDecoder().iter_bytes(iter(pieces))]
+    # Events with data, the only ones either side reads (the SDK's Stream skips one whose data is empty).
+    assert [e for e in ours if e[1]] == [e for e in sdk if e[1]]
 
 
 # --- a whole (not streamed) chat.completion --------------------------------------------------------------
