@@ -589,7 +589,7 @@ def test_a_client_that_leaves_midstream_closes_the_backends_stream_within_a_seco
 
 
 def test_a_client_that_stops_reading_keeps_the_proxys_memory_bounded(setup: Setup) -> None:
-    # On TGI: the vLLM mock's chat route spends time quadratic in x-mock-tokens before it answers (chat_finish).
+    # On TGI: at ab20b57 the vLLM mock's chat route takes time quadratic in x-mock-tokens before it answers.
     rid, tag = tagged()
     mock = setup.mocks["tgi-chat"]
     rss_before = rss_kib(setup.proxy.pid)
