@@ -242,7 +242,7 @@ class ChatToMessages:
         self._started = False
         self._block = -1  # index of the open content block (-1: none yet)
         self._block_kind = ""  # "text" or "tool"
-        self._calls: dict[int, int] = {}  # the chat tool-call index -> its content block
+        self._calls: dict[Any, tuple[int, Any]] = {}  # the chat tool-call index -> (its content block, its id)
         self._finish: Any = None
         self._matched: Any = None
         self._done = False
@@ -334,17 +334,21 @@ class ChatToMessages:
     def _tool_call(self, call: dict[str, Any], out: list[bytes]) -> None:
         index = call.get("index", 0)
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        if index not in self._calls:  # a new call: its block opens with its id and name
+        call_id = call.get("id")
+        known = self._calls.get(index)
+        # A new call: an index not seen yet, or a new id at a known one (Ollama numbers every parallel call 0,
+        # ollama/ollama#15457). Its block opens with its id and name.
+        if known is None or (call_id and call_id != known[1]):
             self._close(out)
             self._block += 1
-            self._calls[index] = self._block
+            self._calls[index] = (self._block, call_id)
             self._block_kind = "tool"
-            block = {"type": "tool_use", "id": call.get("id") or new_id("toolu_"), "name": function.get("name"),
+            block = {"type": "tool_use", "id": call_id or new_id("toolu_"), "name": function.get("name"),
                      "input": {}}
             out.append(b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
                        b'"content_block":%b}\n\n' % (self._block, orjson.dumps(block)))
         arguments = function.get("arguments")
-        if arguments and self._calls[index] == self._block:  # blocks never reopen: engines stream calls in order
+        if arguments and self._calls[index][0] == self._block:  # blocks never reopen: calls come in order
             out.append(_JSON_DELTA % (self._block, json_str(arguments)))
             self.content_events += 1
 
