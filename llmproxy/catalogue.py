@@ -116,6 +116,8 @@ class Endpoint:
     variants: tuple[tuple[str, Endpoint], ...] = ()
     # One of FAMILIES: which backends serve it is their `apis` (a kind's default, or configured), not `kinds`.
     family: str | None = None
+    # A family a backend must also serve (by its `apis`) to get this path: count_tokens belongs to Messages.
+    requires: str | None = None
 
     def served_by(self, kind: str) -> bool:
         """A backend of `kind` serves this path (for a family: by its kind's defaults; Backend.serves_endpoint
@@ -170,8 +172,9 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/responses": Endpoint("openai-responses", ANY_KIND, OPENAI_RESPONSES_SSE, family="responses"),
     # Anthropic's Messages API (Claude Code).
     "/v1/messages": MESSAGES,
+    # Counts, generates nothing: not billed. Only for backends that serve Messages (by their `apis`).
     "/v1/messages/count_tokens": Endpoint("anthropic-count-tokens", frozenset({"vllm", "llamacpp", "anthropic"}),
-                                          errors=ANTHROPIC_ERRORS),  # counts, generates nothing: not billed
+                                          errors=ANTHROPIC_ERRORS, requires="messages"),
     "/v1/embeddings": Endpoint("openai-embeddings", ANY_KIND, OPENAI_EMBEDDINGS, family="embeddings"),
     "/chat/completions": Endpoint("openai-chat", _UNVERSIONED_KINDS, OPENAI_CHAT_SSE, usage_option=True),
     # llama.cpp's /completions is its native completion, not OpenAI's.

@@ -62,9 +62,9 @@ class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
     __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_last_progress", "_loop", "_out",
-                 "_overhead", "_pending_head", "_ping", "_ping_at", "_progress", "_refuse_statuses", "_settings",
-                 "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done", "retry_after",
-                 "upstream")
+                 "_overhead", "_pending_head", "_ping", "_ping_at", "_ping_sent", "_progress", "_refuse_statuses",
+                 "_settings", "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done",
+                 "retry_after", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
                  settings: RelaySettings, refuse_statuses: frozenset[int] = frozenset()) -> None:
@@ -92,6 +92,7 @@ class Exchange:
         # A translated Messages stream's keep-alive: the events to send when the backend is silent too long.
         self._ping: Callable[[], bytes] | None = None
         self._ping_at = 0.0
+        self._ping_sent = 0  # the client's byte count when pings were last considered
         self.retry_after: bytes | None = None  # a 429's retry-after, for the backend's key rotation
 
     def start(self, request: bytes) -> None:
@@ -111,16 +112,28 @@ class Exchange:
         if self._awaiting_head:
             if now >= self._deadline:
                 self._first_byte_timeout()
-        elif self._progress != self._last_progress or self.ctx.conn.writing_paused:
+            return
+        if self._progress != self._last_progress or self.ctx.conn.writing_paused:
             # A client that reads slowly is the write timeout's business, not the backend's.
             self._last_progress = self._progress
             self._deadline = now + self._stream_idle
-            self._ping_at = now + self._settings.ping_interval
         elif now >= self._deadline:
             self._stream_idle_timeout()
-        elif self._ping is not None and now >= self._ping_at:
+            return
+        if self._ping is not None:
+            self._keep_alive(now)
+
+    def _keep_alive(self, now: float) -> None:
+        """Ping a translated stream's client that has heard nothing for a ping interval: the backend may be
+        silent (a long prefill) or busy with what maps to no client event (a reasoning model's thoughts)."""
+        sent = self.ctx.bytes_out
+        if sent != self._ping_sent or self.ctx.conn.writing_paused:
+            self._ping_sent = sent
             self._ping_at = now + self._settings.ping_interval
+        elif now >= self._ping_at:
             self._send_ping()
+            self._ping_sent = self.ctx.bytes_out
+            self._ping_at = now + self._settings.ping_interval
 
     # ResponseSink: called from the upstream protocol's data_received ------------------------------
 

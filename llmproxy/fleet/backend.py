@@ -109,7 +109,8 @@ class Backend:
         family = endpoint.family
         if family is not None:
             return family in self.apis
-        return endpoint.served_by(self.kind)
+        required = endpoint.requires
+        return endpoint.served_by(self.kind) and (required is None or required in self.apis)
 
     @property
     def anthropic_auth(self) -> bool:

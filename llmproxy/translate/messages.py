@@ -117,11 +117,11 @@ def _user_messages(blocks: list, field: str) -> list[dict[str, Any]]:
         elif kind == "image":
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block, f"{field}[{i}]")}})
         elif kind == "tool_result":
-            content = block.get("content")
-            text = text_of(content, f"{field}[{i}].content")
+            text, images = _tool_result(block.get("content"), f"{field}[{i}].content")
             if block.get("is_error") and text:
                 text = f"Error: {text}"
             results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
+            parts += images  # a tool message takes text only: its images follow in the user turn
         else:
             raise untranslatable(f"{field}[{i}]", f"content block type {kind!r} cannot be translated to Chat "
                                                   "Completions")
@@ -130,6 +130,19 @@ def _user_messages(blocks: list, field: str) -> list[dict[str, Any]]:
         content: Any = "\n".join(part["text"] for part in parts) if only_text else parts
         results.append({"role": "user", "content": content})
     return results
+
+
+def _tool_result(content: Any, field: str) -> tuple[str, list[dict[str, Any]]]:
+    """A tool result's text, and its images as content parts (Claude Code's Read tool returns images)."""
+    if not isinstance(content, list):
+        return text_of(content, field), []
+    texts, images = [], []
+    for i, block in enumerate(content):
+        if isinstance(block, dict) and block.get("type") == "image":
+            images.append({"type": "image_url", "image_url": {"url": _image_url(block, f"{field}[{i}]")}})
+        else:
+            texts.append(block)
+    return text_of(texts, field), images
 
 
 def _image_url(block: dict, field: str) -> str:
@@ -368,6 +381,9 @@ class ChatToMessages:
         if not self._started:
             self._start(None, out)
         self._close(out)
+        if self._finish == "abort":  # vLLM's: the engine dropped the request; not an answer that ended
+            self._error({"message": "the backend aborted the generation"}, out)
+            return
         reason, sequence = stop_reason(self._finish, self._matched, self._stops, bool(self._calls))
         delta = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                  "usage": messages_usage(self.usage, self.content_events)}

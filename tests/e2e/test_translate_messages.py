@@ -680,14 +680,9 @@ def test_parallel_calls_all_numbered_0_reach_the_sdk_as_one_tool_use_block_each(
     assert message.stop_reason == "tool_use"
 
 
-# --- known defects outside the translator (xfail, strict) --------------------------------------------------
+# --- defects found outside the translator, fixed ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay.Exchange.on_response_body: when a translated stream's translator raises (here EventTooLarge from "
-    "translate/events.py, an event over 8 MiB), the relay logs 'relaying the rest unmetered' and forwards the "
-    "backend's raw bytes: a Messages client gets Chat Completions chunks and [DONE] in its stream. A translated "
-    "stream cannot be relayed untranslated; it should be aborted (or end with an error event)."))
 def test_a_translator_failure_never_passes_chat_chunks_to_a_messages_client(odd_backend) -> None:
     _, proxy = odd_backend
     chunks: list[bytes] = []
@@ -704,11 +699,6 @@ def test_a_translator_failure_never_passes_chat_chunks_to_a_messages_client(odd_
     assert b"chat.completion.chunk" not in data and b"[DONE]" not in data
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay.Exchange.check_deadlines times pings by the backend's silence (its reads), but the translator maps a "
-    "reasoning model's thinking chunks (delta.reasoning_content) to no event: while the backend thinks, chunk "
-    "after chunk, the Messages client hears nothing at all, however long (a load balancer's idle timeout cuts "
-    "it). Pings should follow the client's silence (or thinking become thinking blocks)."))
 def test_a_client_hears_a_ping_every_interval_while_the_backend_streams_what_maps_to_nothing(odd_backend) -> None:
     _, proxy = odd_backend
     body = {"model": "claude-odd", "max_tokens": 64, "stream": True, "messages": [QUESTION]}
@@ -723,11 +713,6 @@ def test_a_client_hears_a_ping_every_interval_while_the_backend_streams_what_map
     assert thinking.count("ping") >= 3, f"the client heard {thinking} in {THOUGHTS * 0.15:.1f} s of thinking"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline.prepare_attempt: an attempt that is not translated sets ctx.meter only when metering is on, so with "
-    "usage.metering false a retry on a native Messages backend after a translated attempt keeps the previous "
-    "attempt's translated session: the native stream is fed to ChatToMessages and the client gets a message with "
-    "no content and no stop_reason."))
 def test_a_retry_from_a_translated_backend_to_a_native_one_relays_the_native_stream(setup: Setup,
                                                                                      tmp_path: Path) -> None:
     # routing.translate always: a chat-capable backend is translated to, a Messages-only one is not.
@@ -754,11 +739,6 @@ def test_a_retry_from_a_translated_backend_to_a_native_one_relays_the_native_str
     assert [(text_of(m), m.stop_reason) for m in answers] == [(completion_text(3), "end_turn")] * 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router.candidates / Backend.serves_endpoint: /v1/messages/count_tokens has no API family, so a backend is "
-    "picked by its kind alone and its `apis` are not consulted: a vLLM declared `apis: [chat]` (no Messages) "
-    "gets Claude Code's count_tokens, which such a server answers 404 itself. Expected: the proxy's own "
-    "not_found_error, as for a model served only by Ollama, or a count the proxy makes some other way."))
 def test_count_tokens_for_a_model_on_a_chat_only_backend_is_not_sent_to_it(setup: Setup) -> None:
     rid, tag = tagged()
     with contextlib.suppress(anthropic.NotFoundError):  # a 404 of the proxy's own is one acceptable end

@@ -177,8 +177,8 @@ def test_a_stream_asks_for_usage_and_for_it_on_every_chunk_where_the_engine_can(
         {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}]}, "`messages[0].content[0].source`"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
         {"type": "text", "text": "see"},
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}]}]}]},
-     "`messages[0].content[0].content[1]`"),
+        {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}]}]},
+     "`messages[0].content[0].content[1].source`"),
     ({"messages": [USER], "system": [{"type": "text", "text": "ok"}, {"type": "image"}]}, "`system[1]`"),
     ({"messages": [USER], "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]},
      "`tools[0].type`"),
@@ -190,6 +190,22 @@ def test_a_stream_asks_for_usage_and_for_it_on_every_chunk_where_the_engine_can(
         "unknown-tool-choice"])
 def test_what_chat_cannot_express_is_refused_naming_the_field(body, field):
     assert refusal(body).startswith(field)
+
+
+def test_the_images_of_a_tool_result_follow_its_tool_message_in_a_user_turn():
+    # Claude Code's Read tool answers with the image file itself: a chat tool message takes text only.
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}
+    body = {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "text", "text": "see"}, image]}]}]}
+    assert to_chat(body)["messages"] == [
+        {"role": "tool", "tool_call_id": "t", "content": "see"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
+
+
+def test_an_aborted_generation_ends_in_an_error_event_not_a_clean_stop():
+    translator = tm.ChatToMessages({"model": "m"})
+    out = translator.feed(chunk({"role": "assistant", "content": "Hel"}) + chunk({}, finish="abort") + DONE)
+    assert b"event: error" in out and b"message_stop" not in out and b"message_delta" not in out
 
 
 # --- the stream: hand-written chunk sequences ------------------------------------------------------------
