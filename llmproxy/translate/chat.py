@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from llmproxy.metering.usage import Usage, anthropic_usage
+from llmproxy.translate.chatstream import json_object
 from llmproxy.translate.common import dumps_str, json_str, new_id, text_of, untranslatable
 from llmproxy.translate.events import EventReader
 
@@ -192,11 +193,8 @@ def chat_usage(usage: Usage | None) -> dict[str, Any] | None:
 
 def messages_body_to_chat(body: bytes, request: dict[str, Any]) -> tuple[bytes, Usage | None]:
     """A complete Messages response as a chat.completion, and the backend's usage."""
-    try:
-        message = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body, None
-    if not isinstance(message, dict):
+    message = json_object(body)
+    if message is None:
         return body, None
     usage = anthropic_usage(message)
     texts: list[str] = []

@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from llmproxy.metering.usage import Usage, openai_usage
+from llmproxy.translate.chatstream import ChatStreamTranslator, first_choice, json_object
 from llmproxy.translate.common import arguments_object, json_str, new_id, text_of, untranslatable
-from llmproxy.translate.events import EventReader
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
@@ -211,16 +211,11 @@ def messages_usage(usage: Usage | None, fallback_output: int) -> dict[str, int]:
 
 def chat_body_to_messages(body: bytes, request: dict[str, Any]) -> tuple[bytes, Usage | None]:
     """A complete chat.completion as a Messages response, and the backend's usage."""
-    try:
-        chat = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body, None
-    if not isinstance(chat, dict):
+    chat = json_object(body)
+    if chat is None:
         return body, None
     usage = openai_usage(chat)
-    choices = chat.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice, message = first_choice(chat)
     content: list[dict[str, Any]] = []
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
@@ -241,83 +236,31 @@ def _message_id(chat_id: Any) -> str:
     return f"msg_{chat_id}" if isinstance(chat_id, str) and chat_id else new_id("msg_")
 
 
-class ChatToMessages:
+class ChatToMessages(ChatStreamTranslator):
     """A chat.completion.chunk stream read as it comes, written as Messages events (and metered: the backend's
-    usage is read off the chunks that carry it). Implements the metering Meter contract."""
+    usage is read off the chunks that carry it)."""
 
-    __slots__ = ("_block", "_block_kind", "_calls", "_done", "_finish", "_matched", "_model", "_reader", "_started",
-                 "_stops", "content_events", "overflowed", "response_id", "usage")
+    __slots__ = ("_block", "_block_kind", "_calls", "_matched", "_model", "_stops")
 
     def __init__(self, request: dict[str, Any]) -> None:
-        self._reader = EventReader()
+        super().__init__()
         self._model = request.get("model")
         self._stops = request.get("stop_sequences") or []
-        self._started = False
         self._block = -1  # index of the open content block (-1: none yet)
         self._block_kind = ""  # "text" or "tool"
         self._calls: dict[Any, tuple[int, Any]] = {}  # the chat tool-call index -> (its content block, its id)
-        self._finish: Any = None
         self._matched: Any = None
-        self._done = False
-        self.usage: Usage | None = None
-        self.content_events = 0
-        self.overflowed = False
-        self.response_id = None
-
-    def feed(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        for _name, payload in self._reader.feed(data):
-            self._event(payload, out)
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        """The backend ended cleanly: the last events, and the terminal ones if it finished its answer."""
-        out: list[bytes] = []
-        for _name, payload in self._reader.finish():
-            self._event(payload, out)
-        if not self._done and self._finish is not None:
-            self._end(out)
-        return b"".join(out)
 
     def ping(self) -> bytes:
-        """Keep-alive for a backend silent through a long prefill: message_start first if it has not gone."""
+        """Keep-alive for a client that heard nothing for a while: message_start first if it has not gone."""
         out: list[bytes] = []
         if not self._started and not self._done:
-            self._start(None, out)
+            self._started = True
+            self._start({}, out)
         out.append(_PING)
         return b"".join(out)
 
-    def _event(self, payload: bytes, out: list[bytes]) -> None:
-        if self._done:
-            return
-        if payload == b"[DONE]":
-            if self._finish is not None:
-                self._end(out)
-            self._done = True
-            return
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
-            return
-        if "error" in chunk and not chunk.get("choices"):
-            self._error(chunk["error"], out)
-            return
-        usage = openai_usage(chunk) if chunk.get("usage") else None
-        if usage is not None:
-            self.usage = usage
-        if not self._started:
-            self._start(chunk, out)
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    self._choice(choice, out)
-
-    def _start(self, chunk: dict[str, Any] | None, out: list[bytes]) -> None:
-        self._started = True
-        chunk = chunk or {}
+    def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         usage = messages_usage(self.usage, 0)
         usage["output_tokens"] = 0
         message = {"id": _message_id(chunk.get("id")), "type": "message", "role": "assistant",
@@ -379,10 +322,11 @@ class ChatToMessages:
     def _end(self, out: list[bytes]) -> None:
         self._done = True
         if not self._started:
-            self._start(None, out)
+            self._started = True
+            self._start({}, out)
         self._close(out)
         if self._finish == "abort":  # vLLM's: the engine dropped the request; not an answer that ended
-            self._error({"message": "the backend aborted the generation"}, out)
+            self._error("the backend aborted the generation", {}, out)
             return
         reason, sequence = stop_reason(self._finish, self._matched, self._stops, bool(self._calls))
         delta = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
@@ -390,9 +334,8 @@ class ChatToMessages:
         out.append(b"event: message_delta\ndata: %b\n\n" % orjson.dumps(delta))
         out.append(_MESSAGE_STOP)
 
-    def _error(self, error: Any, out: list[bytes]) -> None:
+    def _error(self, message: Any, chunk: dict[str, Any], out: list[bytes]) -> None:
         """An error the backend sent in the stream: Anthropic's error event; no terminal events follow."""
-        message = error.get("message") if isinstance(error, dict) else error
         event = {"type": "error", "error": {"type": "api_error", "message": str(message)}}
         out.append(b"event: error\ndata: %b\n\n" % orjson.dumps(event))
         self._done = True

@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 
 from llmproxy.metering.usage import Usage, openai_usage
+from llmproxy.translate.chatstream import ChatStreamTranslator, first_choice, json_object
 from llmproxy.translate.common import json_str, new_id, text_of, untranslatable
-from llmproxy.translate.events import EventReader
 
 _PASSED = ("temperature", "top_p", "parallel_tool_calls", "user")
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -193,16 +193,11 @@ def _finished(response: dict[str, Any], finish_reason: Any, usage: Usage | None)
 
 def chat_body_to_responses(body: bytes, request: dict[str, Any]) -> tuple[bytes, Usage | None]:
     """A complete chat.completion as a Responses API response, and the backend's usage."""
-    try:
-        chat = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body, None
-    if not isinstance(chat, dict):
+    chat = json_object(body)
+    if chat is None:
         return body, None
     usage = openai_usage(chat)
-    choices = chat.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice, message = first_choice(chat)
     response = _response(request, new_id("resp_"), chat.get("model"), int(chat.get("created") or time.time()))
     if message.get("content"):
         response["output"].append(_message_item(new_id("msg_"), message["content"], "completed"))
@@ -227,79 +222,31 @@ def _call_item(item_id: str, call_id: Any, name: Any, arguments: str, status: st
             "name": name, "arguments": arguments}
 
 
-class ChatToResponses:
-    """A chat.completion.chunk stream read as it comes, written as Responses API events (and metered).
-    Implements the metering Meter contract."""
+class ChatToResponses(ChatStreamTranslator):
+    """A chat.completion.chunk stream read as it comes, written as Responses API events (and metered)."""
 
-    __slots__ = ("_calls", "_done", "_finish", "_item", "_item_id", "_parts", "_reader", "_request", "_response",
-                 "_seq", "content_events", "overflowed", "response_id", "usage")
+    __slots__ = ("_calls", "_item", "_item_id", "_parts", "_request", "_response", "_seq")
 
     def __init__(self, request: dict[str, Any]) -> None:
-        self._reader = EventReader()
+        super().__init__()
         self._request = request
-        self._response: dict[str, Any] | None = None
+        self._response: dict[str, Any] = {}  # the response object, from the first chunk on
         self._seq = 0
         self._item: dict[str, Any] | None = None  # the output item being streamed
         self._item_id = b""
         self._parts: list[str] = []  # its text or arguments so far: the `…done` events repeat them whole
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its function_call item
-        self._finish: Any = None
-        self._done = False
-        self.usage: Usage | None = None
-        self.content_events = 0
-        self.overflowed = False
-        self.response_id = None  # stored nowhere: follow-ups cannot be pinned
-
-    def feed(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        for _name, payload in self._reader.feed(data):
-            self._event(payload, out)
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        out: list[bytes] = []
-        for _name, payload in self._reader.finish():
-            self._event(payload, out)
-        if not self._done and self._finish is not None:
-            self._end(out)
-        return b"".join(out)
 
     def _emit(self, out: list[bytes], kind: str, fields: dict[str, Any]) -> None:
         self._seq += 1
         event = {"type": kind, "sequence_number": self._seq, **fields}
         out.append(b"event: %b\ndata: %b\n\n" % (kind.encode(), orjson.dumps(event)))
 
-    def _event(self, payload: bytes, out: list[bytes]) -> None:
-        if self._done:
-            return
-        if payload == b"[DONE]":
-            if self._finish is not None:
-                self._end(out)
-            self._done = True
-            return
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
-            return
-        if "error" in chunk and not chunk.get("choices"):
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            if self._response is None:  # a client's stream starts with response.created, even one that fails
-                self._start(chunk, out)
-            self._emit(out, "error", {"code": None, "message": str(message), "param": None})
-            self._done = True
-            return
-        if chunk.get("usage"):
-            self.usage = openai_usage(chunk) or self.usage
-        if self._response is None:
+    def _error(self, message: Any, chunk: dict[str, Any], out: list[bytes]) -> None:
+        if not self._started:  # a client's stream starts with response.created, even one that fails
+            self._started = True
             self._start(chunk, out)
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    self._choice(choice, out)
+        self._emit(out, "error", {"code": None, "message": str(message), "param": None})
 
     def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         created = chunk.get("created") if type(chunk.get("created")) is int else int(time.time())
@@ -328,7 +275,7 @@ class ChatToResponses:
 
     @property
     def _index(self) -> int:
-        return len(self._response["output"]) - 1 if self._response is not None else 0
+        return len(self._response.get("output", ())) - 1
 
     def _open_message(self, out: list[bytes]) -> None:
         self._close(out)
@@ -338,7 +285,6 @@ class ChatToResponses:
                                                         "content_index": 0, "part": _text_part("")})
 
     def _add_item(self, item: dict[str, Any], out: list[bytes]) -> None:
-        assert self._response is not None
         self._response["output"].append(item)
         self._item = item
         self._item_id = item["id"].encode()
@@ -383,7 +329,8 @@ class ChatToResponses:
 
     def _end(self, out: list[bytes]) -> None:
         self._done = True
-        if self._response is None:
+        if not self._started:
+            self._started = True
             self._start({}, out)
         self._close(out)
         response = _finished(self._response, self._finish, self.usage)
