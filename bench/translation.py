@@ -354,7 +354,7 @@ async def first_events(env: Env, requests: int) -> dict[str, Any]:
     return {"concurrency": 1, "tokens": env.ttft_tokens, "rounds": level.rounds, "ttft_ms": level.ttft_ms,
             "paired_ms": level.paired_ms,
             "stream_ms": {path: summary_ms(samples) for path, samples in level.phase.total.items()},
-            "proxy_core_busy": level.busy("proxy"), "errors": {p: f.as_dict() for p, f in level.phase.errors.items()},
+            "proxy_busy": level.busy("proxy"), "errors": {p: f.as_dict() for p, f in level.phase.errors.items()},
             "warmup_errors": level.warmup_errors.as_dict(), "raw_ttft_ns": level.phase.ttft,
             "raw_paired_diff_ns": level.phase.paired}
 

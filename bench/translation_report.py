@@ -67,7 +67,7 @@ def first_event_section(first: dict[str, Any]) -> list[str]:
             "Time in ms from the request write to the first bytes of the first SSE `data:` event (message_start, "
             "the role chunk, response.created). Paired = median over rounds of the difference between two paths' "
             "streams run back to back on one worker.", "", "\n".join(rows), "", "\n".join(pair_rows), "",
-            f"- proxy core busy {num(first['proxy_core_busy'], '.0%')}", ""]
+            f"- proxy busy {num(first['proxy_busy'], '.0%')} of its core", ""]
 
 
 def burst_section(level: dict[str, Any]) -> list[str]:
