@@ -255,14 +255,20 @@ class StreamClient(asyncio.Protocol):
             self._settle(StreamResult(False, self._status, self._ttft, now - self._t0, error))
         elif self._ttft < 0:
             self._settle(StreamResult(False, 200, -1, now - self._t0, "200 but no SSE `data:` event in the body"))
-        elif not self._tail.endswith(_DONE_EVENT):
-            self._settle(StreamResult(False, 200, self._ttft, now - self._t0,
-                                      f"stream ended without `data: [DONE]` (last bytes {self._tail!r})"))
+        elif (problem := self._end_problem()) is not None:
+            self._settle(StreamResult(False, 200, self._ttft, now - self._t0, problem))
         else:
             self._settle(StreamResult(True, 200, self._ttft, now - self._t0))
         self._state = _HEAD
         if not self._keep_alive:
             self._abort()
+
+    def _end_problem(self) -> str | None:
+        """What is wrong with how a 200 stream ended, or None. An OpenAI stream ends with `data: [DONE]`; a
+        subclass for another API says how its streams end (what it needs of the end, it keeps in `_body`)."""
+        if self._tail.endswith(_DONE_EVENT):
+            return None
+        return f"stream ended without `data: [DONE]` (last bytes {self._tail!r})"
 
     def _fail(self, error: str, now: int) -> None:
         self._settle(StreamResult(False, self._status, self._ttft, now - self._t0, error))
