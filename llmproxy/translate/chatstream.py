@@ -36,17 +36,30 @@ def json_object(body: bytes) -> dict[str, Any] | None:
 class ChatStreamTranslator:
     """Implements the metering Meter contract; subclasses write the client's events."""
 
-    __slots__ = ("_done", "_finish", "_reader", "_started", "content_events", "overflowed", "response_id", "usage")
+    __slots__ = ("_done", "_finish", "_reader", "_started", "_usage", "_usage_chunk", "content_events", "overflowed",
+                 "response_id")
 
     def __init__(self) -> None:
         self._reader = EventReader()
         self._started = False  # the first chunk (or an early ping) started the client's stream
         self._finish: Any = None  # choice 0's finish_reason, once the backend said it
         self._done = False  # the client's stream ended (terminal events or an error): nothing more is written
-        self.usage: Usage | None = None
+        # The last chunk that carried usage, read into a Usage only when asked: with continuous usage stats
+        # every chunk carries one, and only the last counts.
+        self._usage_chunk: dict[str, Any] | None = None
+        self._usage: Usage | None = None
         self.content_events = 0
         self.overflowed = False
         self.response_id = None
+
+    @property
+    def usage(self) -> Usage | None:
+        """The backend's usage so far (the last reported)."""
+        chunk = self._usage_chunk
+        if chunk is not None:
+            self._usage_chunk = None
+            self._usage = openai_usage(chunk) or self._usage
+        return self._usage
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -83,7 +96,7 @@ class ChatStreamTranslator:
             self._done = True
             return
         if chunk.get("usage"):
-            self.usage = openai_usage(chunk) or self.usage
+            self._usage_chunk = chunk
         if not self._started:
             self._started = True
             self._start(chunk, out)

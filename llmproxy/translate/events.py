@@ -59,6 +59,9 @@ def parse_events(text: bytes) -> list[tuple[bytes, bytes]]:
     for block in text.split(b"\n\n"):
         if not block:
             continue
+        if block.startswith(b"data: ") and b"\n" not in block:  # what every engine sends: one data line
+            events.append((b"", block[6:]))
+            continue
         name = b""
         data: list[bytes] = []
         for line in block.split(b"\n"):
