@@ -53,6 +53,9 @@ class Kind:
     continuous_usage: bool = False
     # How its credential is sent: "bearer" (Authorization: Bearer) or "x-api-key" with anthropic-version.
     auth: str = "bearer"
+    # Where it documents its routes (OpenAPI): which of the API families a release serves is read there (an
+    # older vLLM has no /v1/messages); None, or no answer: `apis` as above.
+    openapi_path: str | None = None
 
 
 # Detection tries the kinds in this order: vLLM's /version and TGI's /info both carry "version" too, and
@@ -60,12 +63,12 @@ class Kind:
 _OPENAI_APIS = frozenset({"chat", "completions", "embeddings"})
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("ollama", "/api/version", "/api/version", "version", apis=_OPENAI_APIS | {"responses", "messages"}),
-    Kind("tgi", "/health", "/info", "model_id", key_is_str=False,
+    Kind("tgi", "/health", "/info", "model_id", key_is_str=False, openapi_path="/api-doc/openapi.json",
          load_metrics=frozenset({"tgi_queue_size", "tgi_batch_current_size"}),
          tokenizes=frozenset({"openai-chat", "openai-completions", "tgi-generate"})),
     Kind("sglang", "/health", "/get_model_info", "model_path",
          load_metrics=frozenset({"sglang:num_queue_reqs", "sglang:num_running_reqs"}),
-         kv_metric="sglang:token_usage", continuous_usage=True),
+         kv_metric="sglang:token_usage", continuous_usage=True, openapi_path="/openapi.json"),
     # llama.cpp's llama-server: its queue gauges need --metrics (else /metrics answers 501).
     Kind("llamacpp", "/health", "/props", "default_generation_settings", key_is_str=False,
          load_metrics=frozenset({"llamacpp:requests_processing", "llamacpp:requests_deferred"}),
@@ -75,7 +78,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("vllm", "/health", "/version", "version",
          load_metrics=frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"}),
          tokenizes=frozenset({"openai-chat", "openai-completions"}), kv_metric="vllm:kv_cache_usage_perc",
-         apis=_OPENAI_APIS | {"responses", "messages"}, continuous_usage=True),
+         apis=_OPENAI_APIS | {"responses", "messages"}, continuous_usage=True, openapi_path="/openapi.json"),
     Kind("openai", "/v1/models", None, apis=_OPENAI_APIS | {"responses"}),
     # Anthropic's own API (api.anthropic.com, or a gateway in front of it): Messages only, keyed by x-api-key.
     # Never detected: declared with `type: anthropic`.
@@ -149,8 +152,9 @@ class Endpoint:
 _OLLAMA, _TGI, _LLAMACPP, _SGLANG = (frozenset({name}) for name in ("ollama", "tgi", "llamacpp", "sglang"))
 CHAT = Endpoint("openai-chat", ANY_KIND, OPENAI_CHAT_SSE, usage_option=True, family="chat")
 MESSAGES = Endpoint("anthropic-messages", ANY_KIND, ANTHROPIC_MESSAGES_SSE, errors=ANTHROPIC_ERRORS, family="messages")
-# The path of each family a request may be translated to.
-FAMILY_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages"}
+# The path of each family.
+FAMILY_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses",
+                "messages": "/v1/messages", "embeddings": "/v1/embeddings"}
 # OpenAI's paths without /v1 (a client whose base URL lacks it): llama.cpp serves them, and so may any server
 # of unknown make; vLLM, SGLang, TGI and Ollama answer 404.
 _UNVERSIONED_KINDS = frozenset({"llamacpp", "openai"})

@@ -63,6 +63,7 @@ class Backend:
     queue_depth_in_flight: int = 0  # our in-flight count when that report came
     kv_cache_usage: float | None = None  # KV-cache use, 0..1, as the backend last reported it
     wrr_current: int = 0  # smooth weighted round robin's running weight
+    detected_apis: frozenset[str] | None = None  # the API families its OpenAPI document lists (None: not read)
 
     @classmethod
     def create(cls, config: BackendConfig, server: Config, clock: Callable[[], float] = monotonic) -> Backend:
@@ -97,10 +98,13 @@ class Backend:
 
     @property
     def apis(self) -> frozenset[str]:
-        """The API families it serves: as configured, else its kind's (all of them while its kind is unknown)."""
+        """The API families it serves: as configured, else as its OpenAPI document lists them, else its kind's
+        (all of them while its kind is unknown)."""
         configured = self.config.apis
         if configured is not None:
             return configured
+        if self.detected_apis is not None:
+            return self.detected_apis
         kind = KINDS.get(self.kind)
         return ALL_FAMILIES if kind is None else kind.apis
 

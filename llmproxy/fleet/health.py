@@ -21,7 +21,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
-from llmproxy.fleet.introspect import check_health, detect_kind, fetch_load, fetch_models
+from llmproxy.fleet.introspect import check_health, detect_apis, detect_kind, fetch_load, fetch_models
 from llmproxy.fleet.probe import ProbeError
 
 if TYPE_CHECKING:
@@ -110,6 +110,11 @@ class HealthMonitor:
             backend.set_models(await fetch_models(backend.config, backend.kind, timeout))
         except ProbeError as error:
             log.debug("backend %s: model list not refreshed: %s", backend.name, error)
+        if backend.config.apis is None:  # what this release serves, where it documents its routes
+            apis = await detect_apis(backend.config, backend.kind, timeout)
+            if apis is not None and apis != backend.detected_apis:
+                log.info("backend %s serves %s", backend.name, ", ".join(sorted(apis)) or "none of the APIs")
+            backend.detected_apis = apis
 
     async def _refresh_queue_depth(self, backend: Backend, timeout: float) -> None:
         try:

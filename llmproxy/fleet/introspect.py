@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmproxy.catalogue import GENERIC_KIND, KINDS
+from llmproxy.catalogue import FAMILY_PATHS, GENERIC_KIND, KINDS
 from llmproxy.config.model import BackendConfig
 from llmproxy.fleet.probe import ProbeError, ProbeResponse, probe_get
 
@@ -91,6 +91,26 @@ async def check_health(backend: BackendConfig, kind: str, timeout: float) -> tup
 
 def _ok(response: ProbeResponse) -> bool:
     return 200 <= response.status < 300
+
+
+# --- APIs --------------------------------------------------------------------------------------------
+
+async def detect_apis(backend: BackendConfig, kind: str, timeout: float) -> frozenset[str] | None:
+    """The API families the backend's OpenAPI document lists routes for; None when its kind publishes none or
+    it did not answer with one (then its kind's defaults hold)."""
+    known = KINDS.get(kind)
+    if known is None or known.openapi_path is None:
+        return None
+    try:
+        document = await _get_json(backend, known.openapi_path, timeout)
+    except ProbeError as error:
+        if error.local:
+            raise
+        return None
+    paths = document.get("paths") if isinstance(document, dict) else None
+    if not isinstance(paths, dict):
+        return None
+    return frozenset(family for family, path in FAMILY_PATHS.items() if path in paths)
 
 
 # --- models ------------------------------------------------------------------------------------------

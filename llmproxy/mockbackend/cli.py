@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="llama.cpp: serve GET /metrics, as llama-server --metrics does (else 501)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY", dest="api_keys",
                         help="anthropic: an accepted x-api-key (repeatable; default: any non-empty key)")
+    parser.add_argument("--without-route", action="append", default=[], metavar="PATH", dest="without_routes",
+                        help="a route this server lacks, as an older release does (repeatable), e.g. /v1/messages")
     return parser
 
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = MockOptions(dialect=args.dialect, tokens=args.tokens, delay_ms=args.delay_ms,
                               first_byte_delay_ms=args.first_byte_delay_ms, model=args.model,
-                              strict_models=args.strict_models, metrics=args.metrics, api_keys=tuple(args.api_keys))
+                              strict_models=args.strict_models, metrics=args.metrics, api_keys=tuple(args.api_keys),
+                              without_routes=tuple(args.without_routes))
     except ValueError as exc:
         print(f"llmproxy mock-backend: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,8 @@ class MockOptions:
     metrics: bool = False
     # anthropic only: the x-api-key values accepted; empty accepts any non-empty key
     api_keys: tuple[str, ...] = ()
+    # Routes this server lacks, as an older release of the engine does (answered 404, left out of its OpenAPI)
+    without_routes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:

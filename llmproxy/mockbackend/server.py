@@ -154,6 +154,10 @@ class MockState:
             return self.dialect.error(knobs.status, f"{_phrase(knobs.status)} (x-mock-status)", path)
         if knobs.fixture is not None:
             return self.fixtures.get(knobs.fixture).reply()
+        if path in self.options.without_routes:
+            raise BadRequest("Not Found", 404)
+        if path == getattr(self.dialect, "OPENAPI_PATH", None):
+            return self._openapi()
         route = self.dialect.ROUTES.get(path)
         if route is None and hasattr(self.dialect, "route_for"):
             route = self.dialect.route_for(path)  # paths with a parameter (anthropic's /v1/models/{id})
@@ -171,6 +175,14 @@ class MockState:
                     api_keys=self.options.api_keys, throttled=self.throttled)
         refused = self._refuse_model(call)
         return handler(call) if refused is None else refused
+
+    def _openapi(self) -> Reply:
+        """The engine's OpenAPI document (FastAPI's, TGI's): its routes, by which the proxy tells what a release
+        serves."""
+        routes = {path: {method.lower(): {}} for path, (method, _) in self.dialect.ROUTES.items()
+                  if path not in self.options.without_routes}
+        return json_reply({"openapi": "3.1.0", "info": {"title": self.options.dialect, "version": "mock"},
+                           "paths": routes})
 
     def _refuse_model(self, call: Call) -> Reply | None:
         """With --strict-models, the dialect's answer to a body naming an unserved model."""

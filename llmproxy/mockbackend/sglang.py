@@ -227,6 +227,7 @@ def unhealthy(status: int) -> Reply:
 
 HEALTH_PATHS = frozenset({"/health", "/health_generate"})
 
+OPENAPI_PATH = "/openapi.json"  # its routes, as the engine documents them
 ROUTES = {
     "/generate": ("POST", generate),
     "/get_model_info": ("GET", model_info),

@@ -250,6 +250,7 @@ def metrics(call: Call) -> Reply:
 # the routes that answer the /_mock/health state (TGI routes /ping to the same handler as /health)
 HEALTH_PATHS = frozenset({"/health", "/ping"})
 
+OPENAPI_PATH = "/api-doc/openapi.json"  # its routes, as the engine documents them
 ROUTES = {
     "/": ("POST", compat_generate),
     "/generate": ("POST", generate),

@@ -358,6 +358,7 @@ def metrics(call: Call) -> Reply:
 # the routes that answer the /_mock/health state (vLLM's /ping calls the same health check)
 HEALTH_PATHS = frozenset({"/health", "/ping"})
 
+OPENAPI_PATH = "/openapi.json"  # its routes, as the engine documents them
 ROUTES = {
     "/v1/chat/completions": ("POST", chat),
     "/v1/completions": ("POST", completions),
