@@ -1,9 +1,11 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates;
-    a Responses follow-up -> the backend that stored its previous response)
+    authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates:
+    those serving the client's API natively first, else those it can be translated for; a Responses
+    follow-up -> the backend that stored its previous response)
     -> admit (rate limits)
-    -> [choose backend -> plan metering, prepare body -> acquire connection -> relay] x attempts
+    -> [choose backend -> plan translation and metering, prepare body -> pick a key -> acquire connection
+        -> relay] x attempts
     -> finish (records, releases rate-limit slots, charges usage)
 
 Every phase works on the one Services snapshot the request started with (services.py), so a reload
@@ -11,6 +13,8 @@ in the middle of a stream never mixes two configurations in one request.
 
 Attempts: a failure before any byte reached the client is retried on another backend when
 `routing.retry_on` allows it (a connect failure always may: nothing was sent); once a byte was sent, never.
+A 429 on one of a backend's keys while another is free is retried at once with that key, not counted as an
+attempt.
 
 `finish` runs in a `finally` whatever happened, and is the only place that records the request
 (metrics, access log, usage record) and hands the connection back to the client protocol.
