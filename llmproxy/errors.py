@@ -83,6 +83,9 @@ ERRORS: dict[str, ErrorSpec] = {
     # A response that is not one (malformed, or a head over server.max_header_size): the backend did get
     # the request, so it is not retried.
     "upstream_protocol_error": ErrorSpec(502, "api_error", "upstream_protocol_error", "SH", backend_fault=True),
+    # A response the proxy could not translate into the client's API (too large, an event it cannot follow):
+    # the backend may be fine, so it is not held against it, nor retried.
+    "translation_failed": ErrorSpec(502, "api_error", "translation_failed", "PD"),
     # A backend status the relay held back to retry elsewhere (never answered as such: the last attempt
     # relays the backend's own response).
     "upstream_status": ErrorSpec(502, "api_error", "upstream_status", "SH"),

@@ -24,7 +24,7 @@ from llmproxy.http11.headers import connection_line, response_head
 from llmproxy.http11.response import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
 from llmproxy.http11.wire import LAST_CHUNK
 from llmproxy.overhead import server_timing
-from llmproxy.upstream.connection import PROTOCOL_ERROR, UPSTREAM_FAILED, UpstreamConnection
+from llmproxy.upstream.connection import UPSTREAM_FAILED, UpstreamConnection
 
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
+TRANSLATION_FAILED = "translation_failed"
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -216,7 +217,13 @@ class Exchange:
         self._feed = None
         self.upstream.detach()
         self.upstream.abort()
-        self.on_upstream_lost("the backend's response could not be translated", PROTOCOL_ERROR)
+        self._out.clear()
+        self._end()
+        reason = "the backend's response could not be translated"
+        if self.ctx.response_started:
+            self._abort_client("PD", reason)  # the proxy's failure, in the data phase
+        elif not self.done.done():
+            self.done.set_exception(ProxyError(TRANSLATION_FAILED, reason))
 
     def _send_ping(self) -> None:
         """Keep a silent translated stream alive: its ping goes out at once (with the head, if still held)."""
@@ -225,6 +232,8 @@ class Exchange:
         except Exception:
             log.exception("ping of request %s failed", self.ctx.request_id)
             self._ping = None
+            return
+        if not data:  # the translated stream is over: nothing to keep alive
             return
         self._forward(data)
         out = self._out

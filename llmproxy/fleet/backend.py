@@ -64,6 +64,8 @@ class Backend:
     kv_cache_usage: float | None = None  # KV-cache use, 0..1, as the backend last reported it
     wrr_current: int = 0  # smooth weighted round robin's running weight
     detected_apis: frozenset[str] | None = None  # the API families its OpenAPI document lists (None: not read)
+    apis: frozenset[str] = ALL_FAMILIES  # the API families it serves natively (see _update_apis)
+    anthropic_auth: bool = False  # its credential goes as x-api-key, with an anthropic-version (Anthropic's API)
 
     @classmethod
     def create(cls, config: BackendConfig, server: Config, clock: Callable[[], float] = monotonic) -> Backend:
@@ -96,17 +98,27 @@ class Backend:
         kind = KINDS.get(self.kind)
         return kind is not None and kind.closes_after_stream
 
-    @property
-    def apis(self) -> frozenset[str]:
+    def __post_init__(self) -> None:
+        self._update_apis()
+
+    def set_kind(self, kind: str) -> None:
+        """Its kind, once detected: what it serves follows."""
+        self.kind = kind
+        self._update_apis()
+
+    def set_detected_apis(self, apis: frozenset[str] | None) -> None:
+        """The API families its OpenAPI document lists (None: it publishes none)."""
+        self.detected_apis = apis
+        self._update_apis()
+
+    def _update_apis(self) -> None:
         """The API families it serves: as configured, else as its OpenAPI document lists them, else its kind's
-        (all of them while its kind is unknown)."""
-        configured = self.config.apis
-        if configured is not None:
-            return configured
-        if self.detected_apis is not None:
-            return self.detected_apis
+        (all of them while its kind is unknown). An attribute, read by every request's routing."""
         kind = KINDS.get(self.kind)
-        return ALL_FAMILIES if kind is None else kind.apis
+        self.apis = (self.config.apis if self.config.apis is not None
+                     else self.detected_apis if self.detected_apis is not None
+                     else ALL_FAMILIES if kind is None else kind.apis)
+        self.anthropic_auth = kind is not None and kind.auth == "x-api-key"
 
     def serves_endpoint(self, endpoint: Endpoint) -> bool:
         """It serves the endpoint natively (no translation)."""
@@ -115,12 +127,6 @@ class Backend:
             return family in self.apis
         required = endpoint.requires
         return endpoint.served_by(self.kind) and (required is None or required in self.apis)
-
-    @property
-    def anthropic_auth(self) -> bool:
-        """Its credential goes as x-api-key, with an anthropic-version (Anthropic's own API)."""
-        kind = KINDS.get(self.kind)
-        return kind is not None and kind.auth == "x-api-key"
 
     def available(self, now: float) -> bool:
         """Healthy by the probes and not ejected by passive checks (`now` is loop time)."""

@@ -90,7 +90,7 @@ class HealthMonitor:
         timeout = self.config.timeout
         if backend.kind == "auto":  # detected once: a flaky answer later must not turn Ollama into "openai"
             try:
-                backend.kind = await detect_kind(backend.config, timeout)
+                backend.set_kind(await detect_kind(backend.config, timeout))
                 with_models = True
             except ProbeError as error:
                 if error.local:
@@ -111,10 +111,14 @@ class HealthMonitor:
         except ProbeError as error:
             log.debug("backend %s: model list not refreshed: %s", backend.name, error)
         if backend.config.apis is None:  # what this release serves, where it documents its routes
-            apis = await detect_apis(backend.config, backend.kind, timeout)
+            try:
+                apis = await detect_apis(backend.config, backend.kind, timeout)
+            except ProbeError as error:
+                log.debug("backend %s: its APIs not read again: %s", backend.name, error)
+                return
             if apis is not None and apis != backend.detected_apis:
                 log.info("backend %s serves %s", backend.name, ", ".join(sorted(apis)) or "none of the APIs")
-            backend.detected_apis = apis
+            backend.set_detected_apis(apis)
 
     async def _refresh_queue_depth(self, backend: Backend, timeout: float) -> None:
         try:

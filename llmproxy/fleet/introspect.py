@@ -97,14 +97,15 @@ def _ok(response: ProbeResponse) -> bool:
 
 async def detect_apis(backend: BackendConfig, kind: str, timeout: float) -> frozenset[str] | None:
     """The API families the backend's OpenAPI document lists routes for; None when its kind publishes none or
-    it did not answer with one (then its kind's defaults hold)."""
+    it answered that it has none (docs disabled: then its kind's defaults hold). Raises ProbeError when it gave
+    no answer to go by (unreachable, 5xx): what was detected before still holds."""
     known = KINDS.get(kind)
     if known is None or known.openapi_path is None:
         return None
     try:
         document = await _get_json(backend, known.openapi_path, timeout)
     except ProbeError as error:
-        if error.local:
+        if error.local or error.status is None or error.status >= 500:
             raise
         return None
     paths = document.get("paths") if isinstance(document, dict) else None

@@ -28,8 +28,13 @@ from llmproxy.metering.usage import Usage, tgi_header_usage
 # Ollama's /api/generate puts the whole `context` token array on its usage line: allow a long one.
 OLLAMA_MAX_LINE = 8 * 1024 * 1024
 MAX_METERED_JSON = 8 * 1024 * 1024  # non-streamed bodies larger than this are not parsed for usage
-# A translated non-streamed body is mapped whole: one larger than this is passed on as it is (and estimated).
-MAX_TRANSLATED_JSON = 64 * 1024 * 1024
+# A translated non-streamed body is mapped whole, so it is held: one larger than this fails the request (the
+# client must never get the backend's API instead of its own).
+MAX_TRANSLATED_JSON = 16 * 1024 * 1024
+
+
+class TranslatedBodyTooLarge(ValueError):
+    pass
 # Where a record's counts come from: the backend's own; an estimate (the backend did work but reported none:
 # a stream cut off, a backend that does not say); none (nothing to count: the backend refused the request,
 # or the endpoint is not a generation).
@@ -138,16 +143,16 @@ class MeteringSession:
         return ping
 
     def _hold(self, data: bytes) -> bytes:
-        """A translated body is mapped whole at its end; one too large to map goes on as it is."""
+        """A translated body is mapped whole at its end; one too large to hold fails (the relay answers 502)."""
         collected = self._collected
         if collected is None:
             return data
         collected.append(data)
         self._collected_size += len(data)
-        if self._collected_size <= MAX_TRANSLATED_JSON:
-            return b""
-        self._collected = None
-        return b"".join(collected)
+        if self._collected_size > MAX_TRANSLATED_JSON:
+            self._collected = None
+            raise TranslatedBodyTooLarge(f"a response over {MAX_TRANSLATED_JSON} bytes to translate")
+        return b""
 
     def response_ended(self) -> bytes:
         """The response ended cleanly: return the bytes a meter still held back (usually b"")."""

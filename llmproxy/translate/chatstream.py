@@ -73,15 +73,24 @@ class ChatStreamTranslator:
         for _name, payload in self._reader.finish():
             self._event(payload, out)
         if not self._done and self._finish is not None:
-            self._end(out)
+            self._finished(out)
         return b"".join(out)
+
+    def _finished(self, out: list[bytes]) -> None:
+        """The backend finished its answer: the client's terminal events, unless the engine aborted it (vLLM's
+        `abort`: the request was dropped, not answered) and the client must see a failure."""
+        if self._finish == "abort":
+            self._error("the backend aborted the generation", {}, out)
+        else:
+            self._end(out)
+        self._done = True
 
     def _event(self, payload: bytes, out: list[bytes]) -> None:
         if self._done:
             return
         if payload == b"[DONE]":
             if self._finish is not None:
-                self._end(out)
+                self._finished(out)
             self._done = True
             return
         try:

@@ -16,10 +16,13 @@ class EventTooLarge(ValueError):
 
 
 class EventReader:
-    __slots__ = ("_cr", "_tail")
+    __slots__ = ("_cr", "_held", "_pieces")
 
     def __init__(self) -> None:
-        self._tail = b""  # the unfinished event, its line ends already made LF
+        # The unfinished event, its line ends already made LF, as the reads brought it: joined only once an
+        # event completes, so a large event costs its size once, not once per read.
+        self._pieces: list[bytes] = []
+        self._held = 0
         self._cr = False  # the last read ended in CR: a LF starting the next one is the same line end
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
@@ -31,26 +34,32 @@ class EventReader:
         if b"\r" in data:
             self._cr = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._tail:
-            data = self._tail + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._hold(data)
+        pieces = self._pieces
+        straddles = bool(pieces) and data[:1] == b"\n" and pieces[-1].endswith(b"\n")  # a blank line across reads
+        if b"\n\n" not in data and not straddles:
+            if data:
+                self._hold(data)
             return []
-        self._tail = data[end + 2:]
-        if len(self._tail) > MAX_EVENT:
-            raise EventTooLarge("an SSE event over 8 MiB")
-        return parse_events(data[:end])
+        text = b"".join((*pieces, data)) if pieces else data
+        pieces.clear()
+        self._held = 0
+        end = text.rfind(b"\n\n")
+        if end + 2 < len(text):
+            self._hold(text[end + 2:])
+        return parse_events(text[:end])
 
     def finish(self) -> list[tuple[bytes, bytes]]:
         """The end of the stream: a last event left without its blank line still counts."""
-        tail, self._tail = self._tail, b""
+        tail = b"".join(self._pieces)
+        self._pieces.clear()
+        self._held = 0
         return parse_events(tail) if tail.strip() else []
 
     def _hold(self, data: bytes) -> None:
-        if len(data) > MAX_EVENT:
+        self._held += len(data)
+        if self._held > MAX_EVENT:
             raise EventTooLarge("an SSE event over 8 MiB")
-        self._tail = data
+        self._pieces.append(data)
 
 
 def parse_events(text: bytes) -> list[tuple[bytes, bytes]]:

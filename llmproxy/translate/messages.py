@@ -253,8 +253,10 @@ class ChatToMessages(ChatStreamTranslator):
 
     def ping(self) -> bytes:
         """Keep-alive for a client that heard nothing for a while: message_start first if it has not gone."""
+        if self._done:
+            return b""  # after message_stop or an error: the stream is over, whatever the connection does
         out: list[bytes] = []
-        if not self._started and not self._done:
+        if not self._started:
             self._started = True
             self._start({}, out)
         out.append(_PING)
@@ -325,9 +327,6 @@ class ChatToMessages(ChatStreamTranslator):
             self._started = True
             self._start({}, out)
         self._close(out)
-        if self._finish == "abort":  # vLLM's: the engine dropped the request; not an answer that ended
-            self._error("the backend aborted the generation", {}, out)
-            return
         reason, sequence = stop_reason(self._finish, self._matched, self._stops, bool(self._calls))
         delta = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                  "usage": messages_usage(self.usage, self.content_events)}

@@ -53,7 +53,7 @@ def request_to_chat(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
             _add_item(item, f"input[{i}]", messages)
     else:
         raise untranslatable("input", "must be a string or a list of items")
-    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": _one_system_message(messages)}
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     for name in _PASSED:
@@ -74,6 +74,18 @@ def request_to_chat(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
     return chat
+
+
+def _one_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leading system messages (instructions, then Codex's developer items) joined into one: many chat
+    templates (Gemma's, older Mistral's) take a single system message, first, and refuse more."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system" and isinstance(messages[lead]["content"], str):
+        lead += 1
+    if lead < 2:
+        return messages
+    joined = "\n\n".join(message["content"] for message in messages[:lead])
+    return [{"role": "system", "content": joined}, *messages[lead:]]
 
 
 def _add_item(item: Any, field: str, messages: list[dict[str, Any]]) -> None:
@@ -243,10 +255,17 @@ class ChatToResponses(ChatStreamTranslator):
         out.append(b"event: %b\ndata: %b\n\n" % (kind.encode(), orjson.dumps(event)))
 
     def _error(self, message: Any, chunk: dict[str, Any], out: list[bytes]) -> None:
+        """An error the backend sent in the stream, or an aborted generation: the `error` event, then
+        `response.failed` (Codex retries a stream that ends without a terminal event, and loses the message)."""
         if not self._started:  # a client's stream starts with response.created, even one that fails
             self._started = True
             self._start(chunk, out)
-        self._emit(out, "error", {"code": None, "message": str(message), "param": None})
+        self._emit(out, "error", {"code": "server_error", "message": str(message), "param": None})
+        response = self._response
+        response["status"] = "failed"
+        response["error"] = {"code": "server_error", "message": str(message)}
+        response["usage"] = responses_usage(self.usage)
+        self._emit(out, "response.failed", {"response": response})
 
     def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         created = chunk.get("created") if type(chunk.get("created")) is int else int(time.time())
@@ -294,7 +313,10 @@ class ChatToResponses(ChatStreamTranslator):
     def _tool_call(self, call: dict[str, Any], out: list[bytes]) -> None:
         index = call.get("index", 0)
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        if index not in self._calls:
+        call_id = call.get("id")
+        known = self._calls.get(index)
+        # A new call: an index not seen yet, or a new id at a known one (Ollama numbers every parallel call 0).
+        if known is None or (call_id and call_id != known["call_id"]):
             self._close(out)
             item = _call_item(new_id("fc_"), call.get("id"), function.get("name"), "", "in_progress")
             self._calls[index] = item

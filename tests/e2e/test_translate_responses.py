@@ -250,8 +250,9 @@ def test_a_codex_request_gets_function_calls_streamed_and_assembled(setup):
     # What the backend got: one chat request with the conversation, the tools in chat's shape, nothing stored.
     assert path == "/v1/chat/completions"
     assert sent["messages"] == [
-        {"role": "system", "content": "You are a coding agent running in the Codex CLI."},
-        {"role": "system", "content": "<permissions>workspace-write</permissions>"},
+        # instructions and the developer item: one system message (many templates take only one)
+        {"role": "system", "content": "You are a coding agent running in the Codex CLI.\n\n"
+                                      "<permissions>workspace-write</permissions>"},
         {"role": "user", "content": "<environment_context>cwd: /repo</environment_context>"},
         {"role": "user", "content": "List the files, then plan."},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -387,12 +388,15 @@ def test_each_translated_event_reaches_the_client_before_the_backend_sends_the_n
 @pytest.mark.parametrize(("backend", "message"), [
     ("vllm", "Internal server error"),
     ("tgi", "Request failed during generation: mock generation failure (x-mock-error-after)")])
-def test_an_in_band_error_is_an_error_event_after_response_created(setup, backend, message, after):
+def test_an_in_band_error_is_an_error_event_after_response_created_then_response_failed(setup, backend, message,
+                                                                                     after):
+    # Codex retries a stream that ends without a terminal event, losing the message: response.failed ends it.
     with client(setup, **{"x-mock-error-after": str(after)}).responses.stream(
             model=MODELS[backend], input="Hi") as stream:
         events = list(stream)  # the SDK's accumulator takes every event: none comes before response.created
     assert events[0].type == "response.created"
-    assert (events[-1].type, events[-1].message) == ("error", message)
+    assert (events[-2].type, events[-2].message) == ("error", message)
+    assert events[-1].type == "response.failed" and events[-1].response.error.message == message
     assert "response.completed" not in {event.type for event in events}
 
 

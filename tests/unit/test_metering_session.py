@@ -209,3 +209,15 @@ def test_chat_responses_have_no_stored_response_id():
         b'{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}')
     session.response_ended()
     assert session.response_id is None
+
+
+def test_a_translated_body_too_large_to_hold_fails_rather_than_reaching_the_client_in_the_backends_api(monkeypatch):
+    from llmproxy.metering import session as session_module
+    from llmproxy.translate import PLANS
+
+    monkeypatch.setattr(session_module, "MAX_TRANSLATED_JSON", 10)
+    session = MeteringSession.translated(PLANS[("messages", "chat")], {"model": "m"})
+    feed = session.response_started(200, False)
+    assert feed(b'{"id":') == b""  # held: mapped whole at its end
+    with pytest.raises(session_module.TranslatedBodyTooLarge):
+        feed(b'"chatcmpl-1","choices":[]}')

@@ -66,8 +66,9 @@ def test_message_items_map_to_their_roles_messages():
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Done."}]},
         {"role": "user", "content": "Thanks"},  # an item without a type is a message (EasyInputMessage)
     ]}
+    # The leading system and developer items are one system message: many chat templates take only one.
     assert request_to_chat(body, stream=False)["messages"] == [
-        {"role": "system", "content": "Sandbox: on."}, {"role": "system", "content": "Be terse."},
+        {"role": "system", "content": "Sandbox: on.\n\nBe terse."},
         {"role": "user", "content": "List files"}, {"role": "assistant", "content": "Done."},
         {"role": "user", "content": "Thanks"}]
 
@@ -400,19 +401,37 @@ def test_a_stream_without_usage_completes_with_none():
     # a plain string
     (b'data: {"error":"overloaded"}\n\n', "overloaded"),
 ])
-def test_an_error_chunk_is_an_error_event_and_nothing_follows(error, message):
+def test_an_error_chunk_is_an_error_event_then_response_failed_and_nothing_follows(error, message):
+    # Codex retries a stream that ends without a terminal event (and loses the message): response.failed ends it.
     events, _ = translate(ROLE, chunk({"content": "Hi"}), error, chunk({"content": "more"}, "stop"), DONE)
-    assert types(events)[-1] == "error" and events[-1]["message"] == message
+    assert types(events)[-2:] == ["error", "response.failed"] and events[-2]["message"] == message
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["message"] == message
     assert "response.completed" not in types(events)
     assert types(events).count("response.output_text.delta") == 1
+
+
+def test_an_aborted_generation_fails_the_response_instead_of_completing_it():
+    events, _ = translate(ROLE, chunk({"content": "Hi"}), chunk({}, "abort"), DONE)
+    assert types(events)[-2:] == ["error", "response.failed"] and "response.completed" not in types(events)
+
+
+def test_parallel_calls_all_numbered_0_with_their_own_ids_stay_apart():
+    # Ollama numbers every parallel call 0 (ollama/ollama#15457); each new id is a new call.
+    first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    second = {"index": 0, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": '{"b":2}'}}
+    events, _ = translate(ROLE, chunk({"tool_calls": [first]}), chunk({"tool_calls": [second]}, "tool_calls"), DONE)
+    output = events[-1]["response"]["output"]
+    assert [(item["call_id"], item["name"], item["arguments"]) for item in output] == [
+        ("call_a", "f", '{"a":1}'), ("call_b", "g", '{"b":2}')]
 
 
 def test_an_error_as_the_first_chunk_still_follows_response_created():
     # The openai SDK's stream helper refuses any event before response.created (RuntimeError), and so would
     # hide the backend's message.
     events, _ = translate(b'data: {"error":{"message":"boom","code":500}}\n\n', DONE)
-    assert types(events) == ["response.created", "response.in_progress", "error"]
-    assert events[-1]["message"] == "boom"
+    assert types(events) == ["response.created", "response.in_progress", "error", "response.failed"]
+    assert events[-2]["message"] == "boom"
 
 
 def test_other_choices_garbage_and_comments_are_ignored():
