@@ -120,10 +120,14 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
     tried: list[Backend] = []
     attempt = 0
     rotations = 0  # retries with another key of the same backend after a 429: not attempts of their own
+    rotating: Backend | None = None  # the backend whose next key gets the request again
     while True:
-        untried = [b for b in candidates if b not in tried] if tried else candidates
-        backend = fleet.balancer.choose(untried or candidates)
-        tried.append(backend)
+        if rotating is not None:
+            backend, rotating = rotating, None
+        else:
+            untried = [b for b in candidates if b not in tried] if tried else candidates
+            backend = fleet.balancer.choose(untried or candidates)
+            tried.append(backend)
         last = attempt == routing.retries
         try:
             await forward(services, ctx, backend, prepare_attempt(services, ctx, backend, body), last,
@@ -139,8 +143,9 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
             ctx.retries += 1
             if services.metrics is not None:
                 services.metrics.observe_retry(KEY_THROTTLED if rotated else error.retry_condition)
-            if rotated:  # another key, at once: the throttled one rests
+            if rotated:  # the same backend with another key, at once: the throttled one rests
                 rotations += 1
+                rotating = backend
                 continue
             # Full jitter: retries of many requests that failed together do not arrive together.
             await asyncio.sleep(random.uniform(0.0, routing.retry_backoff * 2 ** attempt))

@@ -479,6 +479,28 @@ def test_a_free_key_is_found_whatever_the_number_of_throttled_ones(tmp_path):
         stop_pair(own)
 
 
+def test_a_throttled_key_is_swapped_for_another_of_the_same_backend_not_for_another_backend(tmp_path):
+    mocks = [start_mock("anthropic", "--api-key", "ka", "--api-key", "kb") for _ in range(2)]
+    try:
+        proxy = start_proxy(tmp_path, [{"url": mock.url, "name": f"anthropic-{i}", "type": "anthropic",
+                                        "api_keys": ["ka", "kb"], "models": [MODEL]} for i, mock in enumerate(mocks)],
+                            routing={"load_balance": "round_robin"}, health_check=NO_PERIODIC_PROBES)
+        try:
+            for mock in mocks:
+                http_post(f"{mock.url}/_mock/throttle?key=ka&seconds=30")
+            sdk = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=TIMEOUT)
+            for _ in range(2):  # round robin: one request to each backend, each starting on its key ka
+                sdk.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+            for mock in mocks:  # each backend saw its own ka refused, then kb: no request crossed over
+                assert [(r["api_key"], r["status"]) for r in mock_stats(mock)["requests"]
+                        if r["path"] == "/v1/messages"] == [("ka", 429), ("kb", 200)]
+        finally:
+            proxy.stop()
+    finally:
+        for mock in mocks:
+            mock.stop()
+
+
 # --- errors -------------------------------------------------------------------------------------------------
 
 
