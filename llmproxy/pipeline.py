@@ -108,13 +108,14 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
             ctx.admission = await services.limiter.admit(ctx.tenant, ctx.body_data)
             if ctx.admission is not None:
                 ctx.response_headers += ctx.admission.headers
-        await forward_with_failover(services, ctx, fleet, candidates, body)
+        key = fleet.balancer.affinity_key(ctx.head.headers, ctx.body_data)  # prefix_affinity's, else None
+        await forward_with_failover(services, ctx, fleet, candidates, body, key)
     finally:
         traffic.inflight -= 1
 
 
 async def forward_with_failover(services: Services, ctx: RequestContext, fleet: Fleet, candidates: list[Backend],
-                                body: bytes) -> None:
+                                body: bytes, key: int | None = None) -> None:
     """Forward to one backend after another until one answers or retrying is no longer allowed."""
     routing = fleet.routing
     tried: list[Backend] = []
@@ -126,7 +127,7 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
             backend, rotating = rotating, None
         else:
             untried = [b for b in candidates if b not in tried] if tried else candidates
-            backend = fleet.balancer.choose(untried or candidates)
+            backend = fleet.balancer.choose(untried or candidates, key)
             tried.append(backend)
         last = attempt == routing.retries
         try:

@@ -101,6 +101,15 @@ class BackendConfig:
 
 
 @dataclass(slots=True)
+class PrefixAffinityConfig:
+    """routing.load_balance: prefix_affinity (fleet/prefix.py)."""
+
+    key_chars: int = 1024  # characters of the conversation's beginning its key is made of
+    epsilon: float = 0.25  # bounded load: no backend over (1 + epsilon) times the mean in-flight
+    session_header: str = "x-session-id"  # a client's explicit session id, the key when present
+
+
+@dataclass(slots=True)
 class RoutingConfig:
     load_balance: str = "round_robin"  # a name of llmproxy.fleet.balancer.STRATEGIES
     retries: int = 2  # further attempts after the first, on another backend when there is one
@@ -108,6 +117,9 @@ class RoutingConfig:
     retry_backoff: float = 0.025  # full jitter: each retry waits uniform(0, retry_backoff * 2**(n-1))
     model_aliases: dict[str, str] = field(default_factory=dict)  # requested name -> name forwarded
     translate: str = "when_needed"  # catalogue.TRANSLATE_MODES: when a client's API is translated
+    # queue_depth and prefix_affinity pass over a backend whose KV cache is this full while another is not
+    kv_cache_threshold: float = 0.9
+    prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
 
 
 @dataclass(slots=True)

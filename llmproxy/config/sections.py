@@ -19,6 +19,7 @@ from llmproxy.config.model import (
     LoggingConfig,
     MetricsConfig,
     PassiveHealthConfig,
+    PrefixAffinityConfig,
     PriceConfig,
     RecountConfig,
     ReporterConfig,
@@ -332,7 +333,23 @@ _ROUTING_FIELDS: dict[str, _Parser] = {
     "retry_backoff": parse_duration,
     "model_aliases": _model_aliases,
     "translate": _choice(TRANSLATE_MODES),
+    "kv_cache_threshold": lambda value, path: _fraction(value, path),
+    "prefix_affinity": _section(PrefixAffinityConfig, {"key_chars": _int_at_least(1),
+                                                       "epsilon": lambda value, path: _positive_number(value, path),
+                                                       "session_header": _clean_string("a header name")}),
 }
+
+
+def _fraction(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise ConfigError(path, f"must be a fraction above 0 and at most 1, got {_show(value)}")
+    return float(value)
+
+
+def _positive_number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(path, f"must be a number above 0, got {_show(value)}")
+    return float(value)
 
 _PASSIVE_FIELDS: dict[str, _Parser] = {
     "enabled": _bool,

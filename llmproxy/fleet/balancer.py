@@ -10,7 +10,13 @@ Strategies (all honour `weight`):
   an idle backend's estimate fades (fleet/backend.py), so a slow one keeps being tried and can recover;
 - queue_depth: the least loaded by the backends' own reports (vLLM `num_requests_waiting + running`,
   TGI queue + batch), polled every health interval and corrected by what we sent since; backends that
-  report nothing (Ollama, OpenAI) count their in-flight requests.
+  report nothing (Ollama, OpenAI) count their in-flight requests;
+- prefix_affinity: a conversation's turns to the backend holding its prefix in cache, by consistent
+  hashing with bounded loads (fleet/prefix.py); a request with nothing to key on goes by least_connections.
+
+KV-cache pressure (queue_depth and prefix_affinity): a backend whose reported KV-cache use is at or above
+`routing.kv_cache_threshold` is passed over while any candidate is below it (a full cache means preemption
+and recomputation), so the score of a candidate is, in order: KV use under the threshold, then the strategy's.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from time import perf_counter
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from llmproxy.fleet.prefix import AffinityKeys, HashRing, bounded_choice
 
 TTFT_FLOOR = 0.001  # seconds
 
@@ -26,9 +34,11 @@ TTFT_FLOOR = 0.001  # seconds
 class Candidate(Protocol):
     """What the strategies read of a backend (fleet/backend.py); wrr_current is theirs to write."""
 
+    name: str
     weight: int
     in_flight: int
     wrr_current: int
+    kv_cache_usage: float | None
 
     def ttft_estimate(self, now: float) -> float: ...
 
@@ -95,14 +105,41 @@ STRATEGIES: dict[str, Strategy] = {
     "least_connections": least_connections,
     "latency_based": latency_based,
     "queue_depth": queue_depth,
+    "prefix_affinity": least_connections,  # for requests without a key; the ring places the others
 }
+KV_AWARE = frozenset({"queue_depth", "prefix_affinity"})
 
 
 class Balancer:
-    def __init__(self, strategy: str) -> None:
+    __slots__ = ("_choose", "_epsilon", "_keys", "_kv_threshold", "_ring", "strategy")
+
+    def __init__(self, strategy: str, backends: list[Any] = (), *, kv_threshold: float = 1.0,
+                 keys: AffinityKeys | None = None, epsilon: float = 0.25) -> None:
         self.strategy = strategy
         self._choose = STRATEGIES[strategy]
+        self._kv_threshold = kv_threshold if strategy in KV_AWARE else None
+        affine = strategy == "prefix_affinity"
+        self._ring = HashRing(backends) if affine else None
+        self._keys = (keys or AffinityKeys(1024, "x-session-id")) if affine else None
+        self._epsilon = epsilon
 
-    def choose(self, candidates: list[Backend]) -> Backend:
-        """One of `candidates` (never empty: the router raises before)."""
-        return candidates[0] if len(candidates) == 1 else self._choose(candidates)
+    def affinity_key(self, headers: list[tuple[bytes, bytes]], body: Any) -> int | None:
+        """The request's place on the ring (prefix_affinity only; None otherwise, or with nothing to key on)."""
+        keys = self._keys
+        return keys.key(headers, body) if keys is not None else None
+
+    def choose(self, candidates: list[Backend], key: int | None = None) -> Backend:
+        """One of `candidates` (never empty: the router raises before); `key`: the request's affinity key."""
+        if len(candidates) == 1:
+            return candidates[0]
+        if self._kv_threshold is not None:
+            candidates = _below_kv_threshold(candidates, self._kv_threshold)
+        if key is not None and self._ring is not None:
+            return bounded_choice(self._ring, key, candidates, self._epsilon)
+        return self._choose(candidates)
+
+
+def _below_kv_threshold(candidates: list[Backend], threshold: float) -> list[Backend]:
+    """The candidates whose KV cache is below the threshold (or unreported); all of them if none is."""
+    roomy = [b for b in candidates if b.kv_cache_usage is None or b.kv_cache_usage < threshold]
+    return roomy or candidates

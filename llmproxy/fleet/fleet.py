@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from llmproxy.config.model import BackendConfig, Config, RoutingConfig
 from llmproxy.fleet.backend import Backend
-from llmproxy.fleet.balancer import Balancer
+from llmproxy.fleet.balancer import KV_AWARE, Balancer
 from llmproxy.fleet.health import HealthEvents, HealthMonitor
+from llmproxy.fleet.prefix import AffinityKeys
 from llmproxy.fleet.router import Router
 
 log = logging.getLogger("llmproxy")
@@ -46,19 +47,25 @@ async def build_fleet(config: Config, events: HealthEvents | None, previous: Fle
     kept = {b.name: b for b in previous.backends} if previous is not None else {}
     backends = [_reuse_or_create(backend, config, kept.get(backend.name)) for backend in config.backends]
     routing = config.routing
-    health = HealthMonitor(backends, config.health_check, routing.load_balance == "queue_depth", events)
+    health = HealthMonitor(backends, config.health_check, routing.load_balance in KV_AWARE, events)
     await health.discover()
     health.start()
     retry_on = frozenset(routing.retry_on)
     return Fleet(
         backends=backends,
         router=Router(backends, routing.model_aliases),
-        balancer=Balancer(routing.load_balance),
+        balancer=_balancer(routing, backends),
         health=health,
         routing=routing,
         retry_on=retry_on,
         retry_statuses=frozenset(int(c) for c in retry_on if c.isdigit()),
     )
+
+
+def _balancer(routing: RoutingConfig, backends: list[Backend]) -> Balancer:
+    affinity = routing.prefix_affinity
+    return Balancer(routing.load_balance, backends, kv_threshold=routing.kv_cache_threshold,
+                    keys=AffinityKeys(affinity.key_chars, affinity.session_header), epsilon=affinity.epsilon)
 
 
 def _reuse_or_create(config: BackendConfig, server: Config, old: Backend | None) -> Backend:

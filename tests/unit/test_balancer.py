@@ -39,6 +39,7 @@ class Fake:
     wrr_current: int = 0
     ttft: float = 0.0
     load: float = 0.0
+    kv_cache_usage: float | None = None
     asked_at: list[float] = field(default_factory=list)  # the `now` each ttft_estimate was asked for
 
     def ttft_estimate(self, now: float) -> float:
@@ -255,7 +256,8 @@ def test_each_configured_name_is_a_strategy(name: str, strategy):
 
 
 def test_the_strategy_names_are_exactly_the_documented_ones():
-    assert set(STRATEGIES) == {"round_robin", "weighted", "least_connections", "latency_based", "queue_depth"}
+    assert set(STRATEGIES) == {"round_robin", "weighted", "least_connections", "latency_based", "queue_depth",
+                               "prefix_affinity"}
     with pytest.raises(KeyError):
         Balancer("random")
 

@@ -29,6 +29,7 @@ from llmproxy.config.model import (
     LimitConfig,
     LoggingConfig,
     MetricsConfig,
+    PrefixAffinityConfig,
     RateLimitConfig,
     RoutingConfig,
     ServerConfig,
@@ -403,7 +404,7 @@ def test_unknown_key_message() -> None:
         (
             doc(routing={"load_balance": "random"}),
             "routing.load_balance: must be one of round_robin, weighted, least_connections, latency_based, "
-            'queue_depth, got "random"',
+            'queue_depth, prefix_affinity, got "random"',
         ),
         (
             doc(logging={"level": "verbose"}),
@@ -648,6 +649,7 @@ def test_example_documents_every_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
         BackendConfig,
         BackendTimeouts,
         RoutingConfig,
+        PrefixAffinityConfig,
         TranslationConfig,
         LoggingConfig,
         MetricsConfig,
