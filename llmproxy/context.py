@@ -99,6 +99,7 @@ class RequestContext:
     # Read from the body (request_body.py).
     model: str | None = None  # as forwarded: an alias is already resolved to its target
     model_aliased: bool = False  # the client named an alias: the body's model is rewritten
+    model_requested: str | None = None  # the model the client named when rules picked another (model: auto)
     is_stream: bool = False
     body_data: Any = None  # the parsed JSON body
     meter: MeteringSession | None = None  # this request's metering, planned per attempt

@@ -51,6 +51,8 @@ ERRORS: dict[str, ErrorSpec] = {
     # A request in an API the chosen backend does not serve, holding something the translation cannot express
     # (translate/): refused before anything is sent upstream.
     "untranslatable": ErrorSpec(400, "invalid_request_error", "untranslatable", "LR"),
+    # model: auto, and no routing.auto rule fits the request (the message says what each rule missed).
+    "no_auto_rule": ErrorSpec(400, "invalid_request_error", "no_auto_rule", "LR"),
     "invalid_path": ErrorSpec(400, "invalid_request_error", "invalid_path", "CR", close=True),
     "upgrade_not_supported": ErrorSpec(501, "invalid_request_error", "upgrade_not_supported", "CR", close=True),
     # Who is calling, and how much (auth.py, ratelimit/). Refused before any backend is chosen.

@@ -29,6 +29,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from llmproxy.errors import ProxyError, drop_traceback, error_body
+from llmproxy.fleet.auto import AUTO_MODEL
 from llmproxy.fleet.tokenizer import can_count, count_prompt_tokens
 from llmproxy.metering.session import ESTIMATED, MeteringSession
 from llmproxy.own_endpoints import match_own, request_path
@@ -95,9 +96,12 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
         body = await ctx.read_body()
         inspect_body(ctx, body)
         fleet = services.fleet
-        requested = ctx.model
+        named = ctx.model
+        requested = services.auto.choose(ctx.body_data) if named == AUTO_MODEL and services.auto else named
+        if requested != named:
+            ctx.model_requested = named  # "auto": the record says what the rules chose for it
         ctx.model = fleet.router.resolve_model(requested)
-        ctx.model_aliased = ctx.model != requested
+        ctx.model_aliased = ctx.model != named
         if ctx.tenant is not None and not ctx.tenant.may_use(requested, ctx.model):
             raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
         candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, services.clock(),

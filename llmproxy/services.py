@@ -22,6 +22,7 @@ from llmproxy.config.model import Config, PriceConfig, TranslationConfig
 from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.delivery import DeliveryService
 from llmproxy.fleet.affinity import ResponseAffinity
+from llmproxy.fleet.auto import AutoRules
 from llmproxy.fleet.fleet import Fleet, build_fleet
 from llmproxy.http11.headers import HeaderRules
 from llmproxy.metrics import Metrics
@@ -69,6 +70,7 @@ class Services:
     prices: dict[str, PriceConfig]
     metering: bool  # usage.metering: responses are metered and every request sent upstream gets a record
     translation: TranslationConfig  # how requests in an API their backend does not serve are translated
+    auto: AutoRules | None  # routing.auto: the rules that pick the model of a request for "auto"
     headers: HeaderRules
     # Handed on from generation to generation (see Lasting), flat here: the request path reads them often.
     metrics: Metrics | None
@@ -122,6 +124,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         prices=config.pricing,
         metering=config.usage.metering,
         translation=config.translation,
+        auto=AutoRules(config.routing.auto) if config.routing.auto else None,
         headers=HeaderRules(frozenset(keys.header_names), lasting.trusted_proxies),
         metrics=lasting.metrics,
         access_log=lasting.access_log,

@@ -100,6 +100,17 @@ class BackendConfig:
         return [self.api_key] if self.api_key else []
 
 
+@dataclass(frozen=True, slots=True)
+class AutoRuleConfig:
+    """One rule of routing.auto (fleet/auto.py): the model, and the conditions a request must meet for it."""
+
+    model: str
+    max_prompt_tokens: int | None = None
+    max_output_tokens: int | None = None
+    needs_tools: bool | None = None
+    needs_images: bool | None = None
+
+
 @dataclass(slots=True)
 class PrefixAffinityConfig:
     """routing.load_balance: prefix_affinity (fleet/prefix.py)."""
@@ -120,6 +131,7 @@ class RoutingConfig:
     # queue_depth and prefix_affinity pass over a backend whose KV cache is this full while another is not
     kv_cache_threshold: float = 0.9
     prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
+    auto: list[AutoRuleConfig] = field(default_factory=list)  # model "auto": the first rule a request meets
 
 
 @dataclass(slots=True)

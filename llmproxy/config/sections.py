@@ -11,6 +11,7 @@ from llmproxy.config.access import parse_auth, parse_rate_limit
 from llmproxy.config.model import (
     REPORTER_TYPES,
     RETRY_CONDITIONS,
+    AutoRuleConfig,
     BackendConfig,
     BackendMetricsConfig,
     BackendTimeouts,
@@ -334,10 +335,29 @@ _ROUTING_FIELDS: dict[str, _Parser] = {
     "model_aliases": _model_aliases,
     "translate": _choice(TRANSLATE_MODES),
     "kv_cache_threshold": lambda value, path: _fraction(value, path),
+    "auto": lambda value, path: _auto_rules(value, path),
     "prefix_affinity": _section(PrefixAffinityConfig, {"key_chars": _int_at_least(1),
                                                        "epsilon": lambda value, path: _positive_number(value, path),
                                                        "session_header": _clean_string("a header name")}),
 }
+
+
+def _auto_rules(value: Any, path: str) -> list[AutoRuleConfig]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "must be a list of {model, when} rules, cheapest model first")
+    return [_auto_rule(rule, f"{path}[{i}]") for i, rule in enumerate(value)]
+
+
+def _auto_rule(value: Any, path: str) -> AutoRuleConfig:
+    fields = _parse_fields(value, path, {"model": _clean_string("a model name"),
+                                          "when": lambda v, p: _parse_fields(v, p, _AUTO_CONDITIONS)})
+    if "model" not in fields:
+        raise ConfigError(_join(path, "model"), "is required")
+    return AutoRuleConfig(model=fields["model"], **fields.get("when", {}))
+
+
+_AUTO_CONDITIONS: dict[str, _Parser] = {"max_prompt_tokens": _int_at_least(1), "max_output_tokens": _int_at_least(1),
+                                        "needs_tools": _bool, "needs_images": _bool}
 
 
 def _fraction(value: Any, path: str) -> float:
