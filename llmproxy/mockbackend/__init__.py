@@ -60,7 +60,9 @@ Request headers steer one request (each overrides the CLI default):
   x-mock-gate: TOKEN                each event after the first waits for POST /_mock/release/TOKEN
   x-mock-cache-read: N              N prompt tokens were a prefix-cache hit: Anthropic cache_read_input_tokens
                                     (input_tokens then excludes them), llama.cpp cache_n/cached_tokens, SGLang
-                                    cached_tokens, vLLM Responses input_tokens_details.cached_tokens
+                                    cached_tokens (and /v1 prompt_tokens_details when N > 0), vLLM
+                                    prompt_tokens_details (when N > 0) and Responses input_tokens_details;
+                                    it overrides what the prefix-cache model would report
   x-mock-cache-write: N             Anthropic cache_creation_input_tokens (excluded from input_tokens)
 Control endpoints (any dialect, not counted): GET /_mock/stats, POST /_mock/release/<token>,
 POST /_mock/reset-stats, and four whose state reset-stats keeps:
@@ -77,6 +79,16 @@ POST /_mock/reset-stats, and four whose state reset-stats keeps:
   POST /_mock/loading/1             every route answers the dialect's 503 (as /_mock/health/503 shapes it),
                                     unknown paths too, as llama-server does while it loads its model (its
                                     /models and /v1/models stay open); /_mock/loading/0 ends it
+
+--prefix-cache-tokens N (vllm, sglang, llamacpp; 0 = off, the default) models the engines' prefix cache
+(prefixcache.py): N tokens in 16-token blocks, least recently used evicted. A generation's prompt, as the template
+renders it (textgen.prompt_sequence), finds its longest cached prefix in whole blocks (never its last token); its first
+byte waits --base-ttft-ms (2) + --prefill-us-per-token (50 us) x the tokens not found, on top of any first-byte delay;
+it answers x-mock-prefix-cache-hit-tokens: H, and the body reports H where the engine does (vLLM chat/completions
+prompt_tokens_details and Responses, SGLang cached_tokens, llama.cpp cache_n and Messages; not vLLM Messages).
+/metrics adds vllm:prefix_cache_queries_total / hits_total (tokens) and sglang:cache_hit_rate, and the KV-cache
+use becomes the blocks requests in flight hold; /_mock/stats shows the totals and the cache; reset-stats keeps the
+cache, POST /_mock/flush-cache (and SGLang's /flush_cache, refused while requests run) empties it.
 
 --model a,b serves several models (the first is the default); --strict-models answers a request naming
 any other model with the real server's 404 (vLLM and Ollama; TGI ignores model names).

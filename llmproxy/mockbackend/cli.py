@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="anthropic: an accepted x-api-key (repeatable; default: any non-empty key)")
     parser.add_argument("--without-route", action="append", default=[], metavar="PATH", dest="without_routes",
                         help="a route this server lacks, as an older release does (repeatable), e.g. /v1/messages")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=0, metavar="N",
+                        help="vllm, sglang, llamacpp: model a prefix cache of N tokens (16-token blocks, LRU); "
+                             "0 = off (default)")
+    parser.add_argument("--prefill-us-per-token", type=float, default=50.0, metavar="US",
+                        help="with --prefix-cache-tokens: first-byte delay per uncached prompt token (default 50)")
+    parser.add_argument("--base-ttft-ms", type=float, default=2.0, metavar="MS",
+                        help="with --prefix-cache-tokens: first-byte delay of every generation (default 2)")
     return parser
 
 
@@ -64,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         options = MockOptions(dialect=args.dialect, tokens=args.tokens, delay_ms=args.delay_ms,
                               first_byte_delay_ms=args.first_byte_delay_ms, model=args.model,
                               strict_models=args.strict_models, metrics=args.metrics, api_keys=tuple(args.api_keys),
-                              without_routes=tuple(args.without_routes))
+                              without_routes=tuple(args.without_routes), prefix_cache_tokens=args.prefix_cache_tokens,
+                              prefill_us_per_token=args.prefill_us_per_token, base_ttft_ms=args.base_ttft_ms)
     except ValueError as exc:
         print(f"llmproxy mock-backend: {exc}", file=sys.stderr)
         return 2

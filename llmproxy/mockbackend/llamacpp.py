@@ -37,6 +37,7 @@ from llmproxy.mockbackend.textgen import (
     embedding_inputs,
     encoded_embedding,
     generated_token_id,
+    prompt_sequence,
     prompt_text,
     prompt_token_ids,
     prompt_tokens,
@@ -120,7 +121,7 @@ STREAM_ERROR = (sse(dumps({"error": _error_body(500, "mock generation failure (x
 
 def _native(call: Call, req: dict[str, Any], p: int, prompt: str) -> Reply:
     n = capped(call.tokens, req.get("n_predict"), req.get("max_tokens"))
-    cached = min(call.cache_read, p)
+    cached = call.cached(p)
     stream = bool(req.get("stream"))
     model = call.request_model()
 
@@ -152,11 +153,18 @@ def completion(call: Call) -> Reply:
     return _native(call, req, prompt_tokens(req, TEMPLATE), prompt_text(req))
 
 
+def _infill_text(req: dict[str, Any]) -> str:
+    return f"{req.get('input_prefix', '')}{req.get('input_suffix', '')}{req.get('prompt', '')}"
+
+
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+
+
 def infill(call: Call) -> Reply:
     """POST /infill: input_prefix, input_suffix and prompt, framed by the FIM prefix/suffix/middle tokens."""
     req = call.json()
-    text = f"{req.get('input_prefix', '')}{req.get('input_suffix', '')}{req.get('prompt', '')}"
-    p = prompt_tokens({"prompt": text}, TEMPLATE) + 3
+    text = _infill_text(req)
+    p = prompt_tokens({"prompt": text}, TEMPLATE) + len(FIM_TOKENS)
     return _native(call, req, p, text)
 
 
@@ -172,7 +180,7 @@ def chat(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"), req.get("n_predict"))
     p = prompt_tokens(req, TEMPLATE)
-    cached = min(call.cache_read, p)
+    cached = call.cached(p)
     model = call.request_model()
     if not req.get("stream"):
         body = {"choices": [{"finish_reason": "length", "index": 0,
@@ -206,7 +214,7 @@ def completions(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_tokens"), req.get("n_predict"))
     p = prompt_tokens(req, TEMPLATE)
-    cached = min(call.cache_read, p)
+    cached = call.cached(p)
     model = call.request_model()
 
     def body(text: str, finish: str | None, final: bool) -> dict[str, Any]:
@@ -399,6 +407,21 @@ def check_model(call: Call) -> Reply | None:
     """llama-server answers whatever model a request names (a single-model server ignores the name)."""
     return None
 
+
+def _prompt_sequence(call: Call) -> list[str]:
+    return prompt_sequence(call.json(), TEMPLATE)
+
+
+# the generation routes whose prompt the prefix-cache model looks up (server.py), each with its prompt as tokens
+PREFIX_PROMPTS = {
+    "/completion": _prompt_sequence,
+    "/completions": _prompt_sequence,
+    "/v1/completions": _prompt_sequence,
+    "/v1/chat/completions": _prompt_sequence,
+    "/chat/completions": _prompt_sequence,
+    "/v1/messages": _prompt_sequence,
+    "/infill": lambda call: [*FIM_TOKENS, *prompt_sequence({"prompt": _infill_text(call.json())}, TEMPLATE)],
+}
 
 HEALTH_PATHS = frozenset({"/health", "/v1/health"})
 # While llama-server loads its model, a middleware answers every other path 503 "Loading model" (unknown ones

@@ -76,7 +76,8 @@ def request(call: Call) -> dict[str, Any]:
 def turn(call: Call, dialect: str) -> Turn:
     req = request(call)
     p = prompt_tokens(req, TEMPLATES[dialect])
-    read = min(call.cache_read, p)
+    # llama.cpp reports its prompt-cache hits here (n_prompt_tokens_cache); vLLM's converter never reports any (§8)
+    read = call.cached(p, engine_reports=dialect == "llamacpp")
     write = min(call.cache_write, p - read)
     calls = anthropic_tool_calls(req)
     if calls:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DIALECTS = ("vllm", "tgi", "ollama", "llamacpp", "sglang", "anthropic")
+# The engines whose prefix caching the mock models and whose answers report its hits (options.prefix_cache_tokens)
+PREFIX_CACHE_DIALECTS = ("vllm", "sglang", "llamacpp")
 
 # The model each real server would report when the request does not name one.
 DEFAULT_MODELS = {
@@ -50,6 +52,11 @@ class MockOptions:
     api_keys: tuple[str, ...] = ()
     # Routes this server lacks, as an older release of the engine does (answered 404, left out of its OpenAPI)
     without_routes: tuple[str, ...] = ()
+    # The prefix-cache model (prefixcache.py; vllm, sglang and llamacpp): its capacity in tokens, 0 = off. When on,
+    # a generation's first byte waits base_ttft_ms + prefill_us_per_token for each prompt token not found cached.
+    prefix_cache_tokens: int = 0
+    prefill_us_per_token: float = 50.0
+    base_ttft_ms: float = 2.0
 
     def __post_init__(self) -> None:
         if self.dialect not in DIALECTS:
@@ -61,6 +68,10 @@ class MockOptions:
             raise ValueError("--api-key must not be empty")
         if self.model and not self.models:  # "," or " , ": a typo, not a request for the default
             raise ValueError(f"--model names no model: {self.model!r}")
+        if self.prefix_cache_tokens < 0 or self.prefill_us_per_token < 0 or self.base_ttft_ms < 0:
+            raise ValueError("--prefix-cache-tokens, --prefill-us-per-token and --base-ttft-ms must not be negative")
+        if self.prefix_cache_tokens and self.dialect not in PREFIX_CACHE_DIALECTS:
+            raise ValueError(f"--prefix-cache-tokens: the prefix-cache model is for {', '.join(PREFIX_CACHE_DIALECTS)}")
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -91,7 +102,7 @@ class Knobs:
     close_delimited: bool = False
     fixture: str | None = None
     gate: str | None = None
-    cache_read: int = 0  # prompt tokens served from the prefix cache (x-mock-cache-read)
+    cache_read: int | None = None  # prompt tokens served from the prefix cache (x-mock-cache-read), if given
     cache_write: int = 0  # prompt tokens written to a prompt cache (x-mock-cache-write, Anthropic usage only)
 
 
@@ -136,6 +147,6 @@ def parse_knobs(headers: dict[str, str], options: MockOptions) -> Knobs:
         close_delimited=headers.get("x-mock-close-delimited", "0").strip().lower() in ("1", "true", "yes"),
         fixture=headers.get("x-mock-fixture"),
         gate=headers.get("x-mock-gate"),
-        cache_read=_int(headers, "x-mock-cache-read", 0, MAX_TOKENS) or 0,
+        cache_read=_int(headers, "x-mock-cache-read", 0, MAX_TOKENS),
         cache_write=_int(headers, "x-mock-cache-write", 0, MAX_TOKENS) or 0,
     )

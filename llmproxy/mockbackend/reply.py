@@ -33,6 +33,7 @@ class Reply:
     close_after: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    on_done: Callable[[], None] | None = None  # called once when the response ends, however it ends
 
 
 @dataclass(slots=True)
@@ -48,14 +49,25 @@ class Call:
     gauges: Callable[[], tuple[int, int, int, int]]  # (running, waiting, prompt total, generation total)
     models: tuple[str, ...] = ()  # every served model, `model` first; empty means just `model`
     error_after: int | None = None  # the x-mock-error-after knob
-    cache_read: int = 0  # the x-mock-cache-read knob: prompt tokens that were a prefix-cache hit
+    cache_read: int | None = None  # the x-mock-cache-read knob: prompt tokens that were a prefix-cache hit
     cache_write: int = 0  # the x-mock-cache-write knob: prompt tokens written to the cache
     kv_usage: Callable[[], float] = lambda: 0.0  # KV-cache use, 0..1 (pinned by /_mock/gauges?kv=F)
     responses: Any = None  # the per-process map of Responses ids (responses.ResponseStore)
     metrics_enabled: bool = False  # llama.cpp's --metrics
     api_keys: tuple[str, ...] = ()  # the keys an API-key dialect accepts (--api-key); empty: any
     throttled: Callable[[str], float] = lambda key: 0.0  # seconds an API key stays throttled (/_mock/throttle)
+    prefix_hit: int | None = None  # prompt tokens the prefix-cache model found cached (None: the model is off)
+    # (queries, hits) in tokens and the last prompt's hit rate, while the prefix-cache model is on
+    prefix_metrics: Callable[[], tuple[int, int, float] | None] = lambda: None
+    flush_cache: Callable[[], bool] = lambda: True  # empty the prefix cache; False: requests in flight, not done
     _json: Any = None
+
+    def cached(self, prompt: int, engine_reports: bool = True) -> int:
+        """The prompt tokens to report as read from the prefix cache, at most `prompt`: the x-mock-cache-read
+        knob when given, else the prefix-cache model's hit where the engine reports its own (`engine_reports`)."""
+        if self.cache_read is not None:
+            return min(self.cache_read, prompt)
+        return min(self.prefix_hit or 0, prompt) if engine_reports else 0
 
     def json(self) -> dict[str, Any]:
         """Return the body as a JSON object. Raises BadRequest if it is not one."""

@@ -24,6 +24,8 @@ from llmproxy.mockbackend.reply import CREATED, Call, Reply, dumps, generated, j
 from llmproxy.mockbackend.textgen import (
     TEMPLATES,
     capped,
+    chat_sequence,
+    chat_tools,
     completion_text,
     responses_messages,
     responses_prompt_tokens,
@@ -94,8 +96,17 @@ def answer(call: Call, dialect: str) -> Answer:
         n = capped(call.tokens, limit)
         incomplete = n < call.tokens
     digest = hashlib.sha256(call.body + (previous or "").encode()).hexdigest()
-    return Answer("resp_" + digest[:32], p, n, calls, incomplete, min(call.cache_read, p),
+    return Answer("resp_" + digest[:32], p, n, calls, incomplete, call.cached(p),
                   [*history, *responses_messages(req)])
+
+
+def prompt_sequence(call: Call, dialect: str) -> list[str]:
+    """The prompt of a Responses request as tokens (textgen.chat_sequence), the stored conversation it continues
+    first, as responses_prompt_tokens counts it (an unknown previous_response_id: this request's messages only)."""
+    req = call.json()
+    previous = req.get("previous_response_id")
+    history = call.responses.get(previous) if isinstance(previous, str) and call.responses is not None else None
+    return chat_sequence([*(history or []), *responses_messages(req)], chat_tools(req.get("tools")), TEMPLATES[dialect])
 
 
 def remember(call: Call, a: Answer) -> None:

@@ -19,6 +19,7 @@ import llmproxy.mockbackend.vllm as vllm
 from llmproxy.mockbackend.connection import MockConnection, ParsedRequest
 from llmproxy.mockbackend.fixtures import FixtureStore
 from llmproxy.mockbackend.options import BadRequest, Knobs, MockOptions, parse_knobs
+from llmproxy.mockbackend.prefixcache import BLOCK_TOKENS, Lookup, PrefixCache
 from llmproxy.mockbackend.reply import Call, Reply, json_reply
 from llmproxy.mockbackend.responses import ResponseStore
 from llmproxy.mockbackend.stats import Gate, MockStats
@@ -82,6 +83,9 @@ class MockState:
         self.gauge_overrides: dict[str, float] = {}
         self.responses = ResponseStore()  # the Responses API ids this process produced
         self.throttles: dict[str, float] = {}  # API key -> time.monotonic() its /_mock/throttle ends
+        # The prefix-cache model (--prefix-cache-tokens): reset-stats keeps it, /_mock/flush-cache empties it
+        self.prefix = PrefixCache(options.prefix_cache_tokens) if options.prefix_cache_tokens else None
+        self.prefix_prompts: dict[str, Callable[[Call], list[str]]] = getattr(self.dialect, "PREFIX_PROMPTS", {})
 
     def connection_opened(self, conn: MockConnection) -> None:
         self.connections.add(conn)
@@ -100,10 +104,27 @@ class MockState:
                 generation_total)
 
     def kv_usage(self) -> float:
-        """KV-cache use, 0..1: pinned by /_mock/gauges?kv=F, else following the running generations."""
+        """KV-cache use, 0..1: pinned by /_mock/gauges?kv=F, else the blocks the prefix-cache model's requests in
+        flight hold, else following the running generations."""
         if "kv" in self.gauge_overrides:
             return self.gauge_overrides["kv"]
+        if self.prefix is not None:
+            return self.prefix.usage()
         return min(1.0, self.stats.requests_running * KV_PER_RUNNING)
+
+    def prefix_metrics(self) -> tuple[int, int, float] | None:
+        """(queries, hits) in tokens and the last prompt's hit rate, while the prefix-cache model is on."""
+        if self.prefix is None:
+            return None
+        return self.stats.prefix_cache_queries_total, self.stats.prefix_cache_hits_total, self.prefix.last_hit_rate
+
+    def flush_cache(self) -> bool:
+        """An engine's own flush (SGLang's /flush_cache): refused while generations run or wait, as SGLang does."""
+        if self.stats.requests_running or self.stats.requests_waiting:
+            return False
+        if self.prefix is not None:
+            self.prefix.flush()
+        return True
 
     def throttled(self, key: str) -> float:
         """Seconds the API key `key` stays throttled by /_mock/throttle (0: not throttled)."""
@@ -164,7 +185,8 @@ class MockState:
         if route is None:
             raise BadRequest("Not Found", 404)
         method, handler = route
-        if request.method != method and not (request.method == "HEAD" and method == "GET"):
+        methods = method.split(",")  # "GET,POST": a route that takes both
+        if request.method not in methods and not (request.method == "HEAD" and "GET" in methods):
             raise BadRequest("Method Not Allowed", 405)
         if self.health != 200 and path in self.dialect.HEALTH_PATHS:
             return _health_reply(self.dialect, self.health)
@@ -172,14 +194,38 @@ class MockState:
                     model=self.models[0], models=self.models, gauges=self.gauges, error_after=knobs.error_after,
                     cache_read=knobs.cache_read, cache_write=knobs.cache_write, kv_usage=self.kv_usage,
                     responses=self.responses, metrics_enabled=self.options.metrics,
-                    api_keys=self.options.api_keys, throttled=self.throttled)
+                    api_keys=self.options.api_keys, throttled=self.throttled,
+                    prefix_metrics=self.prefix_metrics, flush_cache=self.flush_cache)
         refused = self._refuse_model(call)
-        return handler(call) if refused is None else refused
+        if refused is not None:
+            return refused
+        prefix = self.prefix
+        render = self.prefix_prompts.get(path) if prefix is not None else None
+        if prefix is None or render is None:
+            return handler(call)
+        lookup = prefix.lookup(render(call))
+        call.prefix_hit = lookup.hit
+        reply: Reply = handler(call)
+        if reply.generation:  # not an error answer: the engine ran the prompt
+            self._admit(prefix, lookup, reply, knobs)
+        return reply
+
+    def _admit(self, prefix: PrefixCache, lookup: Lookup, reply: Reply, knobs: Knobs) -> None:
+        """Cache a generation's prompt, hold its blocks until its response ends, count the lookup, and delay its
+        first byte by a base plus the prefill of the prompt tokens not found cached."""
+        hold = prefix.admit(lookup, reply.completion_tokens)
+        reply.on_done = lambda: prefix.release(hold)
+        self.stats.prefix_cache_queries_total += lookup.prompt
+        self.stats.prefix_cache_hits_total += lookup.hit
+        opts = self.options
+        prefill_ms = opts.prefill_us_per_token * (lookup.prompt - lookup.hit) / 1000
+        knobs.first_byte_delay += (opts.base_ttft_ms + prefill_ms) / 1000
+        reply.headers.append((b"x-mock-prefix-cache-hit-tokens", b"%d" % lookup.hit))
 
     def _openapi(self) -> Reply:
         """The engine's OpenAPI document (FastAPI's, TGI's): its routes, by which the proxy tells what a release
         serves."""
-        routes = {path: {method.lower(): {}} for path, (method, _) in self.dialect.ROUTES.items()
+        routes = {path: {m.lower(): {} for m in method.split(",")} for path, (method, _) in self.dialect.ROUTES.items()
                   if path not in self.options.without_routes}
         return json_reply({"openapi": "3.1.0", "info": {"title": self.options.dialect, "version": "mock"},
                            "paths": routes})
@@ -209,7 +255,8 @@ class MockState:
 
     def _control_action(self, method: str, action: str, query: str) -> Reply | None:
         if method in ("GET", "HEAD") and action == "stats":
-            return json_reply(self.stats.as_dict())
+            extra = {"prefix_cache": self.prefix.state()} if self.prefix is not None else {}
+            return json_reply({**self.stats.as_dict(), **extra})
         if method != "POST":
             return None
         if action.startswith("release/") and len(action) > len("release/"):
@@ -224,7 +271,16 @@ class MockState:
             return self._set_gauges(query)
         if action == "throttle":
             return self._set_throttle(query)
+        if action == "flush-cache":
+            return self._flush_cache()
         return None
+
+    def _flush_cache(self) -> Reply:
+        """Empty the prefix cache, but for the blocks requests in flight hold (they stay cached)."""
+        if self.prefix is None:
+            return json_reply({"flushed_tokens": 0, "cached_tokens": 0})
+        dropped = self.prefix.flush()
+        return json_reply({"flushed_tokens": dropped * BLOCK_TOKENS, "cached_tokens": self.prefix.cached_tokens})
 
     def _release(self, token: str) -> Reply:
         gate = self._gate(token)

@@ -35,6 +35,7 @@ from llmproxy.mockbackend.textgen import (
     capped,
     completion_text,
     generated_token_id,
+    prompt_sequence,
     prompt_tokens,
     word,
 )
@@ -85,7 +86,7 @@ def generate(call: Call) -> Reply:
     params = req.get("sampling_params") if isinstance(req.get("sampling_params"), dict) else {}
     n = capped(call.tokens, params.get("max_new_tokens"))
     p = prompt_tokens(_prompt(req), TEMPLATE)
-    cached = min(call.cache_read, p)
+    cached = call.cached(p)
     rid = _rid(call)
     if not req.get("stream"):
         body = {"text": completion_text(n), "output_ids": [generated_token_id(i) for i in range(n)],
@@ -129,21 +130,23 @@ def _chunk_base(call: Call, prefix: str, obj: str) -> dict[str, Any]:
             "model": call.request_model()}
 
 
-def _usage(p: int, n: int) -> dict[str, Any]:
-    return {"prompt_tokens": p, "total_tokens": p + n, "completion_tokens": n, "prompt_tokens_details": None,
-            "reasoning_tokens": 0}
+def _usage(p: int, n: int, cached: int) -> dict[str, Any]:
+    # prompt_tokens_details as with --enable-cache-report: only for a hit (UsageProcessor._details_if_cached)
+    return {"prompt_tokens": p, "total_tokens": p + n, "completion_tokens": n,
+            "prompt_tokens_details": {"cached_tokens": cached} if cached else None, "reasoning_tokens": 0}
 
 
 def chat(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
     p = prompt_tokens(req, TEMPLATE)
+    cached = call.cached(p)
     base = _chunk_base(call, "", "chat.completion.chunk")
     if not req.get("stream"):
         body = {**base, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": completion_text(n), "reasoning_content": None,
                                     "tool_calls": None},
-            "logprobs": None, "finish_reason": "length", "matched_stop": None}], "usage": _usage(p, n),
+            "logprobs": None, "finish_reason": "length", "matched_stop": None}], "usage": _usage(p, n, cached),
                 "metadata": {"weight_version": "default"}}
         return generated(json_reply(body), p, n)
     include = call.include_usage()
@@ -162,7 +165,7 @@ def chat(call: Call) -> Reply:
         yield sse(dumps(chunk({"role": None, "content": None, "reasoning_content": None, "tool_calls": None},
                               "length")))
         if include:
-            yield sse(dumps({**base, "choices": [], "usage": _usage(p, n)}))
+            yield sse(dumps({**base, "choices": [], "usage": _usage(p, n, cached)}))
         yield DONE
 
     return stream_reply(error_after(events(), call.error_after, STREAM_ERROR), b"text/event-stream",
@@ -173,10 +176,12 @@ def completions(call: Call) -> Reply:
     req = call.json()
     n = capped(call.tokens, req.get("max_tokens"))
     p = prompt_tokens(req, TEMPLATE)
+    cached = call.cached(p)
     base = _chunk_base(call, "", "text_completion")
     if not req.get("stream"):
         body = {**base, "choices": [{"index": 0, "text": completion_text(n), "logprobs": None,
-                                     "finish_reason": "length", "matched_stop": None}], "usage": _usage(p, n)}
+                                     "finish_reason": "length", "matched_stop": None}],
+                "usage": _usage(p, n, cached)}
         return generated(json_reply(body), p, n)
     include = call.include_usage()
 
@@ -188,7 +193,7 @@ def completions(call: Call) -> Reply:
         yield sse(dumps({**base, "choices": [{"index": 0, "text": word(n - 1) if n else "", "logprobs": None,
                                               "finish_reason": "length", "matched_stop": None}], "usage": None}))
         if include:
-            yield sse(dumps({**base, "choices": [], "usage": _usage(p, n)}))
+            yield sse(dumps({**base, "choices": [], "usage": _usage(p, n, cached)}))
         yield DONE
 
     return stream_reply(error_after(events(), call.error_after, STREAM_ERROR), b"text/event-stream",
@@ -202,17 +207,29 @@ def models(call: Call) -> Reply:
 
 
 def metrics(call: Call) -> Reply:
-    """The scheduler's gauges and the tokenizer's counters, labelled with the served model."""
+    """The scheduler's gauges and the tokenizer's counters, labelled with the served model.
+
+    cache_hit_rate is that of the last prefill batch (scheduler_metrics_mixin.log_prefill_stats): with the
+    prefix-cache model on, the last generation's hit / prompt tokens; 0.0 without it."""
     running, waiting, prompt_total, generation_total = call.gauges()
+    prefix = call.prefix_metrics()
     escaped = call.model.replace("\\", "\\\\").replace('"', '\\"')
     return prometheus_reply([
         ("sglang:num_running_reqs", "gauge", "The number of running requests.", running),
         ("sglang:num_queue_reqs", "gauge", "The number of requests in the waiting queue.", waiting),
         ("sglang:token_usage", "gauge", "The token usage.", call.kv_usage()),
-        ("sglang:cache_hit_rate", "gauge", "The prefix cache hit rate.", 0.0),
+        ("sglang:cache_hit_rate", "gauge", "The prefix cache hit rate.", prefix[2] if prefix else 0.0),
         ("sglang:prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt_total),
         ("sglang:generation_tokens_total", "counter", "Number of generation tokens processed.", generation_total),
     ], f'{{model_name="{escaped}"}}')
+
+
+def flush_cache(call: Call) -> Reply:
+    """GET or POST /flush_cache: empty the radix cache, refused (400) while requests run or wait (http_server.py)."""
+    if not call.flush_cache():
+        return Reply(status=400, content_type=None, body=b"Flush cache failed.\n")
+    return Reply(content_type=None, body=b"Cache flushed.\nPlease check backend logs for more details. (When there "
+                                         b"are running or waiting requests, the operation will not be performed.)\n")
 
 
 def check_model(call: Call) -> Reply | None:
@@ -227,6 +244,18 @@ def unhealthy(status: int) -> Reply:
 
 HEALTH_PATHS = frozenset({"/health", "/health_generate"})
 
+
+def _prompt_sequence(call: Call) -> list[str]:
+    return prompt_sequence(call.json(), TEMPLATE)
+
+
+# the generation routes whose prompt the prefix-cache model looks up (server.py), each with its prompt as tokens
+PREFIX_PROMPTS = {
+    "/generate": lambda call: prompt_sequence(_prompt(call.json()), TEMPLATE),
+    "/v1/chat/completions": _prompt_sequence,
+    "/v1/completions": _prompt_sequence,
+}
+
 OPENAPI_PATH = "/openapi.json"  # its routes, as the engine documents them
 ROUTES = {
     "/generate": ("POST", generate),
@@ -240,4 +269,5 @@ ROUTES = {
     "/v1/completions": ("POST", completions),
     "/v1/models": ("GET", models),
     "/metrics": ("GET", metrics),
+    "/flush_cache": ("GET,POST", flush_cache),
 }

@@ -60,6 +60,8 @@ class MockStats:
         self.resets_sent = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.prefix_cache_queries_total = 0  # prompt tokens looked up in the prefix-cache model
+        self.prefix_cache_hits_total = 0  # of those, the tokens found cached
         self.requests: deque[RequestRecord] = deque(maxlen=MAX_RECORDS)
         self._next_id = 0
 
@@ -92,6 +94,8 @@ class MockStats:
             "requests_waiting": self.requests_waiting,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "prefix_cache_queries_total": self.prefix_cache_queries_total,
+            "prefix_cache_hits_total": self.prefix_cache_hits_total,
             "requests": [asdict(r) for r in self.requests],
         }
 

@@ -17,11 +17,13 @@ The templates follow the public formats of the models the mock's dialects stand 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +86,23 @@ def tokenize(text: str) -> list[str]:
     return tokens
 
 
+# A text at least this long is tokenized once per request, not twice: with the prefix-cache model on, the mock
+# renders the prompt as tokens before the dialect's handler counts it (a 100k-character prompt takes ~13 ms to split).
+_MEMO_MIN_CHARS = 1024
+
+
+@functools.lru_cache(maxsize=8)
+def _long_text_tokens(text: str) -> tuple[str, ...]:
+    return tuple(tokenize(text))
+
+
+def text_tokens(text: str) -> Sequence[str]:
+    """`tokenize(text)`, remembered for the last few long texts (do not mutate the result)."""
+    return _long_text_tokens(text) if len(text) >= _MEMO_MIN_CHARS else tokenize(text)
+
+
 def count_tokens(text: str) -> int:
-    return len(tokenize(text))
+    return len(text_tokens(text))
 
 
 def token_id(piece: str) -> int:
@@ -194,6 +211,68 @@ def chat_prompt_tokens(messages: list[Any], tools: Any, template: ChatTemplate) 
     if isinstance(tools, list) and tools:
         count += template.tools_preamble + count_tokens(json.dumps(tools, separators=(",", ":")))
     return count
+
+
+# --- the prompt as a sequence of tokens (what a prefix cache matches) --------------------------------------
+# The same tokens prompt_tokens counts, in the order the template renders them: a message's role marker and
+# separators before its text, the generation prompt last, tool definitions at the end of the leading system turn
+# (where ChatML puts them). A template token is written "<|name|>", which no text token can be (the pre-tokenizer
+# never joins punctuation and letters); a token id n of a token-id prompt is written "#n" (no text token either).
+
+
+def _template_tokens(name: str, count: int) -> list[str]:
+    return [f"<|{name}|>", *["<|sep|>"] * (count - 1)] if count > 0 else []
+
+
+def prompt_sequence(body: Any, template: ChatTemplate = PLAIN) -> list[str]:
+    """The prompt of a request body as tokens, as many as prompt_tokens(body, template) counts."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(messages, list):
+        system = body.get("system")
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return chat_sequence(messages, chat_tools(body.get("tools")), template)
+    pieces = prompt_pieces(body)
+    if not pieces:
+        return []
+    out = _template_tokens("bos", template.bos)
+    for piece in pieces:
+        out += [f"#{t}" for t in piece] if isinstance(piece, list) else text_tokens(piece)
+    return out
+
+
+def chat_sequence(messages: list[Any], tools: Any, template: ChatTemplate) -> list[str]:
+    """A conversation as `template` renders it, as tokens (as many as chat_prompt_tokens counts)."""
+    out = _template_tokens("bos", template.bos)
+    leading = 0  # messages in the leading system turn, after which the tool definitions go
+    if template.default_system and not any(
+            isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
+        out += _template_tokens("system", template.per_message)
+        out += text_tokens(template.default_system)
+    elif messages and isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer"):
+        leading = 1
+    tool_tokens: list[str] = []
+    if isinstance(tools, list) and tools:
+        tool_tokens = [*_template_tokens("tools", template.tools_preamble),
+                       *text_tokens(json.dumps(tools, separators=(",", ":")))]
+    if not leading:
+        out += tool_tokens
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        out += _template_tokens(role if isinstance(role, str) else "message", template.per_message)
+        content = message.get("content")
+        out += text_tokens(_content_text(content))
+        if template.image_tokens:
+            out += ["<|image|>"] * (template.image_tokens * count_images(content))
+        calls = message.get("tool_calls")
+        if calls:
+            out += text_tokens(json.dumps(calls, separators=(",", ":")))
+        if leading and i == 0:
+            out += tool_tokens
+    # the generation prompt opens an assistant turn, so the next request of the conversation matches it
+    return out + _template_tokens("assistant", template.generation)
 
 
 def prompt_text(body: Any) -> str:

@@ -39,6 +39,7 @@ from llmproxy.mockbackend.textgen import (
     completion_text,
     embedding_inputs,
     encoded_embedding,
+    prompt_sequence,
     prompt_token_ids,
     prompt_tokens,
     tokenize,
@@ -89,6 +90,19 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
 
+def _details(cached: int) -> dict[str, int] | None:
+    """prompt_tokens_details as vLLM with --enable-prompt-tokens-details fills it: only for a prefix-cache hit."""
+    return {"cached_tokens": cached} if cached else None
+
+
+def _final_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """The usage chunk's usage: dumped with exclude_none, so the details only when there are some."""
+    usage: dict[str, Any] = _usage(prompt, completion)
+    if cached:
+        usage["prompt_tokens_details"] = _details(cached)
+    return usage
+
+
 def _stream_flags(req: dict[str, Any]) -> tuple[bool, bool, bool]:
     """Return (stream, include_usage, continuous_usage_stats) the way vLLM's validators read them."""
     stream = bool(req.get("stream"))
@@ -120,13 +134,14 @@ def chat(call: Call) -> Reply:
         n = capped(call.tokens, req.get("max_completion_tokens"), req.get("max_tokens"))
     n, finish, matched = chat_finish(call, req, n)
     p = prompt_tokens(req, TEMPLATE)
+    cached = call.cached(p)
     base = {"id": _request_id(call, "chatcmpl-"), "object": "chat.completion.chunk", "created": CREATED,
             "model": call.request_model()}
     if stream:
         if calls:
-            events = _tool_call_events(base, _tool_call_ids(call, len(calls)), calls, p, include, continuous)
+            events = _tool_call_events(base, _tool_call_ids(call, len(calls)), calls, p, include, continuous, cached)
         else:
-            events = _chat_events(base, n, p, include, continuous, finish, matched)
+            events = _chat_events(base, n, p, include, continuous, finish, matched, cached)
         return stream_reply(error_after(events, call.error_after, MIDSTREAM_ERROR), EVENT_STREAM,
                             prompt_tokens=p, completion_tokens=n)
     message = {"role": "assistant", "content": completion_text(n), "refusal": None, "annotations": None,
@@ -140,7 +155,7 @@ def chat(call: Call) -> Reply:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish,
                          "stop_reason": matched, "token_ids": None}],
             "service_tier": None, "system_fingerprint": FINGERPRINT,
-            "usage": {**_usage(p, n), "prompt_tokens_details": None},
+            "usage": {**_usage(p, n), "prompt_tokens_details": _details(cached)},
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None}
     return generated(json_reply(body), p, n)
 
@@ -168,7 +183,7 @@ def chat_finish(call: Call, req: dict[str, Any], n: int) -> tuple[int, str, str 
 
 
 def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous: bool, finish: str = "length",
-                 matched: str | None = None) -> Iterator[bytes]:
+                 matched: str | None = None, cached: int = 0) -> Iterator[bytes]:
     role: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}
     if continuous:
@@ -190,7 +205,8 @@ def _chat_events(base: dict[str, Any], n: int, p: int, include: bool, continuous
         last["system_fingerprint"] = FINGERPRINT  # only when no usage chunk follows (§2.2)
     yield sse(dumps(last))
     if include:
-        yield sse(dumps({**base, "choices": [], "usage": _usage(p, n), "system_fingerprint": FINGERPRINT}))
+        yield sse(dumps({**base, "choices": [], "usage": _final_usage(p, n, cached),
+                         "system_fingerprint": FINGERPRINT}))
     yield DONE
 
 
@@ -225,7 +241,7 @@ def _tool_call_steps(calls: list[tuple[str, str]], ids: list[str]) -> Iterator[l
 
 
 def _tool_call_events(base: dict[str, Any], ids: list[str], calls: list[tuple[str, str]], p: int, include: bool,
-                      continuous: bool) -> Iterator[bytes]:
+                      continuous: bool, cached: int = 0) -> Iterator[bytes]:
     role: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}
     if continuous:
@@ -249,7 +265,8 @@ def _tool_call_events(base: dict[str, Any], ids: list[str], calls: list[tuple[st
             chunk["system_fingerprint"] = FINGERPRINT
         yield sse(dumps(chunk))
     if include:
-        yield sse(dumps({**base, "choices": [], "usage": _usage(p, n), "system_fingerprint": FINGERPRINT}))
+        yield sse(dumps({**base, "choices": [], "usage": _final_usage(p, n, cached),
+                         "system_fingerprint": FINGERPRINT}))
     yield DONE
 
 
@@ -258,22 +275,23 @@ def completions(call: Call) -> Reply:
     stream, include, continuous = _stream_flags(req)
     n = capped(call.tokens, req.get("max_tokens"))
     p = prompt_tokens(req, TEMPLATE)
+    cached = call.cached(p)
     base = {"id": _request_id(call, "cmpl-"), "object": "text_completion", "created": CREATED,
             "model": call.request_model()}
     if stream:
-        events = error_after(_completion_events(base, n, p, include, continuous), call.error_after,
+        events = error_after(_completion_events(base, n, p, include, continuous, cached), call.error_after,
                              MIDSTREAM_ERROR)
         return stream_reply(events, EVENT_STREAM, prompt_tokens=p, completion_tokens=n)
     body = {**base, "choices": [{"index": 0, "text": completion_text(n), "logprobs": None,
                                  "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None,
                                  "prompt_token_ids": None, "token_ids": None}],
             "service_tier": None, "system_fingerprint": FINGERPRINT,
-            "usage": {**_usage(p, n), "prompt_tokens_details": None}, "kv_transfer_params": None}
+            "usage": {**_usage(p, n), "prompt_tokens_details": _details(cached)}, "kv_transfer_params": None}
     return generated(json_reply(body), p, n)
 
 
 def _completion_events(base: dict[str, Any], n: int, p: int, include: bool,
-                       continuous: bool) -> Iterator[bytes]:
+                       continuous: bool, cached: int = 0) -> Iterator[bytes]:
     def choice(text: Any, finish: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
                 "prompt_token_ids": None, "token_ids": None}
@@ -285,7 +303,8 @@ def _completion_events(base: dict[str, Any], n: int, p: int, include: bool,
     yield sse(dumps({**last, "usage": _usage(p, n)} if continuous else last))
     if include:
         # dumped with exclude_none, so it keeps "object" (§2.3)
-        yield sse(dumps({**base, "choices": [], "usage": _usage(p, n), "system_fingerprint": FINGERPRINT}))
+        yield sse(dumps({**base, "choices": [], "usage": _final_usage(p, n, cached),
+                         "system_fingerprint": FINGERPRINT}))
     yield DONE
 
 
@@ -345,15 +364,37 @@ def metrics(call: Call) -> Reply:
     running, waiting, prompt_total, generation_total = call.gauges()
     escaped = call.model.replace("\\", "\\\\").replace('"', '\\"')
     labels = f'{{engine="0",model_name="{escaped}"}}'
-    return prometheus_reply([
+    rows: list[tuple[str, str, str, float]] = [
         ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running),
         ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting),
         ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", call.kv_usage()),
+    ]
+    prefix = call.prefix_metrics()
+    if prefix is not None:  # counted in tokens (vllm/v1/metrics/loggers.py), while the prefix-cache model is on
+        queries, hits, _rate = prefix
+        rows += [("vllm:prefix_cache_queries_total", "counter",
+                  "Prefix cache queries, in terms of number of queried tokens.", queries),
+                 ("vllm:prefix_cache_hits_total", "counter",
+                  "Prefix cache hits, in terms of number of cached tokens.", hits)]
+    rows += [
         ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt_total),
         ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
          generation_total),
-    ], labels)
+    ]
+    return prometheus_reply(rows, labels)
 
+
+def _prompt_sequence(call: Call) -> list[str]:
+    return prompt_sequence(call.json(), TEMPLATE)
+
+
+# the generation routes whose prompt the prefix-cache model looks up (server.py), each with its prompt as tokens
+PREFIX_PROMPTS = {
+    "/v1/chat/completions": _prompt_sequence,
+    "/v1/completions": _prompt_sequence,
+    "/v1/messages": _prompt_sequence,
+    "/v1/responses": lambda call: responses.prompt_sequence(call, "vllm"),
+}
 
 # the routes that answer the /_mock/health state (vLLM's /ping calls the same health check)
 HEALTH_PATHS = frozenset({"/health", "/ping"})

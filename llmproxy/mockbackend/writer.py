@@ -210,6 +210,9 @@ class ResponseWriter:
     def _complete(self, outcome: str) -> None:
         self._done = True
         self.waiting = None
+        done, self._reply.on_done = self._reply.on_done, None
+        if done is not None:
+            done()
         if self._reply.generation:
             if self._head_sent:
                 self._stats.requests_running -= 1
