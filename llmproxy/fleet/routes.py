@@ -118,7 +118,10 @@ class Route:
         if expected is not None and (not path.startswith(expected) if self._prefix else path != expected):
             return False
         for name, value in self._headers:  # the codec strips a value's leading spaces, not its trailing ones
-            if not any(have == name and given.rstrip(b" \t") == value for have, given in headers):
+            for have, given in headers:
+                if have == name and given.rstrip(b" \t") == value:
+                    break
+            else:
                 return False
         return not self._body or _body_matches(body, self._body)
 
