@@ -3,6 +3,7 @@ with a message naming the route and key."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,3 +193,11 @@ def test_routes_and_prices_dump_in_the_files_shape_and_load_back():
     ]
     assert dumped["backends"][1]["cost_per_million_input_tokens"] is None
     assert parse_config(dumped) == config
+
+
+def test_the_readmes_route_example_is_the_guides_and_loads():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Route rules"):]
+    block = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml\n") + 8)]
+    config = parse_config(yaml.safe_load(block))
+    assert config.routes == parse_config(yaml.safe_load(GUIDE)).routes
