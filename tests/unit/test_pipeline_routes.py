@@ -137,3 +137,14 @@ def test_a_route_whose_upstreams_are_all_down_tries_them_and_answers_their_error
     [reply] = ctx.conn.responses()
     assert loop.connects == ["down"]  # never "up": the route does not name it
     assert (reply.status, reply.json()["error"]["code"]) == (502, "upstream_connect_failed")
+
+
+def test_json_body_conditions_read_the_body_as_the_client_sent_it_an_alias_by_its_own_name(loop):
+    services = make_services(make_config(backends=[backend("a"), backend("b")],
+                                         routing={"model_aliases": {"gpt-4": "m"}},
+                                         routes=[route("failover", ["b"], json_body={"model": "gpt-4"})]), loop)
+    for model, expected in [("gpt-4", "b"), ("m", "a"), ("gpt-4", "b")]:
+        ctx = start(services, chat(model), loop)
+        answer(loop, ctx)
+        assert (ctx.backend, ctx.status) == (expected, 200)
+    assert b'"model":"m"' in loop.upstreams[-1].received  # forwarded as the alias's target
