@@ -1,8 +1,8 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
     authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates:
-    those serving the client's API natively first, else those it can be translated for; a Responses
-    follow-up -> the backend that stored its previous response)
+    those serving the client's API natively first, else those it can be translated for; a matching route of
+    `routes:` -> its upstreams among them; a Responses follow-up -> the backend that stored its previous response)
     -> admit (rate limits)
     -> [choose backend -> plan translation and metering, prepare body -> pick a key -> acquire connection
         -> relay] x attempts
@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.fleet.auto import AUTO_MODEL
@@ -41,7 +41,9 @@ from llmproxy.translate import translation_for
 if TYPE_CHECKING:
     from llmproxy.context import RequestContext
     from llmproxy.fleet.backend import Backend
+    from llmproxy.fleet.balancer import Balancer
     from llmproxy.fleet.fleet import Fleet
+    from llmproxy.fleet.routes import Route
     from llmproxy.http11.request import ProtocolError
     from llmproxy.services import Services
 
@@ -104,23 +106,29 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
         ctx.model_aliased = ctx.model != named
         if ctx.tenant is not None and not ctx.tenant.may_use(requested, ctx.model):
             raise ProxyError("model_not_allowed", f"This API key may not use the model `{requested}`.")
-        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, services.clock(),
-                                             fleet.routing.translate)
+        now = services.clock()
+        candidates = fleet.router.candidates(ctx.endpoint, ctx.path, ctx.model, now, fleet.routing.translate)
+        # The most specific of `routes:` that matches, if any (fleet/routes.py): its upstreams, its strategy.
+        route = fleet.routes and fleet.routes.match(ctx.head.method, ctx.path, ctx.head.headers, ctx.body_data)
+        if route is not None:
+            candidates, key = route.plan(candidates, ctx.endpoint, ctx.path, ctx.model, now, ctx.request_id)
         if ctx.endpoint.api == RESPONSES_API:  # a follow-up goes where its previous response is stored
             candidates = services.lasting.affinity.home_of_follow_up(ctx.body_data, candidates)
         if services.limiter is not None:
             ctx.admission = await services.limiter.admit(ctx.tenant, ctx.body_data)
             if ctx.admission is not None:
                 ctx.response_headers += ctx.admission.headers
-        key = fleet.balancer.affinity_key(ctx.head.headers, ctx.body_data)  # prefix_affinity's, else None
-        await forward_with_failover(services, ctx, fleet, candidates, body, key)
+        if route is None:
+            key = fleet.balancer.affinity_key(ctx.head.headers, ctx.body_data)  # prefix_affinity's, else None
+        await forward_with_failover(services, ctx, fleet, candidates, body, key, route or fleet.balancer)
     finally:
         traffic.inflight -= 1
 
 
 async def forward_with_failover(services: Services, ctx: RequestContext, fleet: Fleet, candidates: list[Backend],
-                                body: bytes, key: int | None = None) -> None:
-    """Forward to one backend after another until one answers or retrying is no longer allowed."""
+                                body: bytes, key: Any, chooser: Balancer | Route) -> None:
+    """Forward to one backend after another until one answers or retrying is no longer allowed; `chooser`
+    (the request's route, else the fleet's balancer) picks each attempt's backend with `key`."""
     routing = fleet.routing
     tried: list[Backend] = []
     attempt = 0
@@ -131,7 +139,7 @@ async def forward_with_failover(services: Services, ctx: RequestContext, fleet: 
             backend, rotating = rotating, None
         else:
             untried = [b for b in candidates if b not in tried] if tried else candidates
-            backend = fleet.balancer.choose(untried or candidates, key)
+            backend = chooser.choose(untried or candidates, key)
             tried.append(backend)
         last = attempt == routing.retries
         try:

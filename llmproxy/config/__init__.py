@@ -16,6 +16,7 @@ import yaml
 from llmproxy.config.access import access_warnings, check_access, load_keys_file
 from llmproxy.config.dump import dump_config
 from llmproxy.config.model import Config
+from llmproxy.config.routes import check_routes
 from llmproxy.config.sections import _TOP_LEVEL_FIELDS
 from llmproxy.config.values import (
     ConfigError,
@@ -86,6 +87,7 @@ def parse_config(data: dict[str, Any] | None, *, source: str = "<config>", base_
     if "backends" not in values:
         raise ConfigError("backends", "at least one backend is required")
     config = Config(**values)
+    check_routes(config)
     load_keys_file(config, base_dir or Path.cwd())
     check_access(config)
     return config

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from llmproxy.config.model import BackendConfig, Config, ServerConfig
+from llmproxy.config.model import BackendConfig, Config, RouteConfig, ServerConfig
 from llmproxy.config.values import _format_duration, _format_host, _format_size
 
 # ---------------------------------------------------------------------------------------------------------
@@ -36,6 +36,7 @@ def dump_config(cfg: Config) -> str:
         "server": _dump_server(cfg.server),
         "backends": [_dump_backend(backend) for backend in cfg.backends],
         "routing": dataclasses.asdict(cfg.routing),
+        "routes": [],  # filled after the durations: a body field named "timeout" is no duration of ours
         "translation": dataclasses.asdict(cfg.translation),
         "health_check": dataclasses.asdict(cfg.health_check),
         "auth": _without_nones(dataclasses.asdict(cfg.auth)),
@@ -46,6 +47,7 @@ def dump_config(cfg: Config) -> str:
         "pricing": {model: _without_nones(dataclasses.asdict(price)) for model, price in cfg.pricing.items()},
     }
     _format_durations(doc)
+    doc["routes"] = [_dump_route(route) for route in cfg.routes]
     return yaml.safe_dump(_mask_secrets(doc), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
@@ -105,6 +107,14 @@ def _dump_backend(backend: BackendConfig) -> dict[str, Any]:
         name: None if value is None else _format_duration(value) for name, value in doc["timeouts"].items()
     }
     return doc
+
+
+def _dump_route(route: RouteConfig) -> dict[str, Any]:
+    """A route as the file says it: unset conditions left out, an upstream without a share by its name alone."""
+    upstreams = [upstream.name if upstream.weight is None and upstream.percentage is None
+                 else _without_nones(dataclasses.asdict(upstream)) for upstream in route.strategy.upstreams]
+    match = {key: value for key, value in dataclasses.asdict(route.match).items() if value not in (None, {})}
+    return {"id": route.id, "match": match, "strategy": {"type": route.strategy.type, "upstreams": upstreams}}
 
 
 def _mask_secrets(node: Any) -> Any:

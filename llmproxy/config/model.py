@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 BUDGET_PERIODS = ("day", "week", "month")
@@ -85,6 +86,10 @@ class BackendConfig:
     inject_usage: bool = True  # add stream_options.include_usage to streaming OpenAI-style requests
     models: list[str] | None = None  # the models it serves; None: the ones it reports (/v1/models, /api/tags)
     metrics: BackendMetricsConfig | None = None  # its load gauges; None: its kind's (catalogue.KINDS)
+    # USD per million tokens on this backend, both or neither, for routes of type lowest_cost; None: the
+    # `pricing:` table's price of the request's model.
+    cost_per_million_input_tokens: float | None = None
+    cost_per_million_output_tokens: float | None = None
     timeouts: BackendTimeouts = field(default_factory=BackendTimeouts)
     # Derived from url by the loader:
     scheme: str = "http"
@@ -132,6 +137,45 @@ class RoutingConfig:
     kv_cache_threshold: float = 0.9
     prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
     auto: list[AutoRuleConfig] = field(default_factory=list)  # model "auto": the first rule a request meets
+
+
+# routes[].strategy.type: how a route chooses among its upstreams (fleet/routes.py).
+ROUTE_STRATEGIES = ("failover", "weighted_random", "round_robin", "canary", "lowest_cost", "lowest_latency")
+WEIGHTED_ROUTE_STRATEGIES = ("weighted_random", "round_robin")  # the types an upstream's `weight` is for
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One upstream of a route: a backends[].name, with its share."""
+
+    name: str
+    weight: int | None = None  # weighted_random, round_robin; None: the backend's own weight
+    percentage: float | None = None  # canary (required there, and only there): its share of the requests
+
+
+@dataclass(slots=True)
+class RouteMatchConfig:
+    """What a request must have for its route to take it: every condition given (none given: any request)."""
+
+    path: str | None = None  # exact, as the proxy made it canonical; a trailing "*" makes it a prefix
+    method: str | None = None  # upper case
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case name -> exact value
+    json_body: dict[str, Any] = field(default_factory=dict)  # key -> JSON value; a mapping reaches into an object
+
+
+@dataclass(slots=True)
+class RouteStrategyConfig:
+    type: str  # one of ROUTE_STRATEGIES
+    upstreams: list[UpstreamConfig]
+
+
+@dataclass(slots=True)
+class RouteConfig:
+    """`routes[]`: the requests that `match`, balanced over the route's own upstreams by its own strategy."""
+
+    id: str
+    match: RouteMatchConfig
+    strategy: RouteStrategyConfig
 
 
 @dataclass(slots=True)
@@ -362,6 +406,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    routes: list[RouteConfig] = field(default_factory=list)  # the most specific match wins; none: load_balance
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -1,4 +1,4 @@
-"""Parsers of the config sections: server, backends, routing, health_check, usage, pricing."""
+"""Parsers of the config sections: server, backends, routing, health_check, usage, pricing (routes: routes.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from llmproxy.config.model import (
     UsageConfig,
     WebhookConfig,
 )
+from llmproxy.config.routes import parse_routes
 from llmproxy.config.values import (
     LOG_LEVELS,
     ConfigError,
@@ -183,8 +184,11 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "inject_usage": _bool,
     "models": _optional(lambda value, path: _string_list(value, path, "model name")),
     "metrics": _optional(lambda value, path: _backend_metrics(value, path)),
+    "cost_per_million_input_tokens": _optional(_non_negative_number),
+    "cost_per_million_output_tokens": _optional(_non_negative_number),
     "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
 }
+_COSTS = ("cost_per_million_input_tokens", "cost_per_million_output_tokens")
 
 
 def _api_keys(value: Any, path: str) -> list[str]:
@@ -212,6 +216,10 @@ def _parse_backend(value: Any, path: str) -> BackendConfig:
         raise ConfigError(_join(path, "url"), "is required")
     if values.get("api_key") is not None and values.get("api_keys") is not None:
         raise ConfigError(_join(path, "api_keys"), "give api_key or api_keys, not both")
+    given = [values.get(cost) is not None for cost in _COSTS]
+    if any(given) and not all(given):
+        missing = _COSTS[given.index(False)]
+        raise ConfigError(_join(path, missing), f"is required with {_COSTS[given.index(True)]} (give both prices)")
     backend = BackendConfig(
         url=url.url, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path, **values
     )
@@ -393,6 +401,7 @@ _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "server": _parse_server,
     "backends": _parse_backends,
     "routing": _section(RoutingConfig, _ROUTING_FIELDS),
+    "routes": parse_routes,
     "translation": _section(TranslationConfig, {"ping_interval": _positive_duration,
                                                 "default_max_tokens": _int_at_least(1)}),
     "health_check": _section(HealthCheckConfig, _HEALTH_CHECK_FIELDS),

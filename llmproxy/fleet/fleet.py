@@ -1,7 +1,8 @@
 """The backends and how requests are spread over them, as one unit that a reload (SIGHUP) swaps whole.
 
 A request takes the fleet current when it starts and keeps it to its end, so a reload never changes the
-rules under a request in flight; backends kept across a reload keep their pool, health and latency state.
+rules under a request in flight (its route table included); backends kept across a reload keep their pool,
+health and latency state.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from llmproxy.fleet.balancer import KV_AWARE, Balancer
 from llmproxy.fleet.health import HealthEvents, HealthMonitor
 from llmproxy.fleet.prefix import AffinityKeys
 from llmproxy.fleet.router import Router
+from llmproxy.fleet.routes import RouteTable, build_routes
 
 log = logging.getLogger("llmproxy")
 RETIRE_POLL = 0.2  # seconds between checks that a removed backend's last request has ended
@@ -31,6 +33,7 @@ class Fleet:
     routing: RoutingConfig
     retry_on: frozenset[str]
     retry_statuses: frozenset[int]  # backend statuses held back from the client to retry elsewhere
+    routes: RouteTable | None = None  # `routes:`; None without any, so a request pays one attribute test
 
     def stop(self) -> None:
         self.health.stop()
@@ -51,14 +54,16 @@ async def build_fleet(config: Config, events: HealthEvents | None, previous: Fle
     await health.discover()
     health.start()
     retry_on = frozenset(routing.retry_on)
+    router = Router(backends, routing.model_aliases)
     return Fleet(
         backends=backends,
-        router=Router(backends, routing.model_aliases),
+        router=router,
         balancer=_balancer(routing, backends),
         health=health,
         routing=routing,
         retry_on=retry_on,
         retry_statuses=frozenset(int(c) for c in retry_on if c.isdigit()),
+        routes=build_routes(config.routes, backends, router, routing.translate, config.pricing),
     )
 
 
@@ -69,8 +74,10 @@ def _balancer(routing: RoutingConfig, backends: list[Backend]) -> Balancer:
 
 
 def _reuse_or_create(config: BackendConfig, server: Config, old: Backend | None) -> Backend:
-    # Same backend but for its weight: keep the object, with its warm pool and what we learned about it.
-    if old is not None and dataclasses.replace(old.config, weight=config.weight) == config:
+    # Same backend but for its weight or prices: keep the object, with its warm pool and what we learned about it.
+    if old is not None and dataclasses.replace(
+            old.config, weight=config.weight, cost_per_million_input_tokens=config.cost_per_million_input_tokens,
+            cost_per_million_output_tokens=config.cost_per_million_output_tokens) == config:
         old.config = config
         old.weight = config.weight
         return old

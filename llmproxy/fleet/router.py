@@ -29,19 +29,21 @@ class Router:
         return self.aliases.get(requested, requested)
 
     def candidates(self, endpoint: Endpoint, path: str, model: str | None, now: float,
-                   translate: str = "when_needed") -> list[Backend]:
+                   translate: str = "when_needed", among: list[Backend] | None = None) -> list[Backend]:
         """The backends to balance a request for `path` over; raises ProxyError if none can serve it.
 
         `endpoint` is the path's catalogue row (which kinds serve it); `model` is the resolved name (after
         aliases); `now` is loop time; `translate` is routing.translate. Backends that serve the endpoint's API
         natively come first: those that serve it only through a translation are candidates when none of the
         former serves the model, or none of those is available (always: as well; never: not at all).
+        `among`: the backends to judge (a route's upstreams), by the same rules; default all of them.
         """
-        native = [b for b in self.backends if b.serves_endpoint(endpoint)]
+        backends = self.backends if among is None else among
+        native = [b for b in backends if b.serves_endpoint(endpoint)]
         able = native if model is None else [b for b in native if b.serves(model)]
         translated: list[Backend] | None = None  # looked for only when needed
         if not able or translate == "always":
-            reachable = self._translatable(endpoint, native, translate)
+            reachable = self._translatable(backends, endpoint, native, translate)
             if not native and not reachable:
                 raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
             translated = reachable if model is None else [b for b in reachable if b.serves(model)]
@@ -51,16 +53,18 @@ class Router:
         available = [b for b in able if b.available(now)]
         if not available and translated is None:
             # Every native one is down: a translation to one that is up beats a failure almost certain.
-            available = [b for b in self._translatable(endpoint, native, translate)
+            available = [b for b in self._translatable(backends, endpoint, native, translate)
                          if b.available(now) and (model is None or b.serves(model))]
         return available or able
 
-    def _translatable(self, endpoint: Endpoint, native: list[Backend], translate: str) -> list[Backend]:
-        """The backends that serve the endpoint's API only through a translation (none under `never`)."""
+    @staticmethod
+    def _translatable(backends: list[Backend], endpoint: Endpoint, native: list[Backend],
+                      translate: str) -> list[Backend]:
+        """Of `backends`, those that serve the endpoint's API only through a translation (none under `never`)."""
         targets = TRANSLATIONS.get(endpoint.family or "", ()) if translate != "never" else ()
         if not targets:
             return []
-        return [b for b in self.backends if b not in native and any(target in b.apis for target in targets)]
+        return [b for b in backends if b not in native and any(target in b.apis for target in targets)]
 
     def model_cards(self, now: float) -> list[dict]:
         """/v1/models: every model of the available backends (all backends if none is), then aliases."""
