@@ -55,6 +55,8 @@ class AccessLog:
             "duration_ms": round(duration * 1000.0, 3),
             "bytes_out": ctx.bytes_out,
         }
+        if ctx.route_id is not None:
+            record["route"] = ctx.route_id
         if ctx.error_message:
             record["error"] = ctx.error_message
         # One write() per line: lines from concurrent requests never interleave.

@@ -100,6 +100,7 @@ class RequestContext:
     model: str | None = None  # as forwarded: an alias is already resolved to its target
     model_aliased: bool = False  # the client named an alias: the body's model is rewritten
     model_requested: str | None = None  # the model the client named when rules picked another (model: auto)
+    route_id: str | None = None  # the `routes:` entry that chose the backends, when one matched
     is_stream: bool = False
     body_data: Any = None  # the parsed JSON body
     meter: MeteringSession | None = None  # this request's metering, planned per attempt

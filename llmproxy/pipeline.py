@@ -111,6 +111,7 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
         # The most specific of `routes:` that matches, if any (fleet/routes.py): its upstreams, its strategy.
         route = fleet.routes and fleet.routes.match(ctx.head.method, ctx.path, ctx.head.headers, ctx.body_data)
         if route is not None:
+            ctx.route_id = route.id
             candidates, key = route.plan(candidates, ctx.endpoint, ctx.path, ctx.model, now, ctx.request_id)
         if ctx.endpoint.api == RESPONSES_API:  # a follow-up goes where its previous response is stored
             candidates = services.lasting.affinity.home_of_follow_up(ctx.body_data, candidates)

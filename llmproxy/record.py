@@ -62,6 +62,8 @@ def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft
         "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
         "duration_ms": round(duration * 1000.0, 3),
     }
+    if ctx.route_id is not None:
+        record["route"] = ctx.route_id
     if ctx.model_requested is not None:
         record["model_requested"] = ctx.model_requested  # "auto"; `model` is the one the rules chose
     if cache_read is not None:

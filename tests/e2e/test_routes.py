@@ -127,8 +127,12 @@ def test_the_guides_example_sends_gpt_4_to_its_route_and_round_robins_the_other_
     assert _post_all(proxy, [_chat("gpt-4")] * 40) == [200] * 40
     assert _served(proxy, "openai-gpt4", "anthropic-claude") == {"openai-gpt4": 40, "anthropic-claude": 0}
     assert _post_all(proxy, [_chat("m")] * 20, connections=1) == [200] * 20
-    picks = [r["backend"] for r in _logged(tmp_path, 60)[40:]]
+    logged = _logged(tmp_path, 60)
+    picks = [r["backend"] for r in logged[40:]]
     assert picks == ["openai-gpt4", "anthropic-claude"] * 10  # round robin: one each, in turn
+    # The access log says which route chose: the more specific one for gpt-4, though listed second.
+    assert {r["route"] for r in logged[:40]} == {"specific_gpt4_route"}
+    assert {r["route"] for r in logged[40:]} == {"default_chat_route"}
     # A model only anthropic-claude serves goes there alone: the router's candidates narrow the route's.
     assert _post_all(proxy, [_chat("claude-sonnet-4-5")] * 10) == [200] * 10
     assert _served(proxy, "openai-gpt4", "anthropic-claude") == {"openai-gpt4": 50, "anthropic-claude": 20}
