@@ -123,14 +123,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--kill-at", type=float, default=0.4,
         help="the kill phase: kill one mock this far into the trace, as a share of the prefix_affinity phase's "
              "duration (default 0.4; 0 skips the kill phase)")
+    add("--kill-tail-s", type=float, default=5.0,
+        help="the kill phase ends this long after the kill: no turn starts later (default 5)")
     add("--sample-ms", type=float, default=20.0, help="in-flight sampling period (default 20)")
     add("--plot", metavar="PATH", help="write the TTFT CDF per strategy as a PNG (needs matplotlib)")
     add_run_args(parser)
     args = parser.parse_args(argv)
     if (args.sessions < 1 or args.turns[0] < 1 or args.backends < 2 or args.repeats < 1 or args.max_tokens < 1
-            or args.cache_share <= 0 or not 0 <= args.kill_at < 1 or args.sample_ms <= 0 or args.epsilon < 0):
+            or args.cache_share <= 0 or not 0 <= args.kill_at < 1 or args.kill_tail_s <= 0 or args.sample_ms <= 0
+            or args.epsilon < 0):
         parser.error("--sessions, --turns, --repeats and --max-tokens must be >= 1, --backends >= 2, --cache-share "
-                     "> 0, --kill-at in [0, 1), --sample-ms > 0, --epsilon >= 0")
+                     "> 0, --kill-at in [0, 1), --kill-tail-s and --sample-ms > 0, --epsilon >= 0")
     if args.seed is None:
         args.seed = random.randrange(1 << 32)  # drawn here, so the report can name it
     return args
@@ -249,14 +252,18 @@ async def post(port: int, path: str) -> bytes:
 # --- one phase: the whole trace through one proxy -------------------------------------------------
 
 
-async def run_session(env: Env, session_index: int, port: int, tag: str, t0: float, turns: list[Turn]) -> None:
-    """Play one session: its turns in order, each after the previous stream ended and the session's pause."""
+async def run_session(env: Env, session_index: int, port: int, tag: str, t0: float, turns: list[Turn],
+                      until: float | None = None) -> None:
+    """Play one session: its turns in order, each after the previous stream ended and the session's pause; no
+    turn starts later than `until` seconds into the phase, if given."""
     args, trace = env.args, env.trace
     session = trace.sessions[session_index]
     await asyncio.sleep(session.start_s)
     lane = SessionLane(HOST, port, b"", args.timeout)
     try:
         for turn in range(session.turns):
+            if until is not None and time.perf_counter() - t0 > until:
+                return
             body = session.body(trace.system, turn, args.max_tokens)
             for attempt in range(ATTEMPTS):
                 rid = f"{tag}-s{session.id}-t{turn}-a{attempt}"
@@ -337,7 +344,8 @@ async def kill_mock(env: Env, index: int, after_s: float, t0: float, when: dict[
 
 
 async def run_phase(env: Env, strategy: str, tag: str, kill: tuple[int, float] | None = None) -> dict[str, Any]:
-    """The whole trace through `strategy`'s proxy; with `kill` (mock index, seconds), that mock dies part way."""
+    """The whole trace through `strategy`'s proxy; with `kill` (mock index, seconds), that mock dies part way and
+    the phase ends --kill-tail-s later (no turn starts after that)."""
     proxy, access_log = env.proxies[strategy], env.logs[strategy]
     await prepare_mocks(env)
     offset = access_log.stat().st_size
@@ -349,7 +357,8 @@ async def run_phase(env: Env, strategy: str, tag: str, kill: tuple[int, float] |
         cpu0, t0 = env.cpu(), time.perf_counter()
         sampler = asyncio.ensure_future(sample_inflight(proxy.port, t0, env.args.sample_ms / 1000, samples, stop))
         killer = asyncio.ensure_future(kill_mock(env, kill[0], kill[1], t0, killed)) if kill else None
-        await asyncio.gather(*(run_session(env, i, proxy.port, tag, t0, turns)
+        until = kill[1] + env.args.kill_tail_s if kill else None
+        await asyncio.gather(*(run_session(env, i, proxy.port, tag, t0, turns, until)
                                for i in range(len(env.trace.sessions))))
         elapsed = time.perf_counter() - t0
         cpu1 = env.cpu()
