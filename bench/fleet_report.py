@@ -7,14 +7,17 @@ from typing import Any
 
 from bench.harness import MAX_ERRORS_SHOWN, md_row, ms, num, report_head, result_line
 
+NOISY = 0.2  # other processes' share of a core above which the report warns
+
 
 def report(command: str, info: dict[str, Any], args: argparse.Namespace, setup: dict[str, Any], order: list[str],
            figures: dict[str, Any]) -> str:
     trace = setup["trace"]
     parts = [*report_head("bench.fleet", command, info),
              f"- backends: {setup['backends']} vLLM mocks with the prefix-cache model: each caches "
-             f"{setup['cache_tokens']:,} tokens ({args.cache_share:.2f} of the trace's working set, "
-             f"{setup['working_set_tokens']:,} tokens: every session's last prompt); first byte after "
+             f"{setup['cache_tokens']:,} tokens ({args.cache_share:.2f} of the trace's working set at its peak, "
+             f"{setup['working_set_tokens']:,} tokens: the live conversations' prompts at the busiest turn; "
+             f"{setup['final_working_set_tokens']:,} at the end); first byte after "
              f"{args.base_ttft_ms:g} ms + {args.prefill_us:g} µs per prompt token not found cached; answers of "
              f"{args.max_tokens} tokens, {args.delay_ms:g} ms apart",
              f"- trace (seed {setup['seed']}): {trace['sessions']} sessions starting within {trace['stagger_s']:g} s, "
@@ -66,21 +69,31 @@ def strategy_notes(strategies: dict[str, dict[str, Any]]) -> list[str]:
              "in-flight over the phase / the mean over backends. *Turns moved*: a session's turn served by "
              "another backend than its previous turn.", ""]
     for name, s in strategies.items():
-        busy = s["core_busy"]
         per_backend = ", ".join(f"{b} {n:,}" for b, n in s["requests_per_backend"].items())
-        line = (f"- {name}: requests per backend {per_backend}; core busy: proxies {num(busy.get('proxies'), '.0%')}"
-                f", mocks {num(busy.get('mocks'), '.0%')} + load generator {num(busy.get('loadgen'), '.0%')}")
-        if "mock_core_busy" in busy:
-            line += (f" (the mocks' core in all {num(busy['mock_core_busy'], '.0%')}, steal "
-                     f"{num(busy.get('mock_core_steal'), '.0%')})")
-        lines.append(line)
+        lines.append(f"- {name}: requests per backend {per_backend}; {busy_text(s['core_busy'])}")
         homes = s.get("homes")
         if homes:
             lines.append(f"  - served by the key's first backend on the ring: {num(homes['home_share'], '.1%')} "
                          f"({homes['spilled']} turns spilled by the load bound); TTFT mean at home "
                          f"{ms(homes['ttft_home_ms'].get('mean'))} ms, spilled "
-                         f"{ms(homes['ttft_spilled_ms'].get('mean'))} ms")
+                         f"{ms(homes['ttft_spilled_ms'].get('mean'))} ms; modelled prefill at home "
+                         f"{ms(homes['prefill_home_ms'].get('mean'))} ms, spilled "
+                         f"{ms(homes['prefill_spilled_ms'].get('mean'))} ms: the spilled turns took "
+                         f"{num(homes['spilled_prefill_share'], '.0%')} of all the prefill")
     return lines
+
+
+def busy_text(busy: dict[str, float]) -> str:
+    """Our processes' shares of their cores, and what other processes took (a WARNING when it is much)."""
+    text = (f"core busy: proxies {num(busy.get('proxies'), '.0%')}, mocks {num(busy.get('mocks'), '.0%')} + load "
+            f"generator {num(busy.get('loadgen'), '.0%')}")
+    if "others_mock_core" in busy:
+        text += (f"; other processes: {num(busy['others_proxy_core'], '.0%')} of the proxies' core, "
+                 f"{num(busy['others_mock_core'], '.0%')} of the mocks' (steal "
+                 f"{num(busy.get('mock_core_steal'), '.0%')})")
+        if max(busy["others_proxy_core"], busy["others_mock_core"]) > NOISY:
+            text += " — WARNING: a busy neighbour; its TTFTs are inflated"
+    return text
 
 
 def targets_table(rows: list[dict[str, Any]]) -> str:
@@ -122,6 +135,7 @@ def kill_section(kill: dict[str, Any]) -> list[str]:
         f"- TTFT mean before the kill {ms(kill['ttft_before_ms'].get('mean'))} ms, after "
         f"{ms(kill['ttft_after_ms'].get('mean'))} ms (p99 {ms(kill['ttft_before_ms'].get('p99'))} / "
         f"{ms(kill['ttft_after_ms'].get('p99'))})",
+        f"- {busy_text(kill['core_busy'])}",
         f"- failed requests (streams cut by the kill; the session sends the turn again): {kill['failed_requests']}; "
         f"requests the proxy retried on another backend: {kill['proxy_retried']}",
     ]

@@ -113,6 +113,20 @@ class _Member:
     in_flight: int = 0
 
 
+@dataclass(frozen=True)
+class Model:
+    """The mocks' prefix-cache model: what a request's first byte waits for, by design."""
+
+    sizes: list[list[int]]  # prompt tokens per session and turn (Trace.prompt_tokens)
+    base_ms: float
+    us_per_token: float
+
+    def prefill_ms(self, turn: dict[str, Any]) -> float:
+        """The first-byte delay the mock charged this request: base + µs per prompt token not found cached."""
+        prompt = self.sizes[turn["session"]][turn["turn"]]
+        return self.base_ms + self.us_per_token * (prompt - max(turn["hit_tokens"], 0)) / 1000
+
+
 def stickiness(turns: list[dict[str, Any]], until: float | None = None) -> dict[str, Any]:
     """How often a session's next turn went to another backend than its previous one (ok turns, by start)."""
     last: dict[int, str] = {}
@@ -128,10 +142,12 @@ def stickiness(turns: list[dict[str, Any]], until: float | None = None) -> dict[
     return {"pairs": pairs, "moves": moves, "move_share": ratio(moves, pairs)}
 
 
-def homes(turns: list[dict[str, Any]], ring: Ring) -> dict[str, Any]:
-    """prefix_affinity: the share of turns served by their key's first backend on the ring (not spilled), and
-    the TTFT of those served at home and of those spilled to another backend."""
-    home_ttft, away_ttft = [], []
+def homes(turns: list[dict[str, Any]], ring: Ring, model: Model) -> dict[str, Any]:
+    """prefix_affinity: the share of turns served by their key's first backend on the ring (not spilled); the
+    TTFT and modelled prefill of those served at home and of those spilled to another backend; and the spilled
+    turns' share of all the prefill the cache model charged."""
+    ttft: dict[bool, list[float]] = {True: [], False: []}
+    prefill: dict[bool, list[float]] = {True: [], False: []}
     cache = {}
     for turn in turns:
         if not turn["ok"] or turn["backend"] is None:
@@ -139,27 +155,17 @@ def homes(turns: list[dict[str, Any]], ring: Ring) -> dict[str, Any]:
         session = turn["session"]
         if session not in cache:
             cache[session] = ring.home(session)
-        (home_ttft if turn["backend"] == cache[session] else away_ttft).append(turn["ttft_ms"])
-    served = len(home_ttft) + len(away_ttft)
-    return {"home_share": ratio(len(home_ttft), served), "spilled": len(away_ttft),
-            "ttft_home_ms": ms_summary(home_ttft), "ttft_spilled_ms": ms_summary(away_ttft)}
+        at_home = turn["backend"] == cache[session]
+        ttft[at_home].append(turn["ttft_ms"])
+        prefill[at_home].append(model.prefill_ms(turn))
+    served = len(ttft[True]) + len(ttft[False])
+    return {"home_share": ratio(len(ttft[True]), served), "spilled": len(ttft[False]),
+            "ttft_home_ms": ms_summary(ttft[True]), "ttft_spilled_ms": ms_summary(ttft[False]),
+            "prefill_home_ms": ms_summary(prefill[True]), "prefill_spilled_ms": ms_summary(prefill[False]),
+            "spilled_prefill_share": ratio(sum(prefill[False]), sum(prefill[True]) + sum(prefill[False]))}
 
 
 # --- one strategy's phases ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Model:
-    """The mocks' prefix-cache model: what a request's first byte waits for, by design."""
-
-    sizes: list[list[int]]  # prompt tokens per session and turn (Trace.prompt_tokens)
-    base_ms: float
-    us_per_token: float
-
-    def prefill_ms(self, turn: dict[str, Any]) -> float:
-        """The first-byte delay the mock charged this request: base + µs per prompt token not found cached."""
-        prompt = self.sizes[turn["session"]][turn["turn"]]
-        return self.base_ms + self.us_per_token * (prompt - max(turn["hit_tokens"], 0)) / 1000
 
 
 def strategy_figures(phases: list[dict[str, Any]], ring: Ring | None, model: Model) -> dict[str, Any]:
@@ -188,7 +194,7 @@ def strategy_figures(phases: list[dict[str, Any]], ring: Ring | None, model: Mod
     }
     out["moves"]["move_share"] = ratio(out["moves"]["moves"], out["moves"]["pairs"])
     if ring is not None:
-        out["homes"] = homes(turns, ring)
+        out["homes"] = homes(turns, ring, model)
     return out
 
 
@@ -207,7 +213,13 @@ def _core_busy(phases: list[dict[str, Any]]) -> dict[str, float]:
         for key, value in phase["cpu_s"].items():
             if math.isfinite(value):
                 total["mocks" if key.startswith("mock_b") else key] += value
-    return {key: value / seconds for key, value in total.items()} if seconds else {}
+    if not seconds:
+        return {}
+    out = {key: value / seconds for key, value in total.items()}
+    if "proxy_core_busy" in out:  # what went to processes not ours (other sessions' tests, say), each core
+        out["others_proxy_core"] = max(out["proxy_core_busy"] - out.get("proxies", 0.0), 0.0)
+        out["others_mock_core"] = max(out["mock_core_busy"] - out.get("mocks", 0.0) - out.get("loadgen", 0.0), 0.0)
+    return out
 
 
 def ttft_by_turn(ok: list[dict[str, Any]]) -> list[float]:
@@ -274,7 +286,8 @@ def kill_figures(phase: dict[str, Any], ring: Ring | None, backends: int,
         "expected_share": 1 / backends, "failed_requests": len(failed), "errors": _kinds(failed),
         "proxy_retried": sum(1 for t in phase["turns"] if (t.get("retries") or 0) > 0),
         "ttft_before_ms": ms_summary(ok_before), "ttft_after_ms": ms_summary(ok_after),
-        "churn_before": stickiness(phase["turns"], until=at), "churn_after": _churn_after(phase["turns"], at),
+        "core_busy": _core_busy([phase]), "churn_before": stickiness(phase["turns"], until=at),
+        "churn_after": _churn_after(phase["turns"], at),
     })
     if ring is not None:
         ring_victims = [s for s in ring.keys if ring.home(s) == victim]
