@@ -3,7 +3,7 @@
     python -m bench.fleet [--sessions 64] [--turns 10,30] [--strategies ...] [--repeats 1] [--kill-at 0.4]
                           [--json out.json] [--plot out.png]
 
-Starts four vLLM mocks with the prefix-cache model (each caching a third of the trace's working set, and
+Starts four vLLM mocks with the prefix-cache model (each caching a third of the trace's working set at its peak, and
 taking --prefill-us per prompt token it does not find cached before its first byte) and one proxy per strategy
 in front of all four. Then, one strategy at a time (in a random order; each phase starts with every mock's
 cache flushed), it plays the same trace through that strategy's proxy: sessions of a coding agent arriving
