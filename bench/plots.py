@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from bench.stats import percentile
 
@@ -149,6 +149,53 @@ def memory_bars(documents: dict[str, dict[str, Any]], directory: Path, limits: d
         ax.legend(fontsize="small", loc="upper left")
     save(fig, directory, "memory.png")
     return "memory.png", "Proxy RSS: " + ", ".join(label for label, _, _ in bars)
+
+
+STRATEGY_COLORS = {"round_robin": "tab:gray", "least_connections": "tab:orange", "latency_based": "tab:green",
+                   "queue_depth": "tab:purple", "prefix_affinity": "tab:blue"}
+
+
+def fleet_ttft(document: dict[str, Any], path: str | Path) -> None:
+    """bench.fleet: the TTFT CDF of each strategy (repeats pooled), and the mean TTFT by turn of the conversation."""
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for phase in document["phases"]:
+        by_strategy.setdefault(phase["strategy"], []).extend(t for t in phase["turns"] if t["ok"])
+    fig, (cdf, by_turn) = plt.subplots(1, 2, figsize=(11, 4))
+    low, cut = float("inf"), 0.0
+    for name, turns in by_strategy.items():
+        color = STRATEGY_COLORS.get(name)
+        values = sorted(t["ttft_ms"] for t in turns)
+        if not values:
+            continue
+        cdf.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", color=color,
+                 label=f"{name} (mean {sum(values) / len(values):.1f} ms)")
+        low, cut = min(low, values[0]), max(cut, percentile(values, X_CUT))
+        sums: dict[int, list[float]] = {}
+        for t in turns:
+            sums.setdefault(t["turn"], []).append(t["ttft_ms"])
+        xs = sorted(sums)
+        by_turn.plot([x + 1 for x in xs], [sum(sums[x]) / len(sums[x]) for x in xs], color=color, label=name)
+    cdf.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    cdf.xaxis.set_major_formatter(plain)
+    cdf.xaxis.set_minor_formatter(plain if low > 0 and cut / low < 10 else NullFormatter())
+    if 0 < low < cut:
+        cdf.set_xlim(low * 0.9, cut * 1.1)
+    cdf.set_xlabel(f"TTFT, ms (log scale, axis ends at p{X_CUT:g})")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title("TTFT per strategy")
+    cdf.grid(alpha=0.3)
+    cdf.legend(loc="lower right", fontsize="small")
+    by_turn.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_turn.set_xlabel("turn of the conversation")
+    by_turn.set_ylabel("mean TTFT, ms")
+    by_turn.set_title("TTFT as conversations grow")
+    by_turn.grid(alpha=0.3)
+    by_turn.legend(fontsize="small")
+    fig.suptitle("Balancing strategies on a coding-agent trace, four prefix-caching backends (bench.fleet)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
 
 
 def write_plots(documents: dict[str, dict[str, Any]], directory: Path, limits: dict[str, float]) -> list[Plot]:
