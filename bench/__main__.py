@@ -39,7 +39,8 @@ class Section:
 
 
 SECTIONS = {"ttft": Section("bench.ttft", 240), "memory": Section("bench.memory", 90),
-            "connections": Section("bench.connections", 120), "features": Section("bench.features", 90)}
+            "connections": Section("bench.connections", 120), "features": Section("bench.features", 90),
+            "fleet": Section("bench.fleet", 120)}
 CAP_FACTOR = 2.0  # a section is stopped after this many times its budget: generous, but a hang must not stall all
 STOP_GRACE_S = 40.0  # after SIGTERM a section stops its children (up to 10 s each) before it exits
 PINNING = "proxy pinned to CPU {proxy}; load generator and mock backend on CPU {mock}"

@@ -203,5 +203,15 @@ def write_plots(documents: dict[str, dict[str, Any]], directory: Path, limits: d
     are the upper bounds of the targets, by headline key, drawn where a plot shows that figure."""
     makers: list[Callable[[], Plot | None]] = [
         *(lambda mode=mode: ttft_cdf(documents, directory, mode) for mode in ("paced", "burst")),
-        lambda: overhead_bars(documents, directory), lambda: memory_bars(documents, directory, limits)]
+        lambda: overhead_bars(documents, directory), lambda: memory_bars(documents, directory, limits),
+        lambda: fleet_plot(documents, directory)]
     return [plot for make in makers if (plot := make()) is not None]
+
+
+def fleet_plot(documents: dict[str, dict[str, Any]], directory: Path) -> Plot | None:
+    document = documents.get("fleet")
+    if not document or not document.get("phases"):
+        return None
+    name = "fleet_ttft.png"
+    fleet_ttft(document, directory / name)
+    return name, "Balancing strategies on a coding-agent trace: TTFT per strategy and as conversations grow"

@@ -106,6 +106,10 @@ TARGETS = (
     Target("RSS per idle connection", "memory", "idle_conn_kib", "≤", 4, "KiB"),
     Target("concurrent streams", "connections", "streams", "≥", 10_000, digits=0),
     Target("errors at 10,000 streams", "connections", "errors", "=", 0, digits=0),
+    Target("mean TTFT, least_connections / prefix_affinity", "fleet",
+           "ttft_mean_ratio_least_connections_over_prefix_affinity", "≥", 2, digits=2),
+    Target("prefix_affinity max/mean in-flight", "fleet", "inflight_max_over_mean_prefix_affinity", "≤", 1.5,
+           digits=2),
 )
 
 

@@ -91,13 +91,13 @@ def tokenize(text: str) -> list[str]:
 _MEMO_MIN_CHARS = 1024
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=512)  # an agent conversation holds many long messages, each resent every turn
 def _long_text_tokens(text: str) -> tuple[str, ...]:
     return tuple(tokenize(text))
 
 
 def text_tokens(text: str) -> Sequence[str]:
-    """`tokenize(text)`, remembered for the last few long texts (do not mutate the result)."""
+    """`tokenize(text)`, remembered for the last 512 long texts (do not mutate the result)."""
     return _long_text_tokens(text) if len(text) >= _MEMO_MIN_CHARS else tokenize(text)
 
 
