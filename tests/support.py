@@ -189,8 +189,13 @@ def usage_config(directory: Path, reporter: dict | None = None, **options: objec
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file, [] while it does not exist (blank lines are no records)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The complete records of a JSON-lines file, [] while it does not exist (blank lines are no records).
+
+    A last line without its newline is being written as we read: it is left for the next read."""
+    if not path.exists():
+        return []
+    complete, _, _ = path.read_text().rpartition("\n")
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def usage_records(directory: Path) -> list[dict]:

@@ -645,11 +645,12 @@ async def _collect(reader: asyncio.StreamReader, into: bytearray) -> float:
 
 
 async def _trickle(port: int, payload: bytes, interval: float, give_up: float) -> Cut:
-    """Send `payload` one byte every `interval`; the cut is timed from the first byte."""
+    """Send `payload` one byte every `interval`; the cut is timed from the connect, as the proxy's head deadline
+    runs from accept (timed from after the connect, a loaded test loop that resumes late would see it early)."""
+    started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answer = bytearray()
     ended = asyncio.ensure_future(_collect(reader, answer))
-    started = time.monotonic()
     try:
         for i in range(len(payload)):
             if ended.done() or time.monotonic() - started > give_up:
