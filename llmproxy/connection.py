@@ -67,6 +67,10 @@ class Clients:
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def streams_in_flight(self) -> int:
+        """Requests in progress that stream their response (counted at scrape time: nothing on the request path)."""
+        return sum(1 for conn in self.connections if conn.streaming)
+
     def close_idle(self) -> None:
         for conn in list(self.connections):
             conn.close_if_idle()
@@ -101,6 +105,12 @@ class ClientConnection(asyncio.Protocol):
         self._reading_paused = False
         self.writing_paused = False
         self.closed = False
+
+    @property
+    def streaming(self) -> bool:
+        """The request being answered streams its response (the client asked, or the backend streams)."""
+        current = self._current
+        return current is not None and current.is_stream
 
     # asyncio.Protocol -----------------------------------------------------------------------------
 

@@ -72,14 +72,14 @@ class Metrics:
             "llmproxy_terminations_total", "Requests by termination code (see README: termination codes).",
             ["termination"], registry=registry)
         self.usage_tokens = Counter(
-            "llmproxy_usage_tokens_total", "Tokens metered, by type (prompt|completion) and requested model.",
-            ["type", "model"], registry=registry)
+            "llmproxy_usage_tokens_total", "Tokens metered, by type (prompt|completion), requested model and key "
+            "(key_id only when auth.metrics_per_key).", ["type", "model", "key_id"], registry=registry)
         self.usage_records = Counter(
             "llmproxy_usage_records_total", "Usage records built, by usage_source (reported|estimated).",
             ["usage_source"], registry=registry)
         self.cost = Counter(
-            "llmproxy_estimated_cost_usd_total", "Cost of metered tokens at the configured prices.",
-            ["model"], registry=registry)
+            "llmproxy_estimated_cost_usd_total", "Cost of metered tokens at the configured prices, by model and "
+            "key (key_id only when auth.metrics_per_key).", ["model", "key_id"], registry=registry)
         self.webhook_success_total = Counter(
             "llmproxy_webhook_success_total", "Usage records delivered, by reporter.", ["reporter"],
             registry=registry)
@@ -136,15 +136,15 @@ class Metrics:
                 term = self._termination_children[termination] = self.terminations.labels(termination)
             term.inc()
 
-    def observe_usage(self, record: dict[str, Any]) -> None:
-        """Count one usage record's tokens (and cost, when priced)."""
+    def observe_usage(self, record: dict[str, Any], key_id: str = "") -> None:
+        """Count one usage record's tokens (and cost, when priced); `key_id` labels them ("" when not per key)."""
         model = record["model"] or ""
-        self.usage_tokens.labels("prompt", model).inc(record["prompt_tokens"])
-        self.usage_tokens.labels("completion", model).inc(record["completion_tokens"])
+        self.usage_tokens.labels("prompt", model, key_id).inc(record["prompt_tokens"])
+        self.usage_tokens.labels("completion", model, key_id).inc(record["completion_tokens"])
         self.usage_records.labels(record["usage_source"]).inc()
         cost = record.get("cost_usd")
         if cost:
-            self.cost.labels(model).inc(cost)
+            self.cost.labels(model, key_id).inc(cost)
 
     def observe_retry(self, reason: str) -> None:
         self.retries.labels(reason).inc()
@@ -200,6 +200,7 @@ def multiprocess_dir() -> str | None:
 # queue estimates each worker keeps are reported at their worst (max).
 _PROCESS_GAUGES = (
     ("inflight", "llmproxy_inflight_requests", "Requests in progress.", "livesum"),
+    ("streams", "llmproxy_inflight_streams", "Requests in progress that stream their response.", "livesum"),
     ("connections", "llmproxy_client_connections", "Open client connections.", "livesum"),
     ("ratelimit_held", "llmproxy_ratelimit_admissions_held",
      "Admitted requests holding rate-limit slots until they end (0 when nothing is in flight).", "livesum"),

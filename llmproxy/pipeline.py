@@ -307,7 +307,9 @@ def finish(services: Services, ctx: RequestContext) -> None:
 def deliver_record(services: Services, record: dict) -> None:
     """A finished request's usage record: counted in the metrics and handed to the durable outbox."""
     if services.metrics is not None:
-        services.metrics.observe_usage(record)
+        # Per key only when asked (auth.metrics_per_key): one series per key and model can be many.
+        key_id = (record["key_id"] or "") if services.config.auth.metrics_per_key else ""
+        services.metrics.observe_usage(record, key_id)
     services.outbox.append(record)
 
 

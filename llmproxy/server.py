@@ -149,12 +149,13 @@ class ProxyServer:
     def _live_state(self) -> dict:
         clients = self.clients
         if clients is None:
-            return {"inflight": 0, "connections": 0, "ratelimit_held": 0, "backends": {}}
+            return {"inflight": 0, "streams": 0, "connections": 0, "ratelimit_held": 0, "backends": {}}
         services = clients.services
         now = self.loop.time()
         limiter = services.limiter
         return {
             "inflight": self.lasting.traffic.inflight,
+            "streams": clients.streams_in_flight(),
             "connections": len(clients.connections),
             "ratelimit_held": limiter.held if limiter is not None else 0,
             **({"outbox_pending": self.metrics.outbox_pending} if self.lasting.outbox.enabled else {}),

@@ -402,7 +402,7 @@ def make_lasting(config: Config, loop: FakeLoop) -> Lasting:
 
 
 def _no_live_state() -> dict[str, Any]:
-    return {"inflight": 0, "connections": 0, "ratelimit_held": 0, "backends": {}}
+    return {"inflight": 0, "streams": 0, "connections": 0, "ratelimit_held": 0, "backends": {}}
 
 
 def make_services(config: Config, loop: FakeLoop, *, lasting: Lasting | None = None,

@@ -247,7 +247,7 @@ class AuthConfig:
     skip_paths: list[str] = field(default_factory=lambda: ["/health", "/ready", "/metrics"])  # exact, no auth
     keys: list[ApiKeyConfig] = field(default_factory=list)  # from the config and keys_file together
     keys_file: str | None = None  # YAML with `keys: [...]`, relative to the config file; re-read on SIGHUP
-    metrics_per_key: bool = False  # label llmproxy_ratelimited_total with key_id
+    metrics_per_key: bool = False  # label ratelimited, usage_tokens and cost metrics with key_id
 
 
 @dataclass(slots=True)

@@ -401,3 +401,17 @@ def test_a_rate_limit_slot_is_held_for_the_whole_stream_and_given_back_at_its_en
     admitted = start_request(services, chat(), loop)
     loop.upstreams[0].send(OK)
     assert admitted.status == 200 and services.limiter.held == 0
+
+
+@pytest.mark.parametrize("per_key", [True, False])
+def test_tokens_and_cost_are_labelled_with_the_key_only_with_metrics_per_key(loop, per_key):
+    services = make_services(make_config(auth={"enabled": True, "metrics_per_key": per_key, "keys": [{"key": KEY}]},
+                                         pricing={"m": {"input_per_million": 1e6, "output_per_million": 1e6}}), loop)
+    start_request(services, with_headers(chat(), BEARER), loop)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    loop.upstreams[0].send(json_response({"object": "chat.completion", "choices": [], "usage": usage}))
+    [record] = services.outbox.records
+    key_id = record["key_id"] if per_key else ""  # one series per key only when asked: keys can be many
+    assert record["key_id"] and record["cost_usd"] == 5
+    assert sample(services, "llmproxy_usage_tokens_total", type="completion", model="m", key_id=key_id) == 2
+    assert sample(services, "llmproxy_estimated_cost_usd_total", model="m", key_id=key_id) == 5

@@ -19,7 +19,7 @@ from llmproxy.workers import reserve_port
 REPO = Path(__file__).resolve().parents[2]
 
 STATE = {
-    "inflight": 2, "connections": 3, "ratelimit_held": 1, "outbox_pending": 4,
+    "inflight": 2, "streams": 1, "connections": 3, "ratelimit_held": 1, "outbox_pending": 4,
     "backends": {"a": {"checked_out": 1, "idle": 2, "inflight": 1, "healthy": True, "ttft_ewma": 0.5,
                        "queue_depth": 7, "kv_cache": 0.25}},
 }
