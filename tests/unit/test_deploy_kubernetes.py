@@ -1,11 +1,10 @@
 """deploy/kubernetes: every manifest against the Kubernetes schemas, the Kustomize base and overlay, and the
 numbers and names that must agree between the manifests, the proxy's config and the proxy itself.
 
-The schemas are kubernetes-validate's (strict: an unknown or misspelt field fails), for the oldest Kubernetes
-the manifests claim (1.30: the preStop sleep action) and its newest. The ServiceMonitor is a CRD those schemas
-do not have: it is checked against the shape the Prometheus Operator requires, with the Kubernetes types it
-embeds taken from the same schemas. Kustomize: `kubectl kustomize` renders base and overlay where kubectl is
-installed (and every rendered manifest is validated); the structural checks run everywhere.
+The schemas: tests/kubernetes_schemas.py (kubernetes-validate's, strict, for Kubernetes 1.30 and the newest;
+the ServiceMonitor CRD against the shape the Prometheus Operator requires). Kustomize: `kubectl kustomize`
+renders base and overlay where kubectl is installed (every rendered object is validated); the structural checks
+run everywhere.
 """
 
 from __future__ import annotations
@@ -15,14 +14,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from referencing import Registry, Resource
 
 from llmproxy.config import parse_config, parse_listen
 from llmproxy.own_endpoints import OWN_ENDPOINTS
+from tests.kubernetes_schemas import KUBERNETES_VERSIONS, service_monitor_validator, validate_manifest
 from tests.support import REPO
 
 DEPLOY = REPO / "deploy" / "kubernetes"
@@ -31,7 +29,6 @@ OVERLAY = DEPLOY / "overlays" / "redis"
 KUSTOMIZATIONS = (BASE, OVERLAY)
 MANIFESTS = sorted([*BASE.glob("*.yaml"), *OVERLAY.glob("*.yaml"), *DEPLOY.glob("*.yaml")])
 NOT_MANIFESTS = {"config.yaml", "kustomization.yaml"}  # the proxy's config; Kustomize's own file
-KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 FLUSH_MARGIN = 10  # seconds after the drain to deliver the last usage records and exit
 
 
@@ -63,13 +60,10 @@ def duration(value: str) -> float:
 MANIFEST_IDS = [str(path.relative_to(DEPLOY)) for path in MANIFESTS if path.name not in NOT_MANIFESTS]
 
 
-@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("name", MANIFEST_IDS)
-def test_every_manifest_validates_against_the_kubernetes_schemas(name, version):
+def test_every_manifest_validates_against_the_kubernetes_schemas(name):
     for doc in documents(DEPLOY / name):
-        if doc["kind"] == "ServiceMonitor":
-            continue  # a CRD: test_servicemonitor_has_the_shape_the_prometheus_operator_requires
-        kubernetes_validate.validate(doc, version, strict=True)
+        validate_manifest(doc)
 
 
 def test_the_schema_check_rejects_a_misspelt_field_and_a_wrong_type():
@@ -79,49 +73,6 @@ def test_the_schema_check_rejects_a_misspelt_field_and_a_wrong_type():
     wrong_type = {**SERVICE, "spec": {**SERVICE["spec"], "ports": [{"name": "http", "port": "eighty"}]}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(wrong_type, KUBERNETES_VERSIONS[-1], strict=True)
-
-
-# monitoring.coreos.com/v1 ServiceMonitor, as much of it as the manifest uses: spec.selector is required (a
-# Kubernetes LabelSelector), each endpoint names a Service port and a path; durations are Prometheus's.
-K8S_DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1."
-PROMETHEUS_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
-SERVICE_MONITOR_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": {"$ref": K8S_DEFS + "ObjectMeta"},
-        "spec": {
-            "type": "object",
-            "required": ["selector"],
-            "additionalProperties": False,
-            "properties": {
-                "selector": {"$ref": K8S_DEFS + "LabelSelector"},
-                "namespaceSelector": {"type": "object"},
-                "endpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "port": {"type": "string"},
-                        "path": {"type": "string", "pattern": "^/"},
-                        "scheme": {"enum": ["http", "https"]},
-                        "interval": {"type": "string", "pattern": PROMETHEUS_DURATION},
-                        "scrapeTimeout": {"type": "string", "pattern": PROMETHEUS_DURATION},
-                    },
-                }},
-            },
-        },
-    },
-}
-
-
-def service_monitor_validator() -> jsonschema.Draft202012Validator:
-    definitions = kubernetes_validate.utils.schema_contents(
-        f"kubernetes-json-schema/v{KUBERNETES_VERSIONS[-1]}-local-strict/_definitions.json", KUBERNETES_VERSIONS[-1])
-    registry = Resource.from_contents(definitions) @ Registry()
-    return jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA, registry=registry)
 
 
 def test_servicemonitor_has_the_shape_the_prometheus_operator_requires():
@@ -214,8 +165,7 @@ def test_kustomize_renders_and_every_rendered_manifest_validates(directory):
     rendered = kubectl_kustomize(directory)
     for doc in rendered:
         assert doc["metadata"]["namespace"] == "llmproxy"
-        for version in KUBERNETES_VERSIONS:
-            kubernetes_validate.validate(doc, version, strict=True)
+        validate_manifest(doc)
     (config_map,) = [doc for doc in rendered if doc["kind"] == "ConfigMap"]
     (deployment,) = [doc for doc in rendered if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "llmproxy"]
     volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
