@@ -29,7 +29,7 @@ OVERLAY = DEPLOY / "overlays" / "redis"
 KUSTOMIZATIONS = (BASE, OVERLAY)
 MANIFESTS = sorted([*BASE.glob("*.yaml"), *OVERLAY.glob("*.yaml"), *DEPLOY.glob("*.yaml")])
 NOT_MANIFESTS = {"config.yaml", "kustomization.yaml"}  # the proxy's config; Kustomize's own file
-FLUSH_MARGIN = 10  # seconds after the drain to deliver the last usage records and exit
+FLUSH_MARGIN = 20  # seconds after the drain to deliver the last usage records and exit
 
 
 def documents(path: Path) -> list[dict]:
@@ -198,11 +198,11 @@ def test_the_overlay_config_is_the_base_config_plus_rate_limits_in_redis():
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
-def test_the_grace_period_outlasts_prestop_shutdown_delay_shutdown_timeout_and_a_flush(directory):
+def test_the_grace_period_covers_prestop_shutdown_delay_shutdown_timeout_and_a_flush(directory):
     server = config_text(directory)["server"]
     pre_stop = CONTAINER["lifecycle"]["preStop"]["sleep"]["seconds"]
     needed = pre_stop + duration(server["shutdown_delay"]) + duration(server["shutdown_timeout"]) + FLUSH_MARGIN
-    assert POD["terminationGracePeriodSeconds"] > needed
+    assert POD["terminationGracePeriodSeconds"] >= needed
     # shutdown_delay covers one readiness period: a prober of /ready sees the 503 before the listener closes.
     assert duration(server["shutdown_delay"]) >= CONTAINER["readinessProbe"]["periodSeconds"]
 
