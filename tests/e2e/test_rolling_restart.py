@@ -19,7 +19,7 @@ from tests.ready_balancer import REFUSED, ReadyBalancer
 from tests.support import NO_PERIODIC_PROBES, start_mock, start_proxy
 
 STREAMS = 100
-TOKENS = 40  # at 100 ms apart: a 4 s stream, still going when the stopping proxy closes its listener
+TOKENS = 50  # at 100 ms apart: a 5 s stream, still going when the stopping proxy closes its listener
 TOKEN_DELAY_MS = 100
 SHUTDOWN_DELAY = 1.0  # ten of the balancer's /ready polls see the 503 before the listener closes
 POLL_INTERVAL = 0.1
