@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from llmproxy.config.discovery import Endpoint
 from llmproxy.config.model import BackendConfig, Config, RoutingConfig
+from llmproxy.discovery.members import expand
 from llmproxy.fleet.backend import Backend
 from llmproxy.fleet.balancer import KV_AWARE, Balancer
 from llmproxy.fleet.health import HealthEvents, HealthMonitor
@@ -45,10 +48,22 @@ class Fleet:
         return None
 
 
-async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None) -> Fleet:
-    """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged."""
+async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None,
+                      discovered: Mapping[str, tuple[Endpoint, ...]] | None = None) -> Fleet:
+    """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged.
+
+    A discovery entry of `config.backends` stands for its members in `discovered` (by entry name); a member new
+    to the fleet starts unhealthy when probes are on, so it takes no request before its first probe passes.
+    """
     kept = {b.name: b for b in previous.backends} if previous is not None else {}
-    backends = [_reuse_or_create(backend, config, kept.get(backend.name)) for backend in config.backends]
+    configured = {backend.name for backend in config.backends}
+    backends = []
+    for backend_config in expand(config.backends, discovered or {}):
+        old = kept.get(backend_config.name)
+        backend = _reuse_or_create(backend_config, config, old)
+        if backend is not old and backend.name not in configured and config.health_check.enabled:
+            backend.healthy = False  # a discovered member, new: its first probe (discover, below) decides
+        backends.append(backend)
     routing = config.routing
     health = HealthMonitor(backends, config.health_check, routing.load_balance in KV_AWARE, events)
     await health.discover()
