@@ -188,7 +188,7 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "cost_per_million_input_tokens": _optional(_non_negative_number),
     "cost_per_million_output_tokens": _optional(_non_negative_number),
     "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
-    "discovery": parse_discovery,
+    "discovery": _optional(parse_discovery),
 }
 _COSTS = ("cost_per_million_input_tokens", "cost_per_million_output_tokens")
 
@@ -217,7 +217,7 @@ def _parse_backend(value: Any, path: str) -> BackendConfig:
     if values.get("discovery") is not None:
         return _discovered_entry(values, url, path)
     if url is None:
-        raise ConfigError(_join(path, "url"), "is required (or discovery, for backends found at run time)")
+        raise ConfigError(_join(path, "url"), "is required")
     _check_keys(values, path)
     backend = BackendConfig(
         url=url.url, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path, **values
