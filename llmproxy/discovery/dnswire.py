@@ -80,7 +80,7 @@ def decode_answer(message: bytes, query_id: int) -> Answer:
             raise DnsFormatError("record data cut short")
         offset += length
         if rclass == CLASS_IN and (rtype, length) in ((A, 4), (AAAA, 16)):
-            addresses.append(str(ipaddress.ip_address(data)))
+            addresses.append(str(ipaddress.ip_address(bytes(data))))
     return Answer(rcode=flags & 0x000F, truncated=bool(flags & _FLAG_TC), addresses=tuple(addresses))
 
 
