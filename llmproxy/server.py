@@ -144,7 +144,9 @@ class ProxyServer:
                 return
             self.clients.services = services
             retire_removed(old.fleet, services.fleet)
-            log.info("discovery: %d backends", len(services.fleet.backends))
+            gc.unfreeze()  # as after a reload: the old fleet may have been frozen with the start-up heap
+            settle_heap()
+            log.info("discovery: the fleet has %d backends now", len(services.fleet.backends))
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""
