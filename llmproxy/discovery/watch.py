@@ -50,10 +50,16 @@ class Discovery:
         """Watch the discovery entries of `backends`: an entry kept with the same settings keeps its watcher
         and set; a new or changed one is looked at once (bounded) before this returns."""
         wanted = {b.name: b.discovery for b in backends if b.discovery is not None}
+        replaced: dict[str, _Watcher] = {}
         for name in [name for name, w in self._watchers.items() if wanted.get(name) != w.config]:
-            self._watchers.pop(name).stop()
+            replaced[name] = old = self._watchers.pop(name)
+            old.stop()
         new = [_Watcher(name, config, self._changed, self._events) for name, config in wanted.items()
                if name not in self._watchers]
+        for watcher in new:
+            old = replaced.get(watcher.name)
+            if old is not None and old.same_source(watcher.config):
+                watcher.members = old.members  # only how it looks changed: a failed first look keeps the set
         if new:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(w.look() for w in new)), FIRST_LOOK_TIMEOUT)
@@ -85,6 +91,10 @@ class _Watcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def same_source(self, config: DiscoveryConfig) -> bool:
+        """`config` looks at what this watcher looks at (the same name and port, or the same file)."""
+        return (config.dns, config.port, config.file) == (self.config.dns, self.config.port, self.config.file)
 
     def stop(self) -> None:
         if self._task is not None:

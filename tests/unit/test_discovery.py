@@ -158,6 +158,11 @@ async def test_a_reload_keeps_an_unchanged_entrys_watcher_and_drops_a_removed_on
         assert discovery._watchers["vllm"] is watcher and set(discovery.members()) == {"vllm", "other"}
         await discovery.configure([dns_entry(dns, "other")])
         assert set(discovery.members()) == {"other"} and watcher._task is None
+        dns.fail()  # a new interval during an outage: the set stays, for the name and port are the same
+        slower = dns_entry(dns, "other")
+        slower.discovery.interval = 0.5
+        await discovery.configure([slower])
+        assert discovery.members()["other"] == (Endpoint("10.0.0.1", 8000),)
     finally:
         discovery.stop()
 
