@@ -36,9 +36,10 @@ class ProxyServer:
         self.clients: Clients | None = None  # with the first Services, by start_services()
         self._server: asyncio.AbstractServer | None = None
         self._reload_lock = asyncio.Lock()
-        # Backends found at run time (backends[].discovery): a change builds the next fleet (_refleet).
+        # Backends found at run time (backends[].discovery): a change builds the next fleet (_swap_fleets).
         self.discovery = Discovery(self._discovery_changed, self.lasting.metrics)
-        self._refleet_due = False
+        self._refleet: asyncio.Task | None = None  # building the next fleet for a discovery change
+        self._fleet_stale = False  # discovery changed since the fleet was built
         self._stop: asyncio.Future[None] = self.loop.create_future()  # set by SIGTERM/SIGINT
         self.port = 0
 
@@ -126,27 +127,27 @@ class ProxyServer:
         return True
 
     def _discovery_changed(self) -> None:
-        if not self._refleet_due:  # several entries changing at once make one new fleet
-            self._refleet_due = True
-            self.loop.create_task(self._refleet())
+        self._fleet_stale = True
+        if self._refleet is None or self._refleet.done():  # else the running one builds again when done
+            self._refleet = self.loop.create_task(self._swap_fleets())
 
-    async def _refleet(self) -> None:
+    async def _swap_fleets(self) -> None:
         """Swap in the fleet of the members discovery has now, as a reload swaps its: kept backends keep
-        their state, new ones start once probed, removed ones finish their requests."""
+        their state, new ones start once probed, removed ones finish their requests. Again while a change
+        came during the build; several changes at once make one new fleet."""
         async with self._reload_lock:  # after a reload in progress, on the generation it swapped in
-            self._refleet_due = False
-            if self.lasting.traffic.draining:
-                return
-            old = self.services
-            services = await with_new_fleet(old, self.discovery.members())
-            if self.lasting.traffic.draining:
-                services.fleet.stop()
-                return
-            self.clients.services = services
-            retire_removed(old.fleet, services.fleet)
-            gc.unfreeze()  # as after a reload: the old fleet may have been frozen with the start-up heap
-            settle_heap()
-            log.info("discovery: the fleet has %d backends now", len(services.fleet.backends))
+            while self._fleet_stale and not self.lasting.traffic.draining:
+                self._fleet_stale = False
+                old = self.services
+                services = await with_new_fleet(old, self.discovery.members())
+                if self.lasting.traffic.draining:
+                    services.fleet.stop()
+                    return
+                self.clients.services = services
+                retire_removed(old.fleet, services.fleet)
+                gc.unfreeze()  # as after a reload: the old fleet may have been frozen with the start-up heap
+                settle_heap()
+                log.info("discovery: the fleet has %d backends now", len(services.fleet.backends))
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""

@@ -1,4 +1,5 @@
-"""The backends and how requests are spread over them, as one unit that a reload (SIGHUP) swaps whole.
+"""The backends and how requests are spread over them, as one unit that a reload (SIGHUP) swaps whole, as does
+a change of the backends a discovery entry found (discovery/).
 
 A request takes the fleet current when it starts and keeps it to its end, so a reload never changes the
 rules under a request in flight (its route table included); backends kept across a reload keep their pool,
