@@ -126,6 +126,16 @@ def default_name(discovery: DiscoveryConfig) -> str:
     return discovery.dns if discovery.dns is not None else Path(discovery.file or "").name
 
 
+def check_member_names(backends: list[BackendConfig], path: str) -> None:
+    """No backend named as a discovery entry's members will be (<entry>@...): two backends of one name."""
+    prefixes = [f"{backend.name}@" for backend in backends if backend.discovery is not None]
+    for i, backend in enumerate(backends):
+        taken = next((p for p in prefixes if backend.name.startswith(p)), None)
+        if taken is not None:
+            raise ConfigError(f"{path}[{i}].name", f"{_show(backend.name)} is how the backends discovery finds "
+                                                   f"for {_show(taken[:-1])} are named: choose another name")
+
+
 def check_discovery_files(config: Config, base_dir: Path) -> None:
     """Make every entry's endpoints file path absolute (relative ones start at `base_dir`) and read it once:
     a missing or broken file stops the proxy at start (and a reload) naming the key."""

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from llmproxy.catalogue import AUTO, BACKEND_KINDS, FAMILIES, TRANSLATE_MODES
 from llmproxy.config.access import parse_auth, parse_rate_limit
-from llmproxy.config.discovery import default_name, parse_discovery
+from llmproxy.config.discovery import check_member_names, default_name, parse_discovery
 from llmproxy.config.model import (
     REPORTER_TYPES,
     RETRY_CONDITIONS,
@@ -269,18 +269,8 @@ def _parse_backends(value: Any, path: str) -> list[BackendConfig]:
                 reason += "; names default to host:port, so give each backend a distinct name"
             raise ConfigError(f"{path}[{i}].name", reason)
         first_use[backend.name] = i
-    _check_discovered_names(backends, path)
+    check_member_names(backends, path)
     return backends
-
-
-def _check_discovered_names(backends: list[BackendConfig], path: str) -> None:
-    """No backend named as a discovery entry's members will be (<entry>@...): two backends of one name."""
-    prefixes = [f"{backend.name}@" for backend in backends if backend.discovery is not None]
-    for i, backend in enumerate(backends):
-        taken = next((p for p in prefixes if backend.name.startswith(p)), None)
-        if taken is not None:
-            raise ConfigError(f"{path}[{i}].name", f"{_show(backend.name)} is how the backends discovery finds "
-                                                   f"for {_show(taken[:-1])} are named: choose another name")
 
 
 _WEBHOOK_FIELDS: dict[str, _Parser] = {
