@@ -24,6 +24,7 @@ from tests.support import (
     http_get,
     metric_value,
     send_request,
+    sighup,
     start_proxy,
     upstreams,
     wait_for,
@@ -183,6 +184,13 @@ def test_a_dns_outage_keeps_the_known_backends(tmp_path, dns):
         reader, _, complete = send_request(proxy.port, STREAM_CHAT, timeout=30)
         assert reader.status == 200 and complete
         assert proxy.text().count("keeping its 1 known backends") == 1  # said once, not every 200 ms
+        config = tmp_path / "config.yaml"  # a reload during the outage, the entry looking slower now
+        doc = yaml.safe_load(config.read_text())
+        doc["backends"][0]["discovery"]["interval"] = "300ms"
+        config.write_text(yaml.safe_dump(doc))
+        sighup(proxy)
+        assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}"]  # its set stays through the reload
+        assert send_request(proxy.port, STREAM_CHAT, timeout=30)[0].status == 200
     finally:
         for proc in (proxy, pod):
             proc.stop()

@@ -15,6 +15,7 @@ from llmproxy.config import parse_config
 from llmproxy.config.discovery import Endpoint
 from llmproxy.config.model import BackendConfig, DiscoveryConfig
 from llmproxy.discovery.members import expand
+from llmproxy.discovery.resolve import resolve
 from llmproxy.discovery.watch import Discovery
 from llmproxy.fleet.fleet import build_fleet
 from llmproxy.fleet.health import HealthMonitor
@@ -165,6 +166,11 @@ async def test_a_reload_keeps_an_unchanged_entrys_watcher_and_drops_a_removed_on
         assert discovery.members()["other"] == (Endpoint("10.0.0.1", 8000),)
     finally:
         discovery.stop()
+
+
+@in_loop
+async def test_without_a_resolver_the_system_one_answers():
+    assert "127.0.0.1" in await resolve("localhost", 8000, None)  # /etc/hosts, as getaddrinfo reads it
 
 
 def write(path: Path, text: str) -> None:
