@@ -144,7 +144,8 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
 async def with_new_fleet(services: Services, discovered: Mapping[str, tuple[Endpoint, ...]]) -> Services:
     """The same generation with the fleet its config and `discovered` (new members found) describe: kept
     backends keep their state, as on a reload; the rest of the services is shared, unchanged."""
-    fleet = await build_fleet(services.config, services.metrics, previous=services.fleet, discovered=discovered)
+    fleet = await build_fleet(services.config, services.metrics, previous=services.fleet, discovered=discovered,
+                              probe_kept=False)  # what the periodic probes said of the others stands
     return dataclasses.replace(services, fleet=fleet)
 
 

@@ -50,24 +50,28 @@ class Fleet:
 
 
 async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None,
-                      discovered: Mapping[str, tuple[Endpoint, ...]] | None = None) -> Fleet:
+                      discovered: Mapping[str, tuple[Endpoint, ...]] | None = None,
+                      probe_kept: bool = True) -> Fleet:
     """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged.
 
     A discovery entry of `config.backends` stands for its members in `discovered` (by entry name); a member new
     to the fleet starts unhealthy when probes are on, so it takes no request before its first probe passes.
+    Without `probe_kept` (a discovery change) the first probe round asks only the backends new to the fleet.
     """
     kept = {b.name: b for b in previous.backends} if previous is not None else {}
     configured = {backend.name for backend in config.backends}
-    backends = []
+    backends, new = [], []
     for backend_config in expand(config.backends, discovered or {}):
         old = kept.get(backend_config.name)
         backend = _reuse_or_create(backend_config, config, old)
-        if backend is not old and backend.name not in configured and config.health_check.enabled:
-            backend.healthy = False  # a discovered member, new: its first probe (discover, below) decides
+        if backend is not old:
+            new.append(backend)
+            if backend.name not in configured and config.health_check.enabled:
+                backend.healthy = False  # a discovered member: its first probe (discover, below) decides
         backends.append(backend)
     routing = config.routing
     health = HealthMonitor(backends, config.health_check, routing.load_balance in KV_AWARE, events)
-    await health.discover()
+    await health.discover(None if probe_kept else new)
     health.start()
     retry_on = frozenset(routing.retry_on)
     router = Router(backends, routing.model_aliases)

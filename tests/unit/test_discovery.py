@@ -51,7 +51,7 @@ def test_an_entry_stands_for_its_members_with_its_settings_and_the_files_weights
 # --- fleets built from members -------------------------------------------------------------------------------
 
 
-async def no_probes(self: HealthMonitor) -> None:
+async def no_probes(self: HealthMonitor, only: list | None = None) -> None:
     """A first probe round that never answers in time: what start-up state alone decides."""
 
 
@@ -71,6 +71,24 @@ async def test_new_members_start_unhealthy_and_kept_ones_keep_their_state(monkey
     assert [x.name for x in second.backends] == ["static", "vllm@127.0.0.3:9", "vllm@127.0.0.4:9"]
     assert second.backend_named("vllm@127.0.0.3:9") is kept and kept.healthy and kept.ttft_ewma == 0.25
     assert not second.backend_named("vllm@127.0.0.4:9").healthy  # no traffic before its first probe passes
+    for fleet in (first, second):
+        fleet.stop()
+
+
+@in_loop
+async def test_a_discovery_change_probes_only_the_new_backends_first(monkeypatch: pytest.MonkeyPatch):
+    probed: list[list[str]] = []
+
+    async def record(self: HealthMonitor, only: list | None = None) -> None:
+        probed.append([b.name for b in (self.backends if only is None else only)])
+    monkeypatch.setattr(HealthMonitor, "discover", record)
+    config = parse_config({"backends": [{"url": "http://127.0.0.1:9", "name": "static"},
+                                        {"name": "vllm", "type": "vllm", "discovery": {"dns": "v.svc", "port": 9}}],
+                           "health_check": {"interval": 3600}})
+    a, b = Endpoint("127.0.0.2", 9), Endpoint("127.0.0.3", 9)
+    first = await build_fleet(config, None, discovered={"vllm": (a,)})
+    second = await build_fleet(config, None, previous=first, discovered={"vllm": (a, b)}, probe_kept=False)
+    assert probed == [["static", "vllm@127.0.0.2:9"], ["vllm@127.0.0.3:9"]]  # the others' state stands
     for fleet in (first, second):
         fleet.stop()
 
