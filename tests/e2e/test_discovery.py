@@ -23,6 +23,7 @@ from tests.support import (
     Proc,
     http_get,
     metric_value,
+    owned,
     send_request,
     sighup,
     start_proxy,
@@ -51,10 +52,12 @@ def _port_free_on(hosts: list[str]) -> int:
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
-def _start_pod(host: str, port: int) -> Proc:
-    """A mock vLLM whose streams last about a second: 20 events 50 ms apart."""
+def _start_pod(host: str, port: int, procs: list[Proc]) -> Proc:
+    """A mock vLLM whose streams last about a second: 20 events 50 ms apart (stopped with `procs`)."""
     pod = Proc(["mock-backend", "--dialect", "vllm", "--listen", f"{host}:{port}", "--model", ",".join(TEST_MODELS),
-                "--tokens", "20", "--delay-ms", "50"]).wait_listening()
+                "--tokens", "20", "--delay-ms", "50"])
+    procs.append(pod)
+    pod.wait_listening()
     pod.host = host
     return pod
 
@@ -124,76 +127,76 @@ class StreamLoad:
 
 
 @pytest.fixture
+def procs():
+    """What a test starts (pods, the proxy): each stopped when it ends, however it ends."""
+    yield from owned(Proc.stop)
+
+
+@pytest.fixture
 def dns():
     server = TestDnsServer().start()
     yield server
     server.stop()
 
 
-def test_dns_records_added_and_removed_under_200_streams_lose_no_request(tmp_path, dns):
+def test_dns_records_added_and_removed_under_200_streams_lose_no_request(tmp_path, dns, procs):
     hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
     port = _port_free_on(hosts)
-    pods = {host: _start_pod(host, port) for host in hosts}
+    pods = {host: _start_pod(host, port, procs) for host in hosts}
     dns.set("vllm.test.svc", hosts[:2])
     proxy = start_proxy(tmp_path, [{"name": "vllm", "type": "vllm", "discovery": {
         "dns": "vllm.test.svc", "port": port, "resolver": dns.address, **FAST_LOOKS}}],
         health_check=PROBES, metrics={"enabled": True})
     added, removed = f"vllm@127.0.0.4:{port}", f"vllm@127.0.0.2:{port}"
-    try:
-        assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}", f"vllm@127.0.0.3:{port}"]
-        with StreamLoad(proxy.port) as load:
-            wait_for(lambda: load.ok() >= STREAMS, timeout=20)
-            dns.set("vllm.test.svc", hosts)  # a pod is added...
-            wait_for(lambda: _posted(pods["127.0.0.4"]), timeout=15, interval=0.01)
-            assert _first_post_after_a_probe(pods["127.0.0.4"])
-            wait_for(lambda: _streams_served(pods["127.0.0.4"]) >= 10, timeout=15)
-            dns.set("vllm.test.svc", hosts[1:])  # ...and one removed, with streams in flight on it
-            wait_for(lambda: removed not in upstreams(proxy), timeout=10)
-            in_flight_when_removed = _stats(pods["127.0.0.2"])["requests_running"]
-            time.sleep(1.5)  # past the end of every stream it had when it was removed
-            requests_to_removed = _stats(pods["127.0.0.2"])["requests_total"]
-            done_before = load.ok()
-            wait_for(lambda: load.ok() >= done_before + STREAMS, timeout=20)
-            assert _stats(pods["127.0.0.2"])["requests_total"] == requests_to_removed  # none since, not a probe
-            assert _stats(pods["127.0.0.2"])["requests_running"] == 0
-        outcomes = load.stop()
-        assert set(outcomes) == {"ok"}, outcomes.most_common(5)  # zero client errors, every stream whole
-        assert in_flight_when_removed > 0  # it was removed with streams in flight, and they ended whole
-        assert list(upstreams(proxy)) == [f"vllm@127.0.0.3:{port}", added]
-        assert metric_value(proxy, "llmproxy_discovery_changes_total", 'entry="vllm"') == 3  # start, +1, -1
-        assert "backend " + removed + " removed" in proxy.text()
-    finally:
-        for proc in (proxy, *pods.values()):
-            proc.stop()
+    procs.insert(0, proxy)  # stopped first
+    assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}", f"vllm@127.0.0.3:{port}"]
+    with StreamLoad(proxy.port) as load:
+        wait_for(lambda: load.ok() >= STREAMS, timeout=20)
+        dns.set("vllm.test.svc", hosts)  # a pod is added...
+        wait_for(lambda: _posted(pods["127.0.0.4"]), timeout=15, interval=0.01)
+        assert _first_post_after_a_probe(pods["127.0.0.4"])
+        wait_for(lambda: _streams_served(pods["127.0.0.4"]) >= 10, timeout=15)
+        dns.set("vllm.test.svc", hosts[1:])  # ...and one removed, with streams in flight on it
+        wait_for(lambda: removed not in upstreams(proxy), timeout=10)
+        in_flight_when_removed = _stats(pods["127.0.0.2"])["requests_running"]
+        time.sleep(1.5)  # past the end of every stream it had when it was removed
+        requests_to_removed = _stats(pods["127.0.0.2"])["requests_total"]
+        done_before = load.ok()
+        wait_for(lambda: load.ok() >= done_before + STREAMS, timeout=20)
+        assert _stats(pods["127.0.0.2"])["requests_total"] == requests_to_removed  # none since, not a probe
+        assert _stats(pods["127.0.0.2"])["requests_running"] == 0
+    outcomes = load.stop()
+    assert set(outcomes) == {"ok"}, outcomes.most_common(5)  # zero client errors, every stream whole
+    assert in_flight_when_removed > 0  # it was removed with streams in flight, and they ended whole
+    assert list(upstreams(proxy)) == [f"vllm@127.0.0.3:{port}", added]
+    assert metric_value(proxy, "llmproxy_discovery_changes_total", 'entry="vllm"') == 3  # start, +1, -1
+    assert "backend " + removed + " removed" in proxy.text()
 
 
-def test_a_dns_outage_keeps_the_known_backends(tmp_path, dns):
+def test_a_dns_outage_keeps_the_known_backends(tmp_path, dns, procs):
     port = _port_free_on(["127.0.0.2"])
-    pod = _start_pod("127.0.0.2", port)
+    _start_pod("127.0.0.2", port, procs)
     dns.set("vllm.test.svc", ["127.0.0.2"])
     proxy = start_proxy(tmp_path, [{"name": "vllm", "discovery": {
         "dns": "vllm.test.svc", "port": port, "resolver": dns.address, **FAST_LOOKS}}],
         health_check=PROBES, metrics={"enabled": True})
-    try:
-        dns.fail()  # SERVFAIL for every query
-        wait_for(lambda: metric_value(proxy, "llmproxy_discovery_errors_total", 'entry="vllm"') >= 3, timeout=10)
-        dns.set("vllm.test.svc", [])
-        dns.fail(False)  # a name with no address now: as much a hiccup, for all we know
-        wait_for(lambda: metric_value(proxy, "llmproxy_discovery_errors_total", 'entry="vllm"') >= 6, timeout=10)
-        assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}"]
-        reader, _, complete = send_request(proxy.port, STREAM_CHAT, timeout=30)
-        assert reader.status == 200 and complete
-        assert proxy.text().count("keeping its 1 known backends") == 1  # said once, not every 200 ms
-        config = tmp_path / "config.yaml"  # a reload during the outage, the entry looking slower now
-        doc = yaml.safe_load(config.read_text())
-        doc["backends"][0]["discovery"]["interval"] = "300ms"
-        config.write_text(yaml.safe_dump(doc))
-        sighup(proxy)
-        assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}"]  # its set stays through the reload
-        assert send_request(proxy.port, STREAM_CHAT, timeout=30)[0].status == 200
-    finally:
-        for proc in (proxy, pod):
-            proc.stop()
+    procs.insert(0, proxy)  # stopped first
+    dns.fail()  # SERVFAIL for every query
+    wait_for(lambda: metric_value(proxy, "llmproxy_discovery_errors_total", 'entry="vllm"') >= 3, timeout=10)
+    dns.set("vllm.test.svc", [])
+    dns.fail(False)  # a name with no address now: as much a hiccup, for all we know
+    wait_for(lambda: metric_value(proxy, "llmproxy_discovery_errors_total", 'entry="vllm"') >= 6, timeout=10)
+    assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}"]
+    reader, _, complete = send_request(proxy.port, STREAM_CHAT, timeout=30)
+    assert reader.status == 200 and complete
+    assert proxy.text().count("keeping its 1 known backends") == 1  # said once, not every 200 ms
+    config = tmp_path / "config.yaml"  # a reload during the outage, the entry looking slower now
+    doc = yaml.safe_load(config.read_text())
+    doc["backends"][0]["discovery"]["interval"] = "300ms"
+    config.write_text(yaml.safe_dump(doc))
+    sighup(proxy)
+    assert list(upstreams(proxy)) == [f"vllm@127.0.0.2:{port}"]  # its set stays through the reload
+    assert send_request(proxy.port, STREAM_CHAT, timeout=30)[0].status == 200
 
 
 def _write_endpoints(path: Path, endpoints: list[dict]) -> None:
@@ -203,10 +206,10 @@ def _write_endpoints(path: Path, endpoints: list[dict]) -> None:
     partial.replace(path)
 
 
-def test_endpoints_file_changes_under_load_lose_no_request(tmp_path):
+def test_endpoints_file_changes_under_load_lose_no_request(tmp_path, procs):
     hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
     port = _port_free_on(hosts)
-    pods = {host: _start_pod(host, port) for host in hosts}
+    pods = {host: _start_pod(host, port, procs) for host in hosts}
     endpoints = tmp_path / "endpoints.yaml"
     _write_endpoints(endpoints, [{"name": "vllm-0", "address": "127.0.0.2", "port": str(port)},
                                  {"name": "vllm-1", "address": "127.0.0.3", "port": str(port)}])
@@ -214,34 +217,31 @@ def test_endpoints_file_changes_under_load_lose_no_request(tmp_path):
                                                                                    **FAST_LOOKS}}],
                         health_check=PROBES, routing={"load_balance": "weighted"})
     name = {host: f"fleet@{host}:{port}" for host in hosts}
-    try:
-        assert list(upstreams(proxy)) == [name["127.0.0.2"], name["127.0.0.3"]]
-        with StreamLoad(proxy.port, count=50) as load:
-            wait_for(lambda: load.ok() >= 50, timeout=20)
-            _write_endpoints(endpoints, [  # one added, one reweighted and given a model list
-                {"name": "vllm-0", "address": "127.0.0.2", "port": str(port)},
-                {"name": "vllm-1", "address": "127.0.0.3", "port": port, "weight": 3, "models": ["m"]},
-                {"name": "vllm-2", "address": "127.0.0.4", "port": str(port), "labels": {"zone": "b"}}])
-            wait_for(lambda: len(upstreams(proxy)) == 3, timeout=10)
-            wait_for(lambda: _posted(pods["127.0.0.4"]), timeout=15, interval=0.01)
-            assert _first_post_after_a_probe(pods["127.0.0.4"])
-            wait_for(lambda: _streams_served(pods["127.0.0.4"]) >= 5, timeout=15)
-            shown = upstreams(proxy)
-            assert shown[name["127.0.0.3"]]["weight"] == 3 and shown[name["127.0.0.3"]]["models"] == ["m"]
-            assert shown[name["127.0.0.2"]]["weight"] == 1
-            endpoints.write_text("endpoints:\n  - name: vllm-0\n    address: 127.0.0.2\n    port: not-a-port\n")
-            wait_for(lambda: "discovery for backend fleet:" in proxy.text() and "port: must be" in proxy.text(),
-                     timeout=10)
-            assert len(upstreams(proxy)) == 3  # a broken file changes nothing
-            _write_endpoints(endpoints, [{"name": "vllm-2", "address": "127.0.0.4", "port": str(port)}])
-            wait_for(lambda: list(upstreams(proxy)) == [name["127.0.0.4"]], timeout=10)
-            done_before = load.ok()
-            wait_for(lambda: load.ok() >= done_before + 50, timeout=20)
-        outcomes = load.stop()
-        assert set(outcomes) == {"ok"}, outcomes.most_common(5)
-    finally:
-        for proc in (proxy, *pods.values()):
-            proc.stop()
+    procs.insert(0, proxy)  # stopped first
+    assert list(upstreams(proxy)) == [name["127.0.0.2"], name["127.0.0.3"]]
+    with StreamLoad(proxy.port, count=50) as load:
+        wait_for(lambda: load.ok() >= 50, timeout=20)
+        _write_endpoints(endpoints, [  # one added, one reweighted and given a model list
+            {"name": "vllm-0", "address": "127.0.0.2", "port": str(port)},
+            {"name": "vllm-1", "address": "127.0.0.3", "port": port, "weight": 3, "models": ["m"]},
+            {"name": "vllm-2", "address": "127.0.0.4", "port": str(port), "labels": {"zone": "b"}}])
+        wait_for(lambda: len(upstreams(proxy)) == 3, timeout=10)
+        wait_for(lambda: _posted(pods["127.0.0.4"]), timeout=15, interval=0.01)
+        assert _first_post_after_a_probe(pods["127.0.0.4"])
+        wait_for(lambda: _streams_served(pods["127.0.0.4"]) >= 5, timeout=15)
+        shown = upstreams(proxy)
+        assert shown[name["127.0.0.3"]]["weight"] == 3 and shown[name["127.0.0.3"]]["models"] == ["m"]
+        assert shown[name["127.0.0.2"]]["weight"] == 1
+        endpoints.write_text("endpoints:\n  - name: vllm-0\n    address: 127.0.0.2\n    port: not-a-port\n")
+        wait_for(lambda: "discovery for backend fleet:" in proxy.text() and "port: must be" in proxy.text(),
+                 timeout=10)
+        assert len(upstreams(proxy)) == 3  # a broken file changes nothing
+        _write_endpoints(endpoints, [{"name": "vllm-2", "address": "127.0.0.4", "port": str(port)}])
+        wait_for(lambda: list(upstreams(proxy)) == [name["127.0.0.4"]], timeout=10)
+        done_before = load.ok()
+        wait_for(lambda: load.ok() >= done_before + 50, timeout=20)
+    outcomes = load.stop()
+    assert set(outcomes) == {"ok"}, outcomes.most_common(5)
 
 
 def test_a_bad_discovery_block_refuses_to_start_naming_the_key(tmp_path):
