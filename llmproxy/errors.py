@@ -73,6 +73,8 @@ ERRORS: dict[str, ErrorSpec] = {
     # No configured backend's type serves the path (Ollama's /api/* with only vLLM behind): it would be a 404
     # from any of them, and a 503 would have SDKs retry what can never succeed.
     "path_not_served": ErrorSpec(404, "invalid_request_error", "path_not_served", "LR"),
+    # No backend at all: the discovery entries have found none yet (or none is left). A 503, for it may pass.
+    "no_backends": ErrorSpec(503, "service_unavailable", "no_backend_available", "LR"),
     "pool_exhausted": ErrorSpec(503, "service_unavailable", "upstream_pool_exhausted", "PQ",
                                 retry_on="connect_error"),
     "connect_failed": ErrorSpec(502, "api_error", "upstream_connect_failed", "SC",

@@ -107,6 +107,12 @@ class Metrics:
             "llmproxy_ratelimit_store_errors_total",
             "Rate-limit store calls that failed (Redis unreachable), answered per rate_limit.on_store_error.",
             registry=registry)
+        self.discovery_errors = Counter(
+            "llmproxy_discovery_errors_total", "Discovery looks that failed (no DNS answer or address, an "
+            "unreadable or broken endpoints file): the last known backends stay.", ["entry"], registry=registry)
+        self.discovery_changes = Counter(
+            "llmproxy_discovery_changes_total", "Changes of the backends a discovery entry found.", ["entry"],
+            registry=registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -135,6 +141,12 @@ class Metrics:
             if term is None:
                 term = self._termination_children[termination] = self.terminations.labels(termination)
             term.inc()
+
+    def discovery_failed(self, entry: str) -> None:
+        self.discovery_errors.labels(entry).inc()
+
+    def discovery_changed(self, entry: str) -> None:
+        self.discovery_changes.labels(entry).inc()
 
     def observe_usage(self, record: dict[str, Any], key_id: str = "") -> None:
         """Count one usage record's tokens (and cost, when priced); `key_id` labels them ("" when not per key)."""

@@ -15,9 +15,10 @@ import signal
 from llmproxy.config import ConfigError, config_warnings, load_config
 from llmproxy.config.model import Config
 from llmproxy.connection import Clients, ClientSettings
+from llmproxy.discovery.watch import Discovery
 from llmproxy.fleet.fleet import retire_removed
 from llmproxy.metrics import Metrics
-from llmproxy.services import Services, build_lasting, build_services
+from llmproxy.services import Services, build_lasting, build_services, with_new_fleet
 
 log = logging.getLogger("llmproxy")
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young-generation collections (CPython: 700); see settle_heap
@@ -35,6 +36,10 @@ class ProxyServer:
         self.clients: Clients | None = None  # with the first Services, by start_services()
         self._server: asyncio.AbstractServer | None = None
         self._reload_lock = asyncio.Lock()
+        # Backends found at run time (backends[].discovery): a change builds the next fleet (_swap_fleets).
+        self.discovery = Discovery(self._discovery_changed, self.lasting.metrics)
+        self._refleet: asyncio.Task | None = None  # building the next fleet for a discovery change
+        self._fleet_stale = False  # discovery changed since the fleet was built
         self._stop: asyncio.Future[None] = self.loop.create_future()  # set by SIGTERM/SIGINT
         self.port = 0
 
@@ -53,7 +58,8 @@ class ProxyServer:
     async def start_services(self) -> None:
         """Build the first generation: the backends probed once (kinds, models, health), so routing is right
         from the first request."""
-        services = await build_services(self.config, self.lasting)
+        await self.discovery.configure(self.config.backends)
+        services = await build_services(self.config, self.lasting, discovered=self.discovery.members())
         self.clients = Clients(self.settings, services, self.loop)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
@@ -104,7 +110,8 @@ class ProxyServer:
         for warning in config_warnings(config):
             log.warning("reload: %s", warning)
         old = self.services
-        services = await build_services(config, self.lasting, previous=old)
+        await self.discovery.configure(config.backends)
+        services = await build_services(config, self.lasting, previous=old, discovered=self.discovery.members())
         if self.lasting.traffic.draining:
             services.fleet.stop()
             return False
@@ -119,10 +126,34 @@ class ProxyServer:
                  config.routing.load_balance)
         return True
 
+    def _discovery_changed(self) -> None:
+        self._fleet_stale = True
+        if self._refleet is None or self._refleet.done():  # else the running one builds again when done
+            self._refleet = self.loop.create_task(self._swap_fleets())
+
+    async def _swap_fleets(self) -> None:
+        """Swap in the fleet of the members discovery has now, as a reload swaps its: kept backends keep
+        their state, new ones start once probed, removed ones finish their requests. Again while a change
+        came during the build; several changes at once make one new fleet."""
+        async with self._reload_lock:  # after a reload in progress, on the generation it swapped in
+            while self._fleet_stale and not self.lasting.traffic.draining:
+                self._fleet_stale = False
+                old = self.services
+                services = await with_new_fleet(old, self.discovery.members())
+                if self.lasting.traffic.draining:
+                    services.fleet.stop()
+                    return
+                self.clients.services = services
+                retire_removed(old.fleet, services.fleet)
+                gc.unfreeze()  # as after a reload: the old fleet may have been frozen with the start-up heap
+                settle_heap()
+                log.info("discovery: the fleet has %d backends now", len(services.fleet.backends))
+
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""
         traffic = self.lasting.traffic
         traffic.draining = True
+        self.discovery.stop()
         if self._server is not None:
             self._server.close()
         clients = self.clients

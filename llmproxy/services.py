@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
+from llmproxy.config.discovery import Endpoint
 from llmproxy.config.model import Config, PriceConfig, TranslationConfig
 from llmproxy.deadlines import DeadlineSweeper, tick_for
 from llmproxy.delivery import DeliveryService
@@ -110,11 +111,14 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
     )
 
 
-async def build_services(config: Config, lasting: Lasting, previous: Services | None = None) -> Services:
+async def build_services(config: Config, lasting: Lasting, previous: Services | None = None,
+                         discovered: Mapping[str, tuple[Endpoint, ...]] | None = None) -> Services:
     """The services `config` describes; with `previous`, the next generation after it: backends kept with
-    the same settings keep their pools and what was learned of them, and the limiter keeps its store."""
+    the same settings keep their pools and what was learned of them, and the limiter keeps its store.
+    `discovered` holds the members each discovery entry has now, by entry name."""
     keys = KeyRing(config.auth, config.rate_limit)
-    fleet = await build_fleet(config, lasting.metrics, previous=previous.fleet if previous is not None else None)
+    fleet = await build_fleet(config, lasting.metrics, previous=previous.fleet if previous is not None else None,
+                              discovered=discovered)
     return Services(
         generation=previous.generation + 1 if previous is not None else 1,
         config=config,
@@ -135,6 +139,14 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         recounter=lasting.recounter,
         lasting=lasting,
     )
+
+
+async def with_new_fleet(services: Services, discovered: Mapping[str, tuple[Endpoint, ...]]) -> Services:
+    """The same generation with the fleet its config and `discovered` (new members found) describe: kept
+    backends keep their state, as on a reload; the rest of the services is shared, unchanged."""
+    fleet = await build_fleet(services.config, services.metrics, previous=services.fleet, discovered=discovered,
+                              probe_kept=False)  # what the periodic probes said of the others stands
+    return dataclasses.replace(services, fleet=fleet)
 
 
 def _deadlines(config: Config) -> list[float]:

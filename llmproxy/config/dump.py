@@ -97,9 +97,13 @@ def _dump_server(server: ServerConfig) -> dict[str, Any]:
 def _dump_backend(backend: BackendConfig) -> dict[str, Any]:
     derived = ("scheme", "host", "port", "base_path")  # recomputed from url on load
     doc = {key: value for key, value in dataclasses.asdict(backend).items() if key not in derived}
-    for unset in ("api_keys", "apis"):
+    for unset in ("api_keys", "apis", "discovery"):
         if doc[unset] is None:
             del doc[unset]
+    if backend.discovery is not None:  # no url: discovery finds the addresses
+        del doc["url"]
+        doc["discovery"] = _without_nones(doc["discovery"])
+        doc["discovery"]["interval"] = _format_duration(backend.discovery.interval)
     if "apis" in doc:
         doc["apis"] = sorted(doc["apis"])
     doc["idle_timeout"] = _format_duration(backend.idle_timeout)

@@ -67,8 +67,20 @@ class BackendMetricsConfig:
 
 
 @dataclass(slots=True)
+class DiscoveryConfig:
+    """A backends[] entry that stands for a set found at run time (discovery/): each member is a backend with
+    the entry's settings. Exactly one of `dns` and `file`."""
+
+    dns: str | None = None  # a name whose A/AAAA records are the members (a Kubernetes headless Service)
+    port: int | None = None  # dns: the members' port (required)
+    file: str | None = None  # an endpoints file (llm-d's format), re-read when it changes; absolute once loaded
+    interval: float = 10.0  # how often the name is resolved again / the file looked at (file: 2s by default)
+    resolver: str | None = None  # dns: "ip:port" of the DNS server to ask; None: the system's (resolv.conf)
+
+
+@dataclass(slots=True)
 class BackendConfig:
-    url: str  # scheme://host[:port][/base-path]
+    url: str  # scheme://host[:port][/base-path]; "" for an entry with discovery
     name: str = ""  # defaults to host:port
     weight: int = 1
     type: str = "auto"  # a kind of llmproxy.catalogue.KINDS, or auto: detected
@@ -91,6 +103,7 @@ class BackendConfig:
     cost_per_million_input_tokens: float | None = None
     cost_per_million_output_tokens: float | None = None
     timeouts: BackendTimeouts = field(default_factory=BackendTimeouts)
+    discovery: DiscoveryConfig | None = None  # the entry stands for the backends found this way
     # Derived from url by the loader:
     scheme: str = "http"
     host: str = ""

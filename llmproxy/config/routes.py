@@ -55,8 +55,13 @@ def check_routes(config: Config) -> None:
     """Every upstream a route names is a backends[].name; raises ConfigError at the upstream otherwise."""
     names = [backend.name for backend in config.backends]
     known = set(names)
+    discovered = {backend.name for backend in config.backends if backend.discovery is not None}
     for i, route in enumerate(config.routes):
         for j, upstream in enumerate(route.strategy.upstreams):
+            if upstream.name in discovered:
+                raise ConfigError(f"routes[{i}].strategy.upstreams[{j}]",
+                                  f"{_show(upstream.name)} is a discovery entry, whose backends come and go: "
+                                  "a route names backends with a fixed url")
             if upstream.name not in known:
                 reason = f"no backend named {_show(upstream.name)}"
                 close = difflib.get_close_matches(upstream.name, names, n=1, cutoff=0.8)

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from llmproxy.catalogue import AUTO, BACKEND_KINDS, FAMILIES, TRANSLATE_MODES
 from llmproxy.config.access import parse_auth, parse_rate_limit
+from llmproxy.config.discovery import check_member_names, default_name, parse_discovery
 from llmproxy.config.model import (
     REPORTER_TYPES,
     RETRY_CONDITIONS,
@@ -187,6 +188,7 @@ _BACKEND_FIELDS: dict[str, _Parser] = {
     "cost_per_million_input_tokens": _optional(_non_negative_number),
     "cost_per_million_output_tokens": _optional(_non_negative_number),
     "timeouts": _section(BackendTimeouts, _BACKEND_TIMEOUT_FIELDS),
+    "discovery": _optional(parse_discovery),
 }
 _COSTS = ("cost_per_million_input_tokens", "cost_per_million_output_tokens")
 
@@ -212,20 +214,40 @@ def _apis(value: Any, path: str) -> frozenset[str]:
 def _parse_backend(value: Any, path: str) -> BackendConfig:
     values = _parse_fields(value, path, _BACKEND_FIELDS)
     url = values.pop("url", None)
+    if values.get("discovery") is not None:
+        return _discovered_entry(values, url, path)
     if url is None:
         raise ConfigError(_join(path, "url"), "is required")
-    if values.get("api_key") is not None and values.get("api_keys") is not None:
-        raise ConfigError(_join(path, "api_keys"), "give api_key or api_keys, not both")
-    given = [values.get(cost) is not None for cost in _COSTS]
-    if any(given) and not all(given):
-        missing = _COSTS[given.index(False)]
-        raise ConfigError(_join(path, missing), f"is required with {_COSTS[given.index(True)]} (give both prices)")
+    _check_keys(values, path)
     backend = BackendConfig(
         url=url.url, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path, **values
     )
     if not backend.name:
         backend.name = _default_name(backend)
     return backend
+
+
+def _discovered_entry(values: dict[str, Any], url: _BackendUrl | None, path: str) -> BackendConfig:
+    """An entry that stands for the backends its discovery finds: plain http to each address found."""
+    if url is not None:
+        raise ConfigError(_join(path, "url"), "give url or discovery, not both (discovery finds the addresses)")
+    _check_keys(values, path)
+    backend = BackendConfig(url="", **values)
+    if not backend.name:
+        backend.name = default_name(values["discovery"])
+    if "@" in backend.name:
+        raise ConfigError(_join(path, "name"), f'must not contain "@" (its backends are named '
+                                               f'<name>@<address>:<port>), got {_show(backend.name)}')
+    return backend
+
+
+def _check_keys(values: dict[str, Any], path: str) -> None:
+    if values.get("api_key") is not None and values.get("api_keys") is not None:
+        raise ConfigError(_join(path, "api_keys"), "give api_key or api_keys, not both")
+    given = [values.get(cost) is not None for cost in _COSTS]
+    if any(given) and not all(given):
+        missing = _COSTS[given.index(False)]
+        raise ConfigError(_join(path, missing), f"is required with {_COSTS[given.index(True)]} (give both prices)")
 
 
 def _default_name(backend: BackendConfig) -> str:
@@ -247,6 +269,7 @@ def _parse_backends(value: Any, path: str) -> list[BackendConfig]:
                 reason += "; names default to host:port, so give each backend a distinct name"
             raise ConfigError(f"{path}[{i}].name", reason)
         first_use[backend.name] = i
+    check_member_names(backends, path)
     return backends
 
 

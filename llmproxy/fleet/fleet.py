@@ -1,4 +1,5 @@
-"""The backends and how requests are spread over them, as one unit that a reload (SIGHUP) swaps whole.
+"""The backends and how requests are spread over them, as one unit that a reload (SIGHUP) swaps whole, as does
+a change of the backends a discovery entry found (discovery/).
 
 A request takes the fleet current when it starts and keeps it to its end, so a reload never changes the
 rules under a request in flight (its route table included); backends kept across a reload keep their pool,
@@ -10,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from llmproxy.config.discovery import Endpoint
 from llmproxy.config.model import BackendConfig, Config, RoutingConfig
+from llmproxy.discovery.members import expand
 from llmproxy.fleet.backend import Backend
 from llmproxy.fleet.balancer import KV_AWARE, Balancer
 from llmproxy.fleet.health import HealthEvents, HealthMonitor
@@ -45,13 +49,29 @@ class Fleet:
         return None
 
 
-async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None) -> Fleet:
-    """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged."""
+async def build_fleet(config: Config, events: HealthEvents | None, previous: Fleet | None = None,
+                      discovered: Mapping[str, tuple[Endpoint, ...]] | None = None,
+                      probe_kept: bool = True) -> Fleet:
+    """Build (and probe once) the fleet `config` describes, reusing `previous`'s backends where unchanged.
+
+    A discovery entry of `config.backends` stands for its members in `discovered` (by entry name); a member new
+    to the fleet starts unhealthy when probes are on, so it takes no request before its first probe passes.
+    Without `probe_kept` (a discovery change) the first probe round asks only the backends new to the fleet.
+    """
     kept = {b.name: b for b in previous.backends} if previous is not None else {}
-    backends = [_reuse_or_create(backend, config, kept.get(backend.name)) for backend in config.backends]
+    configured = {backend.name for backend in config.backends}
+    backends, new = [], []
+    for backend_config in expand(config.backends, discovered or {}):
+        old = kept.get(backend_config.name)
+        backend = _reuse_or_create(backend_config, config, old)
+        if backend is not old:
+            new.append(backend)
+            if backend.name not in configured and config.health_check.enabled:
+                backend.healthy = False  # a discovered member: its first probe (discover, below) decides
+        backends.append(backend)
     routing = config.routing
     health = HealthMonitor(backends, config.health_check, routing.load_balance in KV_AWARE, events)
-    await health.discover()
+    await health.discover(None if probe_kept else new)
     health.start()
     retry_on = frozenset(routing.retry_on)
     router = Router(backends, routing.model_aliases)

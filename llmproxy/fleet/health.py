@@ -48,12 +48,13 @@ class HealthMonitor:
 
     # Lifecycle ------------------------------------------------------------------------------------
 
-    async def discover(self) -> None:
-        """The first round: kinds, models, health and load of every backend, concurrently.
+    async def discover(self, only: list[Backend] | None = None) -> None:
+        """The first round: kinds, models, health and load of every backend (or of `only` those), concurrently.
 
         Bounded by two probe timeouts: a backend that does not answer is left to the periodic checks.
         """
-        first_round = asyncio.gather(*(self._refresh(b, with_models=True, first=True) for b in self.backends))
+        backends = self.backends if only is None else only
+        first_round = asyncio.gather(*(self._refresh(b, with_models=True, first=True) for b in backends))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(first_round, 2 * self.config.timeout)
 

@@ -45,6 +45,8 @@ class Router:
         if not able or translate == "always":
             reachable = self._translatable(backends, endpoint, native, translate)
             if not native and not reachable:
+                if not backends:  # only discovery entries, none of which has found a backend (yet)
+                    raise ProxyError("no_backends", "no backend is available: discovery has found none")
                 raise ProxyError("path_not_served", f"no backend of this proxy serves {path}")
             translated = reachable if model is None else [b for b in reachable if b.serves(model)]
             able = able + translated
