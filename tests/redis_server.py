@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support import free_port
@@ -39,14 +40,25 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """A redis-server process; `start` waits until it answers PING, `kill`/`stop` wait until it is gone."""
 
-    def __init__(self, port: int | None = None, executable: str = "redis-server") -> None:
+    def __init__(self, port: int | None = None, executable: str = "redis-server", args: Sequence[str] = ()) -> None:
+        """`args`: more command-line options (`--cluster-enabled yes`, `--replicaof 127.0.0.1 6379`...)."""
         path = shutil.which(executable)
         if path is None:
             raise RuntimeError(f"{executable} not found on PATH")
         self.executable = path
         self.port = port or free_port()
+        self.args = list(args)
         self.popen: subprocess.Popen | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="llmproxy-redis-")
+
+    @property
+    def dir(self) -> Path:
+        """Its working directory (kept across restarts: a Cluster node finds its nodes.conf there again)."""
+        return Path(self._dir.name)
+
+    def command(self) -> list[str]:
+        return [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self._dir.name, "--logfile", str(self.log_path), *self.args]
 
     @property
     def log_path(self) -> Path:
@@ -72,9 +84,7 @@ class RedisServer:
         if self.running:
             return self
         self.popen = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self._dir.name, "--logfile", str(self.log_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not ping(self.port):
             if self.popen.poll() is not None or time.monotonic() > deadline:
