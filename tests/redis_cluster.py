@@ -29,6 +29,8 @@ from tests.support import free_port
 NODE_TIMEOUT_MS = 1000  # how long a master may be unreachable before the cluster fails it over
 FAILOVER_TIMEOUT = 20.0
 MASTER_NAME = "mymaster"
+# A replica's first sync starts at once (the default waits 5 s for more replicas to share a diskless transfer).
+FAST_SYNC = ["--repl-diskless-sync-delay", "0"]
 
 
 def admin(port: int) -> Any:
@@ -62,7 +64,7 @@ class RedisClusterSetup:
 
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms)]
+                "--cluster-node-timeout", str(node_timeout_ms), *FAST_SYNC]
         self.replicas = replicas
         # The bus port is given: the default, the port + 10000, may be taken or above 65535.
         self.nodes = [RedisServer(args=[*args, "--cluster-port", str(free_port())])
@@ -173,9 +175,10 @@ class SentinelSetup:
     """A master, `replicas` replicas and `sentinels` Sentinels with a majority quorum."""
 
     def __init__(self, replicas: int = 1, sentinels: int = 3, down_after_ms: int = NODE_TIMEOUT_MS) -> None:
-        self.servers = [RedisServer()]
+        self.servers = [RedisServer(args=FAST_SYNC)]
         master_port = self.servers[0].port
-        self.servers += [RedisServer(args=["--replicaof", "127.0.0.1", str(master_port)]) for _ in range(replicas)]
+        self.servers += [RedisServer(args=[*FAST_SYNC, "--replicaof", "127.0.0.1", str(master_port)])
+                         for _ in range(replicas)]
         self.sentinels = [SentinelServer(master_port, sentinels // 2 + 1, down_after_ms) for _ in range(sentinels)]
 
     @property
@@ -235,7 +238,7 @@ class SentinelSetup:
     def revive(self, server: RedisServer) -> None:
         """Restarts a killed server as a replica of the current master (the Sentinels would convert it
         themselves, but only some ten seconds later)."""
-        server.args = ["--replicaof", "127.0.0.1", str(self.master().port)]
+        server.args = [*FAST_SYNC, "--replicaof", "127.0.0.1", str(self.master().port)]
         server.start()
         self.wait_healthy()
 
