@@ -79,6 +79,9 @@ class RedisServer:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def answers(self) -> bool:
+        return ping(self.port)
+
     def start(self, timeout: float = START_TIMEOUT) -> RedisServer:
         """Starts the server (again, on the same port) and returns once it answers PING."""
         if self.running:
@@ -86,7 +89,7 @@ class RedisServer:
         self.popen = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not ping(self.port):
+        while not self.answers():
             if self.popen.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server on port {self.port} did not start:\n{self.log()}")
