@@ -63,3 +63,23 @@ def test_cluster_setting_defaults_off_and_is_kept() -> None:
 def test_cluster_keys_share_one_hash_tag() -> None:
     assert hash_tagged("llmproxy:") == "{llmproxy}:"
     assert hash_tagged("test") == "{test}:"
+
+
+def test_each_kind_of_target_gets_its_client_without_connecting() -> None:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    from llmproxy.ratelimit.redis_client import connect
+
+    server = connect(parse_redis_url("rediss://127.0.0.1:1/0?ssl_cert_reqs=none"), 0.5)
+    assert type(server) is Redis and server.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    sentinel = connect(parse_redis_url("redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/main/4"), 0.5)
+    pool = sentinel.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "main"
+    assert pool.connection_kwargs["db"] == 4 and pool.connection_kwargs["password"] == "pw"
+    assert [s.connection_pool.connection_kwargs["port"] for s in pool.sentinel_manager.sentinels] == [1, 2]
+    assert all(s.connection_pool.connection_kwargs.get("password") is None for s in pool.sentinel_manager.sentinels)
+    cluster = connect(parse_redis_url("redis://127.0.0.1:1,127.0.0.1:2", cluster=True), 0.5)
+    assert isinstance(cluster, RedisCluster)
+    assert sorted(node.port for node in cluster.nodes_manager.startup_nodes.values()) == [1, 2]
