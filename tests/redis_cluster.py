@@ -77,8 +77,9 @@ class RedisClusterSetup:
 
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS,
                  executable: str = "redis-server") -> None:
+        # Slots whose master is down do not stop the others (the README's advice for the shared store).
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms), *FAST_SYNC]
+                "--cluster-node-timeout", str(node_timeout_ms), "--cluster-require-full-coverage", "no", *FAST_SYNC]
         self.replicas = replicas
         # The bus port is given: the default, the port + 10000, may be taken or above 65535.
         self.nodes = [RedisServer(executable=executable, args=[*args, "--cluster-port", str(free_port())])
@@ -117,6 +118,14 @@ class RedisClusterSetup:
             return True
 
         wait_until(healthy, timeout, "the cluster is healthy and its replicas in sync")
+
+    def other_master(self, key: str) -> RedisServer:
+        """A live master that does not serve the slot of `key`."""
+        mine = self.master_of(key)
+        for node in self.nodes:
+            if node is not mine and node.running and _info(node.port, "replication")["role"] == "master":
+                return node
+        raise RuntimeError("no other master")
 
     def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)

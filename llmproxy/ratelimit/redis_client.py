@@ -50,8 +50,10 @@ def connect(target: RedisTarget, timeout: float) -> Any:
         return sentinels.master_for(target.master, db=target.db, retry=retry, **auth, **common)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+    # The store's keys are in one slot: a slot map with holes elsewhere (a master down, not yet replaced)
+    # must not stop the client from using it.
     return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
-                        retry=Retry(NoBackoff(), 2), **auth, **common)
+                        require_full_coverage=False, retry=Retry(NoBackoff(), 2), **auth, **common)
 
 
 def _tls(target: RedisTarget) -> dict[str, Any]:

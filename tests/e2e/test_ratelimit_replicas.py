@@ -147,6 +147,37 @@ def test_master_killed_mid_run_replica_takes_over_within_the_bound(tmp_path, pro
         assert_idle(proxy)
 
 
+def test_a_cluster_master_not_holding_the_keys_killed_mid_run_costs_no_admission(tmp_path, procs, new_mock,
+                                                                                 redis_cluster):
+    """With cluster-require-full-coverage no, the slots of a dead master do not stop the store's slot."""
+    redis_cluster.flushall()
+    mock = new_mock()
+    topology = Topology("cluster", redis_cluster.url, True, lambda: None, lambda killed: 0.0, redis_cluster.revive,
+                        redis_cluster.node)
+    proxies = two_proxies(tmp_path, procs, mock, topology, on_store_error="fail_closed")
+    other, failover = redis_cluster.other_master(TAG), []
+
+    def kill_mid_run() -> None:
+        time.sleep(1.0)
+        other.kill()
+        with_key = next(k for k in map(str, range(100000)) if redis_cluster.master_of(k) is other)
+        failover.append(redis_cluster.wait_failover(other, with_key))
+
+    killer = threading.Thread(target=kill_mid_run, daemon=True)
+    killer.start()
+    try:
+        replies, elapsed = hammer([p.port for p in proxies], SUSTAINED, threads=20, duration=4.0)
+    finally:
+        killer.join(30)
+    try:
+        assert failover, "no replica took over"
+        admitted, beyond = check_failover_run(replies, elapsed)
+        assert Counter(r.status for r in replies)[503] == 0
+        assert beyond == 0 and admitted >= BURST
+    finally:
+        redis_cluster.revive(other)
+
+
 def test_lost_writes_admit_at_most_one_more_burst(tmp_path, procs, new_mock, topology):
     """The bound reached: a burst admitted while the replica was cut off is forgotten by the failover."""
     mock = new_mock()
