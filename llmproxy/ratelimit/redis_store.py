@@ -247,13 +247,14 @@ class RedisStore:
                  cluster: bool = False) -> None:
         """`url` as rate_limit.redis_url (config/redis_url.py); `cluster`: it names Redis Cluster nodes."""
         _import_redis()
-        from redis.exceptions import RedisError
+        from redis.exceptions import AskError, ClusterCrossSlotError, MovedError, RedisError
 
         from llmproxy.ratelimit.redis_client import connect, hash_tagged
 
         target = parse_redis_url(url, cluster)
         self._redis = connect(target, timeout)
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+        self._cluster_errors = (ClusterCrossSlotError, MovedError, AskError)
         self._prefix = hash_tagged(prefix) if target.kind == "cluster" else prefix
         self._lease_ttl = lease_ttl
         self._timeout = timeout
@@ -367,7 +368,10 @@ class RedisStore:
         try:
             return task.result()
         except self._errors as error:
-            raise StoreUnavailable(f"redis: {error}") from error
+            # A plain client on a Cluster node: the keys of a script span slots, or live on another node.
+            hint = " (redis_url names a Redis Cluster node: set rate_limit.cluster: true)" \
+                if isinstance(error, self._cluster_errors) else ""
+            raise StoreUnavailable(f"redis: {error}{hint}") from error
 
     def _abandon(self, task: asyncio.Future) -> None:
         task.cancel()

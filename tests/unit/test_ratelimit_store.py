@@ -587,3 +587,18 @@ def test_redis_store_without_redis_py_says_how_to_install_it(monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
     with pytest.raises(ImportError, match=r"pip install 'llmproxy\[redis\]'"):
         RedisStore("redis://127.0.0.1:1/0")
+
+
+def test_a_plain_client_on_a_cluster_node_is_unavailable_with_a_hint(redis_cluster: Any) -> None:
+    """Without rate_limit.cluster the scripts' keys span slots: refused (CROSSSLOT), and the error says what to set."""
+    from llmproxy.ratelimit.redis_store import RedisStore
+
+    async def scenario() -> None:
+        store = RedisStore(redis_cluster.url.split(",")[0], prefix="test:")
+        try:
+            with pytest.raises(StoreUnavailable, match=r"set rate_limit\.cluster: true"):
+                await store.admit([("key:a", Limits(requests_per_minute=60)), ("global", Limits(max_concurrent=5))])
+        finally:
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
