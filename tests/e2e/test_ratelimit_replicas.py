@@ -1,6 +1,7 @@
 """Rate limits on a replicated Redis: a real 3-master Redis Cluster and a real Sentinel set-up on loopback.
 
-Two proxies share one store. From idle they admit exactly `burst` requests across 50 connections. A master
+Two proxies share one store. From idle they admit exactly `burst` requests across 50 connections (on a
+cluster of Valkey servers too). A master
 killed mid-run is replaced by its replica, found by the client on its own (Cluster slot map, Sentinel), and
 admissions stay within the limit plus the documented bound: replication is asynchronous, so a promoted
 replica may lack the last admissions, which can then be made again - at most one `burst` per scope and
@@ -61,10 +62,10 @@ def sentinel_setup():
 
 @pytest.fixture(params=["cluster", "sentinel"])
 def topology(request) -> Topology:
-    if request.param == "cluster":
-        cluster = request.getfixturevalue("redis_cluster")
+    if request.param in ("cluster", "valkey-cluster"):
+        cluster = request.getfixturevalue("redis_cluster" if request.param == "cluster" else "valkey_cluster")
         cluster.flushall()
-        return Topology("cluster", cluster.url, True, lambda: cluster.master_of(TAG),
+        return Topology(request.param, cluster.url, True, lambda: cluster.master_of(TAG),
                         lambda killed: cluster.wait_failover(killed, TAG), cluster.revive, cluster.node)
     setup = request.getfixturevalue("sentinel_setup")
     setup.flushall()
@@ -91,6 +92,7 @@ def assert_wave_admits_exactly_the_burst(ports: list[int], key: str) -> None:
             assert_refused(reply, "requests")
 
 
+@pytest.mark.parametrize("topology", ["cluster", "sentinel", "valkey-cluster"], indirect=True)
 def test_two_proxies_admit_exactly_the_burst_from_idle_across_50_connections(tmp_path, procs, new_mock, topology):
     mock = new_mock()
     ports = [proxy.port for proxy in two_proxies(tmp_path, procs, mock, topology)]
