@@ -83,3 +83,21 @@ def test_each_kind_of_target_gets_its_client_without_connecting() -> None:
     cluster = connect(parse_redis_url("redis://127.0.0.1:1,127.0.0.1:2", cluster=True), 0.5)
     assert isinstance(cluster, RedisCluster)
     assert sorted(node.port for node in cluster.nodes_manager.startup_nodes.values()) == [1, 2]
+
+
+def test_tls_reaches_every_client_of_a_target() -> None:
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    from llmproxy.ratelimit.redis_client import connect
+
+    sentinel = connect(parse_redis_url("rediss+sentinel://127.0.0.1:1/main?ssl_ca_certs=/ca.pem"), 0.5)
+    pool = sentinel.connection_pool
+    assert pool.connection_class is SentinelManagedSSLConnection
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    for each in pool.sentinel_manager.sentinels:  # the Sentinels are asked over TLS too
+        assert each.connection_pool.connection_class is SSLConnection
+        assert each.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    cluster = connect(parse_redis_url("rediss://127.0.0.1:1?ssl_cert_reqs=none", cluster=True), 0.5)
+    node_kwargs = cluster.nodes_manager.connection_kwargs
+    assert node_kwargs["connection_class"] is SSLConnection and node_kwargs["ssl_cert_reqs"] == "none"
