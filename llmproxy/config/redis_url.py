@@ -50,9 +50,12 @@ def parse_redis_url(url: str, cluster: bool = False) -> RedisTarget:
     sentinel = scheme.endswith("+sentinel")
     if cluster and (sentinel or scheme == "unix"):
         raise ValueError(f"a Redis Cluster is named by redis:// or rediss:// URLs of its nodes, not {scheme}://")
-    if not sentinel and not cluster:
-        return RedisTarget("server", url, tls=scheme == "rediss")
     parts = urlsplit(url)
+    if not sentinel and not cluster:
+        if "," in parts.netloc:
+            raise ValueError("names several hosts: for a Redis Cluster set rate_limit.cluster: true, "
+                             "for Sentinel use redis+sentinel://")
+        return RedisTarget("server", url, tls=scheme == "rediss")
     hosts = _hosts(parts.netloc.rpartition("@")[2], SENTINEL_PORT if sentinel else REDIS_PORT)
     path = [unquote(p) for p in parts.path.split("/") if p]
     if sentinel:

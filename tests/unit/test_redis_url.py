@@ -46,6 +46,7 @@ def config(**rate_limit: Any):
     ({"store": "redis", "redis_url": "redis://n1:7000/1", "cluster": True}, "rate_limit.redis_url", "only database 0"),
     ({"store": "redis", "redis_url": "rediss://n1?ssl_cert_reqs=maybe", "cluster": True}, "rate_limit.redis_url",
      "ssl_cert_reqs"),
+    ({"store": "redis", "redis_url": "redis://n1:7000,n2:7000"}, "rate_limit.redis_url", "rate_limit.cluster: true"),
     ({"store": "memory", "cluster": True}, "rate_limit.cluster", "store: redis only"),
     ({"store": "redis", "redis_url": "redis://n1", "cluster": "yes please"}, "rate_limit.cluster", ""),
 ])
