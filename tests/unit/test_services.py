@@ -76,7 +76,9 @@ def test_a_reload_keeps_the_redis_store_and_its_cluster_setting(loop, caplog):
     """rate_limit.store, redis_url and cluster need a restart: a reload that changes cluster keeps the old."""
     redis = {**LIMITED, "store": "redis", "redis_url": "redis://127.0.0.1:1,127.0.0.1:2", "cluster": True}
     first = make_services(make_config(rate_limit=redis), loop)
-    second = make_services(make_config(rate_limit={**redis, "cluster": False}), loop, previous=first)
+    plain = {**redis, "cluster": False, "redis_url": "redis://127.0.0.1:1"}
+    second = make_services(make_config(rate_limit=plain), loop, previous=first)
     assert second.limiter.store is first.limiter.store and second.limiter.config.cluster is True
+    assert second.limiter.config.redis_url == redis["redis_url"]
     assert "need a restart" in caplog.text
     loop.run_until_complete(first.limiter.close())
