@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.redis_server import START_TIMEOUT, RedisServer
+from tests.redis_server import START_TIMEOUT, RedisServer, Tls
 from tests.support import free_port
 
 NODE_TIMEOUT_MS = 1000  # how long a master may be unreachable before the cluster fails it over
@@ -46,12 +46,13 @@ def valkey_server() -> str:
     return str(get_binary_path())
 
 
-def admin(port: int) -> Any:
+def admin(port: int, tls: Tls | None = None) -> Any:
     """A plain (sync) redis-py client for one node, for administration."""
     import redis
 
+    over_tls = {"ssl": True, "ssl_ca_certs": str(tls.cert)} if tls else {}
     return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2,
-                       decode_responses=True)
+                       decode_responses=True, **over_tls)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -67,8 +68,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def _info(port: int, section: str) -> dict[str, Any]:
-    with admin(port) as client:
+def _info(port: int, section: str, tls: Tls | None = None) -> dict[str, Any]:
+    with admin(port, tls) as client:
         return client.info(section)
 
 
@@ -180,8 +181,8 @@ class RedisClusterSetup:
 class SentinelServer(RedisServer):
     """A `redis-server --sentinel` watching `master_port` as MASTER_NAME (it rewrites its own config file)."""
 
-    def __init__(self, master_port: int, quorum: int, down_after_ms: int) -> None:
-        super().__init__()
+    def __init__(self, master_port: int, quorum: int, down_after_ms: int, tls: Tls | None = None) -> None:
+        super().__init__(tls=tls)
         self.config_path = self.dir / "sentinel.conf"
         self.config_path.write_text(
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} {quorum}\n"
@@ -191,22 +192,36 @@ class SentinelServer(RedisServer):
 
     def command(self) -> list[str]:
         return [self.executable, str(self.config_path), "--sentinel", "--port", str(self.port),
-                "--bind", "127.0.0.1", "--dir", str(self.dir), "--logfile", str(self.log_path)]
+                "--bind", "127.0.0.1", "--dir", str(self.dir), "--logfile", str(self.log_path),
+                *(self.tls.server_args(self.port) if self.tls else ())]
 
 
 class SentinelSetup:
-    """A master, `replicas` replicas and `sentinels` Sentinels with a majority quorum."""
+    """A master, `replicas` replicas and `sentinels` Sentinels with a majority quorum; all over TLS with `tls`."""
 
-    def __init__(self, replicas: int = 1, sentinels: int = 3, down_after_ms: int = NODE_TIMEOUT_MS) -> None:
-        self.servers = [RedisServer(args=FAST_SYNC)]
+    def __init__(self, replicas: int = 1, sentinels: int = 3, down_after_ms: int = NODE_TIMEOUT_MS,
+                 tls: Tls | None = None) -> None:
+        self.tls = tls
+        self.servers = [RedisServer(args=FAST_SYNC, tls=tls)]
         master_port = self.servers[0].port
-        self.servers += [RedisServer(args=[*FAST_SYNC, "--replicaof", "127.0.0.1", str(master_port)])
+        self.servers += [RedisServer(args=[*FAST_SYNC, "--replicaof", "127.0.0.1", str(master_port)], tls=tls)
                          for _ in range(replicas)]
-        self.sentinels = [SentinelServer(master_port, sentinels // 2 + 1, down_after_ms) for _ in range(sentinels)]
+        self.sentinels = [SentinelServer(master_port, sentinels // 2 + 1, down_after_ms, tls)
+                          for _ in range(sentinels)]
+
+    def _admin(self, port: int) -> Any:
+        return admin(port, self.tls)
+
+    def _info(self, port: int, section: str) -> dict[str, Any]:
+        return _info(port, section, self.tls)
 
     @property
     def url(self) -> str:
-        return "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{MASTER_NAME}/0"
+        """The rate_limit.redis_url: redis+sentinel://, or rediss+sentinel:// trusting the certificate."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        if self.tls:
+            return f"rediss+sentinel://{hosts}/{MASTER_NAME}/0?ssl_ca_certs={self.tls.cert}"
+        return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
 
     def start(self) -> SentinelSetup:
         for server in (*self.servers, *self.sentinels):
@@ -219,7 +234,7 @@ class SentinelSetup:
         named = set()
         for sentinel in self.sentinels:
             if sentinel.running:
-                with admin(sentinel.port) as client:
+                with self._admin(sentinel.port) as client:
                     named.add(int(client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)[1]))
         if len(named) != 1:
             raise RuntimeError(f"the Sentinels disagree on the master: {sorted(named)}")
@@ -230,17 +245,17 @@ class SentinelSetup:
         """Until the Sentinels agree on a live master, know all the others, and every replica is in sync."""
         def healthy() -> bool:
             master = self.master()
-            if not master.running or _info(master.port, "replication")["role"] != "master":
+            if not master.running or self._info(master.port, "replication")["role"] != "master":
                 return False
             for sentinel in self.sentinels:
-                with admin(sentinel.port) as client:
+                with self._admin(sentinel.port) as client:
                     fields = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)  # parsed to a dict
                     if (int(fields["num-slaves"]) < len(self.servers) - 1
                             or int(fields["num-other-sentinels"]) < len(self.sentinels) - 1):
                         return False
             for server in self.servers:
                 if server is not master:
-                    replication = _info(server.port, "replication")
+                    replication = self._info(server.port, "replication")
                     if replication["role"] != "slave" or replication.get("master_link_status") != "up":
                         return False
             return True
@@ -253,7 +268,7 @@ class SentinelSetup:
 
         def promoted() -> bool:
             master = self.master()
-            return master is not killed and _info(master.port, "replication")["role"] == "master"
+            return master is not killed and self._info(master.port, "replication")["role"] == "master"
 
         wait_until(promoted, timeout, f"the Sentinels promoted a replica of port {killed.port}")
         return time.monotonic() - started
@@ -268,7 +283,7 @@ class SentinelSetup:
     def flushall(self) -> None:
         self.master().flushall()
         # ... and until the replicas have it too, so a failover cannot bring old keys back
-        wait_until(lambda: all(_info(s.port, "keyspace") == {} for s in self.servers if s.running), START_TIMEOUT,
+        wait_until(lambda: all(self._info(s.port, "keyspace") == {} for s in self.servers if s.running), START_TIMEOUT,
                    "the replicas are empty too")
 
     def close(self) -> None:
