@@ -164,7 +164,8 @@ def _limiter(config: Config, metrics: Metrics | None, old: Limiter | None) -> Li
         return None
     if old is None:
         return Limiter(rate, open_store(rate), metrics, per_key_labels)
-    if (old.config.store, old.config.redis_url) != (rate.store, rate.redis_url):
-        log.warning("reload: rate_limit.store and redis_url changes need a restart; they are not applied")
-        rate = dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url)
+    if (old.config.store, old.config.redis_url, old.config.cluster) != (rate.store, rate.redis_url, rate.cluster):
+        log.warning("reload: rate_limit.store, redis_url and cluster changes need a restart; they are not applied")
+        rate = dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url,
+                                   cluster=old.config.cluster)
     return Limiter(rate, old.store, metrics, per_key_labels, previous=old)

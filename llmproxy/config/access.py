@@ -24,6 +24,7 @@ from llmproxy.config.model import (
     LimitConfig,
     RateLimitConfig,
 )
+from llmproxy.config.redis_url import parse_redis_url
 from llmproxy.config.values import (
     ConfigError,
     _bool,
@@ -137,6 +138,7 @@ def parse_rate_limit(value: Any, path: str) -> RateLimitConfig:
         "enabled": _bool,
         "store": _choice(RATE_LIMIT_STORES),
         "redis_url": _optional(_clean_string("redis:// URL")),
+        "cluster": _bool,
         "on_store_error": _choice(STORE_ERROR_POLICIES),
         "reserve_max_tokens": _bool,
         "per_key": _parse_limits,
@@ -148,6 +150,13 @@ def parse_rate_limit(value: Any, path: str) -> RateLimitConfig:
     config = RateLimitConfig(**values)
     if config.store == "redis" and not config.redis_url:
         raise ConfigError(_join(path, "redis_url"), "is required with store: redis")
+    if config.store == "redis":
+        try:
+            parse_redis_url(config.redis_url, config.cluster)
+        except ValueError as error:
+            raise ConfigError(_join(path, "redis_url"), str(error)) from None
+    elif config.cluster:
+        raise ConfigError(_join(path, "cluster"), "applies to store: redis only")
     return config
 
 

@@ -267,7 +267,8 @@ class AuthConfig:
 class RateLimitConfig:
     enabled: bool = False
     store: str = "memory"  # memory | redis (shared by workers and instances)
-    redis_url: str | None = None
+    redis_url: str | None = None  # redis://, rediss://, unix://, redis+sentinel:// (config/redis_url.py)
+    cluster: bool = False  # redis_url names nodes of a Redis Cluster (every key in one hash slot)
     on_store_error: str = "fail_open"  # fail_open | fail_closed (503) while the store is unreachable
     reserve_max_tokens: bool = False  # hold a request's max_tokens against tokens_per_minute up front
     per_key: LimitConfig = field(default_factory=LimitConfig)

@@ -65,7 +65,7 @@ def open_store(config: RateLimitConfig) -> RateStore:
     if config.store == "redis":
         from llmproxy.ratelimit.redis_store import RedisStore
 
-        return RedisStore(config.redis_url)
+        return RedisStore(config.redis_url, cluster=config.cluster)
     return MemoryStore()
 
 

@@ -14,6 +14,10 @@ forever, so a live one renews the leases it holds in the background, in one scri
 
 Redis down or slow is `StoreUnavailable` within `timeout`, never a hang; the client reconnects by itself
 on the next call, and scripts flushed by a Redis restart are loaded again (redis-py retries on NOSCRIPT).
+
+The same scripts run on one server, on a Sentinel-managed master and on a Redis Cluster (redis_client.py).
+On a Cluster the prefix is a hash tag, `{llmproxy}:`, so every key is in one slot: the keys a script is
+given, and the budget keys it builds from a `bg:<scope>` prefix (the period is known only on Redis' clock).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import secrets
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from llmproxy.config.redis_url import parse_redis_url
 from llmproxy.ratelimit.store import (
     CONCURRENCY_RETRY_AFTER,
     EPSILON,
@@ -238,19 +243,19 @@ def _decision(reply: list[Any], checks: Sequence[tuple[str, Limits]], leases: li
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "llmproxy:", lease_ttl: float = 60.0, timeout: float = 0.5) -> None:
-        redis_asyncio = _import_redis()
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+    def __init__(self, url: str, prefix: str = "llmproxy:", lease_ttl: float = 60.0, timeout: float = 0.5,
+                 cluster: bool = False) -> None:
+        """`url` as rate_limit.redis_url (config/redis_url.py); `cluster`: it names Redis Cluster nodes."""
+        _import_redis()
+        from redis.exceptions import AskError, ClusterCrossSlotError, MovedError, RedisError
 
-        # One immediate retry: a pooled connection found dead after a Redis restart is replaced at once, so
-        # the first call after the restart already succeeds. The overall deadline still bounds the pair.
-        self._redis = redis_asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
-            decode_responses=True)
+        from llmproxy.ratelimit.redis_client import connect, hash_tagged
+
+        target = parse_redis_url(url, cluster)
+        self._redis = connect(target, timeout)
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
-        self._prefix = prefix
+        self._cluster_errors = (ClusterCrossSlotError, MovedError, AskError)
+        self._prefix = hash_tagged(prefix) if target.kind == "cluster" else prefix
         self._lease_ttl = lease_ttl
         self._timeout = timeout
         self._admit = self._redis.register_script(_ADMIT)
@@ -363,7 +368,10 @@ class RedisStore:
         try:
             return task.result()
         except self._errors as error:
-            raise StoreUnavailable(f"redis: {error}") from error
+            # A plain client on a Cluster node: the keys of a script span slots, or live on another node.
+            hint = " (redis_url names a Redis Cluster node: set rate_limit.cluster: true)" \
+                if isinstance(error, self._cluster_errors) else ""
+            raise StoreUnavailable(f"redis: {error}{hint}") from error
 
     def _abandon(self, task: asyncio.Future) -> None:
         task.cancel()

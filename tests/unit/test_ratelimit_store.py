@@ -1,5 +1,9 @@
 """Rate-limit stores: one suite run against MemoryStore and RedisStore, which must behave identically.
 
+RedisStore runs it three times: on one redis-server, on a real Redis Cluster (tests/redis_cluster.py), where
+every script must find all its keys, the budget keys it builds included, in one slot, and on the same
+cluster of Valkey servers.
+
 The memory store runs on fake clocks, so its numbers are exact; the Redis store runs against a real
 redis-server on 127.0.0.1 (tests/redis_server.py) on Redis' own clock, so its numbers are compared with a
 small tolerance and its refills use short intervals and real sleeps of well under a second. Redis-only
@@ -41,9 +45,13 @@ def redis_server():
 
 
 class Harness:
-    """Makes stores of one kind and moves time for them: fake clocks for memory, real sleeps for Redis."""
+    """Makes stores of one kind and moves time for them: fake clocks for memory, real sleeps for Redis.
 
-    def __init__(self, kind: str, server: RedisServer | None) -> None:
+    Kinds: "memory", "redis" (one server), "cluster" (a real Redis Cluster: the same scripts, keys in one slot),
+    "valkey-cluster" (the same cluster of Valkey servers).
+    """
+
+    def __init__(self, kind: str, server: Any) -> None:
         self.kind = kind
         self.server = server
         self.now = 1000.0
@@ -59,7 +67,7 @@ class Harness:
             from llmproxy.ratelimit.redis_store import RedisStore
 
             assert self.server is not None
-            store = RedisStore(self.server.url, prefix="test:", **kwargs)
+            store = RedisStore(self.server.url, prefix="test:", cluster=self.kind.endswith("cluster"), **kwargs)
         self.stores.append(store)
         return store
 
@@ -88,12 +96,15 @@ class Harness:
         asyncio.run(bounded())
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "valkey-cluster"])
 def harness(request: pytest.FixtureRequest) -> Harness:
     server = None
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         server.start()  # in case a test that killed it failed before bringing it back
+        server.flushall()
+    elif request.param in ("cluster", "valkey-cluster"):
+        server = request.getfixturevalue("redis_cluster" if request.param == "cluster" else "valkey_cluster")
         server.flushall()
     return Harness(request.param, server)
 
@@ -576,3 +587,18 @@ def test_redis_store_without_redis_py_says_how_to_install_it(monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
     with pytest.raises(ImportError, match=r"pip install 'llmproxy\[redis\]'"):
         RedisStore("redis://127.0.0.1:1/0")
+
+
+def test_a_plain_client_on_a_cluster_node_is_unavailable_with_a_hint(redis_cluster: Any) -> None:
+    """Without rate_limit.cluster the scripts' keys span slots: refused (CROSSSLOT), and the error says what to set."""
+    from llmproxy.ratelimit.redis_store import RedisStore
+
+    async def scenario() -> None:
+        store = RedisStore(redis_cluster.url.split(",")[0], prefix="test:")
+        try:
+            with pytest.raises(StoreUnavailable, match=r"set rate_limit\.cluster: true"):
+                await store.admit([("key:a", Limits(requests_per_minute=60)), ("global", Limits(max_concurrent=5))])
+        finally:
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

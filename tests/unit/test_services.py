@@ -70,3 +70,15 @@ def test_trusted_proxies_are_the_started_ones(loop):
     lasting = make_lasting(config, loop)
     services = make_services(make_config(server={"trusted_proxies": []}), loop, lasting=lasting)
     assert services.headers.is_trusted_proxy("10.1.2.3")  # server.* needs a restart: a reload keeps these
+
+
+def test_a_reload_keeps_the_redis_store_and_its_cluster_setting(loop, caplog):
+    """rate_limit.store, redis_url and cluster need a restart: a reload that changes cluster keeps the old."""
+    redis = {**LIMITED, "store": "redis", "redis_url": "redis://127.0.0.1:1,127.0.0.1:2", "cluster": True}
+    first = make_services(make_config(rate_limit=redis), loop)
+    plain = {**redis, "cluster": False, "redis_url": "redis://127.0.0.1:1"}
+    second = make_services(make_config(rate_limit=plain), loop, previous=first)
+    assert second.limiter.store is first.limiter.store and second.limiter.config.cluster is True
+    assert second.limiter.config.redis_url == redis["redis_url"]
+    assert "need a restart" in caplog.text
+    loop.run_until_complete(first.limiter.close())
