@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
@@ -30,6 +30,9 @@ from llmproxy.overhead import ProxyOverhead
 from llmproxy.ratelimit import Limiter, open_store
 from llmproxy.recount import Recounter
 from llmproxy.traffic import Traffic
+
+if TYPE_CHECKING:
+    from llmproxy.tracing import Tracing
 
 log = logging.getLogger("llmproxy")
 
@@ -58,6 +61,7 @@ class Lasting:
     trusted_proxies: tuple[str, ...]  # server.trusted_proxies
     recounter: Recounter  # exact prompt counts of estimated records, from the backends' tokenizers
     affinity: ResponseAffinity  # which backend stored which Responses API response
+    tracing: Tracing | None = None  # None: tracing disabled (and opentelemetry never imported)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -81,6 +85,7 @@ class Services:
     clock: Callable[[], float]
     recounter: Recounter
     lasting: Lasting
+    tracing: Tracing | None = None
 
 
 def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: Callable[[], dict[str, Any]], *,
@@ -107,7 +112,17 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         trusted_proxies=tuple(config.server.trusted_proxies),
         recounter=Recounter(config.usage.recount),
         affinity=ResponseAffinity(),
+        tracing=_tracing(config),
     )
+
+
+def _tracing(config: Config) -> Tracing | None:
+    """The process's tracer and exporter when tracing is enabled; only then is opentelemetry imported."""
+    if not config.tracing.enabled:
+        return None
+    from llmproxy.tracing import Tracing
+
+    return Tracing(config.tracing)
 
 
 async def build_services(config: Config, lasting: Lasting, previous: Services | None = None) -> Services:
@@ -134,6 +149,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         clock=lasting.clock,
         recounter=lasting.recounter,
         lasting=lasting,
+        tracing=lasting.tracing,
     )
 
 
