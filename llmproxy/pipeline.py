@@ -54,6 +54,7 @@ RESPONSES_API = "openai-responses"
 # A translated response is read and rewritten: it must come uncompressed.
 TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
 TRACEPARENT = frozenset({b"traceparent"})  # a traced request's is the proxy span's, not the client's
+TRACED_TRANSLATED_SKIPS = TRANSLATED_SKIPS | TRACEPARENT
 KEY_THROTTLED = "key_throttled"  # a 429 on one of a backend's keys while another key is free: always retried
 MAX_KEY_ROTATIONS = 16  # bounds the key retries of one request (an upstream that 429s every key, never resting)
 
@@ -254,7 +255,7 @@ def upstream_request(services: Services, ctx: RequestContext, backend: Backend, 
     skip = TRANSLATED_SKIPS if translation is not None or backend.anthropic_auth else frozenset()
     if services.tracing is not None and traced(ctx):
         credential += upstream_traceparent(services.tracing, ctx, backend)
-        skip |= TRACEPARENT
+        skip = TRACED_TRANSLATED_SKIPS if skip else TRACEPARENT
     return services.headers.upstream_request(head, ctx.conn.peer, ctx.forwarded_request_id, backend, body,
                                              credential=credential,
                                              target=None if translation is None else translation.target, skip=skip)
