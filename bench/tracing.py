@@ -1,18 +1,20 @@
 """Tracing cost: proxy CPU per stream with OpenTelemetry tracing on at 100 % and at 0 % sampling, vs off, in one run.
 
-    python -m bench.tracing [--concurrency 1,32] [--requests N] [--tokens 64] [--delay-ms 5] [--json out.json]
+    python -m bench.tracing [--concurrency 1,32] [--requests N] [--tokens 64] [--delay-ms 5]
+                            [--export-interval 200ms] [--json out.json]
 
 Starts one vLLM mock, an OTLP/HTTP receiver (bench/otlp_receiver.py) and three proxies in front of the mock,
 the same config but for `tracing:`: "off" (no tracing section: opentelemetry is never imported), "sampled-0"
 (enabled, sample_ratio 0: a request without a client traceparent gets no span) and "sampled-100" (enabled,
-sample_ratio 1: every stream a recorded span, batched and exported to the receiver). The exporter sends every
-200 ms (export_interval) rather than the default 5 s, so that the export work of a level's spans falls inside
-its measuring window. The three proxies share one CPU; the mock, the receiver and this load generator share
-the other. Each worker runs rounds of one stream on each path (direct, off, sampled-0, sampled-100) in random
-order, so every path sees the same conditions.
+sample_ratio 1: every stream a recorded span, batched and exported to the receiver). Its exporter sends every
+200 ms (--export-interval) rather than the default 5 s, so that the export work of a level's spans falls inside
+its measuring window (smaller batches: an upper bound of the export's cost). The three proxies share one CPU;
+the mock, the receiver and this load generator share the other. Each worker runs rounds of one stream on each
+path (direct, off, sampled-0, sampled-100) in random order, so every path sees the same conditions.
 
 Proxy CPU is each proxy process's own (all its threads, the exporter's included) over the window, from
-/proc/<pid>/task/*/schedstat, per stream it served: robust to whatever else runs on the machine.
+/proc/<pid>/task/*/schedstat, per stream it served: robust to whatever else runs on the machine; and apart,
+its main thread's (the event loop, where requests are served).
 Checks: no stream fails, and after the run the receiver got exactly one span per request sent to sampled-100
 and none from sampled-0.
 """
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.split("\n\n")[0])
     add_level_args(parser, [1, 32], 100, "measured streams per path per level; each worker runs max(3, ceil(N/C)) "
                    "rounds of four streams (default 100: about two minutes at C = 1)")
+    parser.add_argument("--export-interval", default=EXPORT_INTERVAL,
+                        help=f"sampled-100's tracing.export_interval (default {EXPORT_INTERVAL}: its exports fall "
+                             "inside the window; the proxy's own default is 5s)")
     add_run_args(parser)
     args = parser.parse_args(argv)
     if args.requests < 1 or args.tokens < 1:
@@ -134,7 +139,7 @@ def main_thread_seconds(pid: int) -> float:
         return math.nan
 
 
-def write_proxy_configs(directory: str, mock_port: int, endpoint: str) -> dict[str, str]:
+def write_proxy_configs(directory: str, mock_port: int, endpoint: str, export_interval: str) -> dict[str, str]:
     common = proxy_config(mock_port)
     configs: dict[str, dict[str, Any]] = {OFF: common}
     for name, ratio in RATIOS.items():
@@ -142,7 +147,7 @@ def write_proxy_configs(directory: str, mock_port: int, endpoint: str) -> dict[s
                                                "service_name": f"bench-{name}"}}
     # Short batches bring sampled-100's export work into the window it is measured in; sampled-0 exports
     # nothing, and keeps the default interval: its exporter thread wakes as seldom as in production.
-    configs[FULL]["tracing"]["export_interval"] = EXPORT_INTERVAL
+    configs[FULL]["tracing"]["export_interval"] = export_interval
     return write_configs(directory, "tracing", configs)
 
 
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mock_port = mock.start()
             receiver.start()
-            start_proxies(write_proxy_configs(tmp, mock_port, receiver.endpoint), pins, proxies)
+            start_proxies(write_proxy_configs(tmp, mock_port, receiver.endpoint, args.export_interval), pins, proxies)
             ports = {DIRECT: mock_port, **{px: proxies[px].port for px in PROXIES}}
             log(f"mock backend pid {mock.pid} on :{mock_port}, OTLP receiver pid {receiver.pid} on "
                 f":{receiver.port}, " + ", ".join(f"proxy {px} pid {proxies[px].pid} on :{ports[px]}"
@@ -336,7 +341,7 @@ def report(command: str, info: dict[str, Any], args: argparse.Namespace, result:
     parts = [*report_head("bench.tracing", command, info),
              "- three proxies in front of the same vLLM mock, metering on, access log off: **off** = no `tracing:`; "
              "**sampled-0** = `tracing: {enabled: true, sample_ratio: 0}`; **sampled-100** = `sample_ratio: 1`, "
-             f"OTLP/HTTP export every {EXPORT_INTERVAL} to a local receiver (sampled-0 at the default 5s: it "
+             f"OTLP/HTTP export every {args.export_interval} to a local receiver (sampled-0 at the default 5s: it "
              "exports nothing)",
              f"- backend: {args.tokens} tokens x {args.delay_ms:g} ms; request `{BODY.decode()}`, no traceparent", ""]
     if result["levels"]:

@@ -254,7 +254,7 @@ def upstream_request(services: Services, ctx: RequestContext, backend: Backend, 
     translation = ctx.translation
     skip = TRANSLATED_SKIPS if translation is not None or backend.anthropic_auth else frozenset()
     if services.tracing is not None and traced(ctx):
-        credential += upstream_traceparent(services.tracing, ctx, backend)
+        credential += upstream_traceparent(services.tracing, ctx)
         skip = TRACED_TRANSLATED_SKIPS if skip else TRACEPARENT
     return services.headers.upstream_request(head, ctx.conn.peer, ctx.forwarded_request_id, backend, body,
                                              credential=credential,
@@ -301,8 +301,8 @@ def finish(services: Services, ctx: RequestContext) -> None:
             if not counting:
                 deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)
-        if services.tracing is not None and traced(ctx):
-            end_span(services.tracing, ctx, record, now)
+        if services.tracing is not None and traced(ctx):  # the backend of its last attempt: None if it had none
+            end_span(services.tracing, ctx, record, now, services.fleet.backend_named(ctx.backend))
     except Exception:  # recording must never strand the connection
         log.exception("recording request %s failed", ctx.request_id)
     finally:

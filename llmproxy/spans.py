@@ -43,22 +43,20 @@ def traced(ctx: RequestContext) -> bool:
     return ctx.endpoint.dialect is not None
 
 
-def upstream_traceparent(tracing: Tracing, ctx: RequestContext, backend: Backend) -> bytes:
-    """The traceparent header line for this attempt's request to `backend` (b"" when there is no trace to
-    continue), the request's span begun if this is its first attempt."""
+def upstream_traceparent(tracing: Tracing, ctx: RequestContext) -> bytes:
+    """The traceparent header line for this attempt's upstream request (b"" when there is no trace to
+    continue), the request's span begun if this is its first attempt. Only its ids are needed now: it is
+    described when it ends, off the way to the first token."""
     span = ctx.span
     if span is None:
         span = ctx.span = tracing.start(span_name(ctx), ctx.head.headers, ctx.t_start)
-    if tracing.recording(span):  # the last attempt's backend is the one the span names
-        span.set_attributes({"server.address": backend.config.host, "server.port": backend.config.port,
-                             "gen_ai.provider.name": provider(ctx.backend_api, backend.kind),
-                             "gen_ai.system": provider(ctx.backend_api, backend.kind)})
     return tracing.traceparent_line(span)
 
 
-def end_span(tracing: Tracing, ctx: RequestContext, record: dict[str, Any] | None, ended: float) -> None:
+def end_span(tracing: Tracing, ctx: RequestContext, record: dict[str, Any] | None, ended: float,
+             backend: Backend | None) -> None:
     """End the request's span (begun now if it never went upstream) with what the request did; `record` is its
-    usage record, if it has one."""
+    usage record, if it has one, `backend` the last one it was sent to (None: none)."""
     span = ctx.span
     if span is None:
         span = ctx.span = tracing.start(span_name(ctx), ctx.head.headers, ctx.t_start)
@@ -67,7 +65,7 @@ def end_span(tracing: Tracing, ctx: RequestContext, record: dict[str, Any] | Non
     first_token = ctx.t_first_byte if ctx.is_stream and ctx.t_first_byte else None
     ttft = {"gen_ai.response.time_to_first_chunk": first_token - ctx.t_start} if first_token else None
     error = error_type(ctx)
-    tracing.end(span, attributes(ctx, record, ttft, error), ended, first_token, ttft,
+    tracing.end(span, attributes(ctx, record, backend, ttft, error), ended, first_token, ttft,
                 None if error is None else ctx.error_message or error)
 
 
@@ -101,18 +99,19 @@ def error_type(ctx: RequestContext) -> str | None:
     return str(ctx.status) if ctx.status >= 400 else None
 
 
-def attributes(ctx: RequestContext, record: dict[str, Any] | None, ttft: dict[str, float] | None,
-               error: str | None) -> dict[str, Any]:
+def attributes(ctx: RequestContext, record: dict[str, Any] | None, backend: Backend | None,
+               ttft: dict[str, float] | None, error: str | None) -> dict[str, Any]:
     """The span's attributes at its end."""
     endpoint = ctx.endpoint
     out: dict[str, Any] = {"gen_ai.operation.name": operation_name(ctx),
                            "http.response.status_code": ctx.status,
                            "llmproxy.request_id": ctx.request_id, "llmproxy.termination": ctx.termination}
-    if ctx.backend:
-        out["llmproxy.backend"] = ctx.backend
+    if backend is not None:
+        out["gen_ai.provider.name"] = out["gen_ai.system"] = provider(ctx.backend_api, backend.kind)
+        out["server.address"], out["server.port"] = backend.config.host, backend.config.port
+        out["llmproxy.backend"] = backend.name
     else:  # refused before a backend was chosen: the provider of the API the client spoke
-        name = provider(endpoint.family or endpoint.api, None)
-        out["gen_ai.provider.name"] = out["gen_ai.system"] = name
+        out["gen_ai.provider.name"] = out["gen_ai.system"] = provider(endpoint.family or endpoint.api, None)
     if ctx.model:
         out["gen_ai.request.model"] = ctx.model
     response_model = ctx.meter.response_model if ctx.meter is not None else None

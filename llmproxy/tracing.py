@@ -15,6 +15,7 @@ this module makes, samples, times and exports it.
 
 from __future__ import annotations
 
+import os
 from time import perf_counter, time_ns
 from typing import Any
 
@@ -39,7 +40,9 @@ class Tracing:
     __slots__ = ("_propagator", "_provider", "_roots", "_tracer")
 
     def __init__(self, config: TracingConfig) -> None:
-        resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
+        # process.pid: with server.workers > 1 each worker is a process with a provider and exporter of its own
+        resource = Resource.create({"service.name": config.service_name, "service.version": __version__,
+                                    "process.pid": os.getpid()})
         self._provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
         exporter = OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers),
                                     timeout=config.export_timeout)

@@ -141,3 +141,18 @@ def test_tracing_off_passes_the_clients_traceparent_unchanged(new_mock, new_prox
     reader, _, _ = send_request(proxy.port, STREAM_CHAT, {"traceparent": traceparent(), "tracestate": "k=v"})
     upstream = upstream_headers(mock, reader.headers["x-request-id"])
     assert upstream["traceparent"] == traceparent() and upstream["tracestate"] == "k=v"
+
+
+def test_each_worker_exports_its_own_spans(receiver, new_mock, new_proxy):
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"url": mock.url}], server={"listen": "127.0.0.1:0", "workers": 2}, tracing=tracing(receiver))
+    request_ids = []
+
+    def two_workers_seen() -> bool:  # new connections, spread over the workers by SO_REUSEPORT
+        reader, _, _ = send_request(proxy.port, STREAM_CHAT)
+        assert reader.status == 200
+        request_ids.append(reader.headers["x-request-id"])
+        return len({span["resource"]["process.pid"] for span in receiver.spans}) == 2
+    wait_for(two_workers_seen, timeout=20.0, interval=0.05)
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert sorted(span["attributes"]["llmproxy.request_id"] for span in receiver.spans) == sorted(request_ids)
