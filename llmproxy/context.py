@@ -118,12 +118,14 @@ class RequestContext:
     backend_status: int = 0  # as the last backend answered (0: none did), a refused attempt's included
     termination: str = "--"
     error_message: str = ""
+    error_type: str = ""  # the code of the proxy's own error reply (errors.py), for the trace span
     response_started: bool = False
     bytes_out: int = 0
     t_first_byte: float = 0.0
     t_ready: float = 0.0  # the request was complete and its turn had come (pipelined ones wait their turn)
     proxy_s: float = 0.0  # request fully read -> written upstream (the request side of the proxy's overhead)
     exchange: ResponseStream | None = None
+    span: Any = None  # its trace span (spans.py), once begun; only with tracing enabled
     run: EagerRun | None = None  # the running pipeline
 
     @property

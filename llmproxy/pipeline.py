@@ -36,6 +36,7 @@ from llmproxy.own_endpoints import match_own, request_path
 from llmproxy.record import build_record, recount
 from llmproxy.relay import Exchange
 from llmproxy.request_body import body_for_backend, inspect_body
+from llmproxy.spans import end_span, traced, upstream_traceparent
 from llmproxy.translate import translation_for
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="llmproxy"\r\n'
 RESPONSES_API = "openai-responses"
 # A translated response is read and rewritten: it must come uncompressed.
 TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
+TRACEPARENT = frozenset({b"traceparent"})  # a traced request's is the proxy span's, not the client's
+TRACED_TRANSLATED_SKIPS = TRANSLATED_SKIPS | TRACEPARENT
 KEY_THROTTLED = "key_throttled"  # a 429 on one of a backend's keys while another key is free: always retried
 MAX_KEY_ROTATIONS = 16  # bounds the key retries of one request (an upstream that 429s every key, never resting)
 
@@ -249,19 +252,20 @@ def upstream_request(services: Services, ctx: RequestContext, backend: Backend, 
     if backend.anthropic_auth and not head.has_header(b"anthropic-version"):
         credential += b"anthropic-version: %b\r\n" % backend.config.anthropic_version.encode()
     translation = ctx.translation
-    if translation is None:
-        skip = TRANSLATED_SKIPS if backend.anthropic_auth else frozenset()
-        return services.headers.upstream_request(head, ctx.conn.peer, ctx.forwarded_request_id, backend, body,
-                                                 credential=credential, skip=skip)
+    skip = TRANSLATED_SKIPS if translation is not None or backend.anthropic_auth else frozenset()
+    if services.tracing is not None and traced(ctx):
+        credential += upstream_traceparent(services.tracing, ctx)
+        skip = TRACED_TRANSLATED_SKIPS if skip else TRACEPARENT
     return services.headers.upstream_request(head, ctx.conn.peer, ctx.forwarded_request_id, backend, body,
-                                             credential=credential, target=translation.target,
-                                             skip=TRANSLATED_SKIPS)
+                                             credential=credential,
+                                             target=None if translation is None else translation.target, skip=skip)
 
 
 def reply_error(ctx: RequestContext, error: ProxyError) -> None:
     """Answer a local error, or abort the connection if the response has already started."""
     ctx.termination = error.spec.termination
     ctx.error_message = error.message
+    ctx.error_type = error.spec.code
     if ctx.conn.closed:
         return
     if ctx.response_started:
@@ -297,6 +301,8 @@ def finish(services: Services, ctx: RequestContext) -> None:
             if not counting:
                 deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)
+        if services.tracing is not None and traced(ctx):  # the backend of its last attempt: None if it had none
+            end_span(services.tracing, ctx, record, now, services.fleet.backend_named(ctx.backend))
     except Exception:  # recording must never strand the connection
         log.exception("recording request %s failed", ctx.request_id)
     finally:

@@ -119,7 +119,7 @@ class ProxyServer:
         retire_removed(old.fleet, services.fleet)
         gc.unfreeze()  # the old fleet was frozen with the start-up heap: let a full pass free what it left
         settle_heap()
-        for section in ("server", "logging", "metrics", "usage"):
+        for section in ("server", "logging", "metrics", "usage", "tracing"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
         log.info("reloaded %s: %d backends, %s", self.config_path, len(services.fleet.backends),
@@ -173,6 +173,8 @@ class ProxyServer:
         self.lasting.relay.sweeper.close()
         await self.lasting.recounter.close()  # records waiting for a prompt count go out (counted or not)
         await self.lasting.outbox.close()  # every record of every finished request is on disk before we exit
+        if self.lasting.tracing is not None:  # the spans of the last requests go out (up to export_timeout)
+            await self.loop.run_in_executor(None, self.lasting.tracing.shutdown)
         self.lasting.access_log.close()
         if self.metrics is not None:
             self.metrics.flush()  # multiprocess: the last second's overhead counts reach the shared files

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
@@ -31,6 +31,9 @@ from llmproxy.overhead import ProxyOverhead
 from llmproxy.ratelimit import Limiter, open_store
 from llmproxy.recount import Recounter
 from llmproxy.traffic import Traffic
+
+if TYPE_CHECKING:
+    from llmproxy.tracing import Tracing
 
 log = logging.getLogger("llmproxy")
 
@@ -59,6 +62,7 @@ class Lasting:
     trusted_proxies: tuple[str, ...]  # server.trusted_proxies
     recounter: Recounter  # exact prompt counts of estimated records, from the backends' tokenizers
     affinity: ResponseAffinity  # which backend stored which Responses API response
+    tracing: Tracing | None = None  # None: tracing disabled (and opentelemetry never imported)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -82,6 +86,7 @@ class Services:
     clock: Callable[[], float]
     recounter: Recounter
     lasting: Lasting
+    tracing: Tracing | None = None
 
 
 def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: Callable[[], dict[str, Any]], *,
@@ -108,7 +113,17 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         trusted_proxies=tuple(config.server.trusted_proxies),
         recounter=Recounter(config.usage.recount),
         affinity=ResponseAffinity(),
+        tracing=_tracing(config),
     )
+
+
+def _tracing(config: Config) -> Tracing | None:
+    """The process's tracer and exporter when tracing is enabled; only then is opentelemetry imported."""
+    if not config.tracing.enabled:
+        return None
+    from llmproxy.tracing import Tracing
+
+    return Tracing(config.tracing)
 
 
 async def build_services(config: Config, lasting: Lasting, previous: Services | None = None,
@@ -138,6 +153,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         clock=lasting.clock,
         recounter=lasting.recounter,
         lasting=lasting,
+        tracing=lasting.tracing,
     )
 
 

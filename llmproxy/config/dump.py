@@ -27,6 +27,7 @@ _DURATIONS = {
     "usage": ("flush_interval",),
     "recount": ("timeout",),
     "webhook": ("timeout", "max_age", "backoff_base", "backoff_cap"),
+    "tracing": ("export_timeout", "export_interval"),
 }
 
 
@@ -45,6 +46,8 @@ def dump_config(cfg: Config) -> str:
         "metrics": dataclasses.asdict(cfg.metrics),
         "usage": _without_nones(dataclasses.asdict(cfg.usage)),
         "pricing": {model: _without_nones(dataclasses.asdict(price)) for model, price in cfg.pricing.items()},
+        # Header values are a collector's credentials: masked whatever their names.
+        "tracing": {**dataclasses.asdict(cfg.tracing), "headers": dict.fromkeys(cfg.tracing.headers, "***")},
     }
     _format_durations(doc)
     doc["routes"] = [_dump_route(route) for route in cfg.routes]

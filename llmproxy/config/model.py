@@ -286,6 +286,22 @@ class MetricsConfig:
     enabled: bool = True
 
 
+@dataclass(slots=True)
+class TracingConfig:
+    """OpenTelemetry traces (tracing.py): one span per generation request, exported by OTLP/HTTP in batches."""
+
+    enabled: bool = False  # needs the otel extra: pip install 'llmproxy[otel]'
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # an OTLP/HTTP (protobuf) traces URL
+    # Of the traces the proxy starts itself; a client's traceparent carries its own decision, which is followed.
+    sample_ratio: float = 1.0
+    service_name: str = "llmproxy"
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every export (a collector's credential)
+    export_timeout: float = 10.0  # one export request
+    export_interval: float = 5.0  # the longest a finished span waits for its batch
+    max_batch_size: int = 512  # spans per export request
+    max_queue_size: int = 2048  # spans waiting for export; beyond, new ones are dropped (never the request)
+
+
 @dataclass(frozen=True, slots=True)
 class PriceConfig:
     """USD per million tokens, for `cost_usd` on usage records."""
@@ -429,3 +445,4 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
     pricing: dict[str, PriceConfig] = field(default_factory=dict)  # by model name as forwarded (after aliases)
+    tracing: TracingConfig = field(default_factory=TracingConfig)

@@ -33,6 +33,7 @@ from llmproxy.config.model import (
     WebhookConfig,
 )
 from llmproxy.config.routes import parse_routes
+from llmproxy.config.tracing import parse_tracing
 from llmproxy.config.values import (
     LOG_LEVELS,
     ConfigError,
@@ -434,6 +435,7 @@ _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "metrics": _section(MetricsConfig, {"enabled": _bool}),
     "usage": _parse_usage,
     "pricing": _parse_pricing,
+    "tracing": parse_tracing,
 }
 
 

@@ -35,7 +35,7 @@ from llmproxy.metering.dialects import (
 )
 from llmproxy.metering.ndjson import NDJSONMeter
 from llmproxy.metering.sse import SSEMeter
-from llmproxy.metering.usage import Usage
+from llmproxy.metering.usage import Usage, response_model
 
 __all__ = [
     "ANTHROPIC_MESSAGES_SSE",
@@ -65,6 +65,7 @@ class Meter(Protocol):
     content_events: int  # events that carried generated content: an estimate when no usage arrives
     overflowed: bool  # a line exceeded the cap: metering stopped for this stream (bytes still flow)
     response_id: str | None  # the stored response's id, read with the usage (Responses API), else None
+    response_model: str | None  # the model the event that carried the usage names, else None
 
     def feed(self, data: bytes) -> bytes:
         """Read one upstream chunk; return the bytes to forward (usually `data` itself)."""
@@ -105,12 +106,12 @@ def meter_for_json_body(body: bytes, dialect: str) -> Usage | None:
     return read_json_body(body, dialect)[0]
 
 
-def read_json_body(body: bytes, dialect: str) -> tuple[Usage | None, str | None]:
-    """The usage of a complete JSON response in `dialect` (see meter_for_json_body) and the id of the response
-    the backend stored (Responses API), each None when the body does not say."""
+def read_json_body(body: bytes, dialect: str) -> tuple[Usage | None, str | None, str | None]:
+    """The usage of a complete JSON response in `dialect` (see meter_for_json_body), the id of the response
+    the backend stored (Responses API) and the model that generated it, each None when the body does not say."""
     spec = SPECS[resolve(dialect)]
     try:
         obj = orjson.loads(body)
     except ValueError:
-        return None, None
-    return spec.body_usage(obj), spec.identify(obj) if spec.identify is not None else None
+        return None, None, None
+    return spec.body_usage(obj), spec.identify(obj) if spec.identify is not None else None, response_model(obj)

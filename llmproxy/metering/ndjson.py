@@ -9,17 +9,19 @@ from __future__ import annotations
 import orjson
 
 from llmproxy.metering.dialects import Spec
+from llmproxy.metering.usage import response_model
 
 
 class NDJSONMeter:
     """Meter for ollama-ndjson; see llmproxy.metering.Meter for the contract."""
 
     __slots__ = ("_carries", "_count", "_extract", "_max", "_tail", "content_events", "overflowed", "response_id",
-                 "usage")
+                 "response_model", "usage")
 
     def __init__(self, spec: Spec, max_line: int) -> None:
         self.usage = None
         self.response_id = None  # Ollama's native API has no stored responses
+        self.response_model: str | None = None
         self.content_events = 0
         self.overflowed = False
         self._carries = spec.carries
@@ -92,6 +94,7 @@ class NDJSONMeter:
             # Counts are cumulative (vLLM continuous stats, Ollama's zeros): each one reported replaces the last,
             # and one an event does not carry (a dialect that splits usage over events) is kept.
             self.usage = usage if self.usage is None else self.usage.merged(usage)
+            self.response_model = response_model(obj) or self.response_model
 
     def _overflow(self) -> None:
         self.overflowed = True

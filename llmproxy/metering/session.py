@@ -67,8 +67,8 @@ class MeteredUsage(NamedTuple):
 class MeteringSession:
     """What metering decided and read for one attempt at a request; see the module docstring."""
 
-    __slots__ = ("_body", "_body_response_id", "_collected", "_collected_size", "_error_status", "_head_usage",
-                 "_meter", "_usage", "dialect", "injects_usage", "rewrites", "translation")
+    __slots__ = ("_body", "_body_model", "_body_response_id", "_collected", "_collected_size", "_error_status",
+                 "_head_usage", "_meter", "_usage", "dialect", "injects_usage", "rewrites", "translation")
 
     def __init__(self, dialect: str | None, injects_usage: bool, body: Any,
                  translation: Translation | None = None) -> None:
@@ -83,6 +83,7 @@ class MeteringSession:
         self._collected_size = 0
         self._usage: Usage | None = None  # of a non-streamed body
         self._body_response_id: str | None = None  # of a non-streamed body
+        self._body_model: str | None = None  # of a non-streamed body
         self._head_usage: Usage | None = None  # what the response head said (TGI's x-prompt-tokens...)
         # The client's API is not the backend's: every response is mapped (translate/), its translator meters it.
         self.translation = translation
@@ -168,7 +169,8 @@ class MeteringSession:
             return out
         if collected is not None:
             self._collected = None
-            self._usage, self._body_response_id = read_json_body(b"".join(collected), self.dialect)
+            self._usage, self._body_response_id, self._body_model = read_json_body(b"".join(collected),
+                                                                                    self.dialect)
         return b""
 
     @property
@@ -212,6 +214,12 @@ class MeteringSession:
         """The id under which the backend stored the response (Responses API), when it said one."""
         meter = self._meter
         return meter.response_id if meter is not None else self._body_response_id
+
+    @property
+    def response_model(self) -> str | None:
+        """The model the backend says generated the response (read with its usage), when it said one."""
+        meter = self._meter
+        return getattr(meter, "response_model", None) if meter is not None else self._body_model
 
     @property
     def prompt_reported(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import orjson
 
 from llmproxy.metering.dialects import Spec
+from llmproxy.metering.usage import response_model
 
 _EVENT_END = (b"\n\n", b"\r\n\r\n")  # bytes ending so end in a blank line: no event is left open
 _LF_NONE = 0  # the last read did not end in a line-ending CR
@@ -37,11 +38,12 @@ class SSEMeter:
 
     __slots__ = ("_carries", "_count", "_event", "_event_size", "_extract", "_held", "_identify", "_idle", "_lf",
                  "_marked", "_marker", "_max", "_strip", "_tail", "content_events", "overflowed", "response_id",
-                 "usage")
+                 "response_model", "usage")
 
     def __init__(self, spec: Spec, strip: bool, max_line: int) -> None:
         self.usage = None
         self.response_id: str | None = None
+        self.response_model: str | None = None
         self.content_events = 0
         self.overflowed = False
         self._carries = spec.carries
@@ -268,6 +270,7 @@ class SSEMeter:
         self.usage = usage if self.usage is None else self.usage.merged(usage)
         if self._identify is not None:
             self.response_id = self._identify(obj) or self.response_id
+        self.response_model = response_model(obj) or self.response_model
         return isinstance(obj, dict) and not obj.get("choices")
 
     def _overflow_in(self, parts: list[bytes], unsent: bytes) -> None:

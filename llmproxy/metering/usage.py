@@ -215,3 +215,15 @@ def anthropic_usage(obj: Any) -> Usage | None:
     if starting:
         output = None  # message_start's output count is a placeholder (0 or 1): a stream cut here is estimated
     return Usage(None, output, None, cache_read_tokens=read, cache_write_tokens=write, uncached_prompt_tokens=uncached)
+
+
+def response_model(obj: Any) -> str | None:
+    """The model a response (or the event that carried its usage) says generated it: its `model`, or that of the
+    message or response it embeds (Anthropic's message_start, the Responses API's response.completed)."""
+    if not isinstance(obj, dict):
+        return None
+    model = obj.get("model")
+    if model is None:
+        inner = obj.get("message") or obj.get("response")
+        model = inner.get("model") if isinstance(inner, dict) else None
+    return model if isinstance(model, str) and model else None

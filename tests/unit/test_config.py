@@ -34,6 +34,7 @@ from llmproxy.config.model import (
     RoutingConfig,
     ServerConfig,
     Timeouts,
+    TracingConfig,
     TranslationConfig,
 )
 
@@ -656,6 +657,7 @@ def test_example_documents_every_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
         AuthConfig,
         RateLimitConfig,
         LimitConfig,
+        TracingConfig,
     )
     model_keys = {f.name for cls in (Config, *classes) for f in dataclasses.fields(cls)}
     # host/port come from listen, the rest from url; global_limits is `global:` in the file
