@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from llmproxy.config.redis_url import parse_redis_url
@@ -40,6 +40,11 @@ from llmproxy.ratelimit.store import (
 )
 
 log = logging.getLogger("llmproxy")
+# A release runs after the response, with nobody waiting on it, and removing a lease twice is harmless: it is
+# tried again for this long, so that a busy moment does not leave the slot held until the lease expires. (A
+# charge is not: one whose reply was lost may have been applied, and a second would count the tokens twice.)
+RELEASE_RETRY_FOR = 5.0
+RELEASE_RETRY_PAUSE = 0.1
 
 # Helpers shared by the scripts; `period_bounds` is `store.period_bounds` in days-since-epoch arithmetic
 # (H. Hinnant's civil calendar algorithms), as Lua in Redis has no date library.
@@ -290,10 +295,14 @@ class RedisStore:
             return
         for _, lease in leases:  # whatever happens below, stop renewing: an unreleased lease then expires
             self._held.pop(lease, None)
-        pipe = self._redis.pipeline(transaction=False)
-        for scope, lease in leases:
-            pipe.zrem(self._key("cc", scope), lease)
-        await self._call(pipe.execute())
+
+        def remove() -> Awaitable[Any]:  # a pipeline is emptied by its execute: one per try
+            pipe = self._redis.pipeline(transaction=False)
+            for scope, lease in leases:
+                pipe.zrem(self._key("cc", scope), lease)
+            return pipe.execute()
+
+        await self._retried(remove, RELEASE_RETRY_FOR)
 
     async def charge(self, checks: Sequence[tuple[str, Limits]], tokens: int, usd: float,
                      reserved: int = 0) -> None:
@@ -349,6 +358,18 @@ class RedisStore:
 
     def _key(self, kind: str, scope: str) -> str:
         return f"{self._prefix}{kind}:{scope}"
+
+    async def _retried(self, make_call: Callable[[], Awaitable[Any]], seconds: float) -> Any:
+        """`_call(make_call())`, tried again after StoreUnavailable for up to `seconds`: idempotent calls only."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            try:
+                return await self._call(make_call())
+            except StoreUnavailable:
+                if loop.time() + RELEASE_RETRY_PAUSE >= deadline:
+                    raise
+                await asyncio.sleep(RELEASE_RETRY_PAUSE)
 
     async def _call(self, call: Awaitable[Any]) -> Any:
         """Awaits one Redis call within the timeout. Raises StoreUnavailable on any Redis or network error.

@@ -259,7 +259,9 @@ def test_connections_beyond_max_connections_are_refused_while_streams_in_flight_
         assert recv_until_closed(sock) == b"", "a connection over the limit is closed without an answer"
         sock.close()
     assert time.monotonic() - started < 3.0, "refused at once, not after a timeout"
-    assert client_sockets(proxy.pid, proxy.port) == limit
+    # Refused sockets leave the proxy's table when its loop has run their close: soon, but on a loaded machine
+    # not always by the time the client has read the end.
+    wait_for(lambda: client_sockets(proxy.pid, proxy.port) == limit, timeout=2)
     assert not results and all(thread.is_alive() for thread in threads), \
         f"the refusals happened while the streams were in flight ({time.monotonic() - streams_started:.2f} s)"
 
