@@ -32,6 +32,7 @@ from llmproxy.config.model import (
     PrefixAffinityConfig,
     RateLimitConfig,
     RoutingConfig,
+    SecurityConfig,
     ServerConfig,
     Timeouts,
     TranslationConfig,
@@ -654,6 +655,7 @@ def test_example_documents_every_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
         LoggingConfig,
         MetricsConfig,
         AuthConfig,
+        SecurityConfig,
         RateLimitConfig,
         LimitConfig,
     )
