@@ -215,7 +215,7 @@ class JwksKeys:
         self.version = 0  # +1 per key set fetched
         self._keys: list[tuple[str | None, Any]] = []
         self._fetched_at = -math.inf  # monotonic time of the last fetch that succeeded
-        self._attempted_at = -math.inf
+        self._unknown_at = -math.inf  # monotonic time an unknown kid last had the set fetched
         self._failed = False
         self._fetching: asyncio.Task[None] | None = None
 
@@ -238,9 +238,12 @@ class JwksKeys:
         """The fetch to wait for, started now if the last one is old enough; None: too soon, refuse."""
         if self._fetching is not None:
             return self._fetching
-        wait = FAILED_REFETCH if self._failed else UNKNOWN_KID_REFETCH
-        if time.monotonic() - self._attempted_at < wait:
+        # Counted from the last fetch an unknown kid caused (the periodic ones are bounded anyway): random kids
+        # cannot make the proxy hammer the IdP, and a rotation just after a periodic fetch is still seen.
+        now = time.monotonic()
+        if now - self._unknown_at < (FAILED_REFETCH if self._failed else UNKNOWN_KID_REFETCH):
             return None
+        self._unknown_at = now
         return self._spawn()
 
     def _spawn(self) -> asyncio.Task[None]:
@@ -248,7 +251,6 @@ class JwksKeys:
         return self._fetching
 
     async def _fetch(self) -> None:
-        self._attempted_at = time.monotonic()
         try:
             data = await asyncio.get_running_loop().run_in_executor(None, _download, self.url, self.timeout)
             keys = _parse_jwks(data)
