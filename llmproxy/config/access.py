@@ -94,6 +94,8 @@ def _ip_list(value: Any, path: str) -> list[str]:
 
 def _backend_keys(value: Any, path: str) -> dict[str, str]:
     """BYOK credentials by backend name; each value "${ENV}"-expanded, an empty one dropped (no key)."""
+    if value is not None and not isinstance(value, dict):  # never echoed: it may be a credential
+        raise ConfigError(path, "must be a mapping of backend name to credential")
     keys = {}
     for name, raw in _mapping(value, path).items():
         item = _join(path, str(name))
@@ -228,8 +230,11 @@ def read_credentials_file(path: str) -> dict[str, dict[str, str]]:
         raise ConfigError(path, f"cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError:
         raise ConfigError(path, f"{path}: invalid YAML") from None  # no excerpt: the file holds secrets
-    entries = _parse_fields(data, Path(path).name, {"credentials": _mapping}).get("credentials", {})
-    return {str(name): _backend_keys(keys, f"credentials.{name}") for name, keys in entries.items()}
+    try:
+        entries = _parse_fields(data, Path(path).name, {"credentials": _mapping}).get("credentials", {})
+        return {str(name): _backend_keys(keys, f"credentials.{name}") for name, keys in entries.items()}
+    except ConfigError as error:  # the reason may quote a value, and every value here is a secret
+        raise ConfigError(path, f"{error.path}: must be credentials: {{name: {{backend: key}}}}") from None
 
 
 def _check_backend_keys(config: Config) -> None:

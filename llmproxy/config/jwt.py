@@ -88,6 +88,8 @@ def _jwks_url(value: Any, path: str) -> str:
 
 
 def _public_keys(value: Any, path: str) -> list[str]:
+    if value is None or value == []:
+        return []  # none (as check-config prints it with another key source)
     keys = [value] if isinstance(value, str) else value
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k.strip() for k in keys):
         raise ConfigError(path, "must be a PEM public key or a list of them")

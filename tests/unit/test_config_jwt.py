@@ -102,3 +102,11 @@ def test_without_pyjwt_auth_jwt_refuses_to_start(monkeypatch):
     with pytest.raises(ConfigError) as error:
         config({**BASE, "hs256_secret": SECRET})
     assert error.value.path == "auth.jwt" and "pip install 'llmproxy[jwt]'" in error.value.reason
+
+
+def test_the_dump_of_security_and_jwt_loads_back():
+    cfg = parse_config({"backends": [{"url": "http://b", "name": "b"}],
+                        "security": {"ip_whitelist": ["10.0.0.0/8", "::1"], "ip_blacklist": ["10.0.0.9"]},
+                        "auth": {"enabled": True, "jwt": {**BASE, "jwks_url": "https://idp/jwks", "leeway": "10s",
+                                                          "tenants": {"t": {"models": ["m"]}}}}})
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
