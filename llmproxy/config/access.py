@@ -258,6 +258,9 @@ def access_warnings(config: Config) -> list[str]:
     if auth.keys and not auth.enabled:
         warnings.append(f"auth.keys: {len(auth.keys)} key(s) configured but auth.enabled is false: requests are "
                         "not checked for a key (add `enabled: true` under auth)")
+    if auth.jwt is not None and not auth.enabled:
+        warnings.append("auth.jwt: tenant JWTs configured but auth.enabled is false: requests are not checked for "
+                        "a token (add `enabled: true` under auth)")
     return warnings
 
 

@@ -110,3 +110,10 @@ def test_the_dump_of_security_and_jwt_loads_back():
                         "auth": {"enabled": True, "jwt": {**BASE, "jwks_url": "https://idp/jwks", "leeway": "10s",
                                                           "tenants": {"t": {"models": ["m"]}}}}})
     assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_jwt_without_auth_enabled_is_warned_about():
+    from llmproxy.config import config_warnings
+
+    cfg = parse_config({"backends": [{"url": "http://b"}], "auth": {"jwt": {**BASE, "hs256_secret": SECRET}}})
+    assert any(w.startswith("auth.jwt:") for w in config_warnings(cfg))
