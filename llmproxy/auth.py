@@ -50,8 +50,6 @@ class KeyRing:
 
             self.jwt = JwtVerifier(auth.jwt, rate_limit.per_key, refuse_missing,
                                    previous.jwt if previous is not None else None)
-        elif previous is not None and previous.jwt is not None:
-            previous.jwt.close()
 
     async def start(self) -> None:
         """Fetch what verification needs before the first request (a JWKS key set)."""
@@ -59,6 +57,7 @@ class KeyRing:
             await self.jwt.start()
 
     def close(self) -> None:
+        """At shutdown: stop a key-set fetch in progress."""
         if self.jwt is not None:
             self.jwt.close()
 

@@ -295,16 +295,13 @@ def _parse_jwks(data: Any) -> list[tuple[str | None, Any]]:
 
 
 def _key_source(config: JwtConfig, old: StaticKeys | JwksKeys | None) -> StaticKeys | JwksKeys:
-    """The keys `config` names; a reload with the same JWKS URL keeps the fetched set."""
+    """The keys `config` names; a reload with the same JWKS URL keeps the fetched set. A replaced set is left
+    alone: requests of the generation before may still wait for its fetch, and it fetches nothing unasked."""
     if config.jwks_url is not None:
         if isinstance(old, JwksKeys) and old.url == config.jwks_url:
             old.timeout, old.refresh_every = config.jwks_timeout, config.jwks_refresh
             return old
-        if old is not None:
-            old.close()
         return JwksKeys(config.jwks_url, config.jwks_timeout, config.jwks_refresh)
-    if old is not None:
-        old.close()
     if config.hs256_secret is not None:
         return StaticKeys([config.hs256_secret.encode()])
     return StaticKeys(load_pem_public_key(pem.encode()) for pem in config.public_keys)

@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import yaml
 
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey, b64, claims, unsigned
 from tests.redis_server import RedisServer
@@ -22,6 +23,7 @@ from tests.support import (
     metric_value,
     mock_posts,
     send_request,
+    sighup,
     start_mock,
     start_proxy,
     usage_config,
@@ -157,6 +159,28 @@ def test_jwks_rotation(keys, tmp_path):
         assert jwks.fetches == 2
         assert call(proxy, new.sign(claims(sub="again")))[0] == 200
         assert "unknown_kid" in access_log(tmp_path)[-2]["error"]
+    finally:
+        proxy.stop()
+        mock.stop()
+        jwks.close()
+
+
+def test_a_reload_applies_tenant_changes_and_keeps_the_fetched_key_set(keys, tmp_path):
+    jwks = JwksServer(keys["k1"])
+    mock = start_mock("vllm")
+    proxy = start_proxy(tmp_path, [{"url": mock.url, "type": "vllm"}], health_check=QUIET,
+                        auth={"enabled": True, "jwt": jwt_section(jwks_url=jwks.url)})
+    try:
+        token = keys["k1"].sign(claims())
+        assert call(proxy, token)[0] == 200
+        path = tmp_path / "config.yaml"
+        document = yaml.safe_load(path.read_text())
+        document["auth"]["jwt"]["tenants"] = {"acme": {"models": ["priced-model"]}}
+        path.write_text(yaml.safe_dump(document))
+        sighup(proxy)
+        status, _, body = call(proxy, token)  # the same token: its tenant's new settings
+        assert (status, body["error"]["code"]) == (403, "model_not_allowed")
+        assert jwks.fetches == 1  # the same URL: the set fetched at start is kept
     finally:
         proxy.stop()
         mock.stop()
