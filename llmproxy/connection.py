@@ -22,6 +22,7 @@ from llmproxy.config.model import ServerConfig, Timeouts
 from llmproxy.context import RequestContext, RequestIds, new_context
 from llmproxy.eager import EagerRun
 from llmproxy.errors import ProxyError, drop_traceback, error_body
+from llmproxy.gate import DENIED_AT_ACCEPT, refused_at_accept
 from llmproxy.http11.request import CodecLimits, ProtocolError, RequestCodec, RequestHead
 from llmproxy.http11.wire import status_line
 from llmproxy.pipeline import handle_request, reject_malformed
@@ -29,6 +30,7 @@ from llmproxy.services import Services
 from llmproxy.traffic import Traffic
 
 WRITE_HIGH_WATER = 64 * 1024  # above this the relay stops reading the backend
+LINGER = 5.0  # seconds a connection refused at accept is read (and dropped) while its 403 reaches the client
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,9 @@ class ClientConnection(asyncio.Protocol):
         clients.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        if clients.services.ip_rules is not None and refused_at_accept(clients.services, self.peer):
+            self._refuse_address()
+            return
         # TCP_NODELAY is already set: uvloop (like asyncio) sets it on every TCP transport.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         # The first head's deadline runs from accept, as nginx's client_header_timeout does: a connection
@@ -286,13 +291,30 @@ class ClientConnection(asyncio.Protocol):
 
     def _reply_error_and_close(self, error: ProtocolError) -> None:
         """Answer a request that never became a RequestContext (bad head) and close."""
-        reject_malformed(self._clients.services, self.peer, error)
-        spec = error.spec
-        body = error_body(spec, error.message, error_shape(error.target))
-        self.transport.write(status_line(spec.status) + b"content-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
+        self._write_error(error, error.target)
         self._close()
         self._cancel_timers()
+
+    def _write_error(self, error: ProxyError, target: bytes | None = None) -> None:
+        reject_malformed(self._clients.services, self.peer, error)
+        spec = error.spec
+        body = error_body(spec, error.message, error_shape(target))
+        self.transport.write(status_line(spec.status) + b"content-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
+
+    def _refuse_address(self) -> None:
+        """403 before a byte is read, then a lingering close (as nginx's): what the client sends meanwhile is
+        read and dropped, for a close with unread bytes would reset the connection, and a reset can destroy
+        the answer in the client's kernel before it reads it. The linger ends at the client's close, or
+        after LINGER seconds at most."""
+        self._write_error(DENIED_AT_ACCEPT)
+        self.closed = True
+        self._codec.release()
+        self._codec = _DISCARD
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._head_timer = self._loop.call_later(min(LINGER, self._timeouts.request_head), transport.abort)
 
     def _close(self) -> None:
         """Close after what is buffered has been sent, but never wait longer than the write timeout for a
@@ -370,6 +392,21 @@ class ClientConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._idle_timer = self._head_timer = self._body_timer = None
+
+
+class _Discard:
+    """The codec of a refused connection: every byte dropped."""
+
+    in_head = False
+
+    def feed(self, data: bytes) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+_DISCARD = _Discard()
 
 
 def _set_linger_zero(transport: asyncio.BaseTransport) -> None:

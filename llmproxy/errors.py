@@ -15,6 +15,7 @@ Phase: ``R`` request (head/body), ``Q`` queued for a pooled connection, ``C`` co
 from __future__ import annotations
 
 import errno
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import orjson
@@ -59,6 +60,11 @@ ERRORS: dict[str, ErrorSpec] = {
     "unauthorized": ErrorSpec(401, "invalid_request_error", "invalid_api_key", "LR"),
     "ambiguous_credentials": ErrorSpec(400, "invalid_request_error", "ambiguous_api_key", "LR"),
     "model_not_allowed": ErrorSpec(403, "invalid_request_error", "model_not_allowed", "LR"),
+    # security.ip_* or a key's allowed_ips (iprules.py): nothing of the request is read, so the connection closes.
+    "ip_forbidden": ErrorSpec(403, "permission_error", "ip_not_allowed", "LR", close=True),
+    # A tenant with its own backend credentials (BYOK) has none for the chosen backend, and auth.byok_missing
+    # says refuse: nothing is sent upstream.
+    "byok_missing": ErrorSpec(403, "permission_error", "backend_credential_missing", "LR"),
     "rate_limited_requests": ErrorSpec(429, "requests", "rate_limit_exceeded", "PR"),
     "rate_limited_tokens": ErrorSpec(429, "tokens", "rate_limit_exceeded", "PR"),
     "rate_limited_concurrency": ErrorSpec(429, "requests", "rate_limit_exceeded", "PR"),
@@ -102,15 +108,23 @@ ERRORS: dict[str, ErrorSpec] = {
 class ProxyError(Exception):
     """Raised by any phase to end a request with a local error reply (or an abort once bytes were sent)."""
 
-    __slots__ = ("headers", "kind", "message", "spec", "status")
+    __slots__ = ("detail", "headers", "kind", "message", "spec", "status")
 
-    def __init__(self, kind: str, message: str, status: int = 0, headers: bytes = b"") -> None:
+    def __init__(self, kind: str, message: str, status: int = 0, headers: bytes = b"", detail: str = "") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.spec = ERRORS[kind]
         self.status = status  # the backend's status, for "upstream_status"
         self.headers = headers  # header lines for the reply (retry-after, www-authenticate), each CRLF-ended
+        # For the access log only, never the client: why a credential was refused (the client gets one
+        # answer for every reason, so probing learns nothing).
+        self.detail = detail
+
+    @property
+    def logged_message(self) -> str:
+        """The message with its detail, as the access log says it."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
     @property
     def retry_condition(self) -> str | None:
@@ -121,6 +135,27 @@ class ProxyError(Exception):
     def backend_fault(self) -> bool:
         """Whether this failure counts against the backend's passive health."""
         return self.status >= 500 if self.kind == "upstream_status" else self.spec.backend_fault
+
+
+class Unauthorized(ProxyError):
+    """401 for a credential that does not get in: the client gets one answer whatever the `reason` (a short
+    code for the metrics: missing, unknown_key, expired...), which the access log shows with `detail`."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__("unauthorized", "Incorrect API key provided.", detail=f"{reason}: {detail}" if detail
+                         else reason)
+        self.reason = reason
+
+
+class KeyRefresh(Exception):
+    """A token names a signing key not fetched yet, and the key set is being fetched again: await
+    `refresh` (it never raises), then authenticate once more."""
+
+    def __init__(self, refresh: Awaitable[None]) -> None:
+        super().__init__("signing keys refreshing")
+        self.refresh = refresh
 
 
 # Anthropic's error types by status, for errors answered on its API's paths (its SDK maps them to classes).

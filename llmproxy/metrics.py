@@ -101,8 +101,12 @@ class Metrics:
             "(requests, tokens, concurrency, budget) and key (key_id only when auth.metrics_per_key).",
             ["reason", "key_id"], registry=registry)
         self.auth_failures = Counter(
-            "llmproxy_auth_failures_total", "Requests refused for a missing, unknown or ambiguous API key.",
+            "llmproxy_auth_failures_total", "Requests refused for their credential, by reason (missing, "
+            "unknown_key, ambiguous; a tenant JWT's expired, signature, audience, issuer...).", ["reason"],
             registry=registry)
+        self.ip_denied = Counter(
+            "llmproxy_ip_denied_total", "Clients refused by address: at accept, by the client a trusted proxy "
+            "forwards for, or by a key's allowed_ips.", ["check"], registry=registry)
         self.store_errors = Counter(
             "llmproxy_ratelimit_store_errors_total",
             "Rate-limit store calls that failed (Redis unreachable), answered per rate_limit.on_store_error.",
@@ -167,8 +171,11 @@ class Metrics:
     def observe_ratelimited(self, reason: str, key_id: str = "") -> None:
         self.ratelimited.labels(reason, key_id).inc()
 
-    def observe_auth_failure(self) -> None:
-        self.auth_failures.inc()
+    def observe_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    def observe_ip_denied(self, check: str) -> None:
+        self.ip_denied.labels(check).inc()
 
     def observe_store_error(self) -> None:
         self.store_errors.inc()

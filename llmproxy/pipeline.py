@@ -1,6 +1,6 @@
 """handle_request: the phases of one request, in order, and nothing else.
 
-    authenticate -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates:
+    authenticate (gate.py) -> own endpoint? -> read body -> inspect body -> route (model, endpoint -> candidates:
     those serving the client's API natively first, else those it can be translated for; a matching route of
     `routes:` -> its upstreams among them; a Responses follow-up -> the backend that stored its previous response)
     -> admit (rate limits)
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.fleet.auto import AUTO_MODEL
 from llmproxy.fleet.tokenizer import can_count, count_prompt_tokens
+from llmproxy.gate import authenticate
 from llmproxy.metering.session import ESTIMATED, MeteringSession
-from llmproxy.own_endpoints import match_own, request_path
+from llmproxy.own_endpoints import match_own
 from llmproxy.record import build_record, recount
 from llmproxy.relay import Exchange
 from llmproxy.request_body import body_for_backend, inspect_body
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from llmproxy.services import Services
 
 log = logging.getLogger("llmproxy")
-WWW_AUTHENTICATE = b'www-authenticate: Bearer realm="llmproxy"\r\n'
 RESPONSES_API = "openai-responses"
 # A translated response is read and rewritten: it must come uncompressed.
 TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
@@ -61,7 +61,9 @@ MAX_KEY_ROTATIONS = 16  # bounds the key retries of one request (an upstream tha
 
 async def handle_request(services: Services, ctx: RequestContext) -> None:
     try:
-        authenticate(services, ctx)
+        pending = authenticate(services, ctx)
+        if pending is not None:  # a tenant token whose signing key is being fetched
+            await pending
         own = match_own(ctx)
         if own is not None:
             own(services, ctx)
@@ -77,20 +79,6 @@ async def handle_request(services: Services, ctx: RequestContext) -> None:
         reply_error(ctx, ProxyError("internal_error", f"internal error: {type(exc).__name__}"))
     finally:
         finish(services, ctx)
-
-
-def authenticate(services: Services, ctx: RequestContext) -> None:
-    """Who is calling: sets ctx.tenant, or raises ProxyError (401/400) before any body byte is read."""
-    keys = services.keys
-    if not keys.enabled or keys.skips(request_path(ctx)):
-        return
-    try:
-        ctx.tenant = keys.authenticate(ctx.head)
-    except ProxyError as error:
-        error.headers += WWW_AUTHENTICATE
-        if services.metrics is not None:
-            services.metrics.observe_auth_failure()
-        raise
 
 
 async def proxy_request(services: Services, ctx: RequestContext) -> None:
@@ -209,9 +197,13 @@ async def forward(services: Services, ctx: RequestContext, backend: Backend, bod
     (`may_rotate`): the pipeline retries with that one.
     """
     ctx.backend = backend.name
+    tenant = ctx.tenant
+    # BYOK: the tenant's own credential (raises if it has none here and must), outside the backend's rotation
+    own = (tenant.backend_keys.credential_for(backend.name, backend.anthropic_auth)
+           if tenant is not None and tenant.backend_keys is not None else None)
     backend.in_flight += 1
     credentials = backend.credentials
-    credential, key = credentials.pick()
+    credential, key = credentials.pick() if own is None else (own, -1)
     refuse_statuses = frozenset() if last else services.fleet.retry_statuses
     ctx.key_throttled = may_rotate and credentials.rotates and credentials.another_available(key)
     if ctx.key_throttled:
@@ -264,7 +256,7 @@ def upstream_request(services: Services, ctx: RequestContext, backend: Backend, 
 def reply_error(ctx: RequestContext, error: ProxyError) -> None:
     """Answer a local error, or abort the connection if the response has already started."""
     ctx.termination = error.spec.termination
-    ctx.error_message = error.message
+    ctx.error_message = error.logged_message
     ctx.error_type = error.spec.code
     if ctx.conn.closed:
         return

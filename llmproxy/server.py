@@ -170,6 +170,7 @@ class ProxyServer:
             services.fleet.stop()
             if services.limiter is not None:
                 await services.limiter.close()
+            services.keys.close()
         self.lasting.relay.sweeper.close()
         await self.lasting.recounter.close()  # records waiting for a prompt count go out (counted or not)
         await self.lasting.outbox.close()  # every record of every finished request is on disk before we exit

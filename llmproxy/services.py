@@ -26,6 +26,7 @@ from llmproxy.fleet.affinity import ResponseAffinity
 from llmproxy.fleet.auto import AutoRules
 from llmproxy.fleet.fleet import Fleet, build_fleet
 from llmproxy.http11.headers import HeaderRules
+from llmproxy.iprules import IpList, IpRules
 from llmproxy.metrics import Metrics
 from llmproxy.overhead import ProxyOverhead
 from llmproxy.ratelimit import Limiter, open_store
@@ -77,6 +78,8 @@ class Services:
     translation: TranslationConfig  # how requests in an API their backend does not serve are translated
     auto: AutoRules | None  # routing.auto: the rules that pick the model of a request for "auto"
     headers: HeaderRules
+    ip_rules: IpRules | None  # security.ip_whitelist / ip_blacklist; None: every address is let in
+    trusted_proxies: IpList  # server.trusted_proxies: whose X-Forwarded-For names the client
     # Handed on from generation to generation (see Lasting), flat here: the request path reads them often.
     metrics: Metrics | None
     access_log: AccessLog
@@ -131,7 +134,9 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
     """The services `config` describes; with `previous`, the next generation after it: backends kept with
     the same settings keep their pools and what was learned of them, and the limiter keeps its store.
     `discovered` holds the members each discovery entry has now, by entry name."""
-    keys = KeyRing(config.auth, config.rate_limit)
+    keys = KeyRing(config.auth, config.rate_limit, previous.keys if previous is not None else None)
+    await keys.start()
+    security = config.security
     fleet = await build_fleet(config, lasting.metrics, previous=previous.fleet if previous is not None else None,
                               discovered=discovered)
     return Services(
@@ -145,6 +150,9 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         translation=config.translation,
         auto=AutoRules(config.routing.auto) if config.routing.auto else None,
         headers=HeaderRules(frozenset(keys.header_names), lasting.trusted_proxies),
+        ip_rules=IpRules(security.ip_whitelist, security.ip_blacklist, lasting.trusted_proxies)
+        if security.ip_whitelist or security.ip_blacklist else None,
+        trusted_proxies=IpList(lasting.trusted_proxies),
         metrics=lasting.metrics,
         access_log=lasting.access_log,
         outbox=lasting.outbox,

@@ -1,14 +1,20 @@
 """Who is calling, as the request path sees it: an identity with the models and limits it may use.
 
-An API key makes one today (auth.py); whatever authenticates a caller later hands on the same thing, so
-limits, budgets, model allow-lists and records treat every kind of caller alike.
+An API key makes one (auth.py), and so does a verified tenant JWT (jwtauth.py); whatever authenticates a
+caller hands on the same thing, so limits, budgets, model allow-lists, address rules, own backend
+credentials and records treat every kind of caller alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmproxy.ratelimit.store import Limits
+
+if TYPE_CHECKING:
+    from llmproxy.byok import BackendKeys
+    from llmproxy.iprules import IpList
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +23,8 @@ class Tenant:
     user_id: str | None  # put on every usage record of this caller
     models: frozenset[str] | None  # the models it may use; None: any
     limits: Limits  # its own rate limits and budget (rate_limit.per_key, then its overrides)
+    allowed_ips: IpList | None = None  # the client addresses it may call from; None: any
+    backend_keys: BackendKeys | None = None  # its own provider credentials (BYOK); None: the backends' own
 
     @property
     def scope(self) -> str:

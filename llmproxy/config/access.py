@@ -1,4 +1,4 @@
-"""Parsers of the `auth` and `rate_limit` sections, and the checks that span sections.
+"""Parsers of the `auth`, `security` and `rate_limit` sections, and the checks that span sections.
 
 A raw API key never outlives parsing: `key:` is hashed to `key_sha256` here, so nothing downstream (dumps,
 logs, the key ring) can leak it.
@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from llmproxy.config.jwt import parse_jwt
 from llmproxy.config.model import (
     BUDGET_PERIODS,
+    BYOK_MISSING,
     RATE_LIMIT_STORES,
     STORE_ERROR_POLICIES,
     ApiKeyConfig,
@@ -23,21 +25,27 @@ from llmproxy.config.model import (
     Config,
     LimitConfig,
     RateLimitConfig,
+    SecurityConfig,
 )
 from llmproxy.config.redis_url import parse_redis_url
 from llmproxy.config.values import (
     ConfigError,
+    _api_key,
     _bool,
     _choice,
     _clean_string,
+    _expand,
     _int_at_least,
     _join,
     _list_of,
+    _mapping,
     _non_negative_number,
     _optional,
     _parse_fields,
+    _section,
     _show,
     _string_list,
+    _trusted_proxies,
 )
 
 MIN_KEY_LENGTH = 16  # shorter keys can be guessed; `llmproxy keygen` makes 43-character ones
@@ -80,14 +88,40 @@ def _parse_limits(value: Any, path: str) -> LimitConfig:
     return LimitConfig(**_parse_fields(value, path, _LIMIT_FIELDS))
 
 
+def _ip_list(value: Any, path: str) -> list[str]:
+    """Addresses and CIDR ranges, IPv4 or IPv6 (a single address is its own /32 or /128)."""
+    return _trusted_proxies([] if value is None else value, path)
+
+
+def _backend_keys(value: Any, path: str) -> dict[str, str]:
+    """BYOK credentials by backend name; each value "${ENV}"-expanded, an empty one dropped (no key)."""
+    if value is not None and not isinstance(value, dict):  # never echoed: it may be a credential
+        raise ConfigError(path, "must be a mapping of backend name to credential")
+    keys = {}
+    for name, raw in _mapping(value, path).items():
+        item = _join(path, str(name))
+        key = _api_key(_expand(raw, item), item)
+        if key is not None:
+            keys[_clean_string("backend name")(name, item)] = key
+    return keys
+
+
+# What a caller carries, whether it is an API key or a JWT tenant (auth.jwt.tenants).
+_CALLER_FIELDS = {
+    "models": lambda v, p: _string_list(v, p, "model name"),
+    "rate_limit": _parse_limits,
+    "allowed_ips": _ip_list,
+    "backend_keys": _backend_keys,
+}
+
+
 def _parse_key(value: Any, path: str) -> ApiKeyConfig:
     fields = {
         "key": _clean_string("key"),
         "key_sha256": _clean_string("hex SHA-256 digest"),
         "user_id": _clean_string("user id"),
         "name": _clean_string("name"),
-        "models": lambda v, p: _string_list(v, p, "model name"),
-        "rate_limit": _parse_limits,
+        **_CALLER_FIELDS,
     }
     values = _parse_fields(value, path, fields)
     key, digest = values.pop("key", None), values.pop("key_sha256", None)
@@ -129,8 +163,13 @@ def parse_auth(value: Any, path: str) -> AuthConfig:
         "keys": _parse_keys,
         "keys_file": _optional(_clean_string("file path")),
         "metrics_per_key": _bool,
+        "jwt": _optional(lambda v, p: parse_jwt(v, p, _CALLER_FIELDS)),
+        "byok_missing": _choice(BYOK_MISSING),
     }
     return AuthConfig(**_parse_fields(value, path, fields))
+
+
+parse_security = _section(SecurityConfig, {"ip_whitelist": _ip_list, "ip_blacklist": _ip_list})
 
 
 def parse_rate_limit(value: Any, path: str) -> RateLimitConfig:
@@ -180,6 +219,47 @@ def load_keys_file(config: Config, base_dir: Path) -> None:
     config.auth.keys = [*config.auth.keys, *keys]
 
 
+def load_credentials_file(config: Config, base_dir: Path) -> None:
+    """Make auth.jwt.credentials_file absolute (relative to the config file's folder) and check it reads."""
+    jwt = config.auth.jwt
+    if jwt is None or jwt.credentials_file is None:
+        return
+    jwt.credentials_file = str((base_dir / jwt.credentials_file).absolute())
+    try:
+        read_credentials_file(jwt.credentials_file)
+    except ConfigError as error:
+        raise ConfigError("auth.jwt.credentials_file", error.reason) from None
+
+
+def read_credentials_file(path: str) -> dict[str, dict[str, str]]:
+    """The BYOK entries of a credentials file: `credentials: {name: {backend: key}}`; raises ConfigError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError:
+        raise ConfigError(path, f"{path}: invalid YAML") from None  # no excerpt: the file holds secrets
+    try:
+        entries = _parse_fields(data, Path(path).name, {"credentials": _mapping}).get("credentials", {})
+        return {str(name): _backend_keys(keys, f"credentials.{name}") for name, keys in entries.items()}
+    except ConfigError as error:  # the reason may quote a value, and every value here is a secret
+        raise ConfigError(path, f"{error.path}: must be credentials: {{name: {{backend: key}}}}") from None
+
+
+def _check_backend_keys(config: Config) -> None:
+    """A BYOK credential must name a configured backend (a typo would silently bill the backend's own key)."""
+    names = {backend.name for backend in config.backends}
+    auth = config.auth
+    callers = [(f"auth.keys[{i}]", key) for i, key in enumerate(auth.keys)]
+    if auth.jwt is not None:
+        callers += [(f"auth.jwt.tenants.{tid}", tenant) for tid, tenant in auth.jwt.tenants.items()]
+    for path, caller in callers:
+        for name in caller.backend_keys or ():
+            if name not in names:
+                raise ConfigError(f"{path}.backend_keys.{name}", f"no backend is named {_show(name)} "
+                                                                 f"(backends: {', '.join(sorted(names))})")
+
+
 def access_warnings(config: Config) -> list[str]:
     """What is valid but almost certainly not meant, one line each (check-config and serve say them)."""
     auth = config.auth
@@ -187,6 +267,9 @@ def access_warnings(config: Config) -> list[str]:
     if auth.keys and not auth.enabled:
         warnings.append(f"auth.keys: {len(auth.keys)} key(s) configured but auth.enabled is false: requests are "
                         "not checked for a key (add `enabled: true` under auth)")
+    if auth.jwt is not None and not auth.enabled:
+        warnings.append("auth.jwt: tenant JWTs configured but auth.enabled is false: requests are not checked for "
+                        "a token (add `enabled: true` under auth)")
     return warnings
 
 
@@ -198,15 +281,18 @@ def check_access(config: Config) -> None:
         if key.key_sha256 in seen:
             raise ConfigError(f"auth.keys[{i}]", f"the same key as auth.keys[{seen[key.key_sha256]}]")
         seen[key.key_sha256] = i
-    if auth.enabled and not auth.keys:
-        raise ConfigError("auth.keys", "auth is enabled but no key is configured: nobody could get in")
+    if auth.enabled and not auth.keys and auth.jwt is None:
+        raise ConfigError("auth.keys", "auth is enabled but no key (nor auth.jwt) is configured: nobody could "
+                                       "get in")
+    _check_backend_keys(config)
     if not rate.enabled:
         return
-    per_key_set = rate.per_key != LimitConfig() or any(k.rate_limit for k in auth.keys)
+    callers = [*auth.keys, *(auth.jwt.tenants.values() if auth.jwt is not None else ())]
+    per_key_set = rate.per_key != LimitConfig() or any(c.rate_limit for c in callers)
     if per_key_set and not auth.enabled:
         raise ConfigError("rate_limit.per_key", "limits are per API key: enable auth (or use rate_limit.global)")
     uses_tokens = any(limits is not None and (limits.tokens_per_minute or limits.budget)
-                      for limits in (rate.per_key, rate.global_limits, *(k.rate_limit for k in auth.keys)))
+                      for limits in (rate.per_key, rate.global_limits, *(c.rate_limit for c in callers)))
     if uses_tokens and not config.usage.metering:
         raise ConfigError("rate_limit", "token limits and budgets are charged from metered usage: "
                                         "usage.metering must be true")

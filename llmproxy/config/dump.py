@@ -28,6 +28,7 @@ _DURATIONS = {
     "recount": ("timeout",),
     "webhook": ("timeout", "max_age", "backoff_base", "backoff_cap"),
     "tracing": ("export_timeout", "export_interval"),
+    "jwt": ("leeway", "jwks_refresh", "jwks_timeout"),
 }
 
 
@@ -41,6 +42,7 @@ def dump_config(cfg: Config) -> str:
         "translation": dataclasses.asdict(cfg.translation),
         "health_check": dataclasses.asdict(cfg.health_check),
         "auth": _without_nones(dataclasses.asdict(cfg.auth)),
+        "security": dataclasses.asdict(cfg.security),
         "rate_limit": _dump_rate_limit(cfg),
         "logging": dataclasses.asdict(cfg.logging),
         "metrics": dataclasses.asdict(cfg.metrics),
@@ -136,6 +138,8 @@ def _mask_secrets(node: Any) -> Any:
             masked[key] = "***"
         elif key == "api_keys" and isinstance(value, list):
             masked[key] = ["***" for _ in value]
+        elif key == "backend_keys" and isinstance(value, dict):  # BYOK: backend name -> a tenant's credential
+            masked[key] = {name: "***" for name in value}
         elif isinstance(value, str) and key.endswith("url"):
             masked[key] = _mask_url_credentials(value)
         else:

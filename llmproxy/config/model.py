@@ -251,6 +251,53 @@ class ApiKeyConfig:
     name: str | None = None
     models: list[str] | None = None  # models this key may use; None = all
     rate_limit: LimitConfig | None = None  # overrides rate_limit.per_key field by field
+    allowed_ips: list[str] | None = None  # addresses / CIDRs the key may be used from (after trusted_proxies)
+    # BYOK: backend name -> the key's own credential for it (out of repr: a logged config must not show it)
+    backend_keys: dict[str, str] | None = field(default=None, repr=False)
+
+
+BYOK_MISSING = ("fallback", "refuse")  # a tenant with own credentials, on a backend it has none for
+JWT_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+JWT_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(slots=True)
+class JwtClaimsConfig:
+    """The names of the claims a tenant JWT is read from."""
+
+    tenant: str = "tid"  # required in every token: names the tenant (key_id "tenant:<tid>")
+    user: str = "sub"  # user_id of the records
+    models: str = "models"  # optional list: narrows the models the tenant may use
+    credential: str | None = None  # BYOK: names an entry of auth.jwt.credentials_file
+
+
+@dataclass(slots=True)
+class JwtTenantConfig:
+    """What a tenant of auth.jwt.tenants carries, as an API key would."""
+
+    user_id: str | None = None  # when the token has no user claim
+    models: list[str] | None = None
+    rate_limit: LimitConfig | None = None  # overrides rate_limit.per_key field by field
+    allowed_ips: list[str] | None = None
+    backend_keys: dict[str, str] | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class JwtConfig:
+    """Tenant JWTs (auth.jwt): verified with exactly one of jwks_url, public_keys and hs256_secret."""
+
+    issuer: str
+    audience: list[str]
+    jwks_url: str | None = None
+    public_keys: list[str] = field(default_factory=list)  # PEM public keys
+    hs256_secret: str | None = field(default=None, repr=False)
+    algorithms: list[str] = field(default_factory=list)  # default: HS256 with a secret, RS256 with keys
+    claims: JwtClaimsConfig = field(default_factory=JwtClaimsConfig)
+    leeway: float = 30.0  # clock skew allowed on exp / nbf / iat
+    jwks_refresh: float = 600.0  # the key set is fetched again this often (in the background)
+    jwks_timeout: float = 5.0
+    tenants: dict[str, JwtTenantConfig] = field(default_factory=dict)  # limits, models... by tenant claim
+    credentials_file: str | None = None  # BYOK: `credentials: {name: {backend: key}}`, re-read on change
 
 
 @dataclass(slots=True)
@@ -261,6 +308,16 @@ class AuthConfig:
     keys: list[ApiKeyConfig] = field(default_factory=list)  # from the config and keys_file together
     keys_file: str | None = None  # YAML with `keys: [...]`, relative to the config file; re-read on SIGHUP
     metrics_per_key: bool = False  # label ratelimited, usage_tokens and cost metrics with key_id
+    jwt: JwtConfig | None = None  # tenant JWTs beside the keys
+    byok_missing: str = "fallback"  # BYOK_MISSING: use the backend's own credential, or refuse (403)
+
+
+@dataclass(slots=True)
+class SecurityConfig:
+    """Client addresses let in (`security:`); checked on the client address after trusted_proxies."""
+
+    ip_whitelist: list[str] = field(default_factory=list)  # addresses / CIDRs; empty: everyone
+    ip_blacklist: list[str] = field(default_factory=list)  # wins over the whitelist
 
 
 @dataclass(slots=True)
@@ -440,6 +497,7 @@ class Config:
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from llmproxy.catalogue import AUTO, BACKEND_KINDS, FAMILIES, TRANSLATE_MODES
-from llmproxy.config.access import parse_auth, parse_rate_limit
+from llmproxy.config.access import parse_auth, parse_rate_limit, parse_security
 from llmproxy.config.discovery import check_member_names, default_name, parse_discovery
 from llmproxy.config.model import (
     REPORTER_TYPES,
@@ -430,6 +430,7 @@ _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
                                                 "default_max_tokens": _int_at_least(1)}),
     "health_check": _section(HealthCheckConfig, _HEALTH_CHECK_FIELDS),
     "auth": parse_auth,
+    "security": parse_security,
     "rate_limit": parse_rate_limit,
     "logging": _section(LoggingConfig, {"level": _choice(LOG_LEVELS), "access_log": _access_log}),
     "metrics": _section(MetricsConfig, {"enabled": _bool}),

@@ -55,7 +55,10 @@ class Credentials:
             self._resting_until[index] = self._clock() + _seconds(retry_after)
 
     def another_available(self, index: int) -> bool:
-        """Some key other than `index` is not resting: a throttled attempt is worth retrying with it."""
+        """Some key other than `index` is not resting: a throttled attempt is worth retrying with it (never for
+        index -1, a credential not of this backend's: a tenant's own key, which no other key replaces)."""
+        if index < 0:
+            return False
         now = self._clock()
         return any(until <= now for i, until in enumerate(self._resting_until) if i != index)
 

@@ -58,13 +58,13 @@ def error_of(ctx: RequestContext) -> tuple[int, dict]:
 # --- authentication comes first -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("headers", "status", "code"), [
-    ({}, 401, "invalid_api_key"),
-    ({"Authorization": "Bearer sk-not-a-key"}, 401, "invalid_api_key"),
-    ({"Authorization": f"Basic {KEY}"}, 401, "invalid_api_key"),
-    ({**BEARER, "X-API-Key": "sk-another-key"}, 400, "ambiguous_api_key"),
+@pytest.mark.parametrize(("headers", "status", "code", "reason"), [
+    ({}, 401, "invalid_api_key", "missing"),
+    ({"Authorization": "Bearer sk-not-a-key"}, 401, "invalid_api_key", "unknown_key"),
+    ({"Authorization": f"Basic {KEY}"}, 401, "invalid_api_key", "missing"),
+    ({**BEARER, "X-API-Key": "sk-another-key"}, 400, "ambiguous_api_key", "ambiguous"),
 ])
-def test_an_auth_refusal_is_answered_without_reading_the_body(loop, headers, status, code):
+def test_an_auth_refusal_is_answered_without_reading_the_body(loop, headers, status, code, reason):
     services = make_services(make_config(auth={"enabled": True, "keys": [{"key": KEY}]}), loop)
     head_only = http_request("POST", "/v1/chat/completions",
                              headers={**headers, "Content-Length": "100", "Expect": "100-continue"})
@@ -75,7 +75,7 @@ def test_an_auth_refusal_is_answered_without_reading_the_body(loop, headers, sta
     assert reply.headers["connection"] == "close"  # the unread body would be taken for the next request
     assert ctx.conn.body_timer_armed == 0 and ctx.body_waiter is None
     assert ctx.conn.finished == [ctx] and loop.connects == []
-    assert sample(services, "llmproxy_auth_failures_total") == 1
+    assert sample(services, "llmproxy_auth_failures_total", reason=reason) == 1
 
 
 def test_with_a_valid_key_the_body_is_asked_for_and_waited_for(loop):
