@@ -11,7 +11,7 @@ WORKDIR /home/llmproxy
 
 COPY pyproject.toml README.md /src/
 COPY llmproxy /src/llmproxy
-RUN pip install "/src[redis,jwt]" && rm -rf /src  # redis-py and PyJWT: rate_limit.store: redis and auth.jwt work in the image
+RUN pip install "/src[redis,jwt,otel]" && rm -rf /src  # redis-py, PyJWT, OpenTelemetry: rate_limit.store: redis, auth.jwt and tracing work in the image
 
 # The usage outbox (usage.spool_dir, ./usage-spool by default): on a volume, records not yet delivered
 # survive the container.

@@ -97,36 +97,51 @@ def fleet(tmp_path, procs):
 
 
 def test_sigterm_with_100_streams_in_flight_drops_nothing_behind_a_ready_gated_balancer(fleet):
-    asyncio.run(rolling_restart(fleet["a"], fleet["b"]))
+    steps: list[str] = []
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(rolling_restart(fleet["a"], fleet["b"], steps), 5 * WAIT)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"the rolling restart did not end within {5 * WAIT}s; it got to: {steps}") from None
+
+    asyncio.run(bounded())
 
 
-async def rolling_restart(proxy_a, proxy_b) -> None:
+async def rolling_restart(proxy_a, proxy_b, steps: list[str]) -> None:
     loop = asyncio.get_running_loop()
     balancer = ReadyBalancer({"a": proxy_a.port, "b": proxy_b.port}, poll_interval=POLL_INTERVAL)
     await balancer.start()
     try:
         a, b = balancer.upstreams["a"], balancer.upstreams["b"]
         await wait_until(lambda: a.ready and b.ready, "both proxies ready")
+        steps.append("both ready")
 
         heads = [asyncio.Event() for _ in range(STREAMS)]
         streams = [asyncio.ensure_future(exchange(balancer.port, STREAM_BODY, head)) for head in heads]
         await wait_until(lambda: all(head.is_set() for head in heads), "every stream's response head")
         stream_placements = list(balancer.placements)
+        steps.append("every stream started")
         on_a = [p for p in stream_placements if p.upstream == "a"]
         assert len(stream_placements) == STREAMS and len(on_a) >= STREAMS // 3, "round robin over two ready"
 
         proxy_a.popen.send_signal(signal.SIGTERM)
         signalled = loop.time()
+        steps.append("SIGTERM sent to A")
         new_requests = []
         while proxy_a.popen.poll() is None and loop.time() - signalled < WAIT:  # new connections all along
             new_requests.append(asyncio.ensure_future(exchange(balancer.port, PLAIN_BODY)))
             await asyncio.sleep(NEW_CONNECTION_EVERY)
         assert proxy_a.popen.poll() == 0, "A exits 0 once its streams are done"
+        steps.append("A exited")
 
         results = await asyncio.wait_for(asyncio.gather(*streams), WAIT)
+        steps.append("streams done")
         new_results = await asyncio.wait_for(asyncio.gather(*new_requests), WAIT)
+        steps.append("new requests done")
     finally:
         await balancer.close()
+        steps.append("balancer closed")
 
     # /ready said 503 before the listener closed, and the balancer saw both in that order.
     turned_503 = a.first(503, after=signalled)
