@@ -258,9 +258,13 @@ class Exchange:
         if self._chunked:
             self._out.append(LAST_CHUNK)
         self.end_of_read()
+        self._completed()
         self._end()
         if not self.done.done():
             self.done.set_result(None)
+
+    def _completed(self) -> None:
+        """The response arrived whole and was relayed (RecordingExchange hands it on)."""
 
     def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
         self._out.clear()
@@ -358,3 +362,4 @@ class Exchange:
         self.upstream.abort()
         self._end()
         self._abort_client("cD", "client did not read the response in time", reset=True)
+
