@@ -103,9 +103,12 @@ async def _replay(services: Services, ctx: RequestContext, entry: Entry) -> None
 async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bool:
     """Follow `flight` to its end; False if it ended before its head (the caller tries again or leads)."""
     follower = Follower(ctx.conn, _head_maker(ctx, None, True), flight.max_lag, services.relay.write_timeout)
+    headers = ctx.response_headers
+    ctx.response_headers += DEDUPLICATED_HEADER
     ctx.exchange = follower
     try:
         if not flight.join(follower):
+            ctx.response_headers = headers
             return False
         outcome = await follower.done
     finally:
@@ -113,9 +116,9 @@ async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bo
     if services.metrics is not None:
         services.metrics.observe_follower(outcome)
     if outcome == FALLBACK:
+        ctx.response_headers = headers
         return False
     ctx.cache_role = FOLLOWER_ROLE
-    ctx.response_headers += DEDUPLICATED_HEADER
     _took(ctx, follower, follower.head.status if follower.head is not None else 0)
     if outcome == FOLLOWED or flight.settled.done():
         # The leader's request ends with the upstream's end: its record (and usage) is there at once.
