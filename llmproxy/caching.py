@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmproxy.cache import BYPASS, HIT, MISS, asks_no_cache
 from llmproxy.cache.entry import Entry
-from llmproxy.cache.flight import FALLBACK, FOLLOWED, Flight, FlightHead, Follower
+from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
 from llmproxy.http11.headers import connection_line, response_head
 from llmproxy.metering.session import NONE, MeteredUsage
 from llmproxy.record import build_record
@@ -97,7 +97,8 @@ async def _replay(services: Services, ctx: RequestContext, entry: Entry) -> None
         _took(ctx, follower, entry.status)
     if services.metrics is not None:
         services.metrics.cache_bytes_counted("served", len(body))
-    ctx.termination = "--" if outcome == FOLLOWED else _termination(outcome, ctx.termination)
+    if outcome != FOLLOWED:
+        ctx.termination = _termination(outcome, ctx)
 
 
 async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bool:
@@ -126,7 +127,7 @@ async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bo
     else:  # cut or gone while the stream goes on: recorded now, as what it was sent of nothing metered
         ctx.cached_usage = NOTHING_METERED
     if outcome != FOLLOWED:
-        ctx.termination = _termination(outcome, ctx.termination)
+        ctx.termination = _termination(outcome, ctx)
         ctx.keep_alive = False
     return True
 
@@ -151,11 +152,14 @@ def _took(ctx: RequestContext, follower: Follower, status: int) -> None:
         ctx.t_first_byte = follower.first_byte_at
 
 
-def _termination(outcome: str, current: str) -> str:
-    """The termination code of a follower or replay that did not get to the end."""
-    if current != "--":
-        return current
-    return {"cut": "cD", "truncated": "SD", "gone": "CD"}.get(outcome, current)
+def _termination(outcome: str, ctx: RequestContext) -> str:
+    """The termination code of a follower or replay that did not get to the end (the connection may have set
+    one already)."""
+    if ctx.termination != "--":
+        return ctx.termination
+    if outcome == GONE:
+        return "CD" if ctx.response_started else "CH"
+    return {CUT: "cD", TRUNCATED: "SD"}.get(outcome, ctx.termination)
 
 
 def land(services: Services, ctx: RequestContext, flight: Flight, record: dict[str, Any] | None) -> None:
