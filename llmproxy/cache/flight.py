@@ -59,22 +59,20 @@ def chunk_frames(chunks: list[bytes]) -> bytes:
 
 
 class Flight:
-    __slots__ = ("_batch", "_close_joins", "abandon", "chunks", "followers", "head", "joined", "key",
-                 "leader_gone", "max_entry", "max_lag", "settled", "size", "state")
+    __slots__ = ("_close_joins", "abandon", "chunks", "followers", "head", "joined", "key",
+                 "leader_gone", "max_entry", "max_lag", "settled", "state")
 
     def __init__(self, key: bytes, max_entry: int, max_lag: int, close_joins: Callable[[Flight], None]) -> None:
         self.key = key
         self.max_entry = max_entry
         self.max_lag = max_lag  # how far behind a client may fall before it is cut
         self.chunks: list[bytes] | None = []  # None: past max_entry, neither stored nor joinable
-        self.size = 0
         self.head: FlightHead | None = None
         self.state = LIVE
         self.followers: set[Follower] = set()
         self.leader_gone = False
         self.abandon: Callable[[], None] | None = None  # closes the upstream (set by the leader's relay)
         self.joined: Callable[[], None] | None = None  # the leader's relay: no client paces the upstream now
-        self._batch: list[bytes] = []  # this read's chunks, sent to the followers at its end
         self._close_joins = close_joins  # takes the flight out of the cache's table of flights
         # The leader's usage and backend, for the followers' records: set when the leader's request ends.
         self.settled: asyncio.Future[tuple[Usage | None, str]] = asyncio.get_running_loop().create_future()
@@ -109,28 +107,28 @@ class Flight:
         for follower in list(self.followers):
             follower.begin(head)
 
-    def add(self, data: bytes) -> None:
-        chunks = self.chunks
-        if chunks is not None:
-            chunks.append(data)
-            self.size += len(data)
-            if self.size > self.max_entry:
-                self.chunks = None  # too big to keep: no store, no latecomers
-                self._close_joins(self)
-        if self.followers:
-            self._batch.append(data)
+    def publish(self, new: list[bytes]) -> None:
+        """New chunks (of one upstream read): to every follower in one write each. While the flight records,
+        the relay has already appended them to `chunks` (it appends to that very list)."""
+        frames = chunk_frames(new)
+        for follower in list(self.followers):
+            follower.send(frames)
 
-    def flush(self) -> None:
-        """The end of one upstream read: its chunks go to every follower in one write each."""
-        batch = self._batch
-        if batch:
-            frames = chunk_frames(batch)
-            batch.clear()
-            for follower in list(self.followers):
-                follower.send(frames)
+    def take(self, read: list[bytes]) -> None:
+        """Record and publish the chunks of one read (what the relay does through `chunks` and `publish`)."""
+        if self.chunks is not None:
+            self.chunks += read
+            if sum(map(len, self.chunks)) > self.max_entry:
+                self.too_big()
+        if self.followers:
+            self.publish(read)
+
+    def too_big(self) -> None:
+        """The answer outgrew max_entry: nothing kept, nothing stored, no latecomers."""
+        self.chunks = None
+        self._close_joins(self)
 
     def complete(self) -> None:
-        self.flush()
         self.state = COMPLETE
         self._close_joins(self)
         for follower in list(self.followers):
@@ -140,11 +138,11 @@ class Flight:
     def failed(self) -> None:
         """The attempt ended without completing: before its head, the leader may retry (the flight goes on,
         empty again); after it, every follower is truncated."""
-        self._batch.clear()
         if self.head is None:
             if self.chunks is not None:
                 self.chunks.clear()
-                self.size = 0
+            else:  # the failed attempt was too big: the next one records afresh
+                self.chunks = []
             return
         if self.state == LIVE:
             self.state = FAILED

@@ -183,12 +183,10 @@ def test_followers_get_the_stream_from_its_first_byte_and_the_chunks_are_kept() 
         first = follower(early)
         assert shared.join(first)
         shared.started(HEAD)
-        shared.add(b"one")
-        shared.flush()
+        shared.take([b"one"])
         second = follower(late)
         assert shared.join(second)  # a latecomer: the head and the chunks so far, at once
-        shared.add(b"two")
-        shared.flush()
+        shared.take([b"two"])
         shared.complete()
         assert await first.done == await second.done == FOLLOWED
         assert early.body == late.body == b"HEAD200|3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"
@@ -207,8 +205,7 @@ def test_a_follower_that_falls_behind_its_bound_is_cut_and_the_others_go_on() ->
         shared.started(HEAD)
         slow.writing_paused = True
         for _ in range(3):
-            shared.add(b"12345")
-            shared.flush()
+            shared.take([b"12345"])
         assert await stalled.done == CUT and slow.was_reset
         assert shared.followers == {reading}
         shared.complete()
@@ -225,7 +222,7 @@ def test_a_paused_follower_catches_up_when_its_client_reads_again() -> None:
         shared.join(one)
         shared.started(HEAD)
         client.writing_paused = True
-        shared.add(b"abc")
+        shared.take([b"abc"])
         shared.complete()
         assert not one.done.done()  # the end waits for the client
         client.writing_paused = False
@@ -258,7 +255,7 @@ def test_a_flight_that_ends_before_its_head_lets_its_followers_go_alone() -> Non
         shared = flight()
         one = follower(FakeClient())
         shared.join(one)
-        shared.add(b"from a failed attempt")
+        shared.take([b"from a failed attempt"])
         shared.failed()  # before the head: the leader may retry, the flight is empty again
         assert shared.chunks == [] and not one.done.done()
         shared.end(None, "a")
@@ -285,7 +282,7 @@ def test_past_max_entry_a_flight_keeps_nothing_and_takes_no_latecomers() -> None
         closed: list[Flight] = []
         shared = flight(closed, max_entry=4)
         shared.started(HEAD)
-        shared.add(b"12345")
+        shared.take([b"12345"])
         assert shared.chunks is None and closed == [shared]
         assert not shared.join(follower(FakeClient()))
 
