@@ -131,6 +131,7 @@ class Metrics:
         self._request_children: dict[tuple[str, int], Any] = {}
         self._backend_children: dict[str, tuple[Any, Any, Any]] = {}
         self._termination_children: dict[str, Any] = {}
+        self._cache_children: dict[str, Any] = {}
 
     def observe_request(self, backend: str, status: int, termination: str, duration: float,
                         ttft: float | None) -> None:
@@ -172,7 +173,11 @@ class Metrics:
             self.cost.labels(model, key_id).inc(cost)
 
     def observe_cache(self, result: str) -> None:
-        self.cache_requests.labels(result).inc()
+        """One proxied request's cache result (hit, miss, bypass): on every request while caching is on."""
+        counter = self._cache_children.get(result)
+        if counter is None:
+            counter = self._cache_children[result] = self.cache_requests.labels(result)
+        counter.inc()
 
     def cache_bytes_counted(self, op: str, size: int) -> None:
         self.cache_bytes.labels(op).inc(size)
