@@ -5,7 +5,8 @@
 Starts one mock backend (vLLM dialect, `--tokens` events per stream, unpaced) and four proxies pinned to one
 CPU, the mock and this load generator on the other:
 - off: no `caching:` section;
-- miss: caching on, every request distinct (a strategy matches, the answer is recorded and stored);
+- miss: caching on, every request distinct (a strategy matches, the answer is recorded and stored; the store
+  soon full, evicting one answer per answer stored);
 - hit: caching on, the same request every time (the first misses, the rest are replayed from the memory store);
 - bypass: caching on, requests no strategy matches (temperature 0.7: the phase's lookup cost only).
 Each proxy in turn gets `--requests` streams at `--concurrency`, in `--slices` rounds alternating the order;
@@ -39,10 +40,10 @@ def body(mode: str, n: int) -> bytes:
             % (temperature.encode(), content.encode()))
 
 
-def configs(mock_port: int) -> dict[str, dict[str, Any]]:
+def configs(mock_port: int, max_size_mb: float) -> dict[str, dict[str, Any]]:
     base = {"server": {"listen": f"{HOST}:0"}, "backends": [{"url": f"http://{HOST}:{mock_port}"}],
             "logging": {"access_log": "off"}}
-    caching = {"enabled": True, "max_size_mb": 256, "strategies": [
+    caching = {"enabled": True, "max_size_mb": max_size_mb, "strategies": [
         {"id": "det", "match": {"path": CHAT_PATH, "json_body": {"temperature": 0.0}}}]}
     return {mode: base if mode == "off" else {**base, "caching": caching} for mode in MODES}
 
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=200, help="events per stream (default 200)")
     parser.add_argument("--slices", type=int, default=3)
+    parser.add_argument("--max-size-mb", type=float, default=16.0,
+                        help="the store bound (default 16: misses soon fill it; it evicts, a steady state)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the proxies and the load generator")
     args = parser.parse_args(argv)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mock_port = mock.start()
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as directory:
-            for mode, path in write_configs(directory, "cache", configs(mock_port)).items():
+            for mode, path in write_configs(directory, "cache", configs(mock_port, args.max_size_mb)).items():
                 proxies[mode] = Service(f"proxy-{mode}", ["serve", "--config", path],
                                         cpu=pins[0] if pins else None)
                 proxies[mode].start()

@@ -74,8 +74,9 @@ class Flight:
         self.abandon: Callable[[], None] | None = None  # closes the upstream (set by the leader's relay)
         self.joined: Callable[[], None] | None = None  # the leader's relay: no client paces the upstream now
         self._close_joins = close_joins  # takes the flight out of the cache's table of flights
-        # The leader's usage and backend, for the followers' records: set when the leader's request ends.
-        self.settled: asyncio.Future[tuple[Usage | None, str]] = asyncio.get_running_loop().create_future()
+        # The leader's usage and backend, for the followers' records: set when the leader's request ends. Made
+        # with the first follower: most flights have none.
+        self.settled: asyncio.Future[tuple[Usage | None, str]] | None = None
 
     @property
     def joinable(self) -> bool:
@@ -85,6 +86,8 @@ class Flight:
         """Add a follower; False if the flight takes no more (then the request goes upstream alone)."""
         if not self.joinable:
             return False
+        if self.settled is None:
+            self.settled = asyncio.get_running_loop().create_future()
         self.followers.add(follower)
         follower.flight = self
         if self.joined is not None:
@@ -164,7 +167,7 @@ class Flight:
         if self.head is None:
             for follower in list(self.followers):
                 follower.fallback()
-        if not self.settled.done():
+        if self.settled is not None and not self.settled.done():
             self.settled.set_result((usage, backend))
 
 
