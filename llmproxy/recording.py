@@ -106,6 +106,10 @@ class RecordingExchange(Exchange):
         elif self.ctx.conn.transport.get_write_buffer_size() > self._flight.max_lag:
             self._cut_leader()
 
+    def _client_holds_upstream(self) -> bool:
+        # With followers (or none but them) the leader's client paces nothing: a silent backend is idle.
+        return self.ctx.conn.writing_paused and not self._orphaned and not self._flight.followers
+
     def _completed(self) -> None:
         self._whole = True
         self._flight.complete()

@@ -114,7 +114,7 @@ class Exchange:
             if now >= self._deadline:
                 self._first_byte_timeout()
             return
-        if self._progress != self._last_progress or self.ctx.conn.writing_paused:
+        if self._progress != self._last_progress or self._client_holds_upstream():
             # A client that reads slowly is the write timeout's business, not the backend's.
             self._last_progress = self._progress
             self._deadline = now + self._stream_idle
@@ -123,6 +123,10 @@ class Exchange:
             return
         if self._ping is not None:
             self._keep_alive(now)
+
+    def _client_holds_upstream(self) -> bool:
+        """The client's backpressure is what keeps the upstream from progressing (asked once per tick)."""
+        return self.ctx.conn.writing_paused
 
     def _keep_alive(self, now: float) -> None:
         """Ping a translated stream's client that has heard nothing for a ping interval: the backend may be

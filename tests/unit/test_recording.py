@@ -77,3 +77,21 @@ def test_an_answer_past_max_entry_is_not_kept_and_takes_no_latecomers(loop):
     upstream.send(chunk(b"cd") + END)
     assert flight.chunks is None and not flight.joinable and flight.state == "complete"
     assert exchange.ctx.bytes_out == 4
+
+
+def test_a_silent_backend_is_idle_for_the_followers_even_when_the_leaders_client_was_paused(loop):
+    closed: list[Flight] = []
+    flight = Flight(b"k", 10_000, 1000, closed.append)
+    ctx = request_context(chat(stream=True))
+    upstream = upstream_connection(loop)
+    exchange = RecordingExchange(ctx, upstream.conn, FakeBackend(stream_idle_timeout=2.0),
+                                 relay_settings(loop, tick=0.5, write_timeout=30.0), frozenset(), flight)
+    exchange.start(UPSTREAM_REQUEST)
+    one, _ = follower_of(flight)
+    upstream.send(STREAM_HEAD + chunk(b"a"))
+    ctx.conn.writing_paused = True  # the leader's client stopped reading, then went away
+    exchange.client_paused()
+    ctx.conn.closed = True
+    exchange.client_lost()
+    loop.advance(3.0)
+    assert upstream.transport.aborted and one.done.result() == "truncated"
