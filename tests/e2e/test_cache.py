@@ -173,3 +173,27 @@ def test_the_redis_store_is_shared_by_two_proxies(new_mock, tmp_path, procs):
         assert hit == ("hit", miss[1])
         assert post_count(mock) == 1
         assert [r["path"] for r in mock_posts(mock)] == [CHAT_PATH]
+
+
+def test_a_hit_counts_as_a_request_but_not_its_tokens_against_the_limits(new_mock, new_proxy):
+    mock = new_mock("vllm", "--tokens", "20")
+    proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching(),
+                      auth={"enabled": True, "keys": [{"key": KEY_A}]},
+                      rate_limit={"enabled": True, "per_key": {"requests_per_minute": 600, "burst": 100,
+                                                               "tokens_per_minute": 1000}})
+    as_a = {"Authorization": f"Bearer {KEY_A}"}
+
+    def remaining() -> tuple[int, int, str]:
+        reader, _, complete = send_request(proxy.port, chat(), as_a)
+        assert reader.status == 200 and complete
+        return (int(reader.headers["x-ratelimit-remaining-requests"]),
+                int(reader.headers["x-ratelimit-remaining-tokens"]), reader.headers["x-llmproxy-cache"])
+
+    requests_0, tokens_0, result = remaining()
+    assert result == "miss"
+    requests_1, tokens_1, result = wait_for(lambda: (found := remaining()) and found[1] < tokens_0 and found)
+    assert result == "hit" and requests_1 < requests_0  # the miss's tokens were charged once it ended
+    requests_2, tokens_2, result = remaining()
+    # A hit is a request, but costs no tokens: the bucket only refills (about 17 a second) meanwhile.
+    assert result == "hit" and requests_2 < requests_1 and tokens_2 >= tokens_1
+    assert post_count(mock) == 1
