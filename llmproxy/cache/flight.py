@@ -1,8 +1,10 @@
 """Singleflight: identical requests in flight share one upstream request.
 
-The first request of a key leads: it goes upstream as usual, and its relay (relay.py's RecordingExchange) hands
-every chunk it writes to its own client to the Flight too. Identical requests that arrive meanwhile follow:
-each gets the stream from its first byte (the chunks so far, then live), through its own Follower.
+The first request of a key leads: it goes upstream as usual, and its relay (recording.py's RecordingExchange)
+appends every chunk it writes to its own client to the Flight's `chunks` (a reference, nothing copied) and, at
+the end of each upstream read, `publish`es the read's chunks to the followers. Identical requests that arrive
+meanwhile follow: each gets the stream from its first byte (the chunks so far, then live), through its own
+Follower.
 
 Backpressure is per client. The upstream is read at the pace of the leader's client while it is alone; once
 followers are there, no client holds it back: a client that falls `max_lag` bytes behind (follower or leader)
@@ -116,15 +118,6 @@ class Flight:
         frames = chunk_frames(new)
         for follower in list(self.followers):
             follower.send(frames)
-
-    def take(self, read: list[bytes]) -> None:
-        """Record and publish the chunks of one read (what the relay does through `chunks` and `publish`)."""
-        if self.chunks is not None:
-            self.chunks += read
-            if sum(map(len, self.chunks)) > self.max_entry:
-                self.too_big()
-        if self.followers:
-            self.publish(read)
 
     def too_big(self) -> None:
         """The answer outgrew max_entry: nothing kept, nothing stored, no latecomers."""

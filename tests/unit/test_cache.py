@@ -172,6 +172,16 @@ def follower(client: FakeClient, max_lag: float = 1000) -> Follower:
     return Follower(client, lambda head: b"HEAD%d|" % head.status, max_lag, 30.0)
 
 
+def read(shared: Flight, chunks: list[bytes]) -> None:
+    """One upstream read's chunks, handed on as the leader's relay does (recording.py)."""
+    if shared.chunks is not None:
+        shared.chunks += chunks
+        if sum(map(len, shared.chunks)) > shared.max_entry:
+            shared.too_big()
+    if shared.followers:
+        shared.publish(chunks)
+
+
 def flight(closed: list[Flight] | None = None, max_entry: int = 10_000) -> Flight:
     return Flight(b"k", max_entry, 1000, (closed if closed is not None else []).append)
 
@@ -183,10 +193,10 @@ def test_followers_get_the_stream_from_its_first_byte_and_the_chunks_are_kept() 
         first = follower(early)
         assert shared.join(first)
         shared.started(HEAD)
-        shared.take([b"one"])
+        read(shared, [b"one"])
         second = follower(late)
         assert shared.join(second)  # a latecomer: the head and the chunks so far, at once
-        shared.take([b"two"])
+        read(shared, [b"two"])
         shared.complete()
         assert await first.done == await second.done == FOLLOWED
         assert early.body == late.body == b"HEAD200|3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"
@@ -205,7 +215,7 @@ def test_a_follower_that_falls_behind_its_bound_is_cut_and_the_others_go_on() ->
         shared.started(HEAD)
         slow.writing_paused = True
         for _ in range(3):
-            shared.take([b"12345"])
+            read(shared, [b"12345"])
         assert await stalled.done == CUT and slow.was_reset
         assert shared.followers == {reading}
         shared.complete()
@@ -222,7 +232,7 @@ def test_a_paused_follower_catches_up_when_its_client_reads_again() -> None:
         shared.join(one)
         shared.started(HEAD)
         client.writing_paused = True
-        shared.take([b"abc"])
+        read(shared, [b"abc"])
         shared.complete()
         assert not one.done.done()  # the end waits for the client
         client.writing_paused = False
@@ -255,7 +265,7 @@ def test_a_flight_that_ends_before_its_head_lets_its_followers_go_alone() -> Non
         shared = flight()
         one = follower(FakeClient())
         shared.join(one)
-        shared.take([b"from a failed attempt"])
+        read(shared, [b"from a failed attempt"])
         shared.failed()  # before the head: the leader may retry, the flight is empty again
         assert shared.chunks == [] and not one.done.done()
         shared.end(None, "a")
@@ -282,7 +292,7 @@ def test_past_max_entry_a_flight_keeps_nothing_and_takes_no_latecomers() -> None
         closed: list[Flight] = []
         shared = flight(closed, max_entry=4)
         shared.started(HEAD)
-        shared.take([b"12345"])
+        read(shared, [b"12345"])
         assert shared.chunks is None and closed == [shared]
         assert not shared.join(follower(FakeClient()))
 
