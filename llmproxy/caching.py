@@ -94,6 +94,7 @@ async def _replay(services: Services, ctx: RequestContext, entry: Entry) -> None
         outcome = await follower.done
     finally:
         ctx.exchange = None
+        follower.client_lost()  # a no-op once done; if this task was cancelled, the replay stops here
         _took(ctx, follower, entry.status)
     if services.metrics is not None:
         services.metrics.cache_bytes_counted("served", len(body))
@@ -114,6 +115,7 @@ async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bo
         outcome = await follower.done
     finally:
         ctx.exchange = None
+        follower.client_lost()  # a no-op once done; if this task was cancelled, it leaves the flight
     if services.metrics is not None:
         services.metrics.observe_follower(outcome)
     if outcome == FALLBACK:
@@ -124,7 +126,7 @@ async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bo
     if outcome == FOLLOWED or flight.settled.done():
         # The leader's request ends with the upstream's end: its record (and usage) is there at once.
         ctx.cached_usage, ctx.backend = await flight.settled
-    else:  # cut or gone while the stream goes on: recorded now, as what it was sent of nothing metered
+    else:  # cut or gone while the stream goes on: recorded at once, without usage (usage_source "none")
         ctx.cached_usage = NOTHING_METERED
     if outcome != FOLLOWED:
         ctx.termination = _termination(outcome, ctx)
