@@ -95,14 +95,15 @@ def test_a_latecomer_gets_the_stream_from_its_first_byte(new_mock, new_proxy):
 def test_a_follower_that_stops_reading_is_cut_and_the_others_complete(new_mock, metered_proxy, tmp_path):
     # About 1 MB of events: far more than a stalled reader's socket buffers and its 64 KiB lag bound.
     mock = new_mock("vllm", "--tokens", "5000")
-    proxy = metered_proxy([{"name": "a", "url": mock.url}], caching=caching(dedup_max_lag_kb=64),
+    # max_entry_kb above the answer: a follower slow to arrive on a loaded machine can still join mid-stream.
+    proxy = metered_proxy([{"name": "a", "url": mock.url}], caching=caching(dedup_max_lag_kb=64, max_entry_kb=4096),
                           server={"listen": "127.0.0.1:0", "timeouts": {"write": "60s"}})
     # Small segments and buffer: else loopback's 64 KiB segments let the kernel queue the whole stream for it.
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
     with raw_connect(proxy.port, timeout=30) as leader:
-        leader.sendall(request(1000))
+        leader.sendall(request(1500))
         leader_upstream(proxy)
         stalled.connect(("127.0.0.1", proxy.port))
         stalled.sendall(request())
