@@ -22,6 +22,9 @@ from llmproxy.http11.request import RequestHead
 from llmproxy.http11.wire import CONTINUE_100
 
 if TYPE_CHECKING:
+    from llmproxy.cache import CachePlan
+    from llmproxy.cache.entry import Usage
+    from llmproxy.cache.flight import Flight
     from llmproxy.eager import EagerRun
     from llmproxy.metering.session import MeteringSession
     from llmproxy.ratelimit import Admission
@@ -110,7 +113,13 @@ class RequestContext:
     upstream_sent: bool = False  # the request was written to a backend: it gets a usage record
     tenant: Tenant | None = None  # the caller, when auth is enabled
     admission: Admission | None = None  # rate-limit slots held until the request ends
-    response_headers: bytes = b""  # extra header lines for the response (x-ratelimit-*)
+    response_headers: bytes = b""  # extra header lines for the response (x-ratelimit-*, x-llmproxy-cache)
+    # The response cache (caching.py): a cacheable request's key, and the flight it leads upstream; or how it
+    # was answered without going upstream (a hit, a follower of an identical request) and the usage it gets.
+    cache_plan: CachePlan | None = None
+    flight: Flight | None = None
+    cache_role: str = ""  # "hit" | "follower"
+    cached_usage: Usage | None = None
     # Outcome.
     backend: str = ""  # the last one tried
     retries: int = 0  # attempts on further backends after the first failed

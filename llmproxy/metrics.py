@@ -117,11 +117,25 @@ class Metrics:
         self.discovery_changes = Counter(
             "llmproxy_discovery_changes_total", "Changes of the backends a discovery entry found.", ["entry"],
             registry=registry)
+        self.cache_requests = Counter(
+            "llmproxy_cache_requests_total", "Requests by what the response cache did: hit (served from it), miss "
+            "(sent upstream, or followed one in flight), bypass (not cacheable, or the client said no-cache).",
+            ["result"], registry=registry)
+        self.cache_bytes = Counter(
+            "llmproxy_cache_bytes_total", "Bytes of answers stored, evicted (LRU), expired and served from the cache.",
+            ["op"], registry=registry)
+        self.cache_evictions = Counter(
+            "llmproxy_cache_evictions_total", "Answers the memory store evicted to stay within max_size_mb.",
+            registry=registry)
+        self.dedup_followers = Counter(
+            "llmproxy_dedup_followers_total", "Requests that followed an identical one in flight, by how their "
+            "stream ended (complete, cut, truncated, gone, fallback).", ["outcome"], registry=registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
         self._backend_children: dict[str, tuple[Any, Any, Any]] = {}
         self._termination_children: dict[str, Any] = {}
+        self._cache_children: dict[str, Any] = {}
 
     def observe_request(self, backend: str, status: int, termination: str, duration: float,
                         ttft: float | None) -> None:
@@ -161,6 +175,21 @@ class Metrics:
         cost = record.get("cost_usd")
         if cost:
             self.cost.labels(model, key_id).inc(cost)
+
+    def observe_cache(self, result: str) -> None:
+        """One proxied request's cache result (hit, miss, bypass): on every request while caching is on."""
+        counter = self._cache_children.get(result)
+        if counter is None:
+            counter = self._cache_children[result] = self.cache_requests.labels(result)
+        counter.inc()
+
+    def cache_bytes_counted(self, op: str, size: int) -> None:
+        self.cache_bytes.labels(op).inc(size)
+        if op == "evicted":
+            self.cache_evictions.inc()
+
+    def observe_follower(self, outcome: str) -> None:
+        self.dedup_followers.labels(outcome).inc()
 
     def observe_retry(self, reason: str) -> None:
         self.retries.labels(reason).inc()

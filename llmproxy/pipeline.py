@@ -4,6 +4,8 @@
     those serving the client's API natively first, else those it can be translated for; a matching route of
     `routes:` -> its upstreams among them; a Responses follow-up -> the backend that stored its previous response)
     -> admit (rate limits)
+    -> cache (caching.py, with `caching:`): a stored answer is replayed, or an identical request in flight
+       followed; else the request leads and its relay hands the answer on (recording.py)
     -> [choose backend -> plan translation and metering, prepare body -> pick a key -> acquire connection
         -> relay] x attempts
     -> finish (records, releases rate-limit slots, charges usage)
@@ -17,7 +19,8 @@ A 429 on one of a backend's keys while another is free is retried at once with t
 attempt.
 
 `finish` runs in a `finally` whatever happened, and is the only place that records the request
-(metrics, access log, usage record) and hands the connection back to the client protocol.
+(metrics, access log, usage record), stores a cacheable answer that came whole, and hands the connection back
+to the client protocol.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import random
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from llmproxy.caching import land, serve_from_cache, served_record
 from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.fleet.auto import AUTO_MODEL
 from llmproxy.fleet.tokenizer import can_count, count_prompt_tokens
@@ -35,6 +39,7 @@ from llmproxy.gate import authenticate
 from llmproxy.metering.session import ESTIMATED, MeteringSession
 from llmproxy.own_endpoints import match_own
 from llmproxy.record import build_record, recount
+from llmproxy.recording import RecordingExchange
 from llmproxy.relay import Exchange
 from llmproxy.request_body import body_for_backend, inspect_body
 from llmproxy.spans import end_span, traced, upstream_traceparent
@@ -110,6 +115,8 @@ async def proxy_request(services: Services, ctx: RequestContext) -> None:
             ctx.admission = await services.limiter.admit(ctx.tenant, ctx.body_data)
             if ctx.admission is not None:
                 ctx.response_headers += ctx.admission.headers
+        if services.cache is not None and await serve_from_cache(services, ctx):
+            return  # a hit, or an identical request's answer followed
         if route is None:
             key = fleet.balancer.affinity_key(ctx.head.headers, ctx.body_data)  # prefix_affinity's, else None
         await forward_with_failover(services, ctx, fleet, candidates, body, key, route or fleet.balancer)
@@ -216,7 +223,8 @@ async def forward(services: Services, ctx: RequestContext, backend: Backend, bod
             if ctx.conn.closed:  # the client left in the same moment a connection was handed to it
                 pool.release(conn, True)  # unused: keep it
                 return
-            exchange = Exchange(ctx, conn, backend, services.relay, refuse_statuses)
+            exchange = Exchange(ctx, conn, backend, services.relay, refuse_statuses) if ctx.flight is None \
+                else RecordingExchange(ctx, conn, backend, services.relay, refuse_statuses, ctx.flight)
             try:
                 exchange.start(request)
                 await exchange.done
@@ -292,14 +300,32 @@ def finish(services: Services, ctx: RequestContext) -> None:
                         and _recount_later(services, ctx, record))
             if not counting:
                 deliver_record(services, record)
+        elif ctx.cached_usage is not None and services.metering:  # a hit or a follower: the original usage
+            record = served_record(services, ctx, duration, ttft)
+            deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)
         if services.tracing is not None and traced(ctx):  # the backend of its last attempt: None if it had none
             end_span(services.tracing, ctx, record, now, services.fleet.backend_named(ctx.backend))
     except Exception:  # recording must never strand the connection
         log.exception("recording request %s failed", ctx.request_id)
     finally:
-        _settle(ctx, record, counting)
+        if ctx.flight is not None:
+            _land(services, ctx, record)
+        # A hit's (or follower's) tokens and cost count against the limits only with caching.bill_hits.
+        charged = not ctx.cache_role or services.cache.config.bill_hits
+        _settle(ctx, record if charged else None, counting)
         ctx.conn.request_finished(ctx)
+
+
+def _land(services: Services, ctx: RequestContext, record: dict | None) -> None:
+    """The leader of a flight ended: store its answer, let its followers finish (caching.land), whatever
+    happened: a follower must never wait for a leader that is gone."""
+    flight, ctx.flight = ctx.flight, None
+    try:
+        land(services, ctx, flight, record)
+    except Exception:
+        log.exception("storing the answer of request %s failed", ctx.request_id)
+        flight.end(None, ctx.backend)
 
 
 def deliver_record(services: Services, record: dict) -> None:

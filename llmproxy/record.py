@@ -59,6 +59,8 @@ def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft
         "status": ctx.status,
         "termination": ctx.termination,
         "usage_source": source,
+        "cached": False,  # a hit of the response cache (caching.py sets these two)
+        "deduplicated": False,  # followed an identical request in flight: one upstream request for both
         "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
         "duration_ms": round(duration * 1000.0, 3),
     }

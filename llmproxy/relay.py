@@ -114,7 +114,7 @@ class Exchange:
             if now >= self._deadline:
                 self._first_byte_timeout()
             return
-        if self._progress != self._last_progress or self.ctx.conn.writing_paused:
+        if self._progress != self._last_progress or self._client_holds_upstream():
             # A client that reads slowly is the write timeout's business, not the backend's.
             self._last_progress = self._progress
             self._deadline = now + self._stream_idle
@@ -123,6 +123,10 @@ class Exchange:
             return
         if self._ping is not None:
             self._keep_alive(now)
+
+    def _client_holds_upstream(self) -> bool:
+        """The client's backpressure is what keeps the upstream from progressing (asked once per tick)."""
+        return self.ctx.conn.writing_paused
 
     def _keep_alive(self, now: float) -> None:
         """Ping a translated stream's client that has heard nothing for a ping interval: the backend may be
@@ -258,9 +262,13 @@ class Exchange:
         if self._chunked:
             self._out.append(LAST_CHUNK)
         self.end_of_read()
+        self._completed()
         self._end()
         if not self.done.done():
             self.done.set_result(None)
+
+    def _completed(self) -> None:
+        """The response arrived whole and was relayed (RecordingExchange hands it on)."""
 
     def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
         self._out.clear()
@@ -358,3 +366,4 @@ class Exchange:
         self.upstream.abort()
         self._end()
         self._abort_client("cD", "client did not read the response in time", reset=True)
+

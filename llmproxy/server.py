@@ -119,7 +119,7 @@ class ProxyServer:
         retire_removed(old.fleet, services.fleet)
         gc.unfreeze()  # the old fleet was frozen with the start-up heap: let a full pass free what it left
         settle_heap()
-        for section in ("server", "logging", "metrics", "usage", "tracing"):
+        for section in ("server", "logging", "metrics", "usage", "tracing", "caching"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
         log.info("reloaded %s: %d backends, %s", self.config_path, len(services.fleet.backends),
@@ -171,6 +171,8 @@ class ProxyServer:
             if services.limiter is not None:
                 await services.limiter.close()
             services.keys.close()
+        if self.lasting.cache is not None:
+            await self.lasting.cache.close()
         self.lasting.relay.sweeper.close()
         await self.lasting.recounter.close()  # records waiting for a prompt count go out (counted or not)
         await self.lasting.outbox.close()  # every record of every finished request is on disk before we exit

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmproxy.accesslog import AccessLog
 from llmproxy.auth import KeyRing
+from llmproxy.cache import ResponseCache
 from llmproxy.config.discovery import Endpoint
 from llmproxy.config.model import Config, PriceConfig, TranslationConfig
 from llmproxy.deadlines import DeadlineSweeper, tick_for
@@ -64,6 +65,7 @@ class Lasting:
     recounter: Recounter  # exact prompt counts of estimated records, from the backends' tokenizers
     affinity: ResponseAffinity  # which backend stored which Responses API response
     tracing: Tracing | None = None  # None: tracing disabled (and opentelemetry never imported)
+    cache: ResponseCache | None = None  # None: caching disabled
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -90,6 +92,7 @@ class Services:
     recounter: Recounter
     lasting: Lasting
     tracing: Tracing | None = None
+    cache: ResponseCache | None = None  # caching.enabled; the section needs a restart to change
 
 
 def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: Callable[[], dict[str, Any]], *,
@@ -117,6 +120,7 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         recounter=Recounter(config.usage.recount),
         affinity=ResponseAffinity(),
         tracing=_tracing(config),
+        cache=ResponseCache(config.caching, metrics, loop.time) if config.caching.enabled else None,
     )
 
 
@@ -162,6 +166,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         recounter=lasting.recounter,
         lasting=lasting,
         tracing=lasting.tracing,
+        cache=lasting.cache,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from llmproxy.config.access import access_warnings, check_access, load_credentials_file, load_keys_file
+from llmproxy.config.caching import check_caching
 from llmproxy.config.discovery import check_discovery_files
 from llmproxy.config.dump import dump_config
 from llmproxy.config.model import Config
@@ -89,6 +90,7 @@ def parse_config(data: dict[str, Any] | None, *, source: str = "<config>", base_
         raise ConfigError("backends", "at least one backend is required")
     config = Config(**values)
     check_routes(config)
+    check_caching(config)
     load_keys_file(config, base_dir or Path.cwd())
     load_credentials_file(config, base_dir or Path.cwd())
     check_discovery_files(config, base_dir or Path.cwd())

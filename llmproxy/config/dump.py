@@ -53,6 +53,7 @@ def dump_config(cfg: Config) -> str:
     }
     _format_durations(doc)
     doc["routes"] = [_dump_route(route) for route in cfg.routes]
+    doc["caching"] = _dump_caching(cfg)  # after the durations, as routes: its strategies' bodies are no durations
     return yaml.safe_dump(_mask_secrets(doc), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
@@ -124,6 +125,16 @@ def _dump_route(route: RouteConfig) -> dict[str, Any]:
                  else _without_nones(dataclasses.asdict(upstream)) for upstream in route.strategy.upstreams]
     match = {key: value for key, value in dataclasses.asdict(route.match).items() if value not in (None, {})}
     return {"id": route.id, "match": match, "strategy": {"type": route.strategy.type, "upstreams": upstreams}}
+
+
+def _dump_caching(cfg: Config) -> dict[str, Any]:
+    doc = _without_nones(dataclasses.asdict(cfg.caching))
+    doc["strategies"] = [
+        _without_nones({"id": strategy.id, "ttl_seconds": strategy.ttl_seconds,
+                        "match": {key: value for key, value in dataclasses.asdict(strategy.match).items()
+                                  if value not in (None, {})}})
+        for strategy in cfg.caching.strategies]
+    return doc
 
 
 def _mask_secrets(node: Any) -> Any:

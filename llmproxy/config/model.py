@@ -332,6 +332,37 @@ class RateLimitConfig:
     global_limits: LimitConfig = field(default_factory=LimitConfig)  # `global:` in the file
 
 
+CACHE_STORES = ("memory", "redis")
+
+
+@dataclass(slots=True)
+class CacheStrategyConfig:
+    """One `caching.strategies[]` entry: the requests it caches (a route's `match` form), and for how long."""
+
+    id: str
+    match: RouteMatchConfig
+    ttl_seconds: float | None = None  # None: caching.default_ttl_seconds
+
+
+@dataclass(slots=True)
+class CachingConfig:
+    """The response cache and de-duplication of identical requests in flight (llmproxy/cache/)."""
+
+    enabled: bool = False
+    default_ttl_seconds: float = 3600.0
+    max_size_mb: float = 100.0  # the memory store's bound, least recently used out first
+    max_entry_kb: int = 1024  # a larger response is neither stored nor joined once past it
+    store: str = "memory"  # memory | redis (shared by workers and replicas)
+    redis_url: str | None = None  # None with store: redis -> rate_limit.redis_url
+    cluster: bool = False  # redis_url names nodes of a Redis Cluster
+    per_key: bool = True  # the caller's key is part of the cache key: one tenant's answers never reach another
+    ignore_fields: list[str] = field(default_factory=lambda: ["user"])  # body keys left out of the cache key
+    bill_hits: bool = False  # a hit (and a de-duplicated follower) is charged the original cost
+    dedup: bool = True  # identical cacheable requests in flight share one upstream request
+    dedup_max_lag_kb: int = 1024  # a follower this far behind the stream is cut
+    strategies: list[CacheStrategyConfig] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
@@ -504,3 +535,4 @@ class Config:
     usage: UsageConfig = field(default_factory=UsageConfig)
     pricing: dict[str, PriceConfig] = field(default_factory=dict)  # by model name as forwarded (after aliases)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    caching: CachingConfig = field(default_factory=CachingConfig)

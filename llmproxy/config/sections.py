@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from llmproxy.catalogue import AUTO, BACKEND_KINDS, FAMILIES, TRANSLATE_MODES
 from llmproxy.config.access import parse_auth, parse_rate_limit, parse_security
+from llmproxy.config.caching import parse_caching
 from llmproxy.config.discovery import check_member_names, default_name, parse_discovery
 from llmproxy.config.model import (
     REPORTER_TYPES,
@@ -437,6 +438,7 @@ _TOP_LEVEL_FIELDS: dict[str, _Parser] = {
     "usage": _parse_usage,
     "pricing": _parse_pricing,
     "tracing": parse_tracing,
+    "caching": parse_caching,
 }
 
 

@@ -41,7 +41,7 @@ from llmproxy.fleet.balancer import TTFT_FLOOR
 
 if TYPE_CHECKING:
     from llmproxy.catalogue import Endpoint
-    from llmproxy.config.model import PriceConfig, RouteConfig, UpstreamConfig
+    from llmproxy.config.model import PriceConfig, RouteConfig, RouteMatchConfig, UpstreamConfig
     from llmproxy.fleet.backend import Backend
     from llmproxy.fleet.router import Router
 
@@ -86,16 +86,12 @@ def blended(input_per_million: float, output_per_million: float) -> float:
     return INPUT_SHARE * input_per_million + (1.0 - INPUT_SHARE) * output_per_million
 
 
-class Route:
-    """One `routes[]` entry with its conditions precomputed and its upstreams resolved, for one fleet generation."""
+class Conditions:
+    """A `match:` mapping precomputed: what a request must have (a route's; a cache strategy's too)."""
 
-    __slots__ = ("_body", "_headers", "_method", "_path", "_prefix", "_router", "_translate", "choose", "id",
-                 "specificity", "strategy", "upstreams")
+    __slots__ = ("_body", "_headers", "_method", "_path", "_prefix", "specificity")
 
-    def __init__(self, config: RouteConfig, backends: dict[str, Backend], router: Router, translate: str,
-                 prices: dict[str, PriceConfig]) -> None:
-        match = config.match
-        self.id = config.id
+    def __init__(self, match: RouteMatchConfig) -> None:
         path = match.path
         self._prefix = path is not None and path.endswith("*")
         self._path = path[:-1] if path is not None and self._prefix else path
@@ -103,15 +99,9 @@ class Route:
         self._headers = tuple((name.encode(), value.encode()) for name, value in match.headers.items())
         self._body = tuple(leaves(match.json_body))
         self.specificity = (path is not None) + (self._method is not None) + len(self._headers) + len(self._body)
-        self.upstreams = [backends[upstream.name] for upstream in config.strategy.upstreams]
-        self.strategy: RouteStrategy = STRATEGIES[config.strategy.type](config.strategy.upstreams, self.upstreams,
-                                                                        prices)
-        self.choose = self.strategy.choose  # the pipeline asks the route as it asks the balancer
-        self._router = router
-        self._translate = translate
 
     def matches(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]], body: Any) -> bool:
-        """The request has every condition of the route (`headers`: lower-case names; `body`: the parsed JSON)."""
+        """The request has every condition (`headers`: lower-case names; `body`: the parsed JSON)."""
         if self._method is not None and method != self._method:
             return False
         expected = self._path
@@ -124,6 +114,23 @@ class Route:
             else:
                 return False
         return not self._body or _body_matches(body, self._body)
+
+
+class Route(Conditions):
+    """One `routes[]` entry with its conditions precomputed and its upstreams resolved, for one fleet generation."""
+
+    __slots__ = ("_router", "_translate", "choose", "id", "strategy", "upstreams")
+
+    def __init__(self, config: RouteConfig, backends: dict[str, Backend], router: Router, translate: str,
+                 prices: dict[str, PriceConfig]) -> None:
+        super().__init__(config.match)
+        self.id = config.id
+        self.upstreams = [backends[upstream.name] for upstream in config.strategy.upstreams]
+        self.strategy: RouteStrategy = STRATEGIES[config.strategy.type](config.strategy.upstreams, self.upstreams,
+                                                                        prices)
+        self.choose = self.strategy.choose  # the pipeline asks the route as it asks the balancer
+        self._router = router
+        self._translate = translate
 
     def plan(self, candidates: list[Backend], endpoint: Endpoint, path: str, model: str | None, now: float,
              request_id: str) -> tuple[list[Backend], Any]:

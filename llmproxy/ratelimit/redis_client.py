@@ -29,14 +29,15 @@ def hash_tagged(prefix: str) -> str:
     return "{" + prefix.rstrip(":") + "}:"
 
 
-def connect(target: RedisTarget, timeout: float) -> Any:
-    """A redis.asyncio client for `target` whose every socket operation gives up after `timeout` seconds."""
+def connect(target: RedisTarget, timeout: float, decode_responses: bool = True) -> Any:
+    """A redis.asyncio client for `target` whose every socket operation gives up after `timeout` seconds;
+    replies are text unless `decode_responses` is False (the response cache stores bytes)."""
     import redis.asyncio as redis_asyncio
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                              "decode_responses": True}
+                              "decode_responses": decode_responses}
     # One immediate retry: a pooled connection found dead after a restart or a failover is replaced at
     # once, so the first call after it already succeeds. The store's own deadline still bounds the pair.
     retry = Retry(NoBackoff(), 1)

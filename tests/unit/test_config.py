@@ -25,6 +25,7 @@ from llmproxy.config.model import (
     AuthConfig,
     BackendConfig,
     BackendTimeouts,
+    CachingConfig,
     Config,
     LimitConfig,
     LoggingConfig,
@@ -660,6 +661,7 @@ def test_example_documents_every_default(monkeypatch: pytest.MonkeyPatch, tmp_pa
         RateLimitConfig,
         LimitConfig,
         TracingConfig,
+        CachingConfig,
     )
     model_keys = {f.name for cls in (Config, *classes) for f in dataclasses.fields(cls)}
     # host/port come from listen, the rest from url; global_limits is `global:` in the file

@@ -1,0 +1,196 @@
+"""The cache phase of a request (the `caching:` section; the cache itself is llmproxy/cache/).
+
+    plan: does a strategy match (and no Cache-Control: no-cache)? -> bypass, else its key
+    -> a stored answer? replay it (hit)
+    -> an identical request in flight? follow it from its first byte (miss, deduplicated)
+    -> else lead: the request goes upstream, its relay (recording.py) handing the answer to its flight
+    ... and when the leader's request ends (pipeline.finish): `land` stores a complete answer and gives the
+    followers the usage for their records.
+
+Decisions: the phase runs after authentication and admission, so a hit is a request like any other for the
+request-rate and concurrency limits; its tokens and cost are charged only with `bill_hits`. A hit replays the
+stored status and content type (the backend's other headers are not kept), with this request's own request id,
+x-ratelimit-* and `x-llmproxy-cache: hit`. HTTP/1.0 clients are served hits but never follow (their body could
+only end with the connection): they go upstream themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from llmproxy.cache import BYPASS, HIT, MISS, asks_no_cache
+from llmproxy.cache.entry import Entry
+from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
+from llmproxy.http11.headers import connection_line, response_head
+from llmproxy.metering.session import NONE, MeteredUsage
+from llmproxy.record import build_record
+
+if TYPE_CHECKING:
+    from llmproxy.context import RequestContext
+    from llmproxy.services import Services
+
+CACHE_HEADERS = {result: b"x-llmproxy-cache: %b\r\n" % result.encode() for result in (HIT, MISS, BYPASS)}
+DEDUPLICATED_HEADER = b"x-llmproxy-deduplicated: true\r\n"
+REPLAY_SLICE = 16 * 1024  # a stored answer goes out in pieces of this size, as fast as the client takes them
+MAX_FOLLOWS = 3  # flights that ended before their head, in a row: then the request goes upstream alone
+HIT_ROLE, FOLLOWER_ROLE = "hit", "follower"
+NOTHING_METERED = (0, 0, None, None, NONE)
+
+
+async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
+    """The cache phase; True when the request was answered here (a hit, or a flight followed to its end)."""
+    cache = services.cache
+    head = ctx.head
+    plan = None
+    if not asks_no_cache(head.headers):
+        plan = cache.plan(head.method, ctx.path, head.headers, ctx.body_data, ctx.model, ctx.key_id)
+    if plan is None:
+        _count(services, ctx, BYPASS)
+        return False
+    entry = await cache.get(plan.key)
+    if entry is not None:
+        _count(services, ctx, HIT)
+        await _replay(services, ctx, entry)
+        return True
+    _count(services, ctx, MISS)
+    if cache.config.dedup and head.version == "1.1":
+        for _ in range(MAX_FOLLOWS):
+            flight = cache.joinable(plan.key)
+            if flight is None:
+                break
+            if await _follow(services, ctx, flight):
+                return True
+    ctx.cache_plan = plan
+    ctx.flight = cache.lead(plan.key)
+    return False
+
+
+def _count(services: Services, ctx: RequestContext, result: str) -> None:
+    ctx.response_headers += CACHE_HEADERS[result]
+    if services.metrics is not None:
+        services.metrics.observe_cache(result)
+
+
+async def _replay(services: Services, ctx: RequestContext, entry: Entry) -> None:
+    """Answer with a stored response: a stream as a stream (chunked), paced by the client's reading."""
+    ctx.cache_role = HIT_ROLE
+    ctx.cached_usage = entry.usage
+    chunked = entry.streaming and ctx.head.version == "1.1"
+    body = entry.body if ctx.head.method != b"HEAD" else b""
+    headers = [(b"content-type", entry.content_type)] if entry.content_type else []
+    if not chunked:
+        headers.append((b"content-length", b"%d" % len(entry.body)))
+    follower = Follower(ctx.conn, _head_maker(ctx, headers, chunked), float("inf"), services.relay.write_timeout)
+    ctx.exchange = follower
+    try:
+        follower.begin(FlightHead(entry.status, headers, entry.streaming))
+        for start in range(0, len(body), REPLAY_SLICE):
+            piece = body[start:start + REPLAY_SLICE]
+            follower.send(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            follower.send(b"0\r\n\r\n")
+        follower.end_of_stream()
+        outcome = await follower.done
+    finally:
+        ctx.exchange = None
+        follower.client_lost()  # a no-op once done; if this task was cancelled, the replay stops here
+        _took(ctx, follower, entry.status)
+    if services.metrics is not None:
+        services.metrics.cache_bytes_counted("served", len(body))
+    if outcome != FOLLOWED:
+        ctx.termination = _termination(outcome, ctx)
+
+
+async def _follow(services: Services, ctx: RequestContext, flight: Flight) -> bool:
+    """Follow `flight` to its end; False if it ended before its head (the caller tries again or leads)."""
+    follower = Follower(ctx.conn, _head_maker(ctx, None, True), flight.max_lag, services.relay.write_timeout)
+    headers = ctx.response_headers
+    ctx.response_headers += DEDUPLICATED_HEADER
+    ctx.exchange = follower
+    try:
+        if not flight.join(follower):
+            ctx.response_headers = headers
+            return False
+        outcome = await follower.done
+    finally:
+        ctx.exchange = None
+        follower.client_lost()  # a no-op once done; if this task was cancelled, it leaves the flight
+    if services.metrics is not None:
+        services.metrics.observe_follower(outcome)
+    if outcome == FALLBACK:
+        ctx.response_headers = headers
+        return False
+    ctx.cache_role = FOLLOWER_ROLE
+    _took(ctx, follower, follower.head.status if follower.head is not None else 0)
+    if outcome == FOLLOWED or flight.settled.done():
+        # The leader's request ends with the upstream's end: its record (and usage) is there at once.
+        ctx.cached_usage, ctx.backend = await flight.settled
+    else:  # cut or gone while the stream goes on: recorded at once, without usage (usage_source "none")
+        ctx.cached_usage = NOTHING_METERED
+    if outcome != FOLLOWED:
+        ctx.termination = _termination(outcome, ctx)
+        ctx.keep_alive = False
+    return True
+
+
+def _head_maker(ctx: RequestContext, headers: list[tuple[bytes, bytes]] | None,
+                chunked: bool) -> Callable[[FlightHead], bytes]:
+    """This client's response head for a flight's (or a stored answer's) head."""
+    def head_for(head: FlightHead) -> bytes:
+        ctx.status = head.status
+        ctx.response_started = True
+        return response_head(head.status, head.headers if headers is None else headers, keeps_length=not chunked,
+                             chunked=chunked, streaming=head.streaming, request_id=ctx.forwarded_request_id,
+                             extra=ctx.response_headers,
+                             connection=connection_line(ctx.keep_alive, ctx.head.version == "1.0"))
+    return head_for
+
+
+def _took(ctx: RequestContext, follower: Follower, status: int) -> None:
+    ctx.status = status or ctx.status
+    ctx.bytes_out += follower.bytes_out
+    if follower.first_byte_at:
+        ctx.t_first_byte = follower.first_byte_at
+
+
+def _termination(outcome: str, ctx: RequestContext) -> str:
+    """The termination code of a follower or replay that did not get to the end (the connection may have set
+    one already)."""
+    if ctx.termination != "--":
+        return ctx.termination
+    if outcome == GONE:
+        return "CD" if ctx.response_started else "CH"
+    return {CUT: "cD", TRUNCATED: "SD"}.get(outcome, ctx.termination)
+
+
+def land(services: Services, ctx: RequestContext, flight: Flight, record: dict[str, Any] | None) -> None:
+    """The leader of `flight` ended: store its answer if it came whole with a 200, and give its followers the
+    usage (from `record`, None when unmetered) for their own records."""
+    usage = None
+    if record is not None:
+        usage = (record["prompt_tokens"], record["completion_tokens"], record.get("cache_read_tokens"),
+                 record.get("cache_write_tokens"), record["usage_source"])
+    complete = flight.state == "complete" and flight.chunks is not None and flight.head is not None
+    if complete and ctx.status == 200 and flight.head.status == 200:
+        head = flight.head
+        content_type = head.headers[0][1] if head.headers else b""
+        entry = Entry(head.status, content_type, head.streaming, b"".join(flight.chunks), usage, ctx.backend)
+        services.cache.put(ctx.cache_plan, entry)
+    flight.end(usage, ctx.backend)
+
+
+def served_record(services: Services, ctx: RequestContext, duration: float, ttft: float | None) -> dict[str, Any]:
+    """The usage record of a hit or a follower: the original usage, at zero cost unless `bill_hits`."""
+    record = build_record(ctx, MeteredUsage(*ctx.cached_usage), duration, ttft, services.prices)
+    record["cached"] = ctx.cache_role == HIT_ROLE
+    record["deduplicated"] = ctx.cache_role == FOLLOWER_ROLE
+    if not services.cache.config.bill_hits and "cost_usd" in record:
+        record["cost_usd"] = 0.0
+    return record
+
+
+def charges(services: Services, ctx: RequestContext) -> bool:
+    """Whether this request's record is charged to its rate limits' tokens and budget."""
+    return not ctx.cache_role or services.cache.config.bill_hits
+
