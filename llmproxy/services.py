@@ -192,7 +192,9 @@ def _limiter(config: Config, metrics: Metrics | None, old: Limiter | None) -> Li
     if not rate.enabled:
         return None
     if old is None:
-        return Limiter(rate, open_store(rate), metrics, per_key_labels)
+        limiter = Limiter(rate, open_store(rate), metrics, per_key_labels)
+        limiter.prepare()
+        return limiter
     if (old.config.store, old.config.redis_url, old.config.cluster) != (rate.store, rate.redis_url, rate.cluster):
         log.warning("reload: rate_limit.store, redis_url and cluster changes need a restart; they are not applied")
         rate = dataclasses.replace(rate, store=old.config.store, redis_url=old.config.redis_url,

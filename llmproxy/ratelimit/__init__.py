@@ -106,6 +106,7 @@ class Limiter:
         # Admissions not settled yet in this process (0 whenever nothing is in flight), shared with the
         # limiter a reload replaced: its admissions settle there.
         self._held = previous._held if previous is not None else [0]
+        self._preparing: asyncio.Task | None = None
 
     async def admit(self, tenant: Caller | None, body: Any) -> Admission | None:
         """Admit a request of `tenant` (None: anonymous) whose parsed JSON body is `body`, or raise ProxyError
@@ -145,7 +146,14 @@ class Limiter:
     def held(self) -> int:
         return self._held[0]
 
+    def prepare(self) -> None:
+        """Let a new store connect in the background, ahead of the first admission (see RedisStore.prepare)."""
+        if not self._local:
+            self._preparing = asyncio.get_running_loop().create_task(self.store.prepare())
+
     async def close(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
         await self.store.close()
 
     # internals ------------------------------------------------------------------------------------

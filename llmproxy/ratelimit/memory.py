@@ -104,6 +104,9 @@ class MemoryStore:
                 state.spent_tokens += tokens
                 state.spent_usd += usd
 
+    async def prepare(self) -> None:
+        pass  # nothing to connect to
+
     async def close(self) -> None:
         self._scopes.clear()
 

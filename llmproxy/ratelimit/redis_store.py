@@ -44,6 +44,7 @@ log = logging.getLogger("llmproxy")
 # tried again for this long, so that a busy moment does not leave the slot held until the lease expires. (A
 # charge is not: one whose reply was lost may have been applied, and a second would count the tokens twice.)
 RELEASE_RETRY_FOR = 5.0
+PREPARE_TIMEOUT = 5.0  # seconds to connect at start (see RedisStore.prepare)
 RELEASE_RETRY_PAUSE = 0.1
 
 # Helpers shared by the scripts; `period_bounds` is `store.period_bounds` in days-since-epoch arithmetic
@@ -252,13 +253,17 @@ class RedisStore:
                  cluster: bool = False) -> None:
         """`url` as rate_limit.redis_url (config/redis_url.py); `cluster`: it names Redis Cluster nodes."""
         _import_redis()
-        from redis.exceptions import AskError, ClusterCrossSlotError, MovedError, RedisError
+        from redis.exceptions import AskError, ClusterCrossSlotError, MovedError, RedisClusterException, RedisError
 
         from llmproxy.ratelimit.redis_client import connect, hash_tagged
 
         target = parse_redis_url(url, cluster)
+        self._cluster = cluster
         self._redis = connect(target, timeout)
-        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+        # RedisClusterException (every cluster node unreachable, say) is no RedisError: without it, a Cluster
+        # wholly down would raise through an admission instead of being a store error that on_store_error decides.
+        self._errors: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError,
+                                                         asyncio.TimeoutError)
         self._cluster_errors = (ClusterCrossSlotError, MovedError, AskError)
         self._prefix = hash_tagged(prefix) if target.kind == "cluster" else prefix
         self._lease_ttl = lease_ttl
@@ -289,6 +294,16 @@ class RedisStore:
         if decision.leases:
             self._hold(decision.leases)
         return decision
+
+    async def prepare(self) -> None:
+        """Connect (on a Cluster, also learn which node serves which slot) before the first admission needs it,
+        so that the first request does not pay for it within `timeout`. A failure is logged and left to the
+        calls, which connect again by themselves."""
+        init = getattr(self._redis, "initialize", None) if self._cluster else None
+        try:
+            await asyncio.wait_for(init() if init is not None else self._redis.ping(), PREPARE_TIMEOUT)
+        except (*self._errors, asyncio.TimeoutError) as error:
+            log.warning("rate-limit store: redis not reachable yet (%s); admissions will try again", error)
 
     async def release(self, leases: Sequence[tuple[str, str]]) -> None:
         if not leases:

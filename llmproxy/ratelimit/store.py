@@ -111,6 +111,8 @@ class RateStore(Protocol):
         token buckets (`reserved` is what `admit` took for it). Raises StoreUnavailable."""
         ...
 
+    async def prepare(self) -> None: ...  # connect ahead of the first call, where there is anything to connect
+
     async def close(self) -> None: ...
 
 

@@ -27,6 +27,7 @@ from llmproxy.ratelimit.memory import MemoryStore
 from llmproxy.ratelimit.redis_store import RELEASE_RETRY_FOR
 from llmproxy.ratelimit.store import Decision, Limits, RateStore, StoreUnavailable, period_bounds
 from tests.redis_server import RedisServer
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,7 +69,10 @@ class Harness:
             from llmproxy.ratelimit.redis_store import RedisStore
 
             assert self.server is not None
-            store = RedisStore(self.server.url, prefix="test:", cluster=self.kind.endswith("cluster"), **kwargs)
+            cluster = self.kind.endswith("cluster")
+            if cluster:  # its first call also learns the slot map: more than 0.5 s on a loaded machine
+                kwargs.setdefault("timeout", 2.0)
+            store = RedisStore(self.server.url, prefix="test:", cluster=cluster, **kwargs)
         self.stores.append(store)
         return store
 
@@ -579,6 +583,40 @@ def test_redis_hung_is_store_unavailable_within_the_timeout(redis_harness: Harne
         finally:
             server.resume()
         assert (await store.admit(check)).allowed
+
+    redis_harness.run(scenario)
+
+
+def test_a_cluster_with_no_node_reachable_is_store_unavailable() -> None:
+    """redis-py's cluster errors are no RedisError: they must still be a store error, which on_store_error
+    decides, and not an exception through the admission."""
+    from llmproxy.ratelimit.redis_store import RedisStore
+
+    async def scenario() -> None:
+        store = RedisStore(f"redis://127.0.0.1:{free_port()}", cluster=True, timeout=0.3)
+        try:
+            with pytest.raises(StoreUnavailable, match="cannot be connected"):
+                await store.admit([("key:a", Limits(requests_per_minute=60))])
+        finally:
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_prepare_connects_ahead_of_the_first_call_and_only_logs_when_redis_is_away(
+        redis_harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    server = redis_harness.server
+
+    async def scenario(h: Harness) -> None:
+        store = h.store()
+        await store.prepare()
+        assert "not reachable" not in caplog.text
+        server.kill()
+        try:
+            await h.store(timeout=0.3).prepare()  # does not raise: admissions will try again
+            assert "not reachable" in caplog.text
+        finally:
+            server.start()
 
     redis_harness.run(scenario)
 
