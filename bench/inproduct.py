@@ -90,9 +90,10 @@ def agreement(found: dict[str, Any], paired: dict[str, float], rig_bound: bool) 
     The in-product part is the time spent in proxy code; the client-side Δ adds the two extra loopback
     hops and wake-ups, so the in-product sum can only be smaller, give or take noise (AGREEMENT_MS).
     That holds only while the client-side Δ measures the proxy: not when the mock + load generator core
-    is saturated (`rig_bound`) or Δ is negative (queueing there, which differs between paths, dominates
-    it); the comparison is then skipped. Every stream of the phase that succeeded must be counted once:
-    the scrapes bracket the phase with no stream in flight.
+    is saturated (`rig_bound`: by them, or with other processes on a shared machine) or Δ is negative
+    (queueing there, which differs between paths, dominates it); the comparison is then skipped. Every
+    stream of the phase that succeeded must be counted once: the scrapes bracket the phase with no stream
+    in flight.
     """
     failed = []
     nan = float("nan")
@@ -109,7 +110,7 @@ def agreement(found: dict[str, Any], paired: dict[str, float], rig_bound: bool) 
     paired_p50, paired_mean = paired.get("p50", nan), paired.get("mean", nan)
     skipped = None
     if rig_bound or not paired_p50 > 0:
-        skipped = "rig-bound: the mock + load generator core was saturated" if rig_bound else \
+        skipped = "the mock + load generator core was saturated (by them, or with other processes)" if rig_bound else \
             "paired Δ p50 is not positive: queueing on the mock + load generator core dominates it"
     elif total > paired_p50 + AGREEMENT_MS:
         failed.append(f"in-product request + first-byte overhead {total:.3f} ms exceeds the client-side paired Δ "

@@ -53,7 +53,7 @@ from bench.loadgen import Lane
 from bench.nginx import Nginx, find_nginx
 from bench.procs import Service, pinned_core_seconds
 from bench.stats import per_stream_ms, summary_ms
-from bench.ttft_report import BURST, NGINX, PACED, error_report, failed_checks, report, rig_bound, saturated
+from bench.ttft_report import BURST, NGINX, PACED, error_report, failed_checks, report, saturated
 
 # PROXIED, NGINX, PACED and BURST come from bench.inproduct and bench.ttft_report, which import nothing from here
 PATHS = (DIRECT, PROXIED)  # the throughput phase compares these two
@@ -273,7 +273,7 @@ def summarise(level: Level, mode: str, scrapes: dict[str, Any]) -> dict[str, Any
         "proxy_cpu_us_per_event": level.cpu_us_per_event(PROXIED, [PROXIED]),
         "nginx": nginx_summary(level) if NGINX in paths else None,
         "inter_chunk_ms": inter_chunk,
-        "inproduct": inproduct_summary(scrapes, phase, paired[PAIR], inter_chunk, rig_bound(busy)),
+        "inproduct": inproduct_summary(scrapes, phase, paired[PAIR], inter_chunk, saturated(busy)),
         # for scale: what the mock backend spends per stream it generates, on every path
         "mock_cpu_ms_per_stream": level.cpu_ms_per_stream("mock", paths),
         "streams_in_cpu_window": phase.window_streams,
