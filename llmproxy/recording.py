@@ -61,10 +61,8 @@ class RecordingExchange(Exchange):
         self._head = FlightHead(status, [(b"content-type", content_type)] if content_type else [], streaming)
 
     def _forward(self, data: bytes) -> None:
-        # Exchange._forward's two lines and a reference to the chunk: inline, since this runs per chunk.
-        self._out.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        self.ctx.bytes_out += len(data)
-        self._chunks.append(data)
+        Exchange._forward(self, data)
+        self._chunks.append(data)  # what followers and the cache get: the same bytes the leader's client got
 
     def end_of_read(self) -> None:
         Exchange.end_of_read(self)

@@ -62,10 +62,10 @@ def _is_streaming(headers: list[tuple[bytes, bytes]]) -> bool:
 class Exchange:
     """Implements the upstream ResponseSink for one request and writes the client side directly."""
 
-    __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_last_progress", "_loop", "_out",
-                 "_overhead", "_pending_head", "_ping", "_ping_at", "_ping_sent", "_progress", "_refuse_statuses",
-                 "_settings", "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_timer", "ctx", "done",
-                 "retry_after", "upstream")
+    __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_in", "_last_progress", "_loop",
+                 "_out", "_overhead", "_pending_head", "_ping", "_ping_at", "_ping_sent", "_progress",
+                 "_refuse_statuses", "_settings", "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_timer",
+                 "ctx", "done", "retry_after", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
                  settings: RelaySettings, refuse_statuses: frozenset[int] = frozenset()) -> None:
@@ -78,6 +78,7 @@ class Exchange:
         self._write = ctx.conn.transport.write
         self._chunked = False
         self._pending_head: bytes | None = None  # the response head, until it can go with the first chunk
+        self._in: list[bytes] = []  # the body chunks of this upstream read, metered and relayed at its end
         self._out: list[bytes] = []  # what this upstream read produced for the client: one write at its end
         self._progress = 0  # chunks relayed; the deadline sweeper compares it between ticks
         self._last_progress = -1
@@ -174,7 +175,17 @@ class Exchange:
             self.client_paused()
 
     def on_response_body(self, data: bytes) -> None:
+        # Per chunk, only this: a backend that puts a whole stream in one write sends it as dozens of HTTP
+        # chunks, and metering them one by one cost more than all the rest of the request (bench.instructions).
         self._progress += 1
+        self._in.append(data)
+
+    def _take_input(self) -> bool:
+        """Meter (or translate) the body bytes of this read as one piece and queue them for the client.
+        False if that ended the exchange (a translator that could not follow): nothing more may be written."""
+        chunks = self._in
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         feed = self._feed
         if feed is not None:
             try:
@@ -182,20 +193,25 @@ class Exchange:
             except Exception:  # a metering bug must never cost the client its stream
                 if self.ctx.meter is not None and self.ctx.meter.translation is not None:
                     self._translation_failed()  # the backend's API is not the client's: nothing to fall back to
-                    return
+                    return False
                 log.exception("meter failed; relaying the rest of request %s unmetered", self.ctx.request_id)
                 self._feed = None
-            if not data:
-                return
-        self._forward(data)
+        if data:
+            self._forward(data)
+        return True
 
     def _forward(self, data: bytes) -> None:
-        self._out.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        if self._chunked:
+            self._out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self._out.append(data)
         self.ctx.bytes_out += len(data)
 
     def end_of_read(self) -> None:
         """Write what one upstream read produced, in one write: every event of that read leaves now, in
         one syscall and one packet (a burst of 300 events is not 300 writes), the head with the first."""
+        if self._in and not self._take_input():
+            return
         out = self._out
         head = self._pending_head
         if head is not None:
@@ -249,6 +265,8 @@ class Exchange:
         out.clear()
 
     def on_response_complete(self) -> None:
+        if self._in and not self._take_input():
+            return
         if self._feed is not None:
             try:
                 tail = self.ctx.meter.response_ended()
@@ -271,6 +289,8 @@ class Exchange:
         """The response arrived whole and was relayed (RecordingExchange hands it on)."""
 
     def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
+        if self._in and not self._take_input():  # metered still: usage that came just before the loss is billed
+            return
         self._out.clear()
         self._end()
         if self.ctx.response_started:
