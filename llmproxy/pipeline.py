@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmproxy")
 RESPONSES_API = "openai-responses"
-# A translated response is read and rewritten: it must come uncompressed.
+# A translated response is read and rewritten, a cacheable one stored for any client: they come uncompressed.
 TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
 TRACEPARENT = frozenset({b"traceparent"})  # a traced request's is the proxy span's, not the client's
 TRACED_TRANSLATED_SKIPS = TRANSLATED_SKIPS | TRACEPARENT
@@ -252,7 +252,9 @@ def upstream_request(services: Services, ctx: RequestContext, backend: Backend, 
     if backend.anthropic_auth and not head.has_header(b"anthropic-version"):
         credential += b"anthropic-version: %b\r\n" % backend.config.anthropic_version.encode()
     translation = ctx.translation
-    skip = TRANSLATED_SKIPS if translation is not None or backend.anthropic_auth else frozenset()
+    # A cacheable request's answer is stored and shared with clients that may not take gzip: it comes plain.
+    plain = translation is not None or backend.anthropic_auth or ctx.flight is not None
+    skip = TRANSLATED_SKIPS if plain else frozenset()
     if services.tracing is not None and traced(ctx):
         credential += upstream_traceparent(services.tracing, ctx)
         skip = TRACED_TRANSLATED_SKIPS if skip else TRACEPARENT

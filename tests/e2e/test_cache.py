@@ -197,3 +197,15 @@ def test_a_hit_counts_as_a_request_but_not_its_tokens_against_the_limits(new_moc
     # A hit is a request, but costs no tokens: the bucket only refills (about 17 a second) meanwhile.
     assert result == "hit" and requests_2 < requests_1 and tokens_2 >= tokens_1
     assert post_count(mock) == 1
+
+
+def test_a_cacheable_request_asks_the_backend_for_an_uncompressed_answer(new_mock, new_proxy):
+    # A stored answer keeps no content-encoding: a gzipped body would reach clients that never asked for gzip.
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching())
+    gzip_ok = {"Accept-Encoding": "gzip"}
+    assert cached(proxy.port, chat(), gzip_ok)[0] == "miss"
+    assert cached(proxy.port, chat(temperature=1.0), gzip_ok)[0] == "bypass"
+    cacheable, uncacheable = ({name for name, _ in post["headers"]} for post in mock_posts(mock))
+    assert "accept-encoding" not in cacheable
+    assert "accept-encoding" in uncacheable  # only what may be stored loses it
