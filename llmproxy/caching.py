@@ -43,7 +43,7 @@ async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
     cache = services.cache
     head = ctx.head
     plan = None
-    if not asks_no_cache(head.headers):
+    if not asks_no_cache(head.headers) and not _brings_own_credentials(services, ctx):
         plan = cache.plan(head.method, ctx.path, head.headers, ctx.body_data, ctx.model, ctx.key_id)
     if plan is None:
         _count(services, ctx, BYPASS)
@@ -64,6 +64,15 @@ async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
     ctx.cache_plan = plan
     ctx.flight = cache.lead(plan.key)
     return False
+
+
+def _brings_own_credentials(services: Services, ctx: RequestContext) -> bool:
+    """BYOK and the cache do not mix: an answer paid with one tenant's own provider key is never served to
+    another, nor one that would have been refused (auth.byok_missing: refuse, checked only when forwarding)."""
+    if services.config.auth.byok_missing == "refuse":
+        return True
+    tenant = ctx.tenant
+    return tenant is not None and tenant.backend_keys is not None and bool(tenant.backend_keys.keys())
 
 
 def _count(services: Services, ctx: RequestContext, result: str) -> None:

@@ -43,6 +43,7 @@ caching:
 PRICING = {"m": {"input_per_million": 1.0, "output_per_million": 2.0}}
 KEY_A = "sk-test-cache-a-0123456789abcdef"
 KEY_B = "sk-test-cache-b-fedcba9876543210"
+KEY_C = "sk-test-cache-c-0011223344556677"
 
 
 def chat(content: str = "hi", temperature: float = 0.0, stream: bool = True) -> dict:
@@ -209,3 +210,25 @@ def test_a_cacheable_request_asks_the_backend_for_an_uncompressed_answer(new_moc
     cacheable, uncacheable = ({name for name, _ in post["headers"]} for post in mock_posts(mock))
     assert "accept-encoding" not in cacheable
     assert "accept-encoding" in uncacheable  # only what may be stored loses it
+
+
+def test_byok_requests_bypass_the_cache_and_a_refused_tenant_never_gets_anothers_answer(new_mock, tmp_path, procs):
+    mock, other = new_mock("vllm"), new_mock("vllm", "--model", "other")  # "m" is served by backend a only
+    backends = [{"name": "a", "url": mock.url}, {"name": "b", "url": other.url}]
+    as_a, as_b, as_c = ({"Authorization": f"Bearer {key}"} for key in (KEY_A, KEY_B, KEY_C))
+    for byok_missing in ("fallback", "refuse"):
+        (tmp_path / byok_missing).mkdir()
+        proxy = start_proxy(tmp_path / byok_missing, backends, caching=caching(per_key=False),
+                            auth={"enabled": True, "byok_missing": byok_missing,
+                                  "keys": [{"key": KEY_A, "backend_keys": {"a": "sk-a-own-provider-key"}},
+                                           {"key": KEY_B, "backend_keys": {"b": "sk-b-own-provider-key"}},
+                                           {"key": KEY_C}]})
+        procs.append(proxy)
+        assert cached(proxy.port, chat(), as_a)[0] == "bypass"  # paid with A's own key: never shared
+        if byok_missing == "fallback":
+            assert [cached(proxy.port, chat(), as_c)[0] for _ in range(2)] == ["miss", "hit"]
+            assert cached(proxy.port, chat(), as_a)[0] == "bypass"  # nor is A served what others paid for
+        else:  # B has no key of its own for a: refused, whatever is stored or in flight
+            reader, data, _ = send_request(proxy.port, chat(), as_b)
+            assert reader.status == 403 and b"backend_credential_missing" in data
+            assert reader.headers["x-llmproxy-cache"] == "bypass"
