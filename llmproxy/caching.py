@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 CACHE_HEADERS = {result: b"x-llmproxy-cache: %b\r\n" % result.encode() for result in (HIT, MISS, BYPASS)}
 DEDUPLICATED_HEADER = b"x-llmproxy-deduplicated: true\r\n"
 REPLAY_SLICE = 16 * 1024  # a stored answer goes out in pieces of this size, as fast as the client takes them
-MAX_FOLLOWS = 3  # flights that ended before their head, in a row: then the request goes upstream alone
 HIT_ROLE, FOLLOWER_ROLE = "hit", "follower"
 NOTHING_METERED = (0, 0, None, None, NONE)
 
@@ -55,12 +54,11 @@ async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
         return True
     _count(services, ctx, MISS)
     if cache.config.dedup and head.version == "1.1":
-        for _ in range(MAX_FOLLOWS):
-            flight = cache.joinable(plan.key)
-            if flight is None:
-                break
-            if await _follow(services, ctx, flight):
-                return True
+        flight = cache.joinable(plan.key)
+        # A flight that ends before its head (its leader failed every attempt) is followed no further: the
+        # request goes upstream itself rather than wait through another leader's attempts.
+        if flight is not None and await _follow(services, ctx, flight):
+            return True
     ctx.cache_plan = plan
     ctx.flight = cache.lead(plan.key)
     return False
@@ -191,7 +189,9 @@ def land(services: Services, ctx: RequestContext, flight: Flight, record: dict[s
 
 def served_record(services: Services, ctx: RequestContext, duration: float, ttft: float | None) -> dict[str, Any]:
     """The usage record of a hit or a follower: the original usage, at zero cost unless `bill_hits`."""
-    record = build_record(ctx, MeteredUsage(*ctx.cached_usage), duration, ttft, services.prices)
+    # Exactly one record per client: an answer stored unmetered (or a leader whose record failed) counts none.
+    record = build_record(ctx, MeteredUsage(*(ctx.cached_usage or NOTHING_METERED)), duration, ttft,
+                          services.prices)
     record["cached"] = ctx.cache_role == HIT_ROLE
     record["deduplicated"] = ctx.cache_role == FOLLOWER_ROLE
     if not services.cache.config.bill_hits and "cost_usd" in record:

@@ -302,7 +302,7 @@ def finish(services: Services, ctx: RequestContext) -> None:
                         and _recount_later(services, ctx, record))
             if not counting:
                 deliver_record(services, record)
-        elif ctx.cached_usage is not None and services.metering:  # a hit or a follower: the original usage
+        elif ctx.cache_role and services.metering:  # a hit or a follower: the original usage
             record = served_record(services, ctx, duration, ttft)
             deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)

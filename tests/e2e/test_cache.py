@@ -21,6 +21,7 @@ from tests.support import (
     post_count,
     send_request,
     start_proxy,
+    usage_config,
     usage_records,
     wait_for,
 )
@@ -163,9 +164,12 @@ def test_the_redis_store_is_shared_by_two_proxies(new_mock, tmp_path, procs):
         options = caching(store="redis", redis_url=redis_server.url)
         (tmp_path / "one").mkdir()
         (tmp_path / "two").mkdir()
-        first = start_proxy(tmp_path / "one", [{"name": "a", "url": mock.url}], caching=options)
+        first = start_proxy(tmp_path / "one", [{"name": "a", "url": mock.url}], caching=options,
+                            usage={"metering": False})
         procs.append(first)
-        second = start_proxy(tmp_path / "two", [{"name": "a", "url": mock.url}], caching=options)
+        # The second meters usage, the first does not: its answers are stored without usage.
+        second = start_proxy(tmp_path / "two", [{"name": "a", "url": mock.url}], caching=options,
+                             usage=usage_config(tmp_path / "two"))
         procs.append(second)
         miss = cached(first.port, chat())
         assert miss[0] == "miss"
@@ -174,6 +178,9 @@ def test_the_redis_store_is_shared_by_two_proxies(new_mock, tmp_path, procs):
         assert hit == ("hit", miss[1])
         assert post_count(mock) == 1
         assert [r["path"] for r in mock_posts(mock)] == [CHAT_PATH]
+        # Exactly one record per client, even for an answer stored unmetered: nothing counted, but recorded.
+        [record] = records_of(tmp_path / "two", 1)
+        assert record["cached"] and record["usage_source"] == "none" and record["completion_tokens"] == 0
 
 
 def test_a_hit_counts_as_a_request_but_not_its_tokens_against_the_limits(new_mock, new_proxy):
