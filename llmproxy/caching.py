@@ -43,7 +43,9 @@ async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
     head = ctx.head
     plan = None
     if not asks_no_cache(head.headers) and not _brings_own_credentials(services, ctx):
-        plan = cache.plan(head.method, ctx.path, head.headers, ctx.body_data, ctx.model, ctx.key_id)
+        target = head.target
+        query = target.partition(b"?")[2]
+        plan = cache.plan(head.method, ctx.path, query, head.headers, ctx.body_data, ctx.model, ctx.key_id)
     if plan is None:
         _count(services, ctx, BYPASS)
         return False

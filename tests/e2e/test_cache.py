@@ -239,3 +239,20 @@ def test_byok_requests_bypass_the_cache_and_a_refused_tenant_never_gets_anothers
             reader, data, _ = send_request(proxy.port, chat(), as_b)
             assert reader.status == 403 and b"backend_credential_missing" in data
             assert reader.headers["x-llmproxy-cache"] == "bypass"
+
+
+def test_the_query_and_the_anthropic_headers_keep_answers_apart(new_mock, new_proxy):
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url}],
+                      caching=caching(strategies=[{"id": "all", "match": {"json_body": {"temperature": 0.0}}}]))
+
+    def result(path: str, headers: dict | None = None) -> str:
+        reader, data, complete = send_request(proxy.port, chat(), headers, path=path)
+        assert reader.status == 200 and complete, data
+        return reader.headers["x-llmproxy-cache"]
+
+    assert [result(CHAT_PATH), result(CHAT_PATH + "?api-version=1"), result(CHAT_PATH + "?api-version=1")] \
+        == ["miss", "miss", "hit"]
+    beta = {"anthropic-beta": "feature-1"}
+    assert [result(CHAT_PATH, beta), result(CHAT_PATH, beta), result(CHAT_PATH)] == ["miss", "hit", "hit"]
+    assert post_count(mock) == 3

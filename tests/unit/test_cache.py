@@ -19,8 +19,9 @@ HEAD = FlightHead(200, [(b"content-type", b"text/event-stream")], True)
 
 
 def key(body: dict[str, Any], path: str = "/v1/chat/completions", model: str | None = "m", tenant: str | None = None,
-        ignore: frozenset[str] = NOTHING) -> bytes:
-    return cache_key(path, model, body, tenant, ignore)
+        ignore: frozenset[str] = NOTHING, method: bytes = b"POST", query: bytes = b"",
+        headers: list[tuple[bytes, bytes]] = ()) -> bytes:
+    return cache_key(method, path, query, list(headers), model, body, tenant, ignore)
 
 
 # --- the key ---------------------------------------------------------------------------------------------
@@ -48,6 +49,18 @@ def test_the_path_the_model_and_the_tenant_are_part_of_the_key() -> None:
     assert key({"model": "alias", **body}, model="m") == key({"model": "m", **body}, model="m")
 
 
+def test_the_method_the_query_and_the_api_version_headers_are_part_of_the_key() -> None:
+    body = {"messages": []}
+    assert key(body, method=b"PUT") != key(body)
+    assert key(body, path="/v1/messages", query=b"beta=true") != key(body, path="/v1/messages")
+    assert key(body, query=b"api-version=2024-06-01") != key(body, query=b"api-version=2024-10-21")
+    for name in (b"anthropic-version", b"anthropic-beta"):
+        assert key(body, headers=[(name, b"one")]) != key(body, headers=[(name, b"two")]) != key(body)
+    assert key(body, headers=[(b"x-request-id", b"1")]) == key(body)  # other headers do not change the answer
+    # Each part is length-prefixed: a part cannot run into the next (with a separator, "a\0" + "b" == "a" + "\0b")
+    assert key(body, path="/v1/x", tenant="\0t") != key(body, path="/v1/x\0", tenant="t")
+
+
 def test_ignored_fields_are_left_out_of_the_key() -> None:
     assert key({"user": "u1", "n": 1}, ignore=frozenset({"user"})) == key({"user": "u2", "n": 1},
                                                                            ignore=frozenset({"user"}))
@@ -69,7 +82,7 @@ def test_only_requests_a_strategy_matches_are_planned_with_its_ttl() -> None:
         cache = ResponseCache(config, None, lambda: 0.0)
         ask = [(b"POST", [], {"temperature": 0}), (b"POST", [(b"x-tier", b"gold")], {"temperature": 0.0}),
                (b"POST", [], {"temperature": 0.7}), (b"POST", [], [1, 2])]
-        return [cache.plan(method, "/v1/chat/completions", headers, body, "m", None)
+        return [cache.plan(method, "/v1/chat/completions", b"", headers, body, "m", None)
                 for method, headers, body in ask]
 
     det, gold, random, not_json = asyncio.run(plans())
