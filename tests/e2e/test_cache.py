@@ -256,3 +256,27 @@ def test_the_query_and_the_anthropic_headers_keep_answers_apart(new_mock, new_pr
     beta = {"anthropic-beta": "feature-1"}
     assert [result(CHAT_PATH, beta), result(CHAT_PATH, beta), result(CHAT_PATH)] == ["miss", "hit", "hit"]
     assert post_count(mock) == 3
+
+
+def test_an_unreadable_redis_entry_is_a_miss_and_is_replaced(new_mock, new_proxy):
+    import redis
+
+    mock = new_mock("vllm")
+    with RedisServer() as redis_server:
+        proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching(store="redis", redis_url=redis_server.url))
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            assert cached(proxy.port, chat(stream=False))[0] == "miss"
+            [key] = wait_for(lambda: client.keys("llmproxy:cache:*"))
+            bad = [b'{"s": 200}\nbody',  # another version's (an AttributeError/KeyError was a 500 for the TTL)
+                   b'{"v": 2, "s": 200, "t": "a/b\\r\\nset-cookie: x=1", "st": false, "u": null, "b": "a"}\nbody']
+            for value in bad:
+                client.set(key, value)
+                reader, data, complete = send_request(proxy.port, chat(stream=False))
+                assert reader.status == 200 and complete and b'"choices"' in data, data
+                assert reader.headers["x-llmproxy-cache"] == "miss" and "set-cookie" not in reader.headers
+                wait_for(lambda v=value: client.get(key) not in (None, v))  # deleted, stored again
+            assert cached(proxy.port, chat(stream=False))[0] == "hit"
+            assert post_count(mock) == 3
+        finally:
+            client.close()

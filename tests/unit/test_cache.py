@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
 from llmproxy.cache import ResponseCache, asks_no_cache
-from llmproxy.cache.entry import Entry
+from llmproxy.cache.entry import Entry, InvalidEntry
 from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
 from llmproxy.cache.key import cache_key
 from llmproxy.cache.memory import MemoryStore
@@ -102,6 +103,27 @@ def test_an_entry_round_trips_through_its_encoding() -> None:
     original = Entry(200, b"text/event-stream", True, b"data: {}\n\ndata: [DONE]\n\n", (3, 4, 2, None, "reported"),
                      "a")
     assert Entry.decode(original.encode()) == original
+
+
+GOOD_META = {"v": 2, "s": 200, "t": "application/json", "st": False, "u": [3, 4, None, 1, "reported"], "b": "a"}
+
+
+@pytest.mark.parametrize("change", [
+    {"v": 1}, {"v": None}, {"s": "200"}, {"s": True}, {"s": 99}, {"t": 5}, {"t": "text/html\r\nset-cookie: x=1"},
+    {"t": "a\nb"}, {"t": "caf\u00e9"}, {"st": "yes"}, {"b": None}, {"u": "x"}, {"u": [1, 2]},
+    {"u": [1, "2", None, None, "reported"]}, {"u": [1, 2, -1, None, "reported"]}, {"u": [1, 2, None, None, "wrong"]},
+    {"u": [1, 2, None, True, "none"]},
+])
+def test_an_entry_another_process_wrote_is_checked_field_by_field(change: dict) -> None:
+    assert Entry.decode(orjson.dumps(GOOD_META) + b"\nbody").usage == (3, 4, None, 1, "reported")
+    with pytest.raises(InvalidEntry):
+        Entry.decode(orjson.dumps({**GOOD_META, **change}) + b"\nbody")
+
+
+@pytest.mark.parametrize("data", [b"", b"not json\n", b"[1, 2]\nbody", b'{"s": 200}\n'])
+def test_a_value_that_is_not_an_entry_is_invalid(data: bytes) -> None:
+    with pytest.raises(InvalidEntry):
+        Entry.decode(data)
 
 
 class Clock:
@@ -310,3 +332,18 @@ def test_past_max_entry_a_flight_keeps_nothing_and_takes_no_latecomers() -> None
         assert not shared.join(follower(FakeClient()))
 
     asyncio.run(run())
+
+
+def test_a_failing_redis_store_is_a_miss_logged_once_per_outage(caplog) -> None:
+    from llmproxy.cache.redis_store import RedisCacheStore
+
+    async def gets() -> list[Entry | None]:
+        store = RedisCacheStore("redis://127.0.0.1:1", False, None, timeout=0.5)  # nothing listens on port 1
+        try:
+            return [await store.get(b"k") for _ in range(5)]
+        finally:
+            await store.close()
+
+    with caplog.at_level("WARNING", logger="llmproxy"):
+        assert asyncio.run(gets()) == [None] * 5
+    assert len([r for r in caplog.records if "get failed" in r.getMessage()]) == 1
