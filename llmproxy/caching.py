@@ -23,7 +23,13 @@ from llmproxy.cache import BYPASS, HIT, MISS, asks_no_cache
 from llmproxy.cache.entry import Entry
 from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
 from llmproxy.http11.headers import connection_line, response_head
-from llmproxy.metering.session import NONE, MeteredUsage
+from llmproxy.metering.dialects import (
+    ANTHROPIC_MESSAGES_SSE,
+    OPENAI_CHAT_SSE,
+    OPENAI_COMPLETIONS_SSE,
+    OPENAI_RESPONSES_SSE,
+)
+from llmproxy.metering.session import NONE, REPORTED, MeteredUsage
 from llmproxy.record import build_record
 
 if TYPE_CHECKING:
@@ -35,6 +41,12 @@ DEDUPLICATED_HEADER = b"x-llmproxy-deduplicated: true\r\n"
 REPLAY_SLICE = 16 * 1024  # a stored answer goes out in pieces of this size, as fast as the client takes them
 HIT_ROLE, FOLLOWER_ROLE = "hit", "follower"
 NOTHING_METERED = (0, 0, None, None, NONE)
+# The last event of a whole stream, by the client's API (the others end with their usage event: ended_whole).
+FINAL_EVENTS = {OPENAI_CHAT_SSE: b"data: [DONE]", OPENAI_COMPLETIONS_SSE: b"data: [DONE]",
+                ANTHROPIC_MESSAGES_SSE: b"event: message_stop", OPENAI_RESPONSES_SSE: b"response.completed"}
+# An in-band error event at the start of a line (inside JSON strings a line break is escaped: no false match).
+IN_BAND_ERROR_STARTS = (b'data: {"error"', b"event: error")
+IN_BAND_ERRORS = tuple(b"\n" + start for start in IN_BAND_ERROR_STARTS)
 
 
 async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
@@ -183,10 +195,34 @@ def land(services: Services, ctx: RequestContext, flight: Flight, record: dict[s
     complete = flight.state == "complete" and flight.chunks is not None and flight.head is not None
     if complete and ctx.status == 200 and flight.head.status == 200:
         head = flight.head
-        content_type = head.headers[0][1] if head.headers else b""
-        entry = Entry(head.status, content_type, head.streaming, b"".join(flight.chunks), usage, ctx.backend)
-        services.cache.put(ctx.cache_plan, entry)
+        body = b"".join(flight.chunks)
+        if ended_whole(ctx, head.streaming, body):
+            content_type = head.headers[0][1] if head.headers else b""
+            services.cache.put(ctx.cache_plan, Entry(head.status, content_type, head.streaming, body, usage,
+                                                     ctx.backend))
     flight.end(usage, ctx.backend)
+
+
+def ended_whole(ctx: RequestContext, streaming: bool, body: bytes) -> bool:
+    """Whether an answer that ended cleanly at the HTTP level is whole: the backend reported its usage (which every
+    cacheable dialect sends last, or in its whole JSON body), and a stream whose API has a final event ended with
+    it, with no in-band error event on the way. An error event, a stream without its end, a body cut by a clean
+    close are not stored."""
+    meter = ctx.meter
+    if meter is None or meter.final_usage(ctx.backend_status).source != REPORTED:
+        return False
+    if not streaming:
+        return True
+    dialect = ctx.endpoint.dialect if meter.translation is not None else meter.dialect
+    final = FINAL_EVENTS.get(dialect)
+    if final is not None and final not in _last_event(body):
+        return False
+    return not any(marker in body for marker in IN_BAND_ERRORS) and not body.startswith(IN_BAND_ERROR_STARTS)
+
+
+def _last_event(body: bytes) -> bytes:
+    end = body.rstrip()
+    return end[max(end.rfind(b"\n\n"), end.rfind(b"\r\n\r\n"), end.rfind(b"\r\r")) + 1:]
 
 
 def served_record(services: Services, ctx: RequestContext, duration: float, ttft: float | None) -> dict[str, Any]:

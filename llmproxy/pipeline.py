@@ -188,7 +188,7 @@ def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, b
     served = endpoint.on(backend.kind)
     ctx.backend_api = served.family or served.api
     ctx.meter = None  # not a previous (translated) attempt's
-    if services.metering:
+    if services.metering or ctx.flight is not None:  # a cacheable answer is stored only if metered whole
         ctx.meter = MeteringSession.plan(ctx.endpoint.dialect_on(backend.kind),
                                          inject_allowed=backend.config.inject_usage, is_stream=ctx.is_stream,
                                          body=ctx.body_data)

@@ -280,3 +280,13 @@ def test_an_unreadable_redis_entry_is_a_miss_and_is_replaced(new_mock, new_proxy
             assert post_count(mock) == 3
         finally:
             client.close()
+
+
+def test_a_stream_that_ends_with_an_in_band_error_is_not_stored(new_mock, new_proxy):
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching())
+    for _ in range(2):  # a 200 whole at the HTTP level, but the backend failed midway: not an answer to keep
+        result, data = cached(proxy.port, chat(), {"x-mock-error-after": "3"})
+        assert result == "miss" and b'"error"' in data
+    assert post_count(mock) == 2
+    assert [cached(proxy.port, chat())[0] for _ in range(2)] == ["miss", "hit"]  # a whole one is
