@@ -11,7 +11,9 @@ Decisions: the phase runs after authentication and admission, so a hit is a requ
 request-rate and concurrency limits; its tokens and cost are charged only with `bill_hits`. A hit replays the
 stored status and content type (the backend's other headers are not kept), with this request's own request id,
 x-ratelimit-* and `x-llmproxy-cache: hit`. HTTP/1.0 clients are served hits but never follow (their body could
-only end with the connection): they go upstream themselves.
+only end with the connection): they go upstream themselves. BYOK requests (a caller with its own provider keys,
+or any with auth.byok_missing: refuse) bypass the cache and de-duplication: an answer paid with one tenant's key
+is never another's, and a hit must not get round a refusal decided when forwarding.
 """
 
 from __future__ import annotations
