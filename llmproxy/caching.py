@@ -11,7 +11,9 @@ Decisions: the phase runs after authentication and admission, so a hit is a requ
 request-rate and concurrency limits; its tokens and cost are charged only with `bill_hits`. A hit replays the
 stored status and content type (the backend's other headers are not kept), with this request's own request id,
 x-ratelimit-* and `x-llmproxy-cache: hit`. HTTP/1.0 clients are served hits but never follow (their body could
-only end with the connection): they go upstream themselves.
+only end with the connection): they go upstream themselves. BYOK requests (a caller with its own provider keys,
+or any with auth.byok_missing: refuse) bypass the cache and de-duplication: an answer paid with one tenant's key
+is never another's, and a hit must not get round a refusal decided when forwarding.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from llmproxy.cache import BYPASS, HIT, MISS, asks_no_cache
 from llmproxy.cache.entry import Entry
 from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
 from llmproxy.http11.headers import connection_line, response_head
-from llmproxy.metering.session import NONE, MeteredUsage
+from llmproxy.metering.dialects import (
+    ANTHROPIC_MESSAGES_SSE,
+    OPENAI_CHAT_SSE,
+    OPENAI_COMPLETIONS_SSE,
+    OPENAI_RESPONSES_SSE,
+)
+from llmproxy.metering.session import NONE, REPORTED, MeteredUsage
 from llmproxy.record import build_record
 
 if TYPE_CHECKING:
@@ -33,9 +41,14 @@ if TYPE_CHECKING:
 CACHE_HEADERS = {result: b"x-llmproxy-cache: %b\r\n" % result.encode() for result in (HIT, MISS, BYPASS)}
 DEDUPLICATED_HEADER = b"x-llmproxy-deduplicated: true\r\n"
 REPLAY_SLICE = 16 * 1024  # a stored answer goes out in pieces of this size, as fast as the client takes them
-MAX_FOLLOWS = 3  # flights that ended before their head, in a row: then the request goes upstream alone
 HIT_ROLE, FOLLOWER_ROLE = "hit", "follower"
 NOTHING_METERED = (0, 0, None, None, NONE)
+# The last event of a whole stream, by the client's API (the others end with their usage event: ended_whole).
+FINAL_EVENTS = {OPENAI_CHAT_SSE: b"data: [DONE]", OPENAI_COMPLETIONS_SSE: b"data: [DONE]",
+                ANTHROPIC_MESSAGES_SSE: b"event: message_stop", OPENAI_RESPONSES_SSE: b"response.completed"}
+# An in-band error event at the start of a line (inside JSON strings a line break is escaped: no false match).
+IN_BAND_ERROR_STARTS = (b'data: {"error"', b"event: error")
+IN_BAND_ERRORS = tuple(b"\n" + start for start in IN_BAND_ERROR_STARTS)
 
 
 async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
@@ -43,8 +56,10 @@ async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
     cache = services.cache
     head = ctx.head
     plan = None
-    if not asks_no_cache(head.headers):
-        plan = cache.plan(head.method, ctx.path, head.headers, ctx.body_data, ctx.model, ctx.key_id)
+    if not asks_no_cache(head.headers) and not _brings_own_credentials(services, ctx):
+        target = head.target
+        query = target.partition(b"?")[2]
+        plan = cache.plan(head.method, ctx.path, query, head.headers, ctx.body_data, ctx.model, ctx.key_id)
     if plan is None:
         _count(services, ctx, BYPASS)
         return False
@@ -55,15 +70,23 @@ async def serve_from_cache(services: Services, ctx: RequestContext) -> bool:
         return True
     _count(services, ctx, MISS)
     if cache.config.dedup and head.version == "1.1":
-        for _ in range(MAX_FOLLOWS):
-            flight = cache.joinable(plan.key)
-            if flight is None:
-                break
-            if await _follow(services, ctx, flight):
-                return True
+        flight = cache.joinable(plan.key)
+        # A flight that ends before its head (its leader failed every attempt) is followed no further: the
+        # request goes upstream itself rather than wait through another leader's attempts.
+        if flight is not None and await _follow(services, ctx, flight):
+            return True
     ctx.cache_plan = plan
     ctx.flight = cache.lead(plan.key)
     return False
+
+
+def _brings_own_credentials(services: Services, ctx: RequestContext) -> bool:
+    """BYOK and the cache do not mix: an answer paid with one tenant's own provider key is never served to
+    another, nor one that would have been refused (auth.byok_missing: refuse, checked only when forwarding)."""
+    if services.config.auth.byok_missing == "refuse":
+        return True
+    tenant = ctx.tenant
+    return tenant is not None and tenant.backend_keys is not None and bool(tenant.backend_keys.keys())
 
 
 def _count(services: Services, ctx: RequestContext, result: str) -> None:
@@ -174,15 +197,41 @@ def land(services: Services, ctx: RequestContext, flight: Flight, record: dict[s
     complete = flight.state == "complete" and flight.chunks is not None and flight.head is not None
     if complete and ctx.status == 200 and flight.head.status == 200:
         head = flight.head
-        content_type = head.headers[0][1] if head.headers else b""
-        entry = Entry(head.status, content_type, head.streaming, b"".join(flight.chunks), usage, ctx.backend)
-        services.cache.put(ctx.cache_plan, entry)
+        body = b"".join(flight.chunks)
+        if ended_whole(ctx, head.streaming, body):
+            content_type = head.headers[0][1] if head.headers else b""
+            services.cache.put(ctx.cache_plan, Entry(head.status, content_type, head.streaming, body, usage,
+                                                     ctx.backend))
     flight.end(usage, ctx.backend)
+
+
+def ended_whole(ctx: RequestContext, streaming: bool, body: bytes) -> bool:
+    """Whether an answer that ended cleanly at the HTTP level is whole: the backend reported its usage (which every
+    cacheable dialect sends last, or in its whole JSON body), and a stream whose API has a final event ended with
+    it, with no in-band error event on the way. An error event, a stream without its end, a body cut by a clean
+    close are not stored."""
+    meter = ctx.meter
+    if meter is None or meter.final_usage(ctx.backend_status).source != REPORTED:
+        return False
+    if not streaming:
+        return True
+    dialect = ctx.endpoint.dialect if meter.translation is not None else meter.dialect
+    final = FINAL_EVENTS.get(dialect)
+    if final is not None and final not in _last_event(body):
+        return False
+    return not any(marker in body for marker in IN_BAND_ERRORS) and not body.startswith(IN_BAND_ERROR_STARTS)
+
+
+def _last_event(body: bytes) -> bytes:
+    end = body.rstrip()
+    return end[max(end.rfind(b"\n\n"), end.rfind(b"\r\n\r\n"), end.rfind(b"\r\r")) + 1:]
 
 
 def served_record(services: Services, ctx: RequestContext, duration: float, ttft: float | None) -> dict[str, Any]:
     """The usage record of a hit or a follower: the original usage, at zero cost unless `bill_hits`."""
-    record = build_record(ctx, MeteredUsage(*ctx.cached_usage), duration, ttft, services.prices)
+    # Exactly one record per client: an answer stored unmetered (or a leader whose record failed) counts none.
+    record = build_record(ctx, MeteredUsage(*(ctx.cached_usage or NOTHING_METERED)), duration, ttft,
+                          services.prices)
     record["cached"] = ctx.cache_role == HIT_ROLE
     record["deduplicated"] = ctx.cache_role == FOLLOWER_ROLE
     if not services.cache.config.bill_hits and "cost_usd" in record:

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmproxy")
 RESPONSES_API = "openai-responses"
-# A translated response is read and rewritten: it must come uncompressed.
+# A translated response is read and rewritten, a cacheable one stored for any client: they come uncompressed.
 TRANSLATED_SKIPS = frozenset({b"accept-encoding"})
 TRACEPARENT = frozenset({b"traceparent"})  # a traced request's is the proxy span's, not the client's
 TRACED_TRANSLATED_SKIPS = TRANSLATED_SKIPS | TRACEPARENT
@@ -188,7 +188,7 @@ def prepare_attempt(services: Services, ctx: RequestContext, backend: Backend, b
     served = endpoint.on(backend.kind)
     ctx.backend_api = served.family or served.api
     ctx.meter = None  # not a previous (translated) attempt's
-    if services.metering:
+    if services.metering or ctx.flight is not None:  # a cacheable answer is stored only if metered whole
         ctx.meter = MeteringSession.plan(ctx.endpoint.dialect_on(backend.kind),
                                          inject_allowed=backend.config.inject_usage, is_stream=ctx.is_stream,
                                          body=ctx.body_data)
@@ -252,7 +252,9 @@ def upstream_request(services: Services, ctx: RequestContext, backend: Backend, 
     if backend.anthropic_auth and not head.has_header(b"anthropic-version"):
         credential += b"anthropic-version: %b\r\n" % backend.config.anthropic_version.encode()
     translation = ctx.translation
-    skip = TRANSLATED_SKIPS if translation is not None or backend.anthropic_auth else frozenset()
+    # A cacheable request's answer is stored and shared with clients that may not take gzip: it comes plain.
+    plain = translation is not None or backend.anthropic_auth or ctx.flight is not None
+    skip = TRANSLATED_SKIPS if plain else frozenset()
     if services.tracing is not None and traced(ctx):
         credential += upstream_traceparent(services.tracing, ctx)
         skip = TRACED_TRANSLATED_SKIPS if skip else TRACEPARENT
@@ -300,7 +302,7 @@ def finish(services: Services, ctx: RequestContext) -> None:
                         and _recount_later(services, ctx, record))
             if not counting:
                 deliver_record(services, record)
-        elif ctx.cached_usage is not None and services.metering:  # a hit or a follower: the original usage
+        elif ctx.cache_role and services.metering:  # a hit or a follower: the original usage
             record = served_record(services, ctx, duration, ttft)
             deliver_record(services, record)
         services.access_log.write(ctx, duration, ttft)

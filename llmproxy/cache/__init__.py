@@ -73,15 +73,16 @@ class ResponseCache:
         self.max_entry = config.max_entry_kb * 1024
         self.max_lag = config.dedup_max_lag_kb * 1024
 
-    def plan(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]], body: Any, model: str | None,
-             tenant: str | None) -> CachePlan | None:
+    def plan(self, method: bytes, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: Any,
+             model: str | None, tenant: str | None) -> CachePlan | None:
         """The key and TTL of a cacheable request (a JSON object body some strategy matches), else None."""
         if not isinstance(body, dict):
             return None
         for conditions, ttl, strategy_id in self._strategies:
             if conditions.matches(method, path, headers, body):
                 try:
-                    key = cache_key(path, model, body, tenant if self.config.per_key else None, self._ignore)
+                    key = cache_key(method, path, query, headers, model, body,
+                                    tenant if self.config.per_key else None, self._ignore)
                 except (TypeError, ValueError):
                     return None
                 return CachePlan(key, ttl, strategy_id)

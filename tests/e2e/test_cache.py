@@ -21,6 +21,7 @@ from tests.support import (
     post_count,
     send_request,
     start_proxy,
+    usage_config,
     usage_records,
     wait_for,
 )
@@ -43,6 +44,7 @@ caching:
 PRICING = {"m": {"input_per_million": 1.0, "output_per_million": 2.0}}
 KEY_A = "sk-test-cache-a-0123456789abcdef"
 KEY_B = "sk-test-cache-b-fedcba9876543210"
+KEY_C = "sk-test-cache-c-0011223344556677"
 
 
 def chat(content: str = "hi", temperature: float = 0.0, stream: bool = True) -> dict:
@@ -162,9 +164,12 @@ def test_the_redis_store_is_shared_by_two_proxies(new_mock, tmp_path, procs):
         options = caching(store="redis", redis_url=redis_server.url)
         (tmp_path / "one").mkdir()
         (tmp_path / "two").mkdir()
-        first = start_proxy(tmp_path / "one", [{"name": "a", "url": mock.url}], caching=options)
+        first = start_proxy(tmp_path / "one", [{"name": "a", "url": mock.url}], caching=options,
+                            usage={"metering": False})
         procs.append(first)
-        second = start_proxy(tmp_path / "two", [{"name": "a", "url": mock.url}], caching=options)
+        # The second meters usage, the first does not: its answers are stored without usage.
+        second = start_proxy(tmp_path / "two", [{"name": "a", "url": mock.url}], caching=options,
+                             usage=usage_config(tmp_path / "two"))
         procs.append(second)
         miss = cached(first.port, chat())
         assert miss[0] == "miss"
@@ -173,6 +178,9 @@ def test_the_redis_store_is_shared_by_two_proxies(new_mock, tmp_path, procs):
         assert hit == ("hit", miss[1])
         assert post_count(mock) == 1
         assert [r["path"] for r in mock_posts(mock)] == [CHAT_PATH]
+        # Exactly one record per client, even for an answer stored unmetered: nothing counted, but recorded.
+        [record] = records_of(tmp_path / "two", 1)
+        assert record["cached"] and record["usage_source"] == "none" and record["completion_tokens"] == 0
 
 
 def test_a_hit_counts_as_a_request_but_not_its_tokens_against_the_limits(new_mock, new_proxy):
@@ -197,3 +205,88 @@ def test_a_hit_counts_as_a_request_but_not_its_tokens_against_the_limits(new_moc
     # A hit is a request, but costs no tokens: the bucket only refills (about 17 a second) meanwhile.
     assert result == "hit" and requests_2 < requests_1 and tokens_2 >= tokens_1
     assert post_count(mock) == 1
+
+
+def test_a_cacheable_request_asks_the_backend_for_an_uncompressed_answer(new_mock, new_proxy):
+    # A stored answer keeps no content-encoding: a gzipped body would reach clients that never asked for gzip.
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching())
+    gzip_ok = {"Accept-Encoding": "gzip"}
+    assert cached(proxy.port, chat(), gzip_ok)[0] == "miss"
+    assert cached(proxy.port, chat(temperature=1.0), gzip_ok)[0] == "bypass"
+    cacheable, uncacheable = ({name for name, _ in post["headers"]} for post in mock_posts(mock))
+    assert "accept-encoding" not in cacheable
+    assert "accept-encoding" in uncacheable  # only what may be stored loses it
+
+
+def test_byok_requests_bypass_the_cache_and_a_refused_tenant_never_gets_anothers_answer(new_mock, tmp_path, procs):
+    mock, other = new_mock("vllm"), new_mock("vllm", "--model", "other")  # "m" is served by backend a only
+    backends = [{"name": "a", "url": mock.url}, {"name": "b", "url": other.url}]
+    as_a, as_b, as_c = ({"Authorization": f"Bearer {key}"} for key in (KEY_A, KEY_B, KEY_C))
+    for byok_missing in ("fallback", "refuse"):
+        (tmp_path / byok_missing).mkdir()
+        proxy = start_proxy(tmp_path / byok_missing, backends, caching=caching(per_key=False),
+                            auth={"enabled": True, "byok_missing": byok_missing,
+                                  "keys": [{"key": KEY_A, "backend_keys": {"a": "sk-a-own-provider-key"}},
+                                           {"key": KEY_B, "backend_keys": {"b": "sk-b-own-provider-key"}},
+                                           {"key": KEY_C}]})
+        procs.append(proxy)
+        assert cached(proxy.port, chat(), as_a)[0] == "bypass"  # paid with A's own key: never shared
+        if byok_missing == "fallback":
+            assert [cached(proxy.port, chat(), as_c)[0] for _ in range(2)] == ["miss", "hit"]
+            assert cached(proxy.port, chat(), as_a)[0] == "bypass"  # nor is A served what others paid for
+        else:  # B has no key of its own for a: refused, whatever is stored or in flight
+            reader, data, _ = send_request(proxy.port, chat(), as_b)
+            assert reader.status == 403 and b"backend_credential_missing" in data
+            assert reader.headers["x-llmproxy-cache"] == "bypass"
+
+
+def test_the_query_and_the_anthropic_headers_keep_answers_apart(new_mock, new_proxy):
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url}],
+                      caching=caching(strategies=[{"id": "all", "match": {"json_body": {"temperature": 0.0}}}]))
+
+    def result(path: str, headers: dict | None = None) -> str:
+        reader, data, complete = send_request(proxy.port, chat(), headers, path=path)
+        assert reader.status == 200 and complete, data
+        return reader.headers["x-llmproxy-cache"]
+
+    assert [result(CHAT_PATH), result(CHAT_PATH + "?api-version=1"), result(CHAT_PATH + "?api-version=1")] \
+        == ["miss", "miss", "hit"]
+    beta = {"anthropic-beta": "feature-1"}
+    assert [result(CHAT_PATH, beta), result(CHAT_PATH, beta), result(CHAT_PATH)] == ["miss", "hit", "hit"]
+    assert post_count(mock) == 3
+
+
+def test_an_unreadable_redis_entry_is_a_miss_and_is_replaced(new_mock, new_proxy):
+    import redis
+
+    mock = new_mock("vllm")
+    with RedisServer() as redis_server:
+        proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching(store="redis", redis_url=redis_server.url))
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            assert cached(proxy.port, chat(stream=False))[0] == "miss"
+            [key] = wait_for(lambda: client.keys("llmproxy:cache:*"))
+            bad = [b'{"s": 200}\nbody',  # another version's (an AttributeError/KeyError was a 500 for the TTL)
+                   b'{"v": 2, "s": 200, "t": "a/b\\r\\nset-cookie: x=1", "st": false, "u": null, "b": "a"}\nbody']
+            for value in bad:
+                client.set(key, value)
+                reader, data, complete = send_request(proxy.port, chat(stream=False))
+                assert reader.status == 200 and complete and b'"choices"' in data, data
+                assert reader.headers["x-llmproxy-cache"] == "miss" and "set-cookie" not in reader.headers
+                wait_for(lambda v=value: client.get(key) not in (None, v))  # deleted, stored again
+            assert cached(proxy.port, chat(stream=False))[0] == "hit"
+            assert post_count(mock) == 3
+        finally:
+            client.close()
+
+
+def test_a_stream_that_ends_with_an_in_band_error_is_not_stored(new_mock, new_proxy):
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url}], caching=caching())
+    for _ in range(2):  # a 200 whole at the HTTP level, but the backend failed midway: not an answer to keep
+        result, data = cached(proxy.port, chat(), {"x-mock-error-after": "3"})
+        assert result == "miss" and b'"error"' in data
+    assert post_count(mock) == 2
+    assert [cached(proxy.port, chat())[0] for _ in range(2)] == ["miss", "hit"]  # a whole one is

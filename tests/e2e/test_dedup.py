@@ -158,3 +158,25 @@ def test_the_upstream_goes_on_for_followers_when_the_leader_leaves_and_closes_wh
     log = wait_for(lambda: len(found := posts()) == CLIENTS and found)
     assert [entry["termination"] for entry in log] == ["CD"] * CLIENTS
     assert_idle(proxy)
+
+
+def test_followers_of_a_leader_that_fails_before_its_head_go_upstream_themselves(new_mock, new_proxy):
+    # The leader's request times out before any response byte: its followers fall back, and each goes upstream
+    # on its own rather than follow the first of them (which could fail as long again, and again).
+    mock = new_mock("vllm")
+    proxy = new_proxy([{"name": "a", "url": mock.url, "timeouts": {"first_byte": 2.0}}], caching=caching(),
+                      routing={"retries": 0})
+    with ThreadPoolExecutor(4) as pool:
+        def leader() -> int:
+            with raw_connect(proxy.port, timeout=30) as sock:
+                sock.sendall(request(first_byte_delay_ms=10_000))
+                return ResponseReader(sock).read_head().status
+
+        led = pool.submit(leader)
+        leader_upstream(proxy)
+        followers = [pool.submit(read_stream, proxy.port, request()) for _ in range(3)]
+        time.sleep(0.5)  # they follow the leader (it waits 2 s for its first byte)
+        assert led.result(timeout=30) == 504
+        results = [f.result(timeout=30) for f in followers]
+    assert all(complete and deduplicated == "" for _, complete, deduplicated, _ in results)
+    assert post_count(mock) == 1 + 3

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
 from llmproxy.cache import ResponseCache, asks_no_cache
-from llmproxy.cache.entry import Entry
+from llmproxy.cache.entry import Entry, InvalidEntry
 from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
 from llmproxy.cache.key import cache_key
 from llmproxy.cache.memory import MemoryStore
@@ -19,8 +20,9 @@ HEAD = FlightHead(200, [(b"content-type", b"text/event-stream")], True)
 
 
 def key(body: dict[str, Any], path: str = "/v1/chat/completions", model: str | None = "m", tenant: str | None = None,
-        ignore: frozenset[str] = NOTHING) -> bytes:
-    return cache_key(path, model, body, tenant, ignore)
+        ignore: frozenset[str] = NOTHING, method: bytes = b"POST", query: bytes = b"",
+        headers: list[tuple[bytes, bytes]] = ()) -> bytes:
+    return cache_key(method, path, query, list(headers), model, body, tenant, ignore)
 
 
 # --- the key ---------------------------------------------------------------------------------------------
@@ -48,6 +50,18 @@ def test_the_path_the_model_and_the_tenant_are_part_of_the_key() -> None:
     assert key({"model": "alias", **body}, model="m") == key({"model": "m", **body}, model="m")
 
 
+def test_the_method_the_query_and_the_api_version_headers_are_part_of_the_key() -> None:
+    body = {"messages": []}
+    assert key(body, method=b"PUT") != key(body)
+    assert key(body, path="/v1/messages", query=b"beta=true") != key(body, path="/v1/messages")
+    assert key(body, query=b"api-version=2024-06-01") != key(body, query=b"api-version=2024-10-21")
+    for name in (b"anthropic-version", b"anthropic-beta"):
+        assert key(body, headers=[(name, b"one")]) != key(body, headers=[(name, b"two")]) != key(body)
+    assert key(body, headers=[(b"x-request-id", b"1")]) == key(body)  # other headers do not change the answer
+    # Each part is length-prefixed: a part cannot run into the next (with a separator, "a\0" + "b" == "a" + "\0b")
+    assert key(body, path="/v1/x", tenant="\0t") != key(body, path="/v1/x\0", tenant="t")
+
+
 def test_ignored_fields_are_left_out_of_the_key() -> None:
     assert key({"user": "u1", "n": 1}, ignore=frozenset({"user"})) == key({"user": "u2", "n": 1},
                                                                            ignore=frozenset({"user"}))
@@ -69,7 +83,7 @@ def test_only_requests_a_strategy_matches_are_planned_with_its_ttl() -> None:
         cache = ResponseCache(config, None, lambda: 0.0)
         ask = [(b"POST", [], {"temperature": 0}), (b"POST", [(b"x-tier", b"gold")], {"temperature": 0.0}),
                (b"POST", [], {"temperature": 0.7}), (b"POST", [], [1, 2])]
-        return [cache.plan(method, "/v1/chat/completions", headers, body, "m", None)
+        return [cache.plan(method, "/v1/chat/completions", b"", headers, body, "m", None)
                 for method, headers, body in ask]
 
     det, gold, random, not_json = asyncio.run(plans())
@@ -89,6 +103,27 @@ def test_an_entry_round_trips_through_its_encoding() -> None:
     original = Entry(200, b"text/event-stream", True, b"data: {}\n\ndata: [DONE]\n\n", (3, 4, 2, None, "reported"),
                      "a")
     assert Entry.decode(original.encode()) == original
+
+
+GOOD_META = {"v": 2, "s": 200, "t": "application/json", "st": False, "u": [3, 4, None, 1, "reported"], "b": "a"}
+
+
+@pytest.mark.parametrize("change", [
+    {"v": 1}, {"v": None}, {"s": "200"}, {"s": True}, {"s": 99}, {"t": 5}, {"t": "text/html\r\nset-cookie: x=1"},
+    {"t": "a\nb"}, {"t": "caf\u00e9"}, {"st": "yes"}, {"b": None}, {"u": "x"}, {"u": [1, 2]},
+    {"u": [1, "2", None, None, "reported"]}, {"u": [1, 2, -1, None, "reported"]}, {"u": [1, 2, None, None, "wrong"]},
+    {"u": [1, 2, None, True, "none"]},
+])
+def test_an_entry_another_process_wrote_is_checked_field_by_field(change: dict) -> None:
+    assert Entry.decode(orjson.dumps(GOOD_META) + b"\nbody").usage == (3, 4, None, 1, "reported")
+    with pytest.raises(InvalidEntry):
+        Entry.decode(orjson.dumps({**GOOD_META, **change}) + b"\nbody")
+
+
+@pytest.mark.parametrize("data", [b"", b"not json\n", b"[1, 2]\nbody", b'{"s": 200}\n'])
+def test_a_value_that_is_not_an_entry_is_invalid(data: bytes) -> None:
+    with pytest.raises(InvalidEntry):
+        Entry.decode(data)
 
 
 class Clock:
@@ -297,3 +332,18 @@ def test_past_max_entry_a_flight_keeps_nothing_and_takes_no_latecomers() -> None
         assert not shared.join(follower(FakeClient()))
 
     asyncio.run(run())
+
+
+def test_a_failing_redis_store_is_a_miss_logged_once_per_outage(caplog) -> None:
+    from llmproxy.cache.redis_store import RedisCacheStore
+
+    async def gets() -> list[Entry | None]:
+        store = RedisCacheStore("redis://127.0.0.1:1", False, None, timeout=0.5)  # nothing listens on port 1
+        try:
+            return [await store.get(b"k") for _ in range(5)]
+        finally:
+            await store.close()
+
+    with caplog.at_level("WARNING", logger="llmproxy"):
+        assert asyncio.run(gets()) == [None] * 5
+    assert len([r for r in caplog.records if "get failed" in r.getMessage()]) == 1
