@@ -29,6 +29,7 @@ from tests.support import (
     start_mock,
     start_proxy,
     wait_for,
+    write_config,
 )
 
 PATH = "/v1/chat/completions"
@@ -206,5 +207,27 @@ def test_ipv6_peer_at_accept_and_reload(mock, tmp_path):
         with socket.create_connection(("::1", proxy.port), timeout=5) as sock:
             sock.sendall(post_request(PATH, CHAT))
             assert ResponseReader(sock).read_head().status == 200
+    finally:
+        proxy.stop()
+
+
+def test_a_reload_that_blacklists_an_open_keep_alive_connections_peer_refuses_its_next_request(mock, tmp_path):
+    backends = [{"url": mock.url, "type": "vllm"}]
+    proxy = start_proxy(tmp_path, backends, security={"ip_whitelist": ["127.0.0.0/8"]})
+    try:
+        with raw_connect(proxy.port) as sock:
+            sock.sendall(post_request(PATH, CHAT))
+            reader = ResponseReader(sock).read_head()
+            reader.read_body()
+            assert reader.status == 200 and reader.headers.get("connection") != "close"
+            write_config(tmp_path, backends, security={"ip_blacklist": ["127.0.0.1"]})
+            sighup(proxy)
+            before = len(mock_posts(mock))
+            sock.sendall(post_request(PATH, CHAT))
+            reader = ResponseReader(sock).read_head()
+            body, _ = reader.read_body()
+            assert reader.status == 403 and json.loads(body)["error"]["code"] == "ip_not_allowed"
+            assert reader.headers["connection"] == "close"
+            assert len(mock_posts(mock)) == before
     finally:
         proxy.stop()
