@@ -91,7 +91,8 @@ class JwtVerifier:
         tenant = self._tenant(claims)
         if len(self._cache) >= MAX_CACHED:
             self._cache.clear()
-        self._cache[token] = (tenant, claims["exp"] + self._leeway)
+        # int(): PyJWT takes any integer-looking exp, a numeric string ("1796654156") or a float too.
+        self._cache[token] = (tenant, int(claims["exp"]) + self._leeway)
         return tenant
 
     def _verified_claims(self, token: bytes) -> dict[str, Any]:

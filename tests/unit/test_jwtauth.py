@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jwt as pyjwt
 import pytest
 
@@ -68,3 +70,26 @@ def test_a_jwks_document_gives_only_public_signing_keys():
     for bad in ({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, {"nokeys": []}, []):
         with pytest.raises(ValueError):
             _parse_jwks(bad)
+
+
+
+# (case, exp as now -> claim value, the refusal's reason or None: accepted), as PyJWT reads exp.
+EXPIRIES = [
+    ("numeric string", lambda now: str(now + 3600), None),
+    ("float", lambda now: now + 3600.5, None),
+    ("numeric string in the past", lambda now: str(now - 3600), "expired"),
+    ("not a number", lambda now: "soon", "malformed"),
+]
+
+
+@pytest.mark.parametrize(("case", "exp", "reason"), EXPIRIES, ids=[c[0] for c in EXPIRIES])
+def test_an_exp_is_read_as_pyjwt_reads_it(case, exp, reason):
+    check = verifier()
+    token = sign(exp=exp(int(time.time())))
+    if reason is None:
+        assert check.verify(token).key_id == "tenant:acme"
+        assert check.verify(token).key_id == "tenant:acme"  # remembered until its exp
+        return
+    with pytest.raises(Unauthorized) as refused:
+        check.verify(token)
+    assert refused.value.reason == reason
