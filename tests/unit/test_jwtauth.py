@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import jwt as pyjwt
 import pytest
 
+from llmproxy import jwtauth
 from llmproxy.config import parse_config
 from llmproxy.errors import Unauthorized
-from llmproxy.jwtauth import JwtVerifier, StaticKeys, _parse_jwks
+from llmproxy.jwtauth import JwksKeys, JwtVerifier, StaticKeys, _parse_jwks
 from tests.jwks_server import AUDIENCE, ISSUER, SigningKey, claims
 
 SECRET = "a-unit-test-secret-of-32-characters!"
@@ -93,3 +96,53 @@ def test_an_exp_is_read_as_pyjwt_reads_it(case, exp, reason):
     with pytest.raises(Unauthorized) as refused:
         check.verify(token)
     assert refused.value.reason == reason
+
+
+class FakeIdp:
+    """jwtauth._download's stand-in: counts the fetches, fails while `down`."""
+
+    def __init__(self, document: dict) -> None:
+        self.document, self.down, self.fetches = document, True, 0
+
+    def __call__(self, url: str, timeout: float) -> dict:
+        self.fetches += 1
+        if self.down:
+            raise OSError("connection refused")
+        return self.document
+
+
+def test_a_failing_jwks_fetch_backs_off_and_is_logged_once_per_outage(monkeypatch, caplog):
+    idp = FakeIdp({"keys": [SigningKey("k1").jwk()]})
+    monkeypatch.setattr(jwtauth, "_download", idp)
+    clock = [1000.0]
+
+    async def scenario() -> None:
+        keys = JwksKeys("https://idp.test/jwks.json", 1.0, 600.0)
+        keys._clock = lambda: clock[0]
+        await keys.start()  # the IdP is down at start
+
+        async def requests(count: int) -> None:
+            for _ in range(count):
+                if not keys.candidates("k1", "RS256"):  # as JwtVerifier asks
+                    refresh = keys.refresh_for_unknown()
+                    if refresh is not None:
+                        await refresh
+                await asyncio.sleep(0)
+
+        await requests(200)
+        assert idp.fetches == 1  # not one per request
+        for step, fetches in ((9.0, 1), (1.5, 2), (15.0, 2), (6.0, 3), (39.0, 3), (60.0, 4), (61.0, 5)):
+            clock[0] += step  # backoff: 10 s, 20 s, 40 s, then 60 s at most
+            await requests(50)
+            assert idp.fetches == fetches, step
+        idp.down = False
+        clock[0] += 61.0
+        await requests(50)
+        assert idp.fetches == 6 and keys.candidates("k1", "RS256")
+
+    with caplog.at_level(logging.INFO, logger="llmproxy"):
+        asyncio.run(scenario())
+    failures = [r for r in caplog.records if "failed (" in r.getMessage()]
+    recoveries = [r for r in caplog.records if "works again" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].levelno == logging.ERROR
+    assert len(recoveries) == 1 and "5 failed attempt(s)" in recoveries[0].getMessage()
