@@ -23,9 +23,11 @@ import json
 import logging
 import math
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -261,10 +263,15 @@ class JwksKeys:
 
     async def _fetch(self) -> None:
         try:
-            data = await asyncio.get_running_loop().run_in_executor(None, _download, self.url, self.timeout)
-            keys = _parse_jwks(data)
+            download = asyncio.get_running_loop().run_in_executor(None, _download, self.url, self.timeout)
+            # The whole fetch, DNS included, within jwks_timeout (urllib's timeout is per socket operation): the
+            # requests waiting for it and the next periodic refresh are not held by a slow IdP.
+            keys = _parse_jwks(await asyncio.wait_for(download, self.timeout))
+        except TimeoutError:
+            self._failed(f"no key set within jwks_timeout {self.timeout:g}s")
+            return
         except Exception as error:  # the IdP down or confused: keep the keys we have
-            self._failed(error)
+            self._failed(str(error) or type(error).__name__)
             return
         finally:
             self._fetching = None
@@ -279,7 +286,7 @@ class JwksKeys:
         self.version += 1
 
 
-    def _failed(self, error: Exception) -> None:
+    def _failed(self, error: str) -> None:
         """Back off before the next fetch, and say so once per outage (not once per attempt)."""
         self._failures += 1
         self._backoff = min(self._backoff * 2, MAX_FAILED_BACKOFF) if self._backoff else FAILED_BACKOFF
@@ -290,10 +297,35 @@ class JwksKeys:
                       self._backoff, MAX_FAILED_BACKOFF)
 
 
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed, but never from https to anything else: the key set must not come in clear."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        if urlsplit(req.full_url).scheme == "https" and urlsplit(newurl).scheme != "https":
+            raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused: not https",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_NoDowngrade)
+
+
 def _download(url: str, timeout: float) -> Any:
+    """The JSON document at `url` (http(s) only, checked at load); raises TimeoutError past `timeout` in all,
+    so that a thread of the executor is not held by an IdP that drips its answer."""
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "llmproxy"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # http(s) only: checked at load
-        return json.loads(response.read(MAX_JWKS_BYTES))
+    with _OPENER.open(request, timeout=timeout) as response:
+        body = bytearray()
+        while len(body) < MAX_JWKS_BYTES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the key set took longer than {timeout:g}s")
+            chunk = response.read1(MAX_JWKS_BYTES - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return json.loads(body)
 
 
 def _parse_jwks(data: Any) -> list[tuple[str | None, Any]]:

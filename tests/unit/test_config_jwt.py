@@ -49,6 +49,9 @@ def test_bad_security_lists_are_refused(security, where):
     ({**BASE, "hs256_secret": SECRET, "algorithms": ["RS256"]}, "auth.jwt.algorithms[0]"),  # confusion
     ({**BASE, "jwks_url": "https://idp/jwks", "algorithms": ["HS256"]}, "auth.jwt.algorithms[0]"),  # confusion
     ({**BASE, "jwks_url": "ftp://idp/jwks"}, "auth.jwt.jwks_url"),
+    ({**BASE, "jwks_url": "http://idp.example/jwks"}, "auth.jwt.jwks_url"),  # in clear, beyond this host
+    ({**BASE, "jwks_url": "http://10.0.0.1/jwks"}, "auth.jwt.jwks_url"),
+    ({**BASE, "jwks_url": "http://localhost.evil.test/jwks"}, "auth.jwt.jwks_url"),
     ({**BASE, "public_keys": ["not a key"]}, "auth.jwt.public_keys[0]"),
     ({**BASE, "hs256_secret": SECRET, "credentials_file": "c.yaml"}, "auth.jwt.claims.credential"),
     ({**BASE, "hs256_secret": SECRET, "tenants": {"a b": {}}}, "auth.jwt.tenants.a b"),
@@ -67,6 +70,9 @@ def test_a_jwt_config_loads_with_every_key_source(tmp_path):
     key = SigningKey("k")
     assert config({**BASE, "hs256_secret": SECRET}).auth.jwt.algorithms == ["HS256"]
     assert config({**BASE, "jwks_url": "https://idp/jwks"}).auth.jwt.algorithms == ["RS256"]
+    for loopback in ("http://127.0.0.1:8080/jwks", "http://127.1.2.3/jwks", "http://[::1]:80/jwks",
+                     "http://LocalHost/jwks"):  # plain http stays on this host
+        assert config({**BASE, "jwks_url": loopback}).auth.jwt.jwks_url == loopback
     cfg = config({**BASE, "public_keys": key.public_pem, "algorithms": ["RS256", "PS256"]})
     assert cfg.auth.jwt.public_keys == [key.public_pem.strip()]
     assert cfg.auth.keys == []  # tokens alone may be the way in

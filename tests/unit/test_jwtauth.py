@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import jwt as pyjwt
 import pytest
@@ -146,3 +151,58 @@ def test_a_failing_jwks_fetch_backs_off_and_is_logged_once_per_outage(monkeypatc
     recoveries = [r for r in caplog.records if "works again" in r.getMessage()]
     assert len(failures) == 1 and failures[0].levelno == logging.ERROR
     assert len(recoveries) == 1 and "5 failed attempt(s)" in recoveries[0].getMessage()
+
+
+def test_a_jwks_fetch_that_outlasts_jwks_timeout_fails_and_frees_the_next_one(monkeypatch, caplog):
+    release = threading.Event()
+
+    def hanging(url: str, timeout: float) -> dict:
+        release.wait(10)  # a slow IdP (or DNS) that urllib's per-operation timeout would not stop
+        raise OSError("too late")
+
+    monkeypatch.setattr(jwtauth, "_download", hanging)
+
+    async def scenario() -> float:
+        keys = JwksKeys("https://idp.test/jwks.json", 0.2, 600.0)
+        started = time.monotonic()
+        await keys.start()
+        took = time.monotonic() - started
+        assert keys._fetching is None and keys._failures == 1  # the next fetch (after the backoff) may start
+        release.set()  # asyncio.run waits for the executor's thread
+        return took
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="llmproxy"):
+            took = asyncio.run(asyncio.wait_for(scenario(), 5))
+    finally:
+        release.set()
+    assert took < 3
+    assert "within jwks_timeout 0.2s" in caplog.text
+
+
+def test_a_jwks_download_that_drips_is_cut_at_its_deadline():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def drip() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    for _ in range(100):  # one byte every 50 ms: each read is quick, the whole is not
+                        conn.sendall(b" ")
+                        time.sleep(0.05)
+
+        threading.Thread(target=drip, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            jwtauth._download(f"http://127.0.0.1:{server.getsockname()[1]}/jwks.json", 0.5)
+        assert time.monotonic() - started < 3
+
+
+def test_a_jwks_redirect_from_https_to_http_is_refused():
+    handler = jwtauth._NoDowngrade()
+    request = urllib.request.Request("https://idp.test/jwks.json")
+    with pytest.raises(urllib.error.HTTPError):
+        handler.redirect_request(request, None, 302, "Found", {}, "http://idp.test/jwks.json")
+    moved = handler.redirect_request(request, None, 302, "Found", {}, "https://keys.idp.test/jwks.json")
+    assert moved.full_url == "https://keys.idp.test/jwks.json"
