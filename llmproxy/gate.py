@@ -4,7 +4,8 @@
     after head  the same, once more, if a reload replaced the rules since (a keep-alive connection) -> 403
     after head  security rules on the client a trusted proxy forwards for (X-Forwarded-For) -> 403
                 -> skip_paths? -> the key or tenant JWT (auth.py) -> 401 / 400
-                -> the caller's own allowed_ips on the client address -> 403
+                -> the caller's own allowed_ips on the client address -> 401, as a bad key (not to tell a
+                   stolen key's holder that it is a valid one)
     all before the body is read, so a refused request costs its head and reaches no backend.
 """
 
@@ -96,9 +97,13 @@ def _refused(services: Services, error: ProxyError) -> ProxyError:
 
 
 def _check_caller_address(services: Services, ctx: RequestContext) -> None:
+    """Raises Unauthorized (the 401 of any bad credential) if the caller's allowed_ips do not hold the client:
+    a 403 would confirm the key is valid to whoever holds it elsewhere. The access log's error and
+    llmproxy_ip_denied_total{check="key"} say why."""
     client = client_address(ctx.conn.peer, ctx.head, services.trusted_proxies)
     if client not in ctx.tenant.allowed_ips:
         if services.metrics is not None:
             services.metrics.observe_ip_denied("key")
-        raise ProxyError("ip_forbidden", "Your address is not allowed to use this API key.",
-                         detail=f"client address {client} not in {ctx.tenant.key_id}'s allowed_ips")
+        error = Unauthorized("ip_not_allowed", f"client address {client} not in {ctx.tenant.key_id}'s allowed_ips")
+        error.headers += WWW_AUTHENTICATE
+        raise error

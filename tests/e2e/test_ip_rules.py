@@ -50,11 +50,13 @@ def behind_lb(mock, tmp_path_factory):
     """A proxy behind a trusted load balancer (127.0.0.1): the guide's lists plus IPv6 ones, and two keys."""
     security = {"ip_whitelist": [*GUIDE["ip_whitelist"], "2001:db8::/32", "172.16.0.0/12"],
                 "ip_blacklist": [*GUIDE["ip_blacklist"], "192.168.1.66", "2001:db8::bad", "172.16.5.0/24"]}
-    proxy = start_proxy(tmp_path_factory.mktemp("lb"), [{"url": mock.url, "type": "vllm"}],
+    directory = tmp_path_factory.mktemp("lb")
+    proxy = start_proxy(directory, [{"url": mock.url, "type": "vllm"}],
                         server={"listen": "127.0.0.1:0", "trusted_proxies": ["127.0.0.1"]}, security=security,
                         auth={"enabled": True, "keys": [{"key": KEY_ANYWHERE},
                                                         {"key": KEY_OFFICE, "allowed_ips": ["192.168.1.0/28",
                                                                                             "2001:db8:1::/48"]}]})
+    proxy.directory = directory  # where its access log is
     yield proxy
     proxy.stop()
 
@@ -116,19 +118,24 @@ def test_forwarded_client_address_is_judged(behind_lb, mock, case, xff, allowed)
         assert len(mock_posts(mock)) == before
 
 
-def test_a_keys_allowed_ips_apply_after_auth(behind_lb, mock):
+def test_a_keys_allowed_ips_apply_after_auth_and_refuse_as_a_bad_key_does(behind_lb, mock):
     before = len(mock_posts(mock))
     assert forwarded(behind_lb, ["192.168.1.15"], KEY_OFFICE)[0] == 200  # last address of its /28
     assert forwarded(behind_lb, ["2001:db8:1:2::3"], KEY_OFFICE)[0] == 200
     refused = [forwarded(behind_lb, [address], KEY_OFFICE) for address in ("192.168.1.16", "10.0.0.5",
                                                                             "2001:db8:2::1")]
-    assert [status for status, _ in refused] == [403] * 3
-    assert {body["error"]["code"] for _, body in refused} == {"ip_not_allowed"}
+    # The same answer as a key that does not exist: a valid key used from elsewhere is not confirmed valid.
+    bad_key = forwarded(behind_lb, ["192.168.1.16"], "sk-not-a-key-at-all-000000")
+    assert bad_key[0] == 401
+    assert refused == [bad_key] * 3
     assert forwarded(behind_lb, ["10.0.0.5"], KEY_ANYWHERE)[0] == 200  # the other key may, from there
     assert len(mock_posts(mock)) == before + 3
     # The security rules come first: a refused address is refused before any key is looked at.
     assert forwarded(behind_lb, ["1.2.3.4"], "sk-not-a-key-at-all-000000")[0] == 403
     assert denied(behind_lb, 'check="key"') == 3
+    # The log says the real reason.
+    reason = "ip_not_allowed: client address 192.168.1.16 not in"
+    wait_for(lambda: sum(reason in (r.get("error") or "") for r in access_log(behind_lb.directory)) == 1)
 
 
 def denied(proxy: Proc, labels: str) -> float:
