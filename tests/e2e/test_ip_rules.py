@@ -48,7 +48,7 @@ def mock():
 @pytest.fixture(scope="module")
 def behind_lb(mock, tmp_path_factory):
     """A proxy behind a trusted load balancer (127.0.0.1): the guide's lists plus IPv6 ones, and two keys."""
-    security = {"ip_whitelist": [*GUIDE["ip_whitelist"], "2001:db8::/32", "172.16.0.0/12"],
+    security = {"ip_whitelist": [*GUIDE["ip_whitelist"], "2001:db8::/32", "172.16.0.0/12", "::ffff:198.51.100.0/120"],
                 "ip_blacklist": [*GUIDE["ip_blacklist"], "192.168.1.66", "2001:db8::bad", "172.16.5.0/24"]}
     directory = tmp_path_factory.mktemp("lb")
     proxy = start_proxy(directory, [{"url": mock.url, "type": "vllm"}],
@@ -93,6 +93,9 @@ FORWARDED = [
     ("IPv6 blacklisted inside the whitelist", ["2001:db8::bad"], False),
     ("IPv6 written in full", ["2001:0db8:0000:0000:0000:0000:0000:0001"], True),
     ("IPv4-mapped IPv6", ["::ffff:192.168.1.7"], True),
+    ("IPv4 in an IPv4-mapped whitelist entry", ["198.51.100.7"], True),
+    ("IPv4-mapped in an IPv4-mapped whitelist entry", ["::ffff:198.51.100.8"], True),
+    ("IPv4 next to an IPv4-mapped whitelist entry", ["198.51.101.7"], False),
     ("IPv6 with a port", ["[2001:db8::7]:443"], True),
     ("IPv4 with a port", ["192.168.1.7:5000"], True),
     ("right-most entry is the client", ["10.0.0.5, 1.2.3.4"], False),
