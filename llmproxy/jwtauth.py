@@ -285,7 +285,6 @@ class JwksKeys:
         self._keys = keys
         self.version += 1
 
-
     def _failed(self, error: str) -> None:
         """Back off before the next fetch, and say so once per outage (not once per attempt)."""
         self._failures += 1
