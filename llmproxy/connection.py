@@ -25,6 +25,7 @@ from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.gate import DENIED_AT_ACCEPT, refused_at_accept
 from llmproxy.http11.request import CodecLimits, ProtocolError, RequestCodec, RequestHead
 from llmproxy.http11.wire import status_line
+from llmproxy.iprules import IpRules
 from llmproxy.pipeline import handle_request, reject_malformed
 from llmproxy.services import Services
 from llmproxy.traffic import Traffic
@@ -85,7 +86,7 @@ class Clients:
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("_body_progress_at", "_body_timer", "_clients", "_codec", "_current", "_head_timer", "_idle_since",
                  "_idle_timer", "_loop", "_parsing", "_pending", "_reading_paused", "_timeouts", "_to_start",
-                 "closed", "peer", "transport", "writing_paused")
+                 "closed", "judged_by", "peer", "transport", "writing_paused")
 
     def __init__(self, clients: Clients) -> None:
         self._clients = clients
@@ -93,6 +94,7 @@ class ClientConnection(asyncio.Protocol):
         self._timeouts = clients.settings.timeouts
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.judged_by: IpRules | None = None  # the address rules this connection's peer was last judged by
         self._codec = RequestCodec(self, clients.settings.codec_limits)
         self._current: RequestContext | None = None  # the request being answered
         self._parsing: RequestContext | None = None  # the request whose body is arriving
@@ -126,7 +128,8 @@ class ClientConnection(asyncio.Protocol):
         clients.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
-        if clients.services.ip_rules is not None and refused_at_accept(clients.services, self.peer):
+        self.judged_by = clients.services.ip_rules  # a reload's new rules judge it again (gate.authenticate)
+        if self.judged_by is not None and refused_at_accept(clients.services, self.peer):
             self._refuse_address()
             return
         # TCP_NODELAY is already set: uvloop (like asyncio) sets it on every TCP transport.

@@ -42,6 +42,7 @@ class ClientSide(Protocol):
     transport: asyncio.Transport
     peer: str
     closed: bool
+    judged_by: object  # the IpRules the peer was last judged by (None: no rules then), see gate.authenticate
     writing_paused: bool  # the client's socket buffer is over its high-water mark
 
     def arm_body_timer(self) -> None: ...

@@ -60,7 +60,8 @@ ERRORS: dict[str, ErrorSpec] = {
     "unauthorized": ErrorSpec(401, "invalid_request_error", "invalid_api_key", "LR"),
     "ambiguous_credentials": ErrorSpec(400, "invalid_request_error", "ambiguous_api_key", "LR"),
     "model_not_allowed": ErrorSpec(403, "invalid_request_error", "model_not_allowed", "LR"),
-    # security.ip_* or a key's allowed_ips (iprules.py): nothing of the request is read, so the connection closes.
+    # security.ip_* (iprules.py): nothing of the request is read, so the connection closes. (A key's allowed_ips
+    # refuse as "unauthorized": a 403 would tell that the key is valid.)
     "ip_forbidden": ErrorSpec(403, "permission_error", "ip_not_allowed", "LR", close=True),
     # A tenant with its own backend credentials (BYOK) has none for the chosen backend, and auth.byok_missing
     # says refuse: nothing is sent upstream.

@@ -1,9 +1,11 @@
 """The gate: who may come in, by address and by credential (the first phase of every request).
 
     at accept   security rules on the peer's address, unless it is a trusted proxy  -> 403, nothing read
+    after head  the same, once more, if a reload replaced the rules since (a keep-alive connection) -> 403
     after head  security rules on the client a trusted proxy forwards for (X-Forwarded-For) -> 403
                 -> skip_paths? -> the key or tenant JWT (auth.py) -> 401 / 400
-                -> the caller's own allowed_ips on the client address -> 403
+                -> the caller's own allowed_ips on the client address -> 401, as a bad key (not to tell a
+                   stolen key's holder that it is a valid one)
     all before the body is read, so a refused request costs its head and reaches no backend.
 """
 
@@ -40,6 +42,8 @@ def authenticate(services: Services, ctx: RequestContext) -> Awaitable[None] | N
     byte is read. Returns an awaitable that finishes the job when a token's signing key must be fetched first
     (a new JWKS kid), else None."""
     rules = services.ip_rules
+    if rules is not ctx.conn.judged_by:
+        _judge_again(services, ctx)
     if rules is not None and not rules.judged_at_accept(ctx.conn.peer):
         try:
             rules.check_request(ctx.conn.peer, ctx.head)
@@ -62,6 +66,17 @@ def authenticate(services: Services, ctx: RequestContext) -> Awaitable[None] | N
     return None
 
 
+def _judge_again(services: Services, ctx: RequestContext) -> None:
+    """A reload replaced the security rules since this connection's peer was judged: judge it by the new ones,
+    or a keep-alive connection would keep the access its address has just lost. Raises ProxyError (403, and
+    the connection closes)."""
+    conn = ctx.conn
+    if refused_at_accept(services, conn.peer):
+        raise ProxyError("ip_forbidden", DENIED_AT_ACCEPT.message,
+                         detail=f"peer {conn.peer} no longer allowed by security rules (reloaded)")
+    conn.judged_by = services.ip_rules
+
+
 async def _after_refresh(services: Services, ctx: RequestContext, refresh: Awaitable[None]) -> None:
     await asyncio.shield(refresh)  # shared by every request waiting for it: one leaving must not cancel it
     try:
@@ -82,9 +97,13 @@ def _refused(services: Services, error: ProxyError) -> ProxyError:
 
 
 def _check_caller_address(services: Services, ctx: RequestContext) -> None:
+    """Raises Unauthorized (the 401 of any bad credential) if the caller's allowed_ips do not hold the client:
+    a 403 would confirm the key is valid to whoever holds it elsewhere. The access log's error and
+    llmproxy_ip_denied_total{check="key"} say why."""
     client = client_address(ctx.conn.peer, ctx.head, services.trusted_proxies)
     if client not in ctx.tenant.allowed_ips:
         if services.metrics is not None:
             services.metrics.observe_ip_denied("key")
-        raise ProxyError("ip_forbidden", "Your address is not allowed to use this API key.",
-                         detail=f"client address {client} not in {ctx.tenant.key_id}'s allowed_ips")
+        error = Unauthorized("ip_not_allowed", f"client address {client} not in {ctx.tenant.key_id}'s allowed_ips")
+        error.headers += WWW_AUTHENTICATE
+        raise error

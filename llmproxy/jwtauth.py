@@ -9,9 +9,10 @@ on every replica sharing the Redis store, whichever token it came with.
 
 Keys from a JWKS URL are fetched off the request path: at start, again every jwks_refresh in the background
 (the request that notices stays on the cached keys), and when a token names a `kid` not in the set, at most
-once a minute; only that request waits for the fetch (up to jwks_timeout). A verified token is remembered
-until it expires (or the key set changes): a client sends the same token many times, and its signature is
-checked once.
+once a minute; only that request waits for the fetch (up to jwks_timeout). While fetching fails, no fetch
+starts before a backoff (10 s doubling to 60 s) has passed, and the outage is logged once. A verified token
+is remembered until it expires (or the key set changes): a client sends the same token many times, and its
+signature is checked once.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import json
 import logging
 import math
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -39,8 +42,10 @@ from llmproxy.ratelimit import limits_for
 from llmproxy.tenant import Tenant
 
 log = logging.getLogger("llmproxy")
-UNKNOWN_KID_REFETCH = 60.0  # a kid not in the set fetches the set again at most this often...
-FAILED_REFETCH = 10.0  # ...or this often while fetching fails
+UNKNOWN_KID_REFETCH = 60.0  # a kid not in the set fetches the set again at most this often
+# While fetching fails, no fetch starts (for any reason) before the backoff has passed: 10 s, doubling to 60 s.
+# Without it every request would start a fetch of its own against an IdP that is down.
+FAILED_BACKOFF, MAX_FAILED_BACKOFF = 10.0, 60.0
 MAX_JWKS_BYTES = 1 << 20
 MAX_CACHED = 10_000  # verified tokens remembered; beyond, the cache starts over
 MAX_TENANT_ID = 128
@@ -91,7 +96,8 @@ class JwtVerifier:
         tenant = self._tenant(claims)
         if len(self._cache) >= MAX_CACHED:
             self._cache.clear()
-        self._cache[token] = (tenant, claims["exp"] + self._leeway)
+        # int(): PyJWT takes any integer-looking exp, a numeric string ("1796654156") or a float too.
+        self._cache[token] = (tenant, int(claims["exp"]) + self._leeway)
         return tenant
 
     def _verified_claims(self, token: bytes) -> dict[str, Any]:
@@ -216,8 +222,11 @@ class JwksKeys:
         self._keys: list[tuple[str | None, Any]] = []
         self._fetched_at = -math.inf  # monotonic time of the last fetch that succeeded
         self._unknown_at = -math.inf  # monotonic time an unknown kid last had the set fetched
-        self._failed = False
+        self._failures = 0  # fetches failed in a row (the outage logged once, at the first)
+        self._backoff = 0.0
+        self._retry_at = -math.inf  # monotonic time before which no fetch starts, after a failure
         self._fetching: asyncio.Task[None] | None = None
+        self._clock = time.monotonic
 
     async def start(self) -> None:
         if self.version == 0 and self._fetching is None:
@@ -228,8 +237,10 @@ class JwksKeys:
             self._fetching.cancel()
 
     def candidates(self, kid: str | None, alg: str) -> list[Any]:
-        if self._fetching is None and time.monotonic() - self._fetched_at >= self.refresh_every:
-            self._spawn()  # stale: fetched again in the background; this request uses the keys it has
+        if self._fetching is None:
+            now = self._clock()
+            if now - self._fetched_at >= self.refresh_every and now >= self._retry_at:
+                self._spawn()  # stale: fetched again in the background; this request uses the keys it has
         family = _family(alg)
         return [key for key_id, key in self._keys
                 if family is not None and isinstance(key, family) and (kid is None or key_id in (None, kid))]
@@ -240,8 +251,8 @@ class JwksKeys:
             return self._fetching
         # Counted from the last fetch an unknown kid caused (the periodic ones are bounded anyway): random kids
         # cannot make the proxy hammer the IdP, and a rotation just after a periodic fetch is still seen.
-        now = time.monotonic()
-        if now - self._unknown_at < (FAILED_REFETCH if self._failed else UNKNOWN_KID_REFETCH):
+        now = self._clock()
+        if now < self._retry_at or (now - self._unknown_at < UNKNOWN_KID_REFETCH and not self._failures):
             return None
         self._unknown_at = now
         return self._spawn()
@@ -252,27 +263,68 @@ class JwksKeys:
 
     async def _fetch(self) -> None:
         try:
-            data = await asyncio.get_running_loop().run_in_executor(None, _download, self.url, self.timeout)
-            keys = _parse_jwks(data)
+            download = asyncio.get_running_loop().run_in_executor(None, _download, self.url, self.timeout)
+            # The whole fetch, DNS included, within jwks_timeout (urllib's timeout is per socket operation): the
+            # requests waiting for it and the next periodic refresh are not held by a slow IdP.
+            keys = _parse_jwks(await asyncio.wait_for(download, self.timeout))
+        except TimeoutError:
+            self._failed(f"no key set within jwks_timeout {self.timeout:g}s")
+            return
         except Exception as error:  # the IdP down or confused: keep the keys we have
-            self._failed = True
-            log.error("auth.jwt.jwks_url: fetching %s failed (%s); keeping %d key(s)", self.url, error,
-                      len(self._keys))
+            self._failed(str(error) or type(error).__name__)
             return
         finally:
             self._fetching = None
-        self._failed = False
-        self._fetched_at = time.monotonic()
+        if self._failures:
+            log.warning("auth.jwt.jwks_url: fetching %s works again (after %d failed attempt(s))", self.url,
+                        self._failures)
+        self._failures, self._backoff, self._retry_at = 0, 0.0, -math.inf
+        self._fetched_at = self._clock()
         if [kid for kid, _ in keys] != [kid for kid, _ in self._keys] or self.version == 0:
             log.info("auth.jwt.jwks_url: %d signing key(s) from %s", len(keys), self.url)
         self._keys = keys
         self.version += 1
 
+    def _failed(self, error: str) -> None:
+        """Back off before the next fetch, and say so once per outage (not once per attempt)."""
+        self._failures += 1
+        self._backoff = min(self._backoff * 2, MAX_FAILED_BACKOFF) if self._backoff else FAILED_BACKOFF
+        self._retry_at = self._clock() + self._backoff
+        if self._failures == 1:
+            log.error("auth.jwt.jwks_url: fetching %s failed (%s); keeping %d key(s), trying again after "
+                      "%gs, then less often (up to every %gs) until it works", self.url, error, len(self._keys),
+                      self._backoff, MAX_FAILED_BACKOFF)
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed, but never from https to anything else: the key set must not come in clear."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        if urlsplit(req.full_url).scheme == "https" and urlsplit(newurl).scheme != "https":
+            raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused: not https",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_NoDowngrade)
+
 
 def _download(url: str, timeout: float) -> Any:
+    """The JSON document at `url` (http(s) only, checked at load); raises TimeoutError past `timeout` in all,
+    so that a thread of the executor is not held by an IdP that drips its answer."""
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "llmproxy"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # http(s) only: checked at load
-        return json.loads(response.read(MAX_JWKS_BYTES))
+    with _OPENER.open(request, timeout=timeout) as response:
+        body = bytearray()
+        while len(body) < MAX_JWKS_BYTES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the key set took longer than {timeout:g}s")
+            chunk = response.read1(MAX_JWKS_BYTES - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return json.loads(body)
 
 
 def _parse_jwks(data: Any) -> list[tuple[str | None, Any]]:

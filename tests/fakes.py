@@ -539,6 +539,7 @@ class FakeClientSide:
     def __init__(self, peer: str = CLIENT_PEER[0]) -> None:
         self.transport = FakeTransport((peer, CLIENT_PEER[1]))
         self.peer = peer
+        self.judged_by = None  # no address rules when it was accepted
         self.closed = False
         self.writing_paused = False
         self.body_timer_armed = 0

@@ -7,6 +7,7 @@ key used as its HMAC secret; `none` is no algorithm at all.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,8 +84,21 @@ def _jwks_url(value: Any, path: str) -> str:
     url = _clean_string("https:// URL")(value, path)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(path, f"must be an http:// or https:// URL, got {_show(value)}")
+        raise ConfigError(path, f"must be an https:// URL, got {_show(value)}")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        # Whoever can change the key set in transit can sign any tenant's tokens.
+        raise ConfigError(path, f"must be an https:// URL (plain http only to a loopback address: 127.0.0.0/8, "
+                                f"::1, localhost), got {_show(value)}")
     return url
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _public_keys(value: Any, path: str) -> list[str]:

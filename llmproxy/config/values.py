@@ -313,14 +313,33 @@ def _trusted_proxy(value: Any, path: str) -> str:
         raise ConfigError(path, f"{help_text}, got {_show(value)}")
     text = value.strip()
     try:
-        return str(ipaddress.ip_network(text) if "/" in text else ipaddress.ip_address(text))
+        return _unmapped(ipaddress.ip_network(text) if "/" in text else ipaddress.ip_address(text))
     except ValueError:
         pass
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ConfigError(path, f"{help_text}, got {_show(value)}") from None
-    raise ConfigError(path, f"{_show(value)} has host bits set; did you mean {network}?")
+    mapped = ipaddress.ip_address(text.partition("/")[0])
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None and network.prefixlen < 96:
+        raise ConfigError(path, f"{_show(value)} is an IPv4-mapped address with a prefix shorter than /96: client "
+                                f"addresses are compared as IPv4, so write an IPv4 range "
+                                f"({mapped.ipv4_mapped}/N)")
+    raise ConfigError(path, f"{_show(value)} has host bits set; did you mean {_unmapped(network)}?")
+
+
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _unmapped(entry: ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network
+              | ipaddress.IPv6Network) -> str:
+    """An entry, with an IPv4-mapped one (::ffff:a.b.c.d, ::ffff:a.b.c.d/N with N >= 96) as the IPv4 address or
+    range it means: client addresses are compared as IPv4 (iprules.py), so as written it would match nothing."""
+    if isinstance(entry, ipaddress.IPv6Address) and entry.ipv4_mapped is not None:
+        return str(entry.ipv4_mapped)
+    if isinstance(entry, ipaddress.IPv6Network) and entry.prefixlen >= 96 and entry.network_address in _IPV4_MAPPED:
+        return f"{entry.network_address.ipv4_mapped}/{entry.prefixlen - 96}"
+    return str(entry)
 
 
 # ---------------------------------------------------------------------------------------------------------

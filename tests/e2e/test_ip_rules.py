@@ -29,6 +29,7 @@ from tests.support import (
     start_mock,
     start_proxy,
     wait_for,
+    write_config,
 )
 
 PATH = "/v1/chat/completions"
@@ -47,13 +48,15 @@ def mock():
 @pytest.fixture(scope="module")
 def behind_lb(mock, tmp_path_factory):
     """A proxy behind a trusted load balancer (127.0.0.1): the guide's lists plus IPv6 ones, and two keys."""
-    security = {"ip_whitelist": [*GUIDE["ip_whitelist"], "2001:db8::/32", "172.16.0.0/12"],
+    security = {"ip_whitelist": [*GUIDE["ip_whitelist"], "2001:db8::/32", "172.16.0.0/12", "::ffff:198.51.100.0/120"],
                 "ip_blacklist": [*GUIDE["ip_blacklist"], "192.168.1.66", "2001:db8::bad", "172.16.5.0/24"]}
-    proxy = start_proxy(tmp_path_factory.mktemp("lb"), [{"url": mock.url, "type": "vllm"}],
+    directory = tmp_path_factory.mktemp("lb")
+    proxy = start_proxy(directory, [{"url": mock.url, "type": "vllm"}],
                         server={"listen": "127.0.0.1:0", "trusted_proxies": ["127.0.0.1"]}, security=security,
                         auth={"enabled": True, "keys": [{"key": KEY_ANYWHERE},
                                                         {"key": KEY_OFFICE, "allowed_ips": ["192.168.1.0/28",
                                                                                             "2001:db8:1::/48"]}]})
+    proxy.directory = directory  # where its access log is
     yield proxy
     proxy.stop()
 
@@ -90,6 +93,9 @@ FORWARDED = [
     ("IPv6 blacklisted inside the whitelist", ["2001:db8::bad"], False),
     ("IPv6 written in full", ["2001:0db8:0000:0000:0000:0000:0000:0001"], True),
     ("IPv4-mapped IPv6", ["::ffff:192.168.1.7"], True),
+    ("IPv4 in an IPv4-mapped whitelist entry", ["198.51.100.7"], True),
+    ("IPv4-mapped in an IPv4-mapped whitelist entry", ["::ffff:198.51.100.8"], True),
+    ("IPv4 next to an IPv4-mapped whitelist entry", ["198.51.101.7"], False),
     ("IPv6 with a port", ["[2001:db8::7]:443"], True),
     ("IPv4 with a port", ["192.168.1.7:5000"], True),
     ("right-most entry is the client", ["10.0.0.5, 1.2.3.4"], False),
@@ -115,19 +121,24 @@ def test_forwarded_client_address_is_judged(behind_lb, mock, case, xff, allowed)
         assert len(mock_posts(mock)) == before
 
 
-def test_a_keys_allowed_ips_apply_after_auth(behind_lb, mock):
+def test_a_keys_allowed_ips_apply_after_auth_and_refuse_as_a_bad_key_does(behind_lb, mock):
     before = len(mock_posts(mock))
     assert forwarded(behind_lb, ["192.168.1.15"], KEY_OFFICE)[0] == 200  # last address of its /28
     assert forwarded(behind_lb, ["2001:db8:1:2::3"], KEY_OFFICE)[0] == 200
     refused = [forwarded(behind_lb, [address], KEY_OFFICE) for address in ("192.168.1.16", "10.0.0.5",
                                                                             "2001:db8:2::1")]
-    assert [status for status, _ in refused] == [403] * 3
-    assert {body["error"]["code"] for _, body in refused} == {"ip_not_allowed"}
+    # The same answer as a key that does not exist: a valid key used from elsewhere is not confirmed valid.
+    bad_key = forwarded(behind_lb, ["192.168.1.16"], "sk-not-a-key-at-all-000000")
+    assert bad_key[0] == 401
+    assert refused == [bad_key] * 3
     assert forwarded(behind_lb, ["10.0.0.5"], KEY_ANYWHERE)[0] == 200  # the other key may, from there
     assert len(mock_posts(mock)) == before + 3
     # The security rules come first: a refused address is refused before any key is looked at.
     assert forwarded(behind_lb, ["1.2.3.4"], "sk-not-a-key-at-all-000000")[0] == 403
     assert denied(behind_lb, 'check="key"') == 3
+    # The log says the real reason.
+    reason = "ip_not_allowed: client address 192.168.1.16 not in"
+    wait_for(lambda: sum(reason in (r.get("error") or "") for r in access_log(behind_lb.directory)) == 1)
 
 
 def denied(proxy: Proc, labels: str) -> float:
@@ -206,5 +217,27 @@ def test_ipv6_peer_at_accept_and_reload(mock, tmp_path):
         with socket.create_connection(("::1", proxy.port), timeout=5) as sock:
             sock.sendall(post_request(PATH, CHAT))
             assert ResponseReader(sock).read_head().status == 200
+    finally:
+        proxy.stop()
+
+
+def test_a_reload_that_blacklists_an_open_keep_alive_connections_peer_refuses_its_next_request(mock, tmp_path):
+    backends = [{"url": mock.url, "type": "vllm"}]
+    proxy = start_proxy(tmp_path, backends, security={"ip_whitelist": ["127.0.0.0/8"]})
+    try:
+        with raw_connect(proxy.port) as sock:
+            sock.sendall(post_request(PATH, CHAT))
+            reader = ResponseReader(sock).read_head()
+            reader.read_body()
+            assert reader.status == 200 and reader.headers.get("connection") != "close"
+            write_config(tmp_path, backends, security={"ip_blacklist": ["127.0.0.1"]})
+            sighup(proxy)
+            before = len(mock_posts(mock))
+            sock.sendall(post_request(PATH, CHAT))
+            reader = ResponseReader(sock).read_head()
+            body, _ = reader.read_body()
+            assert reader.status == 403 and json.loads(body)["error"]["code"] == "ip_not_allowed"
+            assert reader.headers["connection"] == "close"
+            assert len(mock_posts(mock)) == before
     finally:
         proxy.stop()

@@ -76,6 +76,7 @@ def bad_tokens(keys: dict[str, SigningKey]) -> list[tuple[str, str, str]]:
     forged = claims(tenant="victim")
     return [
         ("expired", k1.sign(claims(exp=now - 60)), "expired"),
+        ("expired, exp a numeric string", k1.sign(claims(exp=str(now - 60))), "expired"),
         ("not yet valid (nbf)", k1.sign(claims(nbf=now + 3600)), "not_yet_valid"),
         ("issued in the future (iat)", k1.sign(claims(iat=now + 3600)), "not_yet_valid"),
         ("wrong audience", k1.sign(claims(aud="another-service")), "audience"),
@@ -127,6 +128,8 @@ def test_a_valid_token_is_a_tenant_beside_the_api_keys(setup, keys):
     records = usage_records(tmp)[-3:]
     assert [(r["key_id"], r["user_id"]) for r in records] == [
         ("tenant:acme", "alice"), (records[1]["key_id"], "keyholder"), ("tenant:acme", "acme-default")]
+    # An exp PyJWT reads as an integer (a numeric string) is accepted, as PyJWT accepts it.
+    assert call(proxy, keys["k1"].sign(claims(exp=str(int(time.time()) + 600))))[0] == 200
     # The models claim narrows what the tenant may use.
     narrowed = keys["k1"].sign(claims(models=["priced-model"]))
     status, _, body = call(proxy, narrowed)

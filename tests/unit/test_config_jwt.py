@@ -27,6 +27,29 @@ def test_the_guides_security_section_loads():
     assert cfg.security.ip_whitelist == ["192.168.1.0/24", "10.0.0.5"] and cfg.security.ip_blacklist == ["1.2.3.4"]
 
 
+@pytest.mark.parametrize(("entry", "loaded"), [
+    ("::ffff:192.0.2.0/120", "192.0.2.0/24"),  # clients are compared as IPv4: as written it would match nothing
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7/128", "192.0.2.7/32"),
+    ("::ffff:0:0/96", "0.0.0.0/0"),
+    ("2001:db8::/32", "2001:db8::/32"),
+    ("::/0", "::/0"),
+])
+def test_ipv4_mapped_list_entries_load_as_ipv4(entry, loaded):
+    cfg = parse_config({"backends": [{"url": "http://b"}], "security": {"ip_whitelist": [entry]}})
+    assert cfg.security.ip_whitelist == [loaded]
+
+
+@pytest.mark.parametrize(("entry", "says"), [
+    ("::ffff:192.0.2.0/64", "write an IPv4 range (192.0.2.0/N)"),
+    ("::ffff:192.0.2.1/120", "did you mean 192.0.2.0/24?"),
+])
+def test_ipv4_mapped_list_entries_that_cannot_be_ipv4_are_refused_with_a_hint(entry, says):
+    with pytest.raises(ConfigError) as error:
+        parse_config({"backends": [{"url": "http://b"}], "security": {"ip_blacklist": [entry]}})
+    assert error.value.path == "security.ip_blacklist[0]" and says in str(error.value)
+
+
 @pytest.mark.parametrize(("security", "where"), [
     ({"ip_whitelist": ["192.168.1.1/24"]}, "security.ip_whitelist[0]"),  # host bits: a typo
     ({"ip_blacklist": ["1.2.3"]}, "security.ip_blacklist[0]"),
@@ -49,6 +72,9 @@ def test_bad_security_lists_are_refused(security, where):
     ({**BASE, "hs256_secret": SECRET, "algorithms": ["RS256"]}, "auth.jwt.algorithms[0]"),  # confusion
     ({**BASE, "jwks_url": "https://idp/jwks", "algorithms": ["HS256"]}, "auth.jwt.algorithms[0]"),  # confusion
     ({**BASE, "jwks_url": "ftp://idp/jwks"}, "auth.jwt.jwks_url"),
+    ({**BASE, "jwks_url": "http://idp.example/jwks"}, "auth.jwt.jwks_url"),  # in clear, beyond this host
+    ({**BASE, "jwks_url": "http://10.0.0.1/jwks"}, "auth.jwt.jwks_url"),
+    ({**BASE, "jwks_url": "http://localhost.evil.test/jwks"}, "auth.jwt.jwks_url"),
     ({**BASE, "public_keys": ["not a key"]}, "auth.jwt.public_keys[0]"),
     ({**BASE, "hs256_secret": SECRET, "credentials_file": "c.yaml"}, "auth.jwt.claims.credential"),
     ({**BASE, "hs256_secret": SECRET, "tenants": {"a b": {}}}, "auth.jwt.tenants.a b"),
@@ -67,6 +93,9 @@ def test_a_jwt_config_loads_with_every_key_source(tmp_path):
     key = SigningKey("k")
     assert config({**BASE, "hs256_secret": SECRET}).auth.jwt.algorithms == ["HS256"]
     assert config({**BASE, "jwks_url": "https://idp/jwks"}).auth.jwt.algorithms == ["RS256"]
+    for loopback in ("http://127.0.0.1:8080/jwks", "http://127.1.2.3/jwks", "http://[::1]:80/jwks",
+                     "http://LocalHost/jwks"):  # plain http stays on this host
+        assert config({**BASE, "jwks_url": loopback}).auth.jwt.jwks_url == loopback
     cfg = config({**BASE, "public_keys": key.public_pem, "algorithms": ["RS256", "PS256"]})
     assert cfg.auth.jwt.public_keys == [key.public_pem.strip()]
     assert cfg.auth.keys == []  # tokens alone may be the way in
