@@ -263,7 +263,7 @@ def chat_stream(port: int, headers: dict[str, str] | None = None, tokens: int = 
         first = reader.read_chunk()
         ttft = time.monotonic() - started
         rest, complete = reader.read_body()
-    return 200, ttft, bool(first) and complete and rest.endswith(b"data: [DONE]\n\n")
+    return 200, ttft, bool(first) and complete and (first + rest).endswith(b"data: [DONE]\n\n")
 
 
 class Background(threading.Thread):
