@@ -68,7 +68,10 @@ def summarise(measured: dict[str, Any], args: argparse.Namespace, baseline: dict
              "per_request": {name: {shape: round(f["mean"]) for shape, f in figures.items()}
                              for name, figures in targets.items()},
              "events": {shape: f["events"] for shape, f in targets["metering_on"].items()}}
-    return {"args": {key: value for key, value in vars(args).items()}, "nginx": measured["nginx"],
+    headline: dict[str, float] = {f"ir_per_request_{shape}_{name}": round(f["mean"])
+                                  for name, figures in targets.items() for shape, f in figures.items()}
+    headline["max_spread"] = max(f["spread"] for figures in targets.values() for f in figures.values())
+    return {"args": dict(vars(args)), "nginx": measured["nginx"], "headline": headline,
             "targets": targets, "derived": derived, "deltas": deltas(entry, baseline),
             "baseline": baseline, "baseline_entry": entry, "profile_shape": shown,
             "by_object": {shape: {name: ir / args.requests for name, ir in first[shape]["by_object"].items()}

@@ -76,9 +76,6 @@ class UpstreamPool:
         """Give back a checked-out connection (and its queue slot); it is kept only if `reusable`."""
         if self.queue is not None:
             self.queue.leave()
-        self._give_back(conn, reusable)
-
-    def _give_back(self, conn: UpstreamConnection, reusable: bool) -> None:
         self.checked_out -= 1
         conn.detach()
         if reusable and not self._closed and not conn.closed and conn.transport.is_reading():
@@ -133,8 +130,7 @@ class UpstreamPool:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self.checked_out += 1
-                self._give_back(waiter.result(), True)  # hand it on rather than leak it (no queue slot was taken)
+                self._hand_on(waiter.result())
             raise
         except TimeoutError:
             raise ProxyError("pool_exhausted", f"backend {self.backend.name}: no connection free") from None
@@ -185,6 +181,19 @@ class UpstreamPool:
             self._connect_failed()
             raise ProxyError("upstream_failed", f"backend {backend.name}: connection reset on connect")
         return conn
+
+    def _hand_on(self, conn: UpstreamConnection) -> None:
+        """A connection handed to a waiter that was cancelled: on to the next waiter, or idle, rather than leaked.
+
+        Its queue slot is not this connection's to give back (acquire does that as the cancellation passes
+        through it), so release() runs with the queue out of the way: one release body for the request path.
+        """
+        self.checked_out += 1
+        queue, self.queue = self.queue, None
+        try:
+            self.release(conn, True)
+        finally:
+            self.queue = queue
 
     def _connect_failed(self) -> None:
         self.open_count -= 1

@@ -227,6 +227,18 @@ def test_a_slot_handed_to_a_queued_request_that_was_cancelled_goes_to_the_next(l
     assert queue_counts(pool)[:2] == (1, 0)
 
 
+def test_a_connection_handed_to_a_cancelled_waiter_under_both_caps_frees_its_queue_slot_once(loop):
+    pool = pool_for(loop, max_connections=1, max_concurrent=2)
+    held = take(loop, pool)
+    waiting = acquiring(loop, pool)  # a queue slot, then waits for the one connection
+    pool.release(held, True)  # handed over; the waiter's task has not resumed yet...
+    waiting.cancel()  # ...when its client leaves
+    loop.run_ready()
+    assert waiting.cancelled()
+    assert (pool.idle_count, pool.checked_out) == (1, 0) and queue_counts(pool)[:2] == (0, 0)
+    assert take(loop, pool) is held
+
+
 def test_a_failed_connect_gives_its_queue_slot_back(loop):
     pool = pool_for(loop, max_concurrent=1)
     loop.hang("a")
