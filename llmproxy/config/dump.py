@@ -111,9 +111,6 @@ def _dump_backend(backend: BackendConfig) -> dict[str, Any]:
         doc["discovery"]["interval"] = _format_duration(backend.discovery.interval)
     if "apis" in doc:
         doc["apis"] = sorted(doc["apis"])
-    for unset in ("max_connections", "max_idle", "max_concurrent"):  # None: no cap; left out like the keys above
-        if doc[unset] is None:
-            del doc[unset]
     doc["idle_timeout"] = _format_duration(backend.idle_timeout)
     doc["queue_timeout"] = _format_duration(backend.queue_timeout)
     doc["timeouts"] = {
