@@ -52,6 +52,8 @@ class Shape:
     tokens: int
     delay_ms: float
     about: str
+    model: str = "m"
+    status: int = 200  # what the proxy must answer
 
 
 # The paced stream's 10 ms leave the proxy time to relay each event before the next arrives even under
@@ -61,6 +63,8 @@ SHAPES = {
     "stream1": Shape(True, 1, 0, "1-token stream, all in one write"),
     "paced16": Shape(True, 16, 10, "16-token stream, one event every 10 ms"),
     "json": Shape(False, 64, 0, "non-streaming JSON answer (64 tokens)"),
+    # parsed and routed, then answered by the proxy itself: no upstream request, no relay
+    "local404": Shape(True, 1, 0, "a stream for a model nobody serves: the proxy's own 404", "nobody-serves-this", 404),
 }
 
 
@@ -139,7 +143,7 @@ class Client:
 
 
 def shape_request(port: int, shape: Shape) -> bytes:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": shape.tokens}
+    body = {"model": shape.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": shape.tokens}
     if shape.stream:
         body["stream"] = True
     return build_request(HOST, port, CHAT_PATH, orjson.dumps(body),
@@ -147,9 +151,12 @@ def shape_request(port: int, shape: Shape) -> bytes:
 
 
 def check(status: int, body: bytes, shape: Shape) -> int:
-    """The response's SSE events (1 for a JSON answer); RuntimeError if it is not a whole, good answer."""
+    """The response's SSE events (1 for a JSON answer or a local error); RuntimeError if it is not a whole answer
+    with the status the shape expects."""
+    if status != shape.status:
+        raise RuntimeError(f"status {status}, expected {shape.status}: {body[:300]!r}")
     if status != 200:
-        raise RuntimeError(f"status {status}: {body[:300]!r}")
+        return 1
     if shape.stream:
         if not body.rstrip().endswith(b"data: [DONE]"):
             raise RuntimeError(f"stream without a final data: [DONE]: ...{body[-200:]!r}")
@@ -231,15 +238,16 @@ def measure(service: Service, out_dir: Path, shapes: list[str], args: argparse.N
         client.close()
 
 
-def run_target(name: str, start: Callable[[Path], Service], tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Start a target under callgrind in a directory of its own, measure it, stop it."""
+def run_target(name: str, start: Callable[[Path], Service], tmp: Path, args: argparse.Namespace,
+               shapes: list[str]) -> dict[str, Any]:
+    """Start a target under callgrind in a directory of its own, measure `shapes` on it, stop it."""
     out_dir = tmp / name
     out_dir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     service = start(out_dir)
     log(f"{name}: started under callgrind in {time.monotonic() - began:.0f}s (pid {service.pid})")
     try:
-        return measure(service, out_dir, args.shapes, args)
+        return measure(service, out_dir, shapes, args)
     finally:
         service.stop(timeout=STOP_TIMEOUT_S)
 
@@ -270,13 +278,14 @@ def run_all(args: argparse.Namespace, tmp: Path, pins: tuple[int, int] | None) -
                 runs[target].append(run_target(
                     f"{target}-{run + 1}",
                     lambda out, t=target: proxy_under_callgrind(f"proxy-{t}", configs[t], out, args.tree, proxy_cpu),
-                    tmp, args))
+                    tmp, args, args.shapes))
         binary = find_nginx() if args.nginx == "auto" else None
-        if binary:
+        nginx_shapes = [name for name in args.shapes if SHAPES[name].status == 200]  # it answers nothing itself
+        if binary and nginx_shapes:
             def start_nginx(out: Path) -> Service:
                 return nginx_under_callgrind(binary, out, mock_port, proxy_cpu)
             for run in range(args.repeat):
-                nginx_runs.append(run_target(f"nginx-{run + 1}", start_nginx, tmp, args))
+                nginx_runs.append(run_target(f"nginx-{run + 1}", start_nginx, tmp, args, nginx_shapes))
     finally:
         mock.stop()
     nginx_note = ("off (--nginx off)" if args.nginx == "off" else "not installed; skipped" if not nginx_runs

@@ -21,10 +21,11 @@ def _per_request(runs: list[dict[str, Any]], shape: str, requests: int) -> list[
     return [run[shape]["ir"] / requests for run in runs]
 
 
-def _figures(runs: list[dict[str, Any]], shapes: list[str], requests: int) -> dict[str, dict[str, Any]]:
-    """Per shape: the runs' instructions a request, their mean and spread ((max - min) / mean), events a request."""
+def _figures(runs: list[dict[str, Any]], requests: int) -> dict[str, dict[str, Any]]:
+    """Per shape measured: the runs' instructions a request, their mean and spread ((max - min) / mean), events a
+    request."""
     out = {}
-    for shape in shapes:
+    for shape in runs[0]:
         values = _per_request(runs, shape, requests)
         mean = statistics.fmean(values)
         out[shape] = {"per_request": values, "mean": mean, "spread": (max(values) - min(values)) / mean if mean else 0,
@@ -36,6 +37,10 @@ def derive(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
     """The phases that differences between shapes isolate (a key is left out when its shapes were not run):
 
     - fixed: a 1-token stream (3 events), all of it: parse, route, upstream request, head relay, finish/records;
+    - local: a request for a model nobody serves, answered by the proxy itself: parse, route, a local reply and
+      finish/records, without the upstream exchange;
+    - upstream: fixed - local: the upstream request, the head relay and relaying 3 events (and what finishing
+      a proxied request costs more than finishing a local reply);
     - per_event_one_write: (64-token stream - 1-token stream) / their difference in events, both in one write:
       what each further event costs when many arrive in one read (scanning, metering, chunk framing);
     - per_event_own_read: (paced 16-token stream - 1-token stream) / their difference in events: what each event
@@ -46,6 +51,10 @@ def derive(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
     if one is None:
         return out
     out["fixed"] = one["mean"]
+    local = figures.get("local404")
+    if local is not None:
+        out["local"] = local["mean"]
+        out["upstream"] = one["mean"] - local["mean"]
     for key, shape in (("per_event_one_write", "stream64"), ("per_event_own_read", "paced16")):
         other = figures.get(shape)
         if other is not None and other["events"] != one["events"]:
@@ -55,9 +64,9 @@ def derive(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def summarise(measured: dict[str, Any], args: argparse.Namespace, baseline: dict[str, Any] | None) -> dict[str, Any]:
     """Everything the report shows, and the baseline entry this run would write."""
-    targets = {name: _figures(runs, args.shapes, args.requests) for name, runs in measured["runs"].items()}
+    targets = {name: _figures(runs, args.requests) for name, runs in measured["runs"].items()}
     if measured["nginx_runs"]:
-        targets[NGINX] = _figures(measured["nginx_runs"], args.shapes, args.requests)
+        targets[NGINX] = _figures(measured["nginx_runs"], args.requests)
     derived = {name: derive(figures) for name, figures in targets.items()}
     if "metering_on" in derived and "metering_off" in derived:
         derived["meter"] = {key: derived["metering_on"][key] - derived["metering_off"][key]
@@ -98,6 +107,10 @@ def _n(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _mean(figures: dict[str, Any], shape: str) -> str:
+    return _n(figures[shape]["mean"]) if shape in figures else "n/a"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:+.2f} %"
 
@@ -113,16 +126,17 @@ def report(result: dict[str, Any], abouts: dict[str, str]) -> str:
              "- shapes: " + "; ".join(f"`{name}` {about}" for name, about in abouts.items()), "",
              "### Instructions per request", ""]
     names = [name for name in ("metering_on", "metering_off", NGINX) if name in targets]
-    lines += ["| shape | events | " + " | ".join(names) + " | metering cost | per event (on) | "
-              + (" | ".join(f"{n} / nginx" for n in names if n != NGINX) + " |" if NGINX in targets else ""),
-              "|:---|---:|" + "---:|" * (len(names) + 2) + ("---:|" * (len(names) - 1) if NGINX in targets else "")]
+    ratios = [f"{n} / nginx" for n in names if n != NGINX] if NGINX in targets else []
+    header = ["shape", "events", *names, "metering cost", "per event (on)", *ratios]
+    lines += ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
     for shape in abouts:
         on = targets["metering_on"][shape]
-        cells = [f"`{shape}`", str(on["events"]), *(_n(targets[n][shape]["mean"]) for n in names)]
+        cells = [f"`{shape}`", str(on["events"]), *(_mean(targets[n], shape) for n in names)]
         cells.append(_n(on["mean"] - targets["metering_off"][shape]["mean"]) if "metering_off" in targets else "n/a")
         cells.append(_n(on["per_event"]))
         if NGINX in targets:
-            cells += [f"{targets[n][shape]['mean'] / targets[NGINX][shape]['mean']:.1f}x" for n in names if n != NGINX]
+            cells += [f"{targets[n][shape]['mean'] / targets[NGINX][shape]['mean']:.1f}x" if shape in targets[NGINX]
+                      else "n/a" for n in names if n != NGINX]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "### Phases, from differences between shapes", "",
               "callgrind sees C functions only: all Python runs inside the interpreter's eval loop. Each figure is a "
@@ -133,6 +147,8 @@ def report(result: dict[str, Any], abouts: dict[str, str]) -> str:
     for key, label, how in (
             ("fixed", "per request: parse, route, upstream request, head relay, finish/records",
              "`stream1` (3 events) whole"),
+            ("local", "of which parse, route, a local reply, finish/records", "`local404` whole"),
+            ("upstream", "of which upstream request, head relay, 3 events", "`stream1` - `local404`"),
             ("per_event_one_write", "body relay, per event, many in one read", "(`stream64` - `stream1`) / Δevents"),
             ("per_event_own_read", "body relay, per event in a read of its own", "(`paced16` - `stream1`) / Δevents")):
         if key in derived.get("metering_on", {}):
@@ -153,7 +169,8 @@ def _repeatability(targets: dict[str, Any], abouts: dict[str, str]) -> list[str]
              f"worst {worst:.3%}: " + ("within target" if worst < SPREAD_TARGET else "**above target**"), "",
              "| shape | " + " | ".join(targets) + " |", "|:---|" + "---:|" * len(targets)]
     for shape in abouts:
-        lines.append(f"| `{shape}` | " + " | ".join(f"{targets[n][shape]['spread']:.3%}" for n in targets) + " |")
+        lines.append(f"| `{shape}` | " + " | ".join(f"{targets[n][shape]['spread']:.3%}" if shape in targets[n]
+                                                    else "n/a" for n in targets) + " |")
     return lines
 
 
