@@ -61,6 +61,7 @@ class Profile:
 
     total: int
     self_cost: dict[tuple[str, str], int] = field(default_factory=dict)  # (object file, function) -> Ir
+    seconds: float = 0.0  # the wall time of the window it counts (set by Collector.measure)
 
     def by_object(self) -> dict[str, int]:
         """Self cost summed per object file (libpython, uvloop's module, libc...), by the file's base name."""
@@ -133,11 +134,15 @@ class Collector:
 
     def measure(self, workload: Callable[[], None]) -> Profile:
         """Instructions the process executed while `workload` ran (counted from a zero, dumped right after)."""
+        began = time.monotonic()
         control(self.pid, "--zero")
         workload()
         control(self.pid, "--dump")
+        seconds = time.monotonic() - began
         self._dumps += 1
-        return parse_dump(self._wait_for_dump(self._dumps))
+        profile = parse_dump(self._wait_for_dump(self._dumps))
+        profile.seconds = seconds
+        return profile
 
     def _wait_for_dump(self, number: int) -> Path:
         path = self.out_dir / f"callgrind.out.{self.pid}.{number}"

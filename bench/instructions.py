@@ -40,6 +40,11 @@ BASELINE = REPO_ROOT / "bench" / "instructions_baseline.json"
 START_TIMEOUT_S = 240.0  # the proxy imports everything under valgrind before its banner: ~20x slower
 STOP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 60.0
+# An idle proxy still runs its timers (the deadline tick and the pool sweep, each once a second: ~20,000
+# instructions a second under callgrind), and a shape's count includes them for as long as it runs, which
+# follows the machine's load. So each process's idle rate is counted over this long (some 20 ticks), and
+# subtracted for each shape's wall time.
+IDLE_S = 10.0
 TARGETS = ("metering_on", "metering_off")  # the proxy's two configs; nginx is the third target
 log = logger("bench.instructions")
 
@@ -56,12 +61,12 @@ class Shape:
     status: int = 200  # what the proxy must answer
 
 
-# The paced stream's 10 ms leave the proxy time to relay each event before the next arrives even under
-# callgrind (~50x slower), so each event is one read of its own, every run.
+# The paced stream's 20 ms leave the proxy time to relay each event before the next arrives even under
+# callgrind (~50x slower, 2-3 ms an event) on a busy core, so each event is one read of its own, every run.
 SHAPES = {
     "stream64": Shape(True, 64, 0, "64-token stream, all in one write"),
     "stream1": Shape(True, 1, 0, "1-token stream, all in one write"),
-    "paced16": Shape(True, 16, 10, "16-token stream, one event every 10 ms"),
+    "paced8": Shape(True, 8, 20, "8-token stream, one event every 20 ms"),
     "json": Shape(False, 64, 0, "non-streaming JSON answer (64 tokens)"),
     # parsed and routed, then answered by the proxy itself: no upstream request, no relay
     "local404": Shape(True, 1, 0, "a stream for a model nobody serves: the proxy's own 404", "nobody-serves-this", 404),
@@ -216,23 +221,39 @@ def _accepts(port: int) -> bool:
 
 
 def measure(service: Service, out_dir: Path, shapes: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Warm `service` up, then count each shape; {shape: {"ir", "events", "by_object", "top"}}."""
+    """Warm `service` up, count each shape, then its idle background; {shape: {"ir", "raw_ir", "events", ...}}.
+
+    The warm-up runs twice: before instrumentation is on, then once more (two requests a shape, counted and
+    thrown away) after, since the first window counted after switching it on carries one-off costs.
+    """
     client = Client(service.port)
     try:
         payloads = {name: shape_request(service.port, SHAPES[name]) for name in shapes}
-        for name in shapes:
-            drive(client, payloads[name], SHAPES[name], args.warmup)
+
+        def warm(count: int) -> None:
+            for name in shapes:
+                drive(client, payloads[name], SHAPES[name], count)
+
+        warm(args.warmup)
         collector = Collector(service.pid, out_dir)
         collector.start()
-        counted: dict[str, Any] = {}
+        collector.measure(lambda: warm(2))
+        profiles: dict[str, tuple[Profile, int]] = {}
         for name in shapes:
             events: list[int] = []
-            profile: Profile = collector.measure(
-                lambda name=name, events=events: events.append(
-                    drive(client, payloads[name], SHAPES[name], args.requests)))
-            counted[name] = {"ir": profile.total, "events": events[0], "by_object": profile.by_object(),
+            profile = collector.measure(lambda name=name, events=events: events.append(
+                drive(client, payloads[name], SHAPES[name], args.requests)))
+            profiles[name] = (profile, events[0])
+        idle = collector.measure(lambda: time.sleep(IDLE_S))
+        background = idle.total / idle.seconds
+        counted: dict[str, Any] = {}
+        for name, (profile, events_per_request) in profiles.items():
+            counted[name] = {"ir": profile.total - background * profile.seconds, "raw_ir": profile.total,
+                             "seconds": profile.seconds, "background_per_s": background,
+                             "events": events_per_request, "by_object": profile.by_object(),
                              "top": profile.top(TOP_FUNCTIONS)}
-            log(f"  {service.name} {name}: {profile.total / args.requests:,.0f} instructions a request")
+            log(f"  {service.name} {name}: {counted[name]['ir'] / args.requests:,.0f} instructions a request "
+                f"({background * profile.seconds / args.requests:,.0f} of background subtracted)")
         return counted
     finally:
         client.close()
@@ -253,11 +274,13 @@ def run_target(name: str, start: Callable[[Path], Service], tmp: Path, args: arg
 
 
 def proxy_configs(mock_port: int) -> dict[str, dict[str, Any]]:
-    """Metering on (the default) and off; no periodic probes, whose count would follow the run's wall time."""
+    """Metering on (the default) and off; no periodic probes, whose count would follow the run's wall time, and
+    no idle connection closed by the pool (the idle window is longer than its default idle_timeout of 4 s)."""
     configs = {}
     for target in TARGETS:
         config = proxy_config(mock_port)
         config["health_check"] = {"interval": 3600, "models_interval": 3600}
+        config["backends"][0]["idle_timeout"] = "1h"
         if target == "metering_off":
             config["usage"] = {"metering": False}
         configs[target] = config

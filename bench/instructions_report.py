@@ -29,7 +29,9 @@ def _figures(runs: list[dict[str, Any]], requests: int) -> dict[str, dict[str, A
         values = _per_request(runs, shape, requests)
         mean = statistics.fmean(values)
         out[shape] = {"per_request": values, "mean": mean, "spread": (max(values) - min(values)) / mean if mean else 0,
-                      "events": runs[0][shape]["events"], "per_event": mean / runs[0][shape]["events"]}
+                      "events": runs[0][shape]["events"], "per_event": mean / runs[0][shape]["events"],
+                      "background_per_request": [(run[shape]["raw_ir"] - run[shape]["ir"]) / requests for run in runs],
+                      "background_per_s": [run[shape]["background_per_s"] for run in runs]}
     return out
 
 
@@ -55,7 +57,7 @@ def derive(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
     if local is not None:
         out["local"] = local["mean"]
         out["upstream"] = one["mean"] - local["mean"]
-    for key, shape in (("per_event_one_write", "stream64"), ("per_event_own_read", "paced16")):
+    for key, shape in (("per_event_one_write", "stream64"), ("per_event_own_read", "paced8")):
         other = figures.get(shape)
         if other is not None and other["events"] != one["events"]:
             out[key] = (other["mean"] - one["mean"]) / (other["events"] - one["events"])
@@ -150,7 +152,7 @@ def report(result: dict[str, Any], abouts: dict[str, str]) -> str:
             ("local", "of which parse, route, a local reply, finish/records", "`local404` whole"),
             ("upstream", "of which upstream request, head relay, 3 events", "`stream1` - `local404`"),
             ("per_event_one_write", "body relay, per event, many in one read", "(`stream64` - `stream1`) / Δevents"),
-            ("per_event_own_read", "body relay, per event in a read of its own", "(`paced16` - `stream1`) / Δevents")):
+            ("per_event_own_read", "body relay, per event in a read of its own", "(`paced8` - `stream1`) / Δevents")):
         if key in derived.get("metering_on", {}):
             cells = [_n(derived[n][key]) if key in derived.get(n, {}) else "n/a" for n in names]
             meter = derived.get("meter", {}).get(key)
@@ -164,7 +166,14 @@ def report(result: dict[str, Any], abouts: dict[str, str]) -> str:
 
 def _repeatability(targets: dict[str, Any], abouts: dict[str, str]) -> list[str]:
     worst = max(f["spread"] for figures in targets.values() for f in figures.values())
+    rates = [rate for figures in targets.values() for f in figures.values() for rate in f["background_per_s"]]
+    largest = max((share, shape, name) for name, figures in targets.items() for shape, f in figures.items()
+                  for share in (max(f["background_per_request"]) / f["mean"],))
     lines = ["", "### Repeatability", "",
+             "Every count has the target's idle background subtracted: what its timers execute per second with "
+             f"nothing to serve ({_n(min(rates))}-{_n(max(rates))} instructions a second here, counted for "
+             "10 s in each process after its shapes), times the shape's wall time, which follows the machine's "
+             f"load. The largest correction: {largest[0]:.2%} of `{largest[1]}` on {largest[2]}.", "",
              f"Spread, (max - min) / mean over the runs of each config, per shape (target < {SPREAD_TARGET:.1%}); "
              f"worst {worst:.3%}: " + ("within target" if worst < SPREAD_TARGET else "**above target**"), "",
              "| shape | " + " | ".join(targets) + " |", "|:---|" + "---:|" * len(targets)]
