@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100, help="measured requests per shape (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="uncounted requests per shape first (default 10)")
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_S,
+                        help=f"how long each process is counted idle, for the background (default {IDLE_S:g})")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each proxy config, for the spread (default 2)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--nginx", choices=("auto", "off"), default="auto", help="nginx as reference (default auto)")
@@ -88,8 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
     unknown = [name for name in args.shapes if name not in SHAPES]
-    if unknown or not args.shapes or min(args.requests, args.repeat) < 1 or args.warmup < 0:
-        parser.error(f"unknown shapes {unknown}" if unknown else "--requests and --repeat must be >= 1")
+    if unknown or not args.shapes or min(args.requests, args.repeat) < 1 or args.warmup < 0 or args.idle_seconds <= 0:
+        parser.error(f"unknown shapes {unknown}" if unknown else
+                     "--requests and --repeat must be >= 1, --warmup >= 0, --idle-seconds > 0")
     return args
 
 
@@ -244,7 +247,7 @@ def measure(service: Service, out_dir: Path, shapes: list[str], args: argparse.N
             profile = collector.measure(lambda name=name, events=events: events.append(
                 drive(client, payloads[name], SHAPES[name], args.requests)))
             profiles[name] = (profile, events[0])
-        idle = collector.measure(lambda: time.sleep(IDLE_S))
+        idle = collector.measure(lambda: time.sleep(args.idle_seconds))
         background = idle.total / idle.seconds
         counted: dict[str, Any] = {}
         for name, (profile, events_per_request) in profiles.items():

@@ -158,13 +158,13 @@ def report(result: dict[str, Any], abouts: dict[str, str]) -> str:
             meter = derived.get("meter", {}).get(key)
             cells.append(_n(meter) if meter is not None else "n/a")
             lines.append(f"| {label} | {how} | " + " | ".join(cells) + " |")
-    lines += _repeatability(targets, abouts)
+    lines += _repeatability(targets, abouts, args)
     lines += _baseline_lines(result, abouts)
     lines += _profile_lines(result)
     return "\n".join(lines)
 
 
-def _repeatability(targets: dict[str, Any], abouts: dict[str, str]) -> list[str]:
+def _repeatability(targets: dict[str, Any], abouts: dict[str, str], args: dict[str, Any]) -> list[str]:
     worst = max(f["spread"] for figures in targets.values() for f in figures.values())
     rates = [rate for figures in targets.values() for f in figures.values() for rate in f["background_per_s"]]
     largest = max((share, shape, name) for name, figures in targets.items() for shape, f in figures.items()
@@ -172,8 +172,9 @@ def _repeatability(targets: dict[str, Any], abouts: dict[str, str]) -> list[str]
     lines = ["", "### Repeatability", "",
              "Every count has the target's idle background subtracted: what its timers execute per second with "
              f"nothing to serve ({_n(min(rates))}-{_n(max(rates))} instructions a second here, counted for "
-             "10 s in each process after its shapes), times the shape's wall time, which follows the machine's "
-             f"load. The largest correction: {largest[0]:.2%} of `{largest[1]}` on {largest[2]}.", "",
+             f"{args['idle_seconds']:g} s in each process after its shapes), times the shape's wall time, "
+             "which follows the machine's load. The largest correction: "
+             f"{largest[0]:.2%} of `{largest[1]}` on {largest[2]}.", "",
              f"Spread, (max - min) / mean over the runs of each config, per shape (target < {SPREAD_TARGET:.1%}); "
              f"worst {worst:.3%}: " + ("within target" if worst < SPREAD_TARGET else "**above target**"), "",
              "| shape | " + " | ".join(targets) + " |", "|:---|" + "---:|" * len(targets)]

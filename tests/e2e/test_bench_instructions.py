@@ -25,7 +25,8 @@ TINY_RUN_SPREAD = 0.05
 def test_instructions_bench_counts_each_shape_positively_and_repeatably(tmp_path):
     out = tmp_path / "instructions.json"
     run = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", "3", "--warmup", "1",
-                          "--repeat", "2", "--shapes", ",".join(SHAPES), "--nginx", "off", "--json", str(out)],
+                          "--repeat", "2", "--shapes", ",".join(SHAPES), "--nginx", "off", "--idle-seconds", "1",
+                          "--json", str(out)],
                          cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     for heading in ("### Instructions per request", "### Phases, from differences between shapes",
