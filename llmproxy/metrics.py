@@ -25,6 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from llmproxy.overhead import OverheadExporter, ProxyOverhead
+from llmproxy.upstream.queue import QUEUE_WAIT_BUCKETS
 
 log = logging.getLogger("llmproxy")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -39,6 +40,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 class Metrics:
     def __init__(self, live_gauges: Callable[[], dict[str, Any]], overhead: ProxyOverhead) -> None:
         self.multiprocess = multiprocess_dir() is not None
+        self._live_gauges = live_gauges
         self._shared_live: _SharedLiveGauges | None = None
         registry: CollectorRegistry | None = None
         if self.multiprocess:
@@ -130,6 +132,10 @@ class Metrics:
         self.dedup_followers = Counter(
             "llmproxy_dedup_followers_total", "Requests that followed an identical one in flight, by how their "
             "stream ended (complete, cut, truncated, gone, fallback).", ["outcome"], registry=registry)
+        self.queue_wait = Histogram(
+            "llmproxy_backend_queue_wait_seconds", "Time requests waited in the proxy for a slot of a backend's "
+            "max_concurrent (backends with one only; 0 for those admitted at once).", ["backend"],
+            buckets=QUEUE_WAIT_BUCKETS, registry=registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
         # Label children are looked up once per label set, then reused.
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -223,12 +229,16 @@ class Metrics:
         self.dead_letters_total.labels(reporter, reason).inc()
 
     def flush(self) -> None:
-        """Copy the overhead histograms' new counts into the exported ones (never fails a scrape)."""
+        """Copy the overhead and queue-wait histograms' new counts into the exported ones (never fails a scrape)."""
         try:
             self._overhead.flush()
+            for name, backend in self._live_gauges()["backends"].items():
+                waits = backend.get("queue_wait")  # counted in place by the backend's queue (upstream/queue.py)
+                if waits is not None:
+                    waits.flush(self.queue_wait.labels(name))
         except Exception:  # e.g. a prometheus_client whose Histogram internals changed: say it once
             if not self._overhead_failed:
-                log.exception("exporting the overhead histograms failed")
+                log.exception("exporting the overhead and queue-wait histograms failed")
             self._overhead_failed = True
 
     def render(self) -> bytes:
@@ -258,6 +268,8 @@ _BACKEND_GAUGES = (
      "livesum"),
     ("idle", "llmproxy_upstream_connections_idle", "Idle pooled upstream connections.", "livesum"),
     ("inflight", "llmproxy_backend_inflight_requests", "Requests in progress per backend.", "livesum"),
+    ("queued", "llmproxy_backend_queued_requests",
+     "Requests waiting in the proxy for a slot of the backend's max_concurrent (backends with one only).", "livesum"),
     ("healthy", "llmproxy_backend_healthy", "1 if the backend gets traffic (healthy and not ejected), else 0.",
      "livemin"),
     ("ttft_ewma", "llmproxy_backend_ttft_ewma_seconds",
@@ -288,7 +300,7 @@ class _LiveCollector:
                     for key, name, help_text, _ in _BACKEND_GAUGES]
         for backend_name, backend in state["backends"].items():
             for key, family in families:
-                if backend[key] is not None:  # queue_depth: None until the backend reported one
+                if backend.get(key) is not None:  # queue_depth: None until reported; queued: no queue
                     family.add_metric([backend_name], float(backend[key]))
         for _, family in families:
             yield family
@@ -347,7 +359,7 @@ class _SharedLiveGauges:
         self._backends = set(backends)
         for backend_name, backend in backends.items():
             for key, gauge in self._backend:
-                if backend[key] is not None:
+                if backend.get(key) is not None:
                     gauge.labels(backend_name).set(float(backend[key]))
         key, name, help_text, mode = _OUTBOX_GAUGE
         if key in state:

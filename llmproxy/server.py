@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import signal
+from typing import Any
 
 from llmproxy.config import ConfigError, config_warnings, load_config
 from llmproxy.config.model import Config
@@ -19,6 +20,7 @@ from llmproxy.discovery.watch import Discovery
 from llmproxy.fleet.fleet import retire_removed
 from llmproxy.metrics import Metrics
 from llmproxy.services import Services, build_lasting, build_services, with_new_fleet
+from llmproxy.upstream.queue import ConcurrencyQueue
 
 log = logging.getLogger("llmproxy")
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young-generation collections (CPython: 700); see settle_heap
@@ -198,10 +200,16 @@ class ProxyServer:
             "backends": {
                 b.name: {"checked_out": b.pool.checked_out, "idle": b.pool.idle_count, "inflight": b.in_flight,
                          "healthy": b.available(now), "ttft_ewma": b.ttft_ewma, "queue_depth": b.queue_depth,
-                         "kv_cache": b.kv_cache_usage}
+                         "kv_cache": b.kv_cache_usage, **_queue_state(b.pool.queue)}
                 for b in services.fleet.backends
             },
         }
+
+
+def _queue_state(queue: ConcurrencyQueue | None) -> dict[str, Any]:
+    """A backend's max_concurrent queue for the live gauges: its length, and its waits for the histogram."""
+    return {"queued": None, "queue_wait": None} if queue is None else {"queued": queue.queued,
+                                                                        "queue_wait": queue.waits}
 
 
 def settle_heap() -> None:

@@ -113,6 +113,7 @@ def _dump_backend(backend: BackendConfig) -> dict[str, Any]:
     if "apis" in doc:
         doc["apis"] = sorted(doc["apis"])
     doc["idle_timeout"] = _format_duration(backend.idle_timeout)
+    doc["queue_timeout"] = _format_duration(backend.queue_timeout)
     doc["timeouts"] = {
         name: None if value is None else _format_duration(value) for name, value in doc["timeouts"].items()
     }

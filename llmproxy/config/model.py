@@ -90,10 +90,17 @@ class BackendConfig:
     # translated to one of these when it can be (routing.translate).
     apis: frozenset[str] | None = None
     anthropic_version: str = "2023-06-01"  # sent to a type: anthropic backend when the client sent none
-    max_connections: int = 1024  # pool cap (in use + idle)
-    max_idle: int = 1024  # idle connections kept (as many as may be in use: steady load never reconnects)
+    # Pool cap (in use + idle); None: no cap of its own. The engine behind (vLLM, SGLang) queues and schedules
+    # thousands of requests itself, and its queue is what balancing and autoscalers watch: a cap here would
+    # make a second, invisible queue in front of it. server.max_connections bounds the streams anyway.
+    max_connections: int | None = None
+    max_idle: int | None = None  # idle connections kept; None: all (idle_timeout closes them): no reconnects
     idle_timeout: float = 4.0  # below vLLM's (uvicorn) 5 s keep-alive
-    max_waiters: int = 1024  # requests queued for a connection when the cap is reached
+    max_waiters: int = 1024  # requests waiting at max_connections or max_concurrent; more get 503
+    # A deliberate queue in the proxy: at most this many requests at once to this backend, the rest wait (FIFO)
+    # up to queue_timeout. None: none (the default; nothing on the request path).
+    max_concurrent: int | None = None
+    queue_timeout: float = 30.0  # longest wait for a max_concurrent slot: 503 upstream_pool_exhausted
     tls_verify: bool = True
     inject_usage: bool = True  # add stream_options.include_usage to streaming OpenAI-style requests
     models: list[str] | None = None  # the models it serves; None: the ones it reports (/v1/models, /api/tags)

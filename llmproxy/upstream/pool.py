@@ -1,9 +1,12 @@
-"""Connection pool for one backend: a LIFO idle deque, a cap on open connections, bounded waiters.
+"""Connection pool for one backend: a LIFO idle deque, an optional cap on open connections, bounded waiters.
 
 A connection goes back to the pool only after a clean end of both request and response; anything else
 (client gone, error, timeout, close-delimited body) closes it. The most recently used idle connection
 is reused first (warm, least likely to have hit the backend's keep-alive timeout), and connections idle
 longer than `idle_timeout` are closed before the backend closes them (vLLM's uvicorn closes at 5 s).
+
+By default nothing waits here: no cap on connections, and no queue (a backend's `max_concurrent` adds one,
+upstream/queue.py, taken before a connection and given back with it).
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from collections import deque
 from llmproxy.config.model import BackendConfig
 from llmproxy.errors import LOCAL_EXHAUSTION_ERRNOS, ProxyError
 from llmproxy.upstream.connection import UpstreamConnection
+from llmproxy.upstream.queue import ConcurrencyQueue
 
 SWEEP_INTERVAL = 1.0
 
 
 class UpstreamPool:
     __slots__ = ("_closed", "_idle", "_loop", "_new_connection", "_ssl", "_sweeper", "_waiters", "backend",
-                 "checked_out", "connect_timeout", "open_count")
+                 "checked_out", "connect_timeout", "open_count", "queue")
 
     def __init__(self, backend: BackendConfig, connect_timeout: float, max_header_size: int = 32 * 1024) -> None:
         """`max_header_size` bounds a response head (server.max_header_size): over it is a protocol error."""
@@ -37,6 +41,9 @@ class UpstreamPool:
         self._closed = False
         self._ssl = _ssl_context(backend) if backend.scheme == "https" else None
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        limit = backend.max_concurrent
+        self.queue = (None if limit is None else
+                      ConcurrencyQueue(backend.name, limit, backend.max_waiters, backend.queue_timeout))
 
     @property
     def idle_count(self) -> int:
@@ -44,20 +51,31 @@ class UpstreamPool:
 
     async def acquire(self) -> UpstreamConnection:
         """Return a connection checked out for one exchange; raises ProxyError on failure or overload."""
-        conn = self._pop_idle()
-        while conn is None:
-            if self.open_count < self.backend.max_connections:
-                conn = await self._connect()
-            else:
-                conn = await self._wait_for_release()  # a connection, or None: a slot opened up
-                if conn is not None and conn.closed:
-                    self._close(conn)  # died in the hand-over: its slot is free again
-                    conn = None
+        queue = self.queue
+        if queue is not None:
+            await queue.enter()
+        try:
+            conn = self._pop_idle()
+            cap = self.backend.max_connections
+            while conn is None:
+                if cap is None or self.open_count < cap:
+                    conn = await self._connect()
+                else:
+                    conn = await self._wait_for_release()  # a connection, or None: a slot opened up
+                    if conn is not None and conn.closed:
+                        self._close(conn)  # died in the hand-over: its slot is free again
+                        conn = None
+        except BaseException:
+            if queue is not None:
+                queue.leave()
+            raise
         self.checked_out += 1
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
-        """Give back a checked-out connection; it is kept only if `reusable`."""
+        """Give back a checked-out connection (and its queue slot); it is kept only if `reusable`."""
+        if self.queue is not None:
+            self.queue.leave()
         self.checked_out -= 1
         conn.detach()
         if reusable and not self._closed and not conn.closed and conn.transport.is_reading():
@@ -67,7 +85,8 @@ class UpstreamPool:
                 if not waiter.done():
                     waiter.set_result(conn)  # handed over: the waiter counts it when acquire() returns
                     return
-            if len(self._idle) < self.backend.max_idle:
+            max_idle = self.backend.max_idle
+            if max_idle is None or len(self._idle) < max_idle:
                 conn.idle_since = self._loop.time()
                 self._idle.append(conn)
                 return
@@ -111,8 +130,7 @@ class UpstreamPool:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self.checked_out += 1
-                self.release(waiter.result(), True)  # hand it on rather than leak it
+                self._hand_on(waiter.result())
             raise
         except TimeoutError:
             raise ProxyError("pool_exhausted", f"backend {self.backend.name}: no connection free") from None
@@ -163,6 +181,19 @@ class UpstreamPool:
             self._connect_failed()
             raise ProxyError("upstream_failed", f"backend {backend.name}: connection reset on connect")
         return conn
+
+    def _hand_on(self, conn: UpstreamConnection) -> None:
+        """A connection handed to a waiter that was cancelled: on to the next waiter, or idle, rather than leaked.
+
+        Its queue slot is not this connection's to give back (acquire does that as the cancellation passes
+        through it), so release() runs with the queue out of the way: one release body for the request path.
+        """
+        self.checked_out += 1
+        queue, self.queue = self.queue, None
+        try:
+            self.release(conn, True)
+        finally:
+            self.queue = queue
 
     def _connect_failed(self) -> None:
         self.open_count -= 1

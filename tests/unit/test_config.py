@@ -346,6 +346,15 @@ def test_unknown_keys_report_their_path(data: dict[str, Any], path: str) -> None
     assert err.reason.startswith("unknown key")
 
 
+def test_a_backend_pool_has_no_cap_and_no_queue_unless_asked() -> None:
+    default, capped, queued = parse_config(doc(backends=[
+        {"url": "http://a"}, {"url": "http://b", "max_connections": 64, "max_idle": 8},
+        {"url": "http://c", "max_concurrent": 10, "queue_timeout": "5s", "max_connections": None}])).backends
+    assert (default.max_connections, default.max_idle, default.max_concurrent) == (None, None, None)
+    assert (capped.max_connections, capped.max_idle) == (64, 8)
+    assert (queued.max_concurrent, queued.queue_timeout, queued.max_connections) == (10, 5.0, None)
+
+
 def test_unknown_key_message() -> None:
     assert str(error_of(doc(server={"bogus": 1}))) == "server.bogus: unknown key"
     typo = error_of(doc(server={"listne": ":80"}))
@@ -360,6 +369,9 @@ def test_unknown_key_message() -> None:
         (one(weight=1.5), "backends[0].weight: must be a positive integer, got 1.5"),
         (one(weight="5"), 'backends[0].weight: must be a positive integer, got "5"'),
         (one(max_idle=-1), "backends[0].max_idle: must be an integer >= 0, got -1"),
+        (one(max_connections=0), "backends[0].max_connections: must be a positive integer, got 0"),
+        (one(max_concurrent=0), "backends[0].max_concurrent: must be a positive integer, got 0"),
+        (one(queue_timeout="soon"), 'backends[0].queue_timeout: must be a duration like 5s, 500ms or 2m, got "soon"'),
         (one(tls_verify=1), "backends[0].tls_verify: must be true or false, got 1"),
         (one(tls_verify="yes"), 'backends[0].tls_verify: must be true or false, got "yes"'),
         (one(type="foo"),

@@ -160,6 +160,99 @@ def test_close_closes_the_idle_connections_stops_the_sweeper_and_closes_the_othe
     assert busy.transport.aborted and pool.open_count == 0
 
 
+# --- no cap by default ---------------------------------------------------------------------------------------
+
+
+def test_by_default_the_pool_opens_a_connection_for_every_request_and_keeps_them_all_idle(loop):
+    pool = pool_for(loop)
+    assert pool.queue is None  # no max_concurrent: nothing on the path
+    held = [take(loop, pool) for _ in range(1500)]  # beyond the old default cap of 1,024: nobody waits
+    assert len(loop.connects) == 1500 and pool.checked_out == 1500
+    for conn in held:
+        pool.release(conn, True)
+    assert (pool.idle_count, pool.open_count) == (1500, 1500)
+
+
+# --- max_concurrent: a deliberate queue ----------------------------------------------------------------------
+
+
+def queue_counts(pool: UpstreamPool) -> tuple[int, int, int]:
+    """(slots in use, requests queued, admissions observed in the wait histogram)."""
+    return pool.queue.in_use, pool.queue.queued, sum(pool.queue.waits.counts)
+
+
+def test_past_max_concurrent_a_request_waits_in_order_and_its_wait_is_observed(loop):
+    pool = pool_for(loop, max_concurrent=2)
+    first, second = take(loop, pool), take(loop, pool)
+    third, fourth = acquiring(loop, pool), acquiring(loop, pool)
+    assert not third.done() and not fourth.done() and len(loop.connects) == 2
+    assert queue_counts(pool) == (2, 2, 2)  # the two admitted at once are observed, with a wait of 0
+    loop.advance(0.3)
+    pool.release(first, True)
+    loop.run_ready()
+    assert third.result() is first and not fourth.done()  # first come, first served
+    assert queue_counts(pool) == (2, 1, 3)
+    assert pool.queue.waits.sum == pytest.approx(0.3)
+    pool.release(second, False)  # not reusable: the slot moves on all the same, with a new connection
+    loop.run_ready()
+    assert fourth.done() and len(loop.connects) == 3 and queue_counts(pool) == (2, 0, 4)
+    for task in (third, fourth):
+        pool.release(task.result(), True)
+    assert queue_counts(pool) == (0, 0, 4) and accounted(pool)
+
+
+def test_a_queued_request_gives_up_after_queue_timeout_and_past_max_waiters_one_is_refused(loop):
+    pool = pool_for(loop, max_concurrent=1, max_waiters=1, queue_timeout="2s")
+    take(loop, pool)
+    waiting, refused = acquiring(loop, pool), acquiring(loop, pool)
+    assert refused.exception().kind == "pool_exhausted"
+    assert "too many requests queued" in refused.exception().message
+    loop.advance(1.9)
+    assert not waiting.done()
+    loop.advance(0.2)
+    error = waiting.exception()
+    assert (error.kind, error.retry_condition) == ("pool_exhausted", "connect_error")  # another backend may serve it
+    assert "waited 2s in the queue" in error.message
+    assert queue_counts(pool) == (1, 0, 1) and loop.timers_for("_expire") == []
+
+
+def test_a_slot_handed_to_a_queued_request_that_was_cancelled_goes_to_the_next(loop):
+    pool = pool_for(loop, max_concurrent=1)
+    held = take(loop, pool)
+    cancelled, next_one = acquiring(loop, pool), acquiring(loop, pool)
+    pool.release(held, True)  # the slot is handed to the first waiter; its task has not resumed yet...
+    cancelled.cancel()  # ...when its client leaves
+    loop.run_ready()
+    assert cancelled.cancelled() and next_one.result() is held
+    assert queue_counts(pool)[:2] == (1, 0)
+
+
+def test_a_connection_handed_to_a_cancelled_waiter_under_both_caps_frees_its_queue_slot_once(loop):
+    pool = pool_for(loop, max_connections=1, max_concurrent=2)
+    held = take(loop, pool)
+    waiting = acquiring(loop, pool)  # a queue slot, then waits for the one connection
+    pool.release(held, True)  # handed over; the waiter's task has not resumed yet...
+    waiting.cancel()  # ...when its client leaves
+    loop.run_ready()
+    assert waiting.cancelled()
+    assert (pool.idle_count, pool.checked_out) == (1, 0) and queue_counts(pool)[:2] == (0, 0)
+    assert take(loop, pool) is held
+
+
+def test_a_failed_connect_gives_its_queue_slot_back(loop):
+    pool = pool_for(loop, max_concurrent=1)
+    loop.hang("a")
+    connecting, waiting = acquiring(loop, pool), acquiring(loop, pool)
+    loop.held_connects[0].set_exception(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+    loop.run_ready()
+    assert connecting.exception().kind == "connect_failed"
+    assert queue_counts(pool)[:2] == (1, 0) and len(loop.held_connects) == 2  # the waiter got the slot
+    loop.held_connects[1].set_result(None)
+    loop.run_ready()
+    pool.release(waiting.result(), True)
+    assert queue_counts(pool)[:2] == (0, 0) and accounted(pool)
+
+
 # --- the cap and its waiters ---------------------------------------------------------------------------------
 
 
