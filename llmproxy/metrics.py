@@ -1,5 +1,11 @@
 """Prometheus metrics, written once per request when it ends (never per chunk).
 
+With one process, the per-request counters and histograms are counted in plain Python numbers
+(overhead.Tally, DeferredHistogram) and added to their Prometheus children when the registry is collected:
+prometheus_client's own `inc` and `observe` (a lock, several calls, a walk over the buckets) cost more per
+request than the rest of the bookkeeping together. With several, they go to the shared files at once, so
+that a worker killed between scrapes loses none.
+
 Live gauges (in-flight requests, client connections, pool state) are read from the proxy's own
 counters at scrape time by a collector, so the request path pays nothing for them.
 
@@ -24,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from llmproxy.overhead import OverheadExporter, ProxyOverhead
+from llmproxy.overhead import DeferredHistogram, OverheadExporter, ProxyOverhead, Tally
 from llmproxy.upstream.queue import QUEUE_WAIT_BUCKETS
 
 log = logging.getLogger("llmproxy")
@@ -50,6 +56,7 @@ class Metrics:
             self._shared_live = _SharedLiveGauges(live_gauges, self.flush)
         else:
             self.registry = registry = CollectorRegistry(auto_describe=True)
+            registry.register(_FlushFirst(self.flush))  # whoever collects sees the deferred counts
             ProcessCollector(registry=self.registry)
             self.registry.register(_LiveCollector(live_gauges))
         # Counted by the relay in plain lists, copied into these at scrape time (and on the tick).
@@ -137,11 +144,14 @@ class Metrics:
             "max_concurrent (backends with one only; 0 for those admitted at once).", ["backend"],
             buckets=QUEUE_WAIT_BUCKETS, registry=registry)
         self.outbox_pending = 0  # set after each group commit; exported by the live collector
-        # Label children are looked up once per label set, then reused.
-        self._request_children: dict[tuple[str, int], Any] = {}
-        self._backend_children: dict[str, tuple[Any, Any, Any]] = {}
-        self._termination_children: dict[str, Any] = {}
+        # Label children are looked up once per label set, then counted into by deferred tallies.
+        self._deferred: list[Tally | DeferredHistogram] = []  # every one made, for flush
+        self._request_children: dict[tuple[str, int], Tally] = {}
+        self._backend_children: dict[str, tuple[DeferredHistogram, DeferredHistogram, DeferredHistogram]] = {}
+        self._termination_children: dict[str, Tally] = {}
         self._cache_children: dict[str, Any] = {}
+        self._usage_children: dict[tuple[str, str], tuple[Tally, Tally]] = {}  # (model, key_id): prompt, completion
+        self._source_children: dict[str, Tally] = {}
 
     def observe_request(self, backend: str, status: int, termination: str, duration: float,
                         ttft: float | None) -> None:
@@ -149,12 +159,14 @@ class Metrics:
         key = (backend, status)
         counter = self._request_children.get(key)
         if counter is None:
-            counter = self._request_children[key] = self.requests_total.labels(backend, str(status))
-        counter.inc()
+            counter = self._request_children[key] = self._tally(self.requests_total.labels(backend, str(status)))
+        counter.n += 1
         children = self._backend_children.get(backend)
         if children is None:
             children = self._backend_children[backend] = (
-                self.latency_ms.labels(backend), self.duration.labels(backend), self.ttft.labels(backend))
+                self._histogram(self.latency_ms.labels(backend), LATENCY_MS_BUCKETS),
+                self._histogram(self.duration.labels(backend), DURATION_BUCKETS),
+                self._histogram(self.ttft.labels(backend), TTFT_BUCKETS))
         latency_ms, duration_s, ttft_s = children
         latency_ms.observe(duration * 1000.0)
         duration_s.observe(duration)
@@ -163,8 +175,10 @@ class Metrics:
         if termination != "--":
             term = self._termination_children.get(termination)
             if term is None:
-                term = self._termination_children[termination] = self.terminations.labels(termination)
-            term.inc()
+                term = self._termination_children[termination] = self._tally(self.terminations.labels(termination))
+            term.n += 1
+        if self.multiprocess:
+            self._flush_deferred()  # to the shared files now: a worker killed before its tick loses nothing
 
     def discovery_failed(self, entry: str) -> None:
         self.discovery_errors.labels(entry).inc()
@@ -175,12 +189,24 @@ class Metrics:
     def observe_usage(self, record: dict[str, Any], key_id: str = "") -> None:
         """Count one usage record's tokens (and cost, when priced); `key_id` labels them ("" when not per key)."""
         model = record["model"] or ""
-        self.usage_tokens.labels("prompt", model, key_id).inc(record["prompt_tokens"])
-        self.usage_tokens.labels("completion", model, key_id).inc(record["completion_tokens"])
-        self.usage_records.labels(record["usage_source"]).inc()
+        key = (model, key_id)
+        children = self._usage_children.get(key)
+        if children is None:
+            children = self._usage_children[key] = (self._tally(self.usage_tokens.labels("prompt", model, key_id)),
+                                                    self._tally(self.usage_tokens.labels("completion", model, key_id)))
+        prompt, completion = children
+        prompt.n += record["prompt_tokens"]
+        completion.n += record["completion_tokens"]
+        source = record["usage_source"]
+        records = self._source_children.get(source)
+        if records is None:
+            records = self._source_children[source] = self._tally(self.usage_records.labels(source))
+        records.n += 1
         cost = record.get("cost_usd")
         if cost:
             self.cost.labels(model, key_id).inc(cost)
+        if self.multiprocess:
+            self._flush_deferred()
 
     def observe_cache(self, result: str) -> None:
         """One proxied request's cache result (hit, miss, bypass): on every request while caching is on."""
@@ -229,7 +255,9 @@ class Metrics:
         self.dead_letters_total.labels(reporter, reason).inc()
 
     def flush(self) -> None:
-        """Copy the overhead and queue-wait histograms' new counts into the exported ones (never fails a scrape)."""
+        """Copy the deferred counts, and the overhead and queue-wait histograms' new counts, into the exported
+        ones (never fails a scrape)."""
+        self._flush_deferred()
         try:
             self._overhead.flush()
             for name, backend in self._live_gauges()["backends"].items():
@@ -241,11 +269,39 @@ class Metrics:
                 log.exception("exporting the overhead and queue-wait histograms failed")
             self._overhead_failed = True
 
+    def _flush_deferred(self) -> None:
+        for deferred in self._deferred:
+            deferred.flush()
+
+    def _tally(self, child: Any) -> Tally:
+        tally = Tally(child)
+        self._deferred.append(tally)
+        return tally
+
+    def _histogram(self, child: Any, buckets: tuple[float, ...]) -> DeferredHistogram:
+        histogram = DeferredHistogram(child, buckets)
+        self._deferred.append(histogram)
+        return histogram
+
     def render(self) -> bytes:
         self.flush()
         if self._shared_live is not None:
             self._shared_live.refresh()  # this worker's own gauges as of now; the others' are at most 1 s old
         return generate_latest(self.registry)
+
+
+class _FlushFirst:
+    """Registered first, so collected first: the deferred counts reach their metrics before these are read."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterator[Any]:
+        self._flush()
+        return iter(())
+
+    def describe(self) -> list[Any]:
+        return []
 
 
 def multiprocess_dir() -> str | None:

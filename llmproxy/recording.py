@@ -152,7 +152,7 @@ class RecordingExchange(Exchange):
 
     def _orphan(self) -> None:
         self._orphaned = True
-        self._write = _discard
+        self._write = self._write_pieces = _discard
         self._out.clear()  # its chunks still go to the flight (self._chunks)
         if self._write_timer is not None:
             self._write_timer.cancel()

@@ -64,8 +64,8 @@ class Exchange:
 
     __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_in", "_last_progress", "_loop",
                  "_out", "_overhead", "_pending_head", "_ping", "_ping_at", "_ping_sent", "_progress",
-                 "_refuse_statuses", "_settings", "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_timer",
-                 "ctx", "done", "retry_after", "upstream")
+                 "_refuse_statuses", "_settings", "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_pieces",
+                 "_write_timer", "ctx", "done", "on_response_body", "retry_after", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
                  settings: RelaySettings, refuse_statuses: frozenset[int] = frozenset()) -> None:
@@ -76,11 +76,18 @@ class Exchange:
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._write = ctx.conn.transport.write
+        # Several pieces (the head, a chunk's size line, its bytes, its end) go out in one vectored write:
+        # uvloop hands them to writev as they are, where joining them first would copy the whole read again.
+        self._write_pieces = ctx.conn.transport.writelines
         self._chunked = False
         self._pending_head: bytes | None = None  # the response head, until it can go with the first chunk
         self._in: list[bytes] = []  # the body chunks of this upstream read, metered and relayed at its end
+        # The parser hands each body chunk straight to the list: a backend that puts a whole stream in one write
+        # sends it as dozens of HTTP chunks, and metering and framing them one by one cost more than all the
+        # rest of the request (bench.instructions); a Python call per chunk was most of what was left.
+        self.on_response_body = self._in.append
         self._out: list[bytes] = []  # what this upstream read produced for the client: one write at its end
-        self._progress = 0  # chunks relayed; the deadline sweeper compares it between ticks
+        self._progress = 0  # reads relayed; the deadline sweeper compares it between ticks
         self._last_progress = -1
         self._awaiting_head = True
         self._deadline = self._loop.time() + backend.first_byte_timeout  # first byte, then stream idle
@@ -174,12 +181,6 @@ class Exchange:
         if ctx.conn.writing_paused:
             self.client_paused()
 
-    def on_response_body(self, data: bytes) -> None:
-        # Per chunk, only this: a backend that puts a whole stream in one write sends it as dozens of HTTP
-        # chunks, and metering them one by one cost more than all the rest of the request (bench.instructions).
-        self._progress += 1
-        self._in.append(data)
-
     def _take_input(self) -> bool:
         """Meter (or translate) the body bytes of this read as one piece and queue them for the client.
         False if that ended the exchange (a translator that could not follow): nothing more may be written."""
@@ -210,8 +211,10 @@ class Exchange:
     def end_of_read(self) -> None:
         """Write what one upstream read produced, in one write: every event of that read leaves now, in
         one syscall and one packet (a burst of 300 events is not 300 writes), the head with the first."""
-        if self._in and not self._take_input():
-            return
+        if self._in:
+            self._progress += 1
+            if not self._take_input():
+                return
         out = self._out
         head = self._pending_head
         if head is not None:
@@ -224,7 +227,10 @@ class Exchange:
         if not ctx.t_first_byte and (head is None or len(out) > 1):  # the first body bytes go now
             now = ctx.t_first_byte = perf_counter()
             self._backend.observe_ttft(now - self._t_sent, now)
-        self._write(out[0] if len(out) == 1 else b"".join(out))
+        if len(out) == 1:
+            self._write(out[0])
+        else:
+            self._write_pieces(out)
         out.clear()
         # The proxy's own time on this read: from the read to the write (the in-product overhead histograms).
         histogram = self._overhead.chunk if head is None else self._overhead.first_byte

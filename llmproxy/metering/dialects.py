@@ -66,22 +66,34 @@ ALIASES = {"ollama-chat-ndjson": OLLAMA_NDJSON, "ollama-generate-ndjson": OLLAMA
 STRIPPABLE = (OPENAI_CHAT_SSE, OPENAI_COMPLETIONS_SSE)
 
 
-def _key_then(key: bytes, first: bytes) -> Callable[[bytes], bool]:
-    """A `carries` check: `key` followed, after optional spaces, by the byte `first`. One scan when absent."""
-    size = len(key)
+class _KeyThen:
+    """Where usage may be: `key` followed, after optional spaces, by the byte `first` (not by `null`, which
+    OpenAI's API puts on every chunk of a stream once include_usage is set). Two C-level scans, for the key
+    written compact and with a space after it, find the first such place, however many chunks say null: no
+    Python step per event."""
 
-    def carries(data: bytes) -> bool:
-        i = data.find(key)
-        while i >= 0:
-            i += size
+    __slots__ = ("_compact", "_first", "_key", "_spaced")
+
+    def __init__(self, key: bytes, first: bytes) -> None:
+        self._key, self._first = key, first
+        self._compact, self._spaced = key + first, key + b" "
+
+    def find(self, data: bytes, start: int = 0) -> int:
+        """The offset of the next place at or after `start` that may carry usage, or -1."""
+        compact = data.find(self._compact, start)
+        spaced = data.find(self._spaced, start, compact if compact >= 0 else len(data))
+        while spaced >= 0:  # rare: a writer that puts spaces after colons
+            i = spaced + len(self._key)
             while data[i : i + 1] == b" ":
                 i += 1
-            if data[i : i + 1] == first:
-                return True
-            i = data.find(key, i)
-        return False
+            if data[i : i + 1] == self._first:
+                return spaced
+            spaced = data.find(self._spaced, i, compact if compact >= 0 else len(data))
+        return compact
 
-    return carries
+    def carries(self, data: bytes) -> bool:
+        """May these bytes report usage? Only then are they parsed."""
+        return self.find(data) >= 0
 
 
 def _nonempty(data: bytes, key: bytes) -> int:
@@ -129,38 +141,39 @@ def count_ollama(data: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    carries: Callable[[bytes], bool]  # may these bytes report usage? Only then are they parsed
+    usage_at: _KeyThen  # where these bytes may report usage: only events holding such a place are parsed
     count: Callable[[bytes], int]  # content events in these complete lines
     extract: Callable[[Any], Usage | None]  # parsed event -> usage it reports, or None
-    marker: bytes  # the key `carries` looks for: every event that carries usage contains it
     body: Callable[[Any], Usage | None] | None = None  # parsed non-streamed body -> usage; None: as `extract`
     # parsed event or body that carried usage -> the id of the response the backend stored, if it says one
     identify: Callable[[Any], str | None] | None = None
+
+    @property
+    def carries(self) -> Callable[[bytes], bool]:
+        return self.usage_at.carries
 
     @property
     def body_usage(self) -> Callable[[Any], Usage | None]:
         return self.body if self.body is not None else self.extract
 
 
-_USAGE_KEY, _DETAILS_KEY, _DONE_KEY = b'"usage":', b'"details":', b'"done":'
-_STOP_KEY, _FINISH_KEY = b'"stop":', b'"finish_reason":'
-_USAGE = _key_then(_USAGE_KEY, b"{")
+_USAGE = _KeyThen(b'"usage":', b"{")
 SPECS = {
-    OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage, _USAGE_KEY),
-    OPENAI_COMPLETIONS_SSE: Spec(_USAGE, count_completions, openai_usage, _USAGE_KEY),
+    OPENAI_CHAT_SSE: Spec(_USAGE, count_chat, openai_usage),
+    OPENAI_COMPLETIONS_SSE: Spec(_USAGE, count_completions, openai_usage),
     # Embeddings never stream; were one streamed, it would carry no content events to count.
-    OPENAI_EMBEDDINGS: Spec(_USAGE, _no_content, openai_usage, _USAGE_KEY),
+    OPENAI_EMBEDDINGS: Spec(_USAGE, _no_content, openai_usage),
     # Only response.completed (or .incomplete) embeds a response whose usage is an object; the others say null.
-    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, _USAGE_KEY, responses_body_usage,
+    OPENAI_RESPONSES_SSE: Spec(_USAGE, count_responses, responses_event_usage, responses_body_usage,
                                responses_id),
     # message_start (input, in its message) and message_delta (output, cumulative; Ollama's real input too).
-    ANTHROPIC_MESSAGES_SSE: Spec(_USAGE, count_anthropic, anthropic_usage, _USAGE_KEY),
-    TGI_GENERATE_SSE: Spec(_key_then(_DETAILS_KEY, b"{"), count_tgi, tgi_usage, _DETAILS_KEY),
-    OLLAMA_NDJSON: Spec(_key_then(_DONE_KEY, b"t"), count_ollama, ollama_usage, _DONE_KEY),
+    ANTHROPIC_MESSAGES_SSE: Spec(_USAGE, count_anthropic, anthropic_usage),
+    TGI_GENERATE_SSE: Spec(_KeyThen(b'"details":', b"{"), count_tgi, tgi_usage),
+    OLLAMA_NDJSON: Spec(_KeyThen(b'"done":', b"t"), count_ollama, ollama_usage),
     # Every chunk has running counts; only the last (`"stop":true`) is read. `"stop":[` (its settings) is not.
-    LLAMACPP_COMPLETION_SSE: Spec(_key_then(_STOP_KEY, b"t"), count_llamacpp, llamacpp_usage, _STOP_KEY),
+    LLAMACPP_COMPLETION_SSE: Spec(_KeyThen(b'"stop":', b"t"), count_llamacpp, llamacpp_usage),
     # meta_info is on every chunk, cumulative; only the last, whose finish_reason is an object, is read.
-    SGLANG_GENERATE_SSE: Spec(_key_then(_FINISH_KEY, b"{"), count_sglang, sglang_usage, _FINISH_KEY),
+    SGLANG_GENERATE_SSE: Spec(_KeyThen(b'"finish_reason":', b"{"), count_sglang, sglang_usage),
 }
 
 DIALECTS = tuple(SPECS)

@@ -37,7 +37,7 @@ class SSEMeter:
     """Meter for the SSE dialects; see llmproxy.metering.Meter for the contract."""
 
     __slots__ = ("_carries", "_count", "_event", "_event_size", "_extract", "_held", "_identify", "_idle", "_lf",
-                 "_marked", "_marker", "_max", "_strip", "_tail", "content_events", "overflowed", "response_id",
+                 "_marked", "_max", "_strip", "_tail", "_usage_at", "content_events", "overflowed", "response_id",
                  "response_model", "usage")
 
     def __init__(self, spec: Spec, strip: bool, max_line: int) -> None:
@@ -46,11 +46,11 @@ class SSEMeter:
         self.response_model: str | None = None
         self.content_events = 0
         self.overflowed = False
-        self._carries = spec.carries
+        self._carries = spec.usage_at.carries
+        self._usage_at = spec.usage_at.find
         self._count = spec.count
         self._extract = spec.extract
         self._identify = spec.identify
-        self._marker = spec.marker
         self._strip = strip
         self._max = max_line
         self._tail = bytearray()  # the unfinished trailing line
@@ -67,10 +67,11 @@ class SSEMeter:
         if self._idle and data.endswith(_EVENT_END) and len(data) <= self._max:
             # The usual read: whole events, nothing open before them and nothing left open after.
             self.content_events += self._count(data)
-            if not self._carries(data):
+            hit = self._usage_at(data)
+            if hit < 0:
                 return data  # nothing to parse, nothing to remember: the same bytes object goes on
             if b"\r" not in data:  # LF line ends only, as every backend sends: events end at "\n\n"
-                return self._read_marked_events(data)
+                return self._read_marked_events(data, hit)
             out = self._walk_lines(data, True)
             return out if self._strip else data
         return self._feed_lines(data)
@@ -95,25 +96,25 @@ class SSEMeter:
 
     # internals ------------------------------------------------------------------------------------
 
-    def _read_marked_events(self, data: bytes) -> bytes:
-        """Whole LF-terminated events, nothing open before them: parse only the events holding the marker.
+    def _read_marked_events(self, data: bytes, hit: int) -> bytes:
+        """Whole LF-terminated events, nothing open before them: parse only the events that may carry usage,
+        the first of which holds offset `hit`.
 
         A fast backend puts dozens of events in one read, and the one with the usage among them; finding it
-        with `find` costs a fraction of walking every line in Python. Returns `data` itself unless a
-        usage-only event is stripped from it.
+        with C-level scans costs a fraction of walking every line, or every event, in Python. Returns `data`
+        itself unless a usage-only event is stripped from it.
         """
-        marker, kept, emit, pos = self._marker, [], 0, 0
-        while (hit := data.find(marker, pos)) >= 0:
+        kept, emit = [], 0
+        while hit >= 0:
             boundary = data.rfind(b"\n\n", 0, hit)  # the blank line that ends the event before
             start = 0 if boundary < 0 else boundary + 2
             end = data.find(b"\n\n", hit) + 2  # found: `data` ends with a blank line
-            event = data[start:end]
-            if self._carries(event) and self._usage_only(event) and self._strip:
+            if self._usage_only(data[start:end]) and self._strip:
                 kept.append(data[emit:start])
                 emit = end
             if self.overflowed:
                 break  # metering gave up: the rest goes on untouched
-            pos = end
+            hit = self._usage_at(data, end)
         if not kept:
             return data
         kept.append(data[emit:])

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from llmproxy.catalogue import lookup
-from llmproxy.metering.dialects import OPENAI_CHAT_SSE, SPECS, Spec, _key_then
+from llmproxy.metering.dialects import OPENAI_CHAT_SSE, SPECS, Spec, _KeyThen
 from llmproxy.metering.session import ESTIMATED, NONE, REPORTED, MeteringSession
 from llmproxy.metering.sse import SSEMeter
 from llmproxy.metering.usage import Usage
@@ -116,7 +116,7 @@ def _split_usage(obj: object) -> Usage | None:
     return Usage(tokens.get("in"), tokens.get("out"), None)
 
 
-TOY = Spec(_key_then(b'"tokens":', b"{"), lambda data: data.count(b'"text":'), _split_usage, b'"tokens":')
+TOY = Spec(_KeyThen(b'"tokens":', b"{"), lambda data: data.count(b'"text":'), _split_usage)
 
 
 def test_a_dialect_that_reports_input_and_output_in_different_events_gets_both():
