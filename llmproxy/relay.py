@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmproxy")
 STREAMING_TYPES = (b"text/event-stream", b"application/x-ndjson")
 TRANSLATION_FAILED = "translation_failed"
+WRITEV_MIN = 4096  # bytes: a chunk above this goes out by writev (no copy), one below framed in one piece
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -76,7 +77,7 @@ class Exchange:
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._write = ctx.conn.transport.write
-        # Several pieces (the head, a chunk's size line, its bytes, its end) go out in one vectored write:
+        # A big read's pieces (the head, a chunk's size line, its bytes, its end) go out in one vectored write:
         # uvloop hands them to writev as they are, where joining them first would copy the whole read again.
         self._write_pieces = ctx.conn.transport.writelines
         self._chunked = False
@@ -202,11 +203,14 @@ class Exchange:
         return True
 
     def _forward(self, data: bytes) -> None:
-        if self._chunked:
-            self._out += (b"%x\r\n" % len(data), data, b"\r\n")
-        else:
+        size = len(data)
+        if not self._chunked:
             self._out.append(data)
-        self.ctx.bytes_out += len(data)
+        elif size <= WRITEV_MIN:  # an event or a few: framed in one piece, copying it costs less than a writev
+            self._out.append(b"%x\r\n%b\r\n" % (size, data))
+        else:
+            self._out += (b"%x\r\n" % size, data, b"\r\n")
+        self.ctx.bytes_out += size
 
     def end_of_read(self) -> None:
         """Write what one upstream read produced, in one write: every event of that read leaves now, in
@@ -229,6 +233,8 @@ class Exchange:
             self._backend.observe_ttft(now - self._t_sent, now)
         if len(out) == 1:
             self._write(out[0])
+        elif len(out) < 3:  # the head and a small piece: one copy is cheaper than a writev
+            self._write(b"".join(out))
         else:
             self._write_pieces(out)
         out.clear()
