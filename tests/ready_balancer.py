@@ -50,6 +50,7 @@ class ReadyBalancer:
         self._turn = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._closing = False
         self.port = 0
 
     async def start(self) -> None:
@@ -61,11 +62,13 @@ class ReadyBalancer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        self._closing = True  # a poller whose cancel Python 3.11's wait_for swallowed still stops at its next turn
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=PROBE_TIMEOUT + 1)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -75,7 +78,7 @@ class ReadyBalancer:
     # Readiness ------------------------------------------------------------------------------------------------
 
     async def _poll(self, upstream: Upstream) -> None:
-        while True:
+        while not self._closing:
             outcome = await self._probe(upstream.port)
             upstream.probes.append((self._clock(), outcome))
             upstream.ready = outcome == 200
