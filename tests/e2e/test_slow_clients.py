@@ -746,12 +746,13 @@ SLOW = 200  # authenticated slow clients of each kind
 @pytest.fixture(scope="module")
 def auth_served(mock_vllm, big_backend, tmp_path_factory):
     procs: list[Proc] = []
-    served = serve(tmp_path_factory.mktemp("auth"), procs, mock_vllm, big_backend,
-                   auth={"enabled": True, "keys": [{"key": API_KEY, "user_id": "slow"}]},
-                   rate_limit={"enabled": True, "per_key": {"max_concurrent": 1000}})
-    yield served
-    for proc in procs:
-        proc.stop()
+    try:  # a proxy that started but failed its warm-up is stopped too, not left running after the session
+        yield serve(tmp_path_factory.mktemp("auth"), procs, mock_vllm, big_backend,
+                    auth={"enabled": True, "keys": [{"key": API_KEY, "user_id": "slow"}]},
+                    rate_limit={"enabled": True, "per_key": {"max_concurrent": 1000}})
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 def _authenticated(served: Served, coroutines, give_up: float,
