@@ -14,13 +14,13 @@ import sys
 from collections import Counter
 from typing import Any
 
-import orjson
 import uvloop
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
+from bench import webhook_receiver
 from bench.harness import HOST
 from bench.procs import Service
 
@@ -51,44 +51,18 @@ class Tally:
         return {"spans": dict(self.spans), "exports": dict(self.exports), "unparsable": self.unparsable}
 
 
-class ReceiverProtocol(asyncio.Protocol):
-    """HTTP/1.1 keep-alive server for the exporter's Content-Length POSTs, and GET /stats."""
+class ReceiverProtocol(webhook_receiver.ReceiverProtocol):
+    """The webhook receiver's HTTP/1.1 server (keep-alive Content-Length POSTs, GET /stats as JSON), answering
+    each POST as an OTLP collector does."""
 
-    def __init__(self, tally: Tally) -> None:
-        self.tally = tally
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while self.transport is not None and not self.transport.is_closing():
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = bytes(self.buf[:end]).split(b"\r\n")
-            headers = {name.strip().lower(): value.strip()
-                       for name, _, value in (line.partition(b":") for line in lines[1:])}
-            length = int(headers.get(b"content-length", b"0"))
-            if len(self.buf) < end + 4 + length:
-                return
-            body = bytes(self.buf[end + 4:end + 4 + length])
-            del self.buf[:end + 4 + length]
-            self.answer(lines[0].split(b" ")[:2], body)
-
-    def answer(self, request_line: list[bytes], body: bytes) -> None:
-        assert self.transport is not None
-        if request_line[0] == b"POST":
-            self.tally.add(body)
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
-                                 b"Content-Length: %d\r\n\r\n%b" % (len(ANSWER), ANSWER))
+    def answer(self, request_line: list[bytes], headers: dict[bytes, bytes], body: bytes) -> None:
+        if request_line[0] != b"POST":
+            super().answer(request_line, headers, body)  # GET /stats
             return
-        stats = orjson.dumps(self.tally.as_dict())
-        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                             b"Content-Length: %d\r\n\r\n" % len(stats) + stats)
-        self.transport.close()
+        assert self.transport is not None
+        self.tally.add(body)
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
+                             b"Content-Length: %d\r\n\r\n%b" % (len(ANSWER), ANSWER))
 
 
 async def serve_receiver() -> None:
