@@ -28,12 +28,12 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
-from bench import interleave
+from bench import features, interleave
 from bench.harness import (
     BODY,
     CLK_TCK,
@@ -52,7 +52,6 @@ from bench.harness import (
     mock_service,
     ms,
     print_problems,
-    process_cpu_seconds,
     proxy_config,
     report_head,
     result_line,
@@ -64,10 +63,9 @@ from bench.harness import (
     write_json,
 )
 from bench.interleave import DIRECT, Interleaving, Level
-from bench.limits import CountingLane
 from bench.loadgen import fetch_json
 from bench.otlp_receiver import OtlpReceiver
-from bench.procs import Service, pinned_core_seconds, self_cpu_seconds
+from bench.procs import Service
 
 OFF, ZERO, FULL = "off", "sampled-0", "sampled-100"
 PROXIES = (OFF, ZERO, FULL)
@@ -98,27 +96,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @dataclass
-class Env:
-    mock: Service
-    receiver: OtlpReceiver
-    proxies: dict[str, Service]
-    ports: dict[str, int]
-    payload: dict[str, bytes]
-    timeout: float
-    rng: random.Random
-    pins: tuple[int, int] | None = None
-    sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))
-
-    def lane(self, path: str) -> CountingLane:
-        return CountingLane(HOST, self.ports[path], self.payload[path], self.timeout, path, self.sent)
+class Env(features.Env):
+    """bench.features' environment (an OTLP receiver in place of the webhook one), with each proxy's event loop
+    (its main thread) counted apart from the exporter's thread."""
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of each process (all threads), and of both pinned cores."""
-        services = {**self.proxies, "mock": self.mock, "receiver": self.receiver}
-        out = {name: process_cpu_seconds([service.pid]) for name, service in services.items()}
+        """CPU seconds so far of each process (all threads), of each proxy's main thread, and of both cores."""
+        out = super().cpu()
         out |= {loop_key(px): main_thread_seconds(self.proxies[px].pid) for px in PROXIES}
-        out["loadgen"] = self_cpu_seconds()
-        return {**out, **pinned_core_seconds(self.pins)}
+        return out
 
 
 def loop_key(proxy: str) -> str:
@@ -245,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 f":{receiver.port}, " + ", ".join(f"proxy {px} pid {proxies[px].pid} on :{ports[px]}"
                                                    for px in PROXIES))
             payload = {path: chat_request(port) for path, port in ports.items()}
-            env = Env(mock, receiver, proxies, ports, payload, args.timeout, random.Random(args.seed), pins)
+            env = Env(mock, receiver, proxies, ports, payload, args.timeout, random.Random(args.seed), pins,
+                      dict.fromkeys(PATHS, 0))
             result = uvloop.run(run_all(env, args))
         except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
             failure = str(exc) or repr(exc)
