@@ -66,7 +66,7 @@ class Exchange:
     __slots__ = ("_awaiting_head", "_backend", "_chunked", "_deadline", "_feed", "_in", "_last_progress", "_loop",
                  "_out", "_overhead", "_pending_head", "_ping", "_ping_at", "_ping_sent", "_progress",
                  "_refuse_statuses", "_settings", "_stream_idle", "_sweeper", "_t_sent", "_write", "_write_pieces",
-                 "_write_timer", "ctx", "done", "on_response_body", "retry_after", "upstream")
+                 "_write_timer", "ctx", "done", "retry_after", "upstream")
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamConnection, backend: Backend,
                  settings: RelaySettings, refuse_statuses: frozenset[int] = frozenset()) -> None:
@@ -74,7 +74,7 @@ class Exchange:
         self.upstream = upstream
         self._backend = backend  # told the time to first token, for latency-based balancing
         self._refuse_statuses = refuse_statuses  # statuses the pipeline will retry elsewhere: not relayed
-        self._loop = asyncio.get_running_loop()
+        self._loop = settings.loop
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._write = ctx.conn.transport.write
         # A big read's pieces (the head, a chunk's size line, its bytes, its end) go out in one vectored write:
@@ -82,11 +82,11 @@ class Exchange:
         self._write_pieces = ctx.conn.transport.writelines
         self._chunked = False
         self._pending_head: bytes | None = None  # the response head, until it can go with the first chunk
-        self._in: list[bytes] = []  # the body chunks of this upstream read, metered and relayed at its end
-        # The parser hands each body chunk straight to the list: a backend that puts a whole stream in one write
-        # sends it as dozens of HTTP chunks, and metering and framing them one by one cost more than all the
-        # rest of the request (bench.instructions); a Python call per chunk was most of what was left.
-        self.on_response_body = self._in.append
+        # The body chunks of this upstream read, metered and relayed at its end. The parser puts each chunk
+        # straight in this list (the connection's): a backend that puts a whole stream in one write sends it as
+        # dozens of HTTP chunks, and metering and framing them one by one cost more than all the rest of the
+        # request (bench.instructions); a Python call per chunk was most of what was left.
+        self._in: list[bytes] = upstream.body
         self._out: list[bytes] = []  # what this upstream read produced for the client: one write at its end
         self._progress = 0  # reads relayed; the deadline sweeper compares it between ticks
         self._last_progress = -1

@@ -44,6 +44,7 @@ log = logging.getLogger("llmproxy")
 class RelaySettings:
     """What every exchange (relay.py) of a process shares."""
 
+    loop: asyncio.AbstractEventLoop  # given, not looked up: Python 3.11's get_running_loop() is a getpid syscall
     sweeper: DeadlineSweeper  # first-byte and stream-idle deadlines
     overhead: ProxyOverhead  # the proxy's own time per read, counted in place
     write_timeout: float  # a client that reads nothing for this long is cut
@@ -111,7 +112,7 @@ def build_lasting(config: Config, loop: asyncio.AbstractEventLoop, live_state: C
         access_log=access_log if access_log is not None else AccessLog(config.logging.access_log),
         outbox=outbox if outbox is not None else DeliveryService(
             dataclasses.replace(config.usage, spool_dir=spool_dir) if spool_dir else config.usage, metrics),
-        relay=RelaySettings(sweeper=DeadlineSweeper(loop, tick_for(_deadlines(config))), overhead=overhead,
+        relay=RelaySettings(loop=loop, sweeper=DeadlineSweeper(loop, tick_for(_deadlines(config))), overhead=overhead,
                             write_timeout=config.server.timeouts.write, traffic=traffic,
                             ping_interval=config.translation.ping_interval),
         traffic=traffic,

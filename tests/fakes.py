@@ -449,24 +449,30 @@ def upstream_connection(loop: FakeLoop, host: str = "a", port: int = 8000,
 
 
 class RecordingSink:
-    """An upstream connection's ResponseSink that records every event, in order."""
+    """An upstream connection's ResponseSink that records every event, in order; the body pieces it takes from
+    the connection's `body` list (as the relay does) are recorded as ("body", piece) where it takes them."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: list[bytes]) -> None:
         self.events: list[tuple] = []
+        self._body = body
+
+    def _take_body(self) -> None:
+        self.events.extend(("body", piece) for piece in self._body)
+        self._body.clear()
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self.events.append(("head", status))
 
-    def on_response_body(self, data: bytes) -> None:
-        self.events.append(("body", data))
-
     def on_response_complete(self) -> None:
+        self._take_body()
         self.events.append(("complete",))
 
     def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None:
+        self._take_body()
         self.events.append(("lost", kind, reason))
 
     def end_of_read(self) -> None:
+        self._take_body()
         self.events.append(("end_of_read",))
 
     def of(self, name: str) -> list[tuple]:
@@ -489,7 +495,7 @@ class FakeBackend:
 def relay_settings(loop: FakeLoop, *, tick: float = 0.5, write_timeout: float = 30.0) -> RelaySettings:
     """What every exchange shares, as build_lasting makes it: a sweeper ticking every `tick` s on the fake
     clock, fresh overhead histograms, the client write timeout, and traffic not draining."""
-    return RelaySettings(sweeper=DeadlineSweeper(loop, tick), overhead=ProxyOverhead(),
+    return RelaySettings(loop=loop, sweeper=DeadlineSweeper(loop, tick), overhead=ProxyOverhead(),
                          write_timeout=write_timeout, traffic=Traffic())
 
 

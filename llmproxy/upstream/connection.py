@@ -14,8 +14,10 @@ PROTOCOL_ERROR = "upstream_protocol_error"  # the backend answered something tha
 
 
 class ResponseSink(Protocol):
+    """Where a response's events go. Its body is not an event: the parser puts each piece in the connection's
+    `body` list, which the sink takes (and clears) at end_of_read, on_response_complete and on_upstream_lost."""
+
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None: ...
-    def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
     def on_upstream_lost(self, reason: str, kind: str = UPSTREAM_FAILED) -> None: ...
     def end_of_read(self) -> None: ...
@@ -24,12 +26,13 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """A pooled connection. Idle, it must receive nothing: any byte or EOF makes it dead (stale)."""
 
-    __slots__ = ("_codec", "_is_head", "_sink", "closed", "complete", "idle_since", "read_at", "received_any",
-                 "reused", "transport")
+    __slots__ = ("_codec", "_is_head", "_sink", "body", "closed", "complete", "idle_since", "read_at",
+                 "received_any", "reused", "transport")
 
     def __init__(self, max_header_size: int = 32 * 1024) -> None:
         self.transport: asyncio.Transport | None = None
         self._codec = ResponseCodec(self, max_header_size)
+        self.body = self._codec.body  # the current response's body pieces, parsed and not yet taken by the sink
         self._sink: ResponseSink | None = None
         self._is_head = False
         self.closed = False
@@ -47,12 +50,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._is_head = is_head
         self.complete = False
         self.received_any = False
-        self._codec.expect(is_head, sink.on_response_body)
+        self._codec.expect(is_head)
         self.transport.write(request)
 
     def detach(self) -> None:
+        """No more events to the sink. What the parser still puts in `body` in this read is cleared after it
+        (data_received): the sink that ends the response in it (_finish) takes the body after detaching."""
         self._sink = None
-        self._codec.drop_body()
 
     def reusable(self) -> bool:
         """True if the last exchange ended cleanly and the connection can serve another request.
@@ -97,6 +101,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self._sink
         if sink is not None:
             sink.end_of_read()  # one client write per upstream read (the sink is gone if the response ended)
+        elif self.body:
+            self.body.clear()  # refused or abandoned in this read: what followed goes nowhere
 
     def eof_received(self) -> bool:
         codec = self._codec

@@ -21,17 +21,19 @@ LIMIT = 4096
 class Events:
     def __init__(self) -> None:
         self.heads: list[tuple[int, list[tuple[bytes, bytes]], int]] = []
-        self.body = bytearray()
+        self.pieces: list[bytes] = []  # the codec's body list, which its parser appends to
         self.completed = 0
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.pieces)
 
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         self.heads.append((status, headers, framing))
 
-    def on_body_data(self, data: bytes) -> None:
-        self.body += data
-
     def expect(self, parser: ResponseCodec, is_head: bool = False) -> None:
-        parser.expect(is_head, self.on_body_data)
+        parser.expect(is_head)
+        self.pieces = parser.body
 
     def on_complete(self) -> None:
         self.completed += 1

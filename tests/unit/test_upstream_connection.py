@@ -26,7 +26,7 @@ def loop():
 
 def begun(loop, is_head: bool = False, **options) -> tuple[FakeUpstream, RecordingSink]:
     upstream = upstream_connection(loop, **options)
-    sink = RecordingSink()
+    sink = RecordingSink(upstream.conn.body)
     upstream.conn.begin(sink, REQUEST, is_head)
     return upstream, sink
 
@@ -61,7 +61,7 @@ def test_each_read_is_stamped_with_the_time_it_was_read(loop, monkeypatch):
 def test_a_second_exchange_on_the_same_connection_starts_afresh(loop):
     upstream, first = begun(loop)
     upstream.send(LENGTH)
-    second = RecordingSink()
+    second = RecordingSink(upstream.conn.body)
     upstream.conn.begin(second, REQUEST, False)
     assert not upstream.conn.complete and not upstream.conn.received_any
     upstream.send(CHUNKED)
@@ -80,6 +80,26 @@ def test_after_detach_the_rest_of_a_response_reaches_no_sink_and_kills_the_conne
     upstream.close()  # the transport reports the abort: the sink that left is not told
     assert sink.of("lost") == []
 
+
+class _RefusingSink(RecordingSink):
+    """Detaches at the head, as the relay does with a status it refuses."""
+
+    def __init__(self, conn) -> None:
+        super().__init__(conn.body)
+        self._conn = conn
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        super().on_response_head(status, headers, framing)
+        self._conn.detach()
+
+
+def test_the_body_that_follows_a_detach_in_the_same_read_is_dropped_not_kept_for_the_next_sink(loop):
+    upstream = upstream_connection(loop)
+    sink = _RefusingSink(upstream.conn)
+    upstream.conn.begin(sink, REQUEST, False)
+    upstream.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 10\r\n\r\nbusy, busy")
+    assert sink.events == [("head", 503)]
+    assert upstream.conn.body == []
 
 def test_a_head_request_completes_with_its_head(loop):
     upstream, sink = begun(loop, is_head=True)
@@ -103,7 +123,7 @@ def test_an_informational_response_is_no_head_of_its_own(loop, informational):
 @pytest.mark.parametrize("history", ["never used", "after a response"])
 def test_bytes_on_an_idle_connection_make_it_dead(loop, history):
     upstream = upstream_connection(loop)
-    sink = RecordingSink()
+    sink = RecordingSink(upstream.conn.body)
     if history == "after a response":
         upstream.conn.begin(sink, REQUEST, False)
         upstream.send(LENGTH)

@@ -412,7 +412,7 @@ def test_a_connection_is_made_with_the_servers_head_limit(loop):
     conn = take(loop, pool)
     upstream = loop.upstreams[0]
     assert upstream.conn is conn and (upstream.host, upstream.port) == ("a", 8000)
-    sink = RecordingSink()
+    sink = RecordingSink(conn.body)
     conn.begin(sink, b"GET / HTTP/1.1\r\nhost: a:8000\r\n\r\n", False)
     upstream.send(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 1100 + b"\r\n\r\n")
     assert [event[:2] for event in sink.of("lost")] == [("lost", "upstream_protocol_error")]
