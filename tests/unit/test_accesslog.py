@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmproxy.accesslog import AccessLog, rfc3339
 from llmproxy.context import RequestContext, new_context
@@ -205,6 +207,12 @@ def test_a_request_rejected_before_it_was_parsed_is_one_line(log_file, status: i
 def test_rfc3339_is_utc_with_milliseconds_and_a_z(epoch: float, text: str):
     assert rfc3339(epoch) == text
     assert datetime.fromisoformat(text.replace("Z", "+00:00")) == datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_rfc3339_agrees_with_datetime_to_the_millisecond(epoch: float):
+    expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+    assert rfc3339(epoch) == expected.replace("+00:00", "Z")
 
 
 def test_rfc3339_is_the_same_instant_whatever_the_local_time_zone(monkeypatch):
