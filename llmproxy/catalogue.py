@@ -244,5 +244,4 @@ def error_shape(target: bytes | None) -> str:
     when the target is not known (a request refused before its head could be read)."""
     if target is None:
         return OPENAI_ERRORS
-    path = target.split(b"?", 1)[0] if b"?" in target else target
-    return lookup(path.decode("latin-1")).errors
+    return lookup(target.partition(b"?")[0].decode("latin-1")).errors

@@ -185,7 +185,7 @@ def new_context(conn: ClientSide, head: RequestHead, request_id: str, keep_alive
     """The context of a request whose head just arrived on `conn`."""
     supplied = valid_client_request_id(head)  # checked once per request, not at every use
     target = head.target
-    path = (target.split(b"?", 1)[0] if b"?" in target else target).decode("latin-1")
+    path = target.partition(b"?")[0].decode("latin-1")  # partition, not `b"?" in`: see http11/path.py
     return RequestContext(
         conn=conn,
         head=head,

@@ -109,7 +109,7 @@ MODELS_PREFIXES = (b"/v1/models/", b"/models/")
 def request_path(ctx: RequestContext) -> bytes:
     """The request target without its query, as received (not normalised: "//x" is not "/x")."""
     target = ctx.head.target
-    return target.split(b"?", 1)[0] if b"?" in target else target
+    return target.partition(b"?")[0]  # the same object when there is no query
 
 
 def match_own(ctx: RequestContext) -> OwnHandler | None:

@@ -70,7 +70,7 @@ class SSEMeter:
             hit = self._usage_at(data)
             if hit < 0:
                 return data  # nothing to parse, nothing to remember: the same bytes object goes on
-            if b"\r" not in data:  # LF line ends only, as every backend sends: events end at "\n\n"
+            if data.find(b"\r") < 0:  # LF line ends only, as every backend sends: events end at "\n\n"
                 return self._read_marked_events(data, hit)
             out = self._walk_lines(data, True)
             return out if self._strip else data
