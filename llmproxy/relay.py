@@ -228,9 +228,9 @@ class Exchange:
         elif not out:
             return
         ctx = self.ctx
-        if not ctx.t_first_byte and (head is None or len(out) > 1):  # the first body bytes go now
-            now = ctx.t_first_byte = perf_counter()
-            self._backend.observe_ttft(now - self._t_sent, now)
+        first = not ctx.t_first_byte and (head is None or len(out) > 1)  # the first body bytes go now
+        if first:
+            ctx.t_first_byte = perf_counter()
         if len(out) == 1:
             self._write(out[0])
         elif len(out) < 3:  # the head and a small piece: one copy is cheaper than a writev
@@ -238,6 +238,8 @@ class Exchange:
         else:
             self._write_pieces(out)
         out.clear()
+        if first:  # told after the write: the balancer's bookkeeping is not on the first token's path
+            self._backend.observe_ttft(ctx.t_first_byte - self._t_sent, ctx.t_first_byte)
         # The proxy's own time on this read: from the read to the write (the in-product overhead histograms).
         histogram = self._overhead.chunk if head is None else self._overhead.first_byte
         histogram.observe(perf_counter() - self.upstream.read_at)
