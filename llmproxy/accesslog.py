@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -97,8 +98,8 @@ _SECONDS = _Seconds()
 
 
 def rfc3339(epoch: float) -> str:
-    """Format a Unix time (not before 1970) as RFC 3339 UTC with milliseconds, truncated as datetime does."""
-    whole = int(epoch)
+    """Format a Unix time as RFC 3339 UTC with milliseconds, truncated as datetime does."""
+    whole = math.floor(epoch)
     micros = round((epoch - whole) * 1_000_000)  # to the microsecond, half to even, as datetime.fromtimestamp
     if micros == 1_000_000:
         whole, micros = whole + 1, 0

@@ -141,4 +141,5 @@ class UpstreamConnection(asyncio.Protocol):
         self.detach()
         self.abort()
         if sink is not None:
-            sink.on_upstream_lost(reason, kind)
+            sink.on_upstream_lost(reason, kind)  # takes what was parsed before the loss (it may carry usage)
+        self.body.clear()  # what nobody took (a refused response that then broke) goes with the connection

@@ -94,6 +94,15 @@ def test_framing_of_the_body(response: bytes, is_head: bool, framing: int):
     assert events.heads[0][2] == framing == parser.framing
 
 
+def test_the_next_response_starts_with_no_body_piece_of_the_last_left_in_the_list():
+    parser, events = codec()
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")  # its body never taken
+    assert parser.body == [b"hello"]
+    events.expect(parser)
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+    assert events.body == b"bye" and events.completed == 2
+
+
 def test_informational_heads_are_skipped_and_the_real_one_follows():
     parser, events = codec()
     parser.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
