@@ -52,8 +52,8 @@ class AccessLog:
             "retries": ctx.retries,
             "status": ctx.status,
             "termination": ctx.termination,
-            "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
-            "duration_ms": round(duration * 1000.0, 3),
+            "ttft_ms": None if ttft is None else milliseconds(ttft),
+            "duration_ms": milliseconds(duration),
             "bytes_out": ctx.bytes_out,
         }
         if ctx.route_id is not None:
@@ -75,6 +75,12 @@ class AccessLog:
         if self._owned and self._fd is not None:
             os.close(self._fd)
         self._fd = None
+
+
+def milliseconds(seconds: float) -> float:
+    """A duration (not negative) in milliseconds, to the microsecond. round(x, 3) would format the float
+    through dtoa to round it in decimal, on every request (about 2,000 instructions, callgrind)."""
+    return int(seconds * 1_000_000.0 + 0.5) / 1000.0
 
 
 class _Seconds:
@@ -103,4 +109,4 @@ def rfc3339(epoch: float) -> str:
     micros = round((epoch - whole) * 1_000_000)  # to the microsecond, half to even, as datetime.fromtimestamp
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    return f"{_SECONDS.format(whole)}.{micros // 1000:03d}Z"
+    return "%s.%03dZ" % (_SECONDS.format(whole), micros // 1000)  # noqa: UP031  # an f-string's :03d costs more

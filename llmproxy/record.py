@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from llmproxy.accesslog import rfc3339
+from llmproxy.accesslog import milliseconds, rfc3339
 
 TOKENIZED = "tokenized"  # usage_source of a record whose prompt the backend's tokenizer counted
 
@@ -61,8 +61,8 @@ def build_record(ctx: RequestContext, usage: MeteredUsage, duration: float, ttft
         "usage_source": source,
         "cached": False,  # a hit of the response cache (caching.py sets these two)
         "deduplicated": False,  # followed an identical request in flight: one upstream request for both
-        "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
-        "duration_ms": round(duration * 1000.0, 3),
+        "ttft_ms": None if ttft is None else milliseconds(ttft),
+        "duration_ms": milliseconds(duration),
     }
     if ctx.route_id is not None:
         record["route"] = ctx.route_id

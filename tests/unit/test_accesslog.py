@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmproxy import accesslog
-from llmproxy.accesslog import AccessLog, rfc3339
+from llmproxy.accesslog import AccessLog, milliseconds, rfc3339
 from llmproxy.context import RequestContext, new_context
 from llmproxy.http11.request import RequestHead
 from llmproxy.ratelimit.store import Limits
@@ -214,6 +214,17 @@ def test_rfc3339_is_utc_with_milliseconds_and_a_z(epoch: float, text: str):
 def test_rfc3339_agrees_with_datetime_to_the_millisecond(epoch: float):
     expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
     assert rfc3339(epoch) == expected.replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(("seconds", "ms"), [(0.0, 0.0), (0.0123456, 12.346), (0.25, 250.0), (1.0000004, 1000.0),
+                                               (1.0000006, 1000.001), (86_400.0, 86_400_000.0)])
+def test_milliseconds_are_to_the_microsecond(seconds: float, ms: float):
+    assert milliseconds(seconds) == ms
+
+
+@given(st.floats(min_value=0, max_value=86_400 * 365, allow_nan=False))
+def test_milliseconds_agree_with_decimal_rounding_but_at_a_tie(seconds: float):
+    assert abs(milliseconds(seconds) - round(seconds * 1000.0, 3)) <= 0.001 * (1 + 1e-9)
 
 
 def test_rfc3339_is_the_same_instant_whatever_the_local_time_zone(monkeypatch):
