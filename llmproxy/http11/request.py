@@ -80,14 +80,16 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 class RequestCodec:
     """Feeds bytes to httptools and reports requests to a sink, enforcing limits and strict rules."""
 
-    __slots__ = ("_body_size", "_error", "_fed_in_head", "_fed_in_trailer", "_head_done", "_in_head", "_in_trailer",
-                 "_limits", "_parser", "_raw", "_sink", "_slice", "_url")
+    __slots__ = ("_body_size", "_error", "_fed_in_head", "_fed_in_trailer", "_head_done", "_in_trailer", "_limits",
+                 "_parser", "_raw", "_sink", "_slice", "_url", "in_head")
 
     def __init__(self, sink: RequestSink, limits: CodecLimits) -> None:
         self._sink = sink
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
-        self._in_head = False  # part of a request head has arrived, not all of it
+        # Part of a request head has arrived, not all of it. Read by the connection on every read: an attribute,
+        # not a property (a Python call each time).
+        self.in_head = False
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []  # header fields of the head being received, as sent
         self._head_done = False
@@ -100,11 +102,6 @@ class RequestCodec:
         # at most a quarter of the limit however large the read: whitespace llhttp strips, or a second head
         # behind the end of a first request in the same read, cannot slip past the limit.
         self._slice = max(1024, limits.max_header_size // 4)
-
-    @property
-    def in_head(self) -> bool:
-        """True while part of a request head has arrived but not all of it."""
-        return self._in_head
 
     def release(self) -> None:
         """The connection is gone: drop the parser and what it buffered now, not at the next GC pass.
@@ -141,7 +138,7 @@ class RequestCodec:
             self._after_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as exc:
             self._raise(self._error or ProtocolError("bad_request", f"malformed request: {exc}"))
-        if (self._in_head and self._fed_in_head > limit) or (self._in_trailer and self._fed_in_trailer > limit):
+        if (self.in_head and self._fed_in_head > limit) or (self._in_trailer and self._fed_in_trailer > limit):
             self._raise(ProtocolError("header_too_large", "request header block is too large"))
 
     def _raise(self, error: ProtocolError) -> None:
@@ -159,7 +156,7 @@ class RequestCodec:
     # httptools callbacks: kept minimal, they run once per header of every request -----------------
 
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self.in_head = True
         self._url = b""
         self._raw = []
         self._body_size = 0
@@ -171,12 +168,12 @@ class RequestCodec:
             self._raise(ProtocolError("uri_too_long", "request target is too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
+        if not self.in_head:
             self._raise(ProtocolError("bad_request", "trailer fields are not accepted"))
         self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
         self._head_done = True
         if self._fed_in_head > self._limits.max_header_size + self._slice:
             # The head ended inside this slice, so at most a slice of what was counted is not head.
