@@ -93,20 +93,25 @@ class _RefusingSink(RecordingSink):
         self._conn.detach()
 
 
-def test_the_body_that_follows_a_detach_in_the_same_read_is_dropped_at_the_end_of_that_read(loop):
+def refused_at_the_head(loop, response: bytes) -> tuple[FakeUpstream, _RefusingSink]:
+    """`response` arrives in one read on a connection whose sink detaches at the head."""
     upstream = upstream_connection(loop)
     sink = _RefusingSink(upstream.conn)
     upstream.conn.begin(sink, REQUEST, False)
-    upstream.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 10\r\n\r\nbusy, busy")
+    upstream.send(response)
+    return upstream, sink
+
+
+def test_the_body_that_follows_a_detach_in_the_same_read_is_dropped_at_the_end_of_that_read(loop):
+    upstream, sink = refused_at_the_head(
+        loop, b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 10\r\n\r\nbusy, busy")
     assert sink.events == [("head", 503)]
     assert upstream.conn.body == []
 
 
 def test_a_body_that_breaks_after_a_detach_in_the_same_read_is_dropped_with_the_connection(loop):
-    upstream = upstream_connection(loop)
-    sink = _RefusingSink(upstream.conn)
-    upstream.conn.begin(sink, REQUEST, False)
-    upstream.send(b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n5\r\nbusy!\r\nzz\r\n")
+    upstream, sink = refused_at_the_head(
+        loop, b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n5\r\nbusy!\r\nzz\r\n")
     assert sink.events == [("head", 503)]
     assert upstream.conn.body == [] and upstream.conn.closed
 
