@@ -149,7 +149,7 @@ class Metrics:
         self._request_children: dict[tuple[str, int], Tally] = {}
         self._backend_children: dict[str, tuple[DeferredHistogram, DeferredHistogram, DeferredHistogram]] = {}
         self._termination_children: dict[str, Tally] = {}
-        self._cache_children: dict[str, Any] = {}
+        self._cache_children: dict[str, Tally] = {}
         self._usage_children: dict[tuple[str, str], tuple[Tally, Tally]] = {}  # (model, key_id): prompt, completion
         self._source_children: dict[str, Tally] = {}
 
@@ -212,8 +212,10 @@ class Metrics:
         """One proxied request's cache result (hit, miss, bypass): on every request while caching is on."""
         counter = self._cache_children.get(result)
         if counter is None:
-            counter = self._cache_children[result] = self.cache_requests.labels(result)
-        counter.inc()
+            counter = self._cache_children[result] = self._tally(self.cache_requests.labels(result))
+        counter.n += 1
+        if self.multiprocess:
+            self._flush_deferred()
 
     def cache_bytes_counted(self, op: str, size: int) -> None:
         self.cache_bytes.labels(op).inc(size)
@@ -284,8 +286,8 @@ class Metrics:
         return histogram
 
     def render(self) -> bytes:
-        self.flush()
-        if self._shared_live is not None:
+        if self._shared_live is not None:  # one process's own registry flushes when collected (_FlushFirst)
+            self.flush()
             self._shared_live.refresh()  # this worker's own gauges as of now; the others' are at most 1 s old
         return generate_latest(self.registry)
 
