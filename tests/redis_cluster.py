@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from tests.redis_server import START_TIMEOUT, RedisServer, Tls
 from tests.support import free_port
@@ -73,7 +73,27 @@ def _info(port: int, section: str, tls: Tls | None = None) -> dict[str, Any]:
         return client.info(section)
 
 
-class RedisClusterSetup:
+class _Setup:
+    """A set of servers used as a context manager: started on entry (closed again if that fails), closed on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RedisClusterSetup(_Setup):
     """`masters` masters with `replicas` replicas each, made with `redis-cli --cluster create`."""
 
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS,
@@ -167,16 +187,6 @@ class RedisClusterSetup:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> RedisClusterSetup:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 class SentinelServer(RedisServer):
     """A `redis-server --sentinel` watching `master_port` as MASTER_NAME (it rewrites its own config file)."""
@@ -196,7 +206,7 @@ class SentinelServer(RedisServer):
                 *(self.tls.server_args(self.port) if self.tls else ())]
 
 
-class SentinelSetup:
+class SentinelSetup(_Setup):
     """A master, `replicas` replicas and `sentinels` Sentinels with a majority quorum; all over TLS with `tls`."""
 
     def __init__(self, replicas: int = 1, sentinels: int = 3, down_after_ms: int = NODE_TIMEOUT_MS,
@@ -289,13 +299,3 @@ class SentinelSetup:
     def close(self) -> None:
         for server in (*self.sentinels, *self.servers):
             server.close()
-
-    def __enter__(self) -> SentinelSetup:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
