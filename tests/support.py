@@ -33,6 +33,20 @@ START_TIMEOUT = 15.0
 # A health_check section with no periodic probes or model-list refreshes: once start-up is over, a backend's
 # request counter and the proxy's open fds move only with the test's own traffic.
 NO_PERIODIC_PROBES = {"interval": 3600, "models_interval": 3600}
+# The `caching:` example of issue 18's guide, exactly as written there (config and e2e tests both read it).
+GUIDE_CACHING = yaml.safe_load("""
+caching:
+  enabled: true
+  default_ttl_seconds: 3600    # cache for 1 hour
+  max_size_mb: 500
+  strategies:
+    - id: common_questions_cache
+      match:
+        path: "/v1/chat/completions"
+        json_body:
+          temperature: 0.0     # only cache deterministic responses
+      ttl_seconds: 86400
+""")["caching"]
 
 
 class Proc:

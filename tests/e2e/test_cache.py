@@ -11,10 +11,9 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import yaml
-
 from tests.redis_server import RedisServer
 from tests.support import (
+    GUIDE_CACHING,
     assert_idle,
     metric_value,
     mock_posts,
@@ -27,20 +26,6 @@ from tests.support import (
 )
 
 CHAT_PATH = "/v1/chat/completions"
-# The guide's `caching:` example (issue 18), exactly as written there.
-GUIDE_CACHING = yaml.safe_load("""
-caching:
-  enabled: true
-  default_ttl_seconds: 3600    # cache for 1 hour
-  max_size_mb: 500
-  strategies:
-    - id: common_questions_cache
-      match:
-        path: "/v1/chat/completions"
-        json_body:
-          temperature: 0.0     # only cache deterministic responses
-      ttl_seconds: 86400
-""")["caching"]
 PRICING = {"m": {"input_per_million": 1.0, "output_per_million": 2.0}}
 KEY_A = "sk-test-cache-a-0123456789abcdef"
 KEY_B = "sk-test-cache-b-fedcba9876543210"

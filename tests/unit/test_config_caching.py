@@ -9,20 +9,7 @@ import yaml
 
 from llmproxy.config import ConfigError, dump_config, parse_config
 from llmproxy.config.model import CacheStrategyConfig, CachingConfig, RouteMatchConfig
-
-GUIDE = yaml.safe_load("""
-caching:
-  enabled: true
-  default_ttl_seconds: 3600    # cache for 1 hour
-  max_size_mb: 500
-  strategies:
-    - id: common_questions_cache
-      match:
-        path: "/v1/chat/completions"
-        json_body:
-          temperature: 0.0     # only cache deterministic responses
-      ttl_seconds: 86400
-""")
+from tests.support import GUIDE_CACHING
 
 
 def doc(**sections: Any) -> dict[str, Any]:
@@ -31,7 +18,7 @@ def doc(**sections: Any) -> dict[str, Any]:
 
 def test_caching_is_off_by_default_and_the_guides_example_loads() -> None:
     assert parse_config(doc()).caching == CachingConfig()
-    config = parse_config(doc(**GUIDE)).caching
+    config = parse_config(doc(caching=GUIDE_CACHING)).caching
     assert config.enabled and config.default_ttl_seconds == 3600 and config.max_size_mb == 500
     assert config.strategies == [CacheStrategyConfig(
         "common_questions_cache", RouteMatchConfig(path="/v1/chat/completions", json_body={"temperature": 0.0}),
@@ -69,5 +56,5 @@ def test_bad_caching_settings_are_refused_naming_the_key(fields: dict[str, Any],
 
 
 def test_the_dump_loads_back_the_same() -> None:
-    config = parse_config(doc(**GUIDE))
+    config = parse_config(doc(caching=GUIDE_CACHING))
     assert parse_config(yaml.safe_load(dump_config(config))).caching == config.caching
