@@ -400,4 +400,3 @@ class Exchange:
         self.upstream.abort()
         self._end()
         self._abort_client("cD", "client did not read the response in time", reset=True)
-

@@ -81,14 +81,15 @@ class _KeyThen:
     def find(self, data: bytes, start: int = 0) -> int:
         """The offset of the next place at or after `start` that may carry usage, or -1."""
         compact = data.find(self._compact, start)
-        spaced = data.find(self._spaced, start, compact if compact >= 0 else len(data))
+        end = compact if compact >= 0 else len(data)  # a spaced form counts only if it comes first
+        spaced = data.find(self._spaced, start, end)
         while spaced >= 0:  # rare: a writer that puts spaces after colons
             i = spaced + len(self._key)
             while data[i : i + 1] == b" ":
                 i += 1
             if data[i : i + 1] == self._first:
                 return spaced
-            spaced = data.find(self._spaced, i, compact if compact >= 0 else len(data))
+            spaced = data.find(self._spaced, i, end)
         return compact
 
     def carries(self, data: bytes) -> bool:
