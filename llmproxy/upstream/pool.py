@@ -77,6 +77,10 @@ class UpstreamPool:
         if self.queue is not None:
             self.queue.leave()
         self.checked_out -= 1
+        self._put_back(conn, reusable)
+
+    def _put_back(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """On to a waiter, or idle, if `reusable` and still good; else closed."""
         conn.detach()
         if reusable and not self._closed and not conn.closed and conn.transport.is_reading():
             conn.reused = True
@@ -130,7 +134,9 @@ class UpstreamPool:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self._hand_on(waiter.result())
+                # Handed over in the same moment the wait was cancelled: on to the next waiter, or idle, rather
+                # than leaked. Not counted as checked out, and its queue slot is acquire()'s to give back.
+                self._put_back(waiter.result(), True)
             raise
         except TimeoutError:
             raise ProxyError("pool_exhausted", f"backend {self.backend.name}: no connection free") from None
@@ -181,19 +187,6 @@ class UpstreamPool:
             self._connect_failed()
             raise ProxyError("upstream_failed", f"backend {backend.name}: connection reset on connect")
         return conn
-
-    def _hand_on(self, conn: UpstreamConnection) -> None:
-        """A connection handed to a waiter that was cancelled: on to the next waiter, or idle, rather than leaked.
-
-        Its queue slot is not this connection's to give back (acquire does that as the cancellation passes
-        through it), so release() runs with the queue out of the way: one release body for the request path.
-        """
-        self.checked_out += 1
-        queue, self.queue = self.queue, None
-        try:
-            self.release(conn, True)
-        finally:
-            self.queue = queue
 
     def _connect_failed(self) -> None:
         self.open_count -= 1
