@@ -24,7 +24,9 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -189,18 +191,25 @@ async def receiver_stats(env: Env) -> dict[str, Any]:
     return stats
 
 
-async def wait_for_webhooks(env: Env) -> dict[str, Any]:
-    """The receiver's tally once it has a record per request sent to full, or after WEBHOOK_WAIT_S."""
-    expected = env.sent[FULL]
+async def wait_for_receiver(env: Env, proxy: str, arrived: Callable[[dict[str, Any]], int], wait_s: float,
+                            settle_s: float) -> dict[str, Any]:
+    """The receiver's tally once `arrived(tally)` reaches the requests sent to `proxy`, after `wait_s` at most
+    (or as soon as that proxy is gone), then `settle_s` more for stragglers; with what was expected and waited."""
+    expected = env.sent[proxy]
     started = time.perf_counter()
     while True:
         stats = await receiver_stats(env)
         waited = time.perf_counter() - started
-        if stats["records"] >= expected or waited >= WEBHOOK_WAIT_S or not env.proxies[FULL].alive():
+        if arrived(stats) >= expected or waited >= wait_s or not env.proxies[proxy].alive():
             break
         await asyncio.sleep(0.1)
-    await asyncio.sleep(WEBHOOK_SETTLE_S)
+    await asyncio.sleep(settle_s)
     return {**await receiver_stats(env), "expected": expected, "waited_s": waited}
+
+
+async def wait_for_webhooks(env: Env) -> dict[str, Any]:
+    """The receiver's tally once it has a record per request sent to full, or after WEBHOOK_WAIT_S."""
+    return await wait_for_receiver(env, FULL, itemgetter("records"), WEBHOOK_WAIT_S, WEBHOOK_SETTLE_S)
 
 
 def webhook_failures(webhooks: dict[str, Any]) -> list[str]:

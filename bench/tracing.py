@@ -27,7 +27,6 @@ import math
 import random
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,6 @@ from bench import features, interleave
 from bench.harness import (
     BODY,
     CLK_TCK,
-    HOST,
     SATURATED,
     SCHEDSTAT,
     add_level_args,
@@ -63,7 +61,6 @@ from bench.harness import (
     write_json,
 )
 from bench.interleave import DIRECT, Interleaving, Level
-from bench.loadgen import fetch_json
 from bench.otlp_receiver import OtlpReceiver
 from bench.procs import Service
 
@@ -162,25 +159,10 @@ def summarise(level: Level) -> dict[str, Any]:
     }, paired_raw=level.phase.paired, round_columns=["order", *PATHS])
 
 
-async def receiver_stats(env: Env) -> dict[str, Any]:
-    stats = await fetch_json(HOST, env.receiver.port, "/stats")
-    assert isinstance(stats, dict)
-    return stats
-
-
 async def wait_for_spans(env: Env) -> dict[str, Any]:
     """The receiver's tally once it has a span per request sent to sampled-100, or after SPANS_WAIT_S."""
-    expected = env.sent[FULL]
-    started = time.perf_counter()
-    while True:
-        stats = await receiver_stats(env)
-        waited = time.perf_counter() - started
-        if (stats["spans"].get(f"bench-{FULL}", 0) >= expected or waited >= SPANS_WAIT_S
-                or not env.proxies[FULL].alive()):
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(SPANS_SETTLE_S)
-    return {**await receiver_stats(env), "expected": expected, "waited_s": waited}
+    return await features.wait_for_receiver(env, FULL, lambda stats: stats["spans"].get(f"bench-{FULL}", 0),
+                                            SPANS_WAIT_S, SPANS_SETTLE_S)
 
 
 def span_failures(spans: dict[str, Any]) -> list[str]:
