@@ -26,7 +26,6 @@ from tests.support import (
     raw_connect,
     send_request,
     sighup,
-    start_mock,
     start_proxy,
     wait_for,
     write_config,
@@ -39,19 +38,12 @@ KEY_OFFICE = "sk-test-ip-office-only-0123456789"
 
 
 @pytest.fixture(scope="module")
-def mock():
-    proc = start_mock("vllm")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def behind_lb(mock, tmp_path_factory):
+def behind_lb(mock_vllm, tmp_path_factory):
     """A proxy behind a trusted load balancer (127.0.0.1): the guide's lists plus IPv6 ones, and two keys."""
     security = {"ip_whitelist": [*GUIDE["ip_whitelist"], "2001:db8::/32", "172.16.0.0/12", "::ffff:198.51.100.0/120"],
                 "ip_blacklist": [*GUIDE["ip_blacklist"], "192.168.1.66", "2001:db8::bad", "172.16.5.0/24"]}
     directory = tmp_path_factory.mktemp("lb")
-    proxy = start_proxy(directory, [{"url": mock.url, "type": "vllm"}],
+    proxy = start_proxy(directory, [{"url": mock_vllm.url, "type": "vllm"}],
                         server={"listen": "127.0.0.1:0", "trusted_proxies": ["127.0.0.1"]}, security=security,
                         auth={"enabled": True, "keys": [{"key": KEY_ANYWHERE},
                                                         {"key": KEY_OFFICE, "allowed_ips": ["192.168.1.0/28",
@@ -109,20 +101,20 @@ FORWARDED = [
 
 
 @pytest.mark.parametrize(("case", "xff", "allowed"), FORWARDED, ids=[c[0] for c in FORWARDED])
-def test_forwarded_client_address_is_judged(behind_lb, mock, case, xff, allowed):
-    before = len(mock_posts(mock))
+def test_forwarded_client_address_is_judged(behind_lb, mock_vllm, case, xff, allowed):
+    before = len(mock_posts(mock_vllm))
     status, body = forwarded(behind_lb, xff)
     if allowed:
         assert status == 200, (case, body)
-        assert len(mock_posts(mock)) == before + 1
+        assert len(mock_posts(mock_vllm)) == before + 1
     else:
         assert status == 403, (case, body)
         assert body["error"]["code"] == "ip_not_allowed" and "1.2.3.4" not in body["error"]["message"]
-        assert len(mock_posts(mock)) == before
+        assert len(mock_posts(mock_vllm)) == before
 
 
-def test_a_keys_allowed_ips_apply_after_auth_and_refuse_as_a_bad_key_does(behind_lb, mock):
-    before = len(mock_posts(mock))
+def test_a_keys_allowed_ips_apply_after_auth_and_refuse_as_a_bad_key_does(behind_lb, mock_vllm):
+    before = len(mock_posts(mock_vllm))
     assert forwarded(behind_lb, ["192.168.1.15"], KEY_OFFICE)[0] == 200  # last address of its /28
     assert forwarded(behind_lb, ["2001:db8:1:2::3"], KEY_OFFICE)[0] == 200
     refused = [forwarded(behind_lb, [address], KEY_OFFICE) for address in ("192.168.1.16", "10.0.0.5",
@@ -132,7 +124,7 @@ def test_a_keys_allowed_ips_apply_after_auth_and_refuse_as_a_bad_key_does(behind
     assert bad_key[0] == 401
     assert refused == [bad_key] * 3
     assert forwarded(behind_lb, ["10.0.0.5"], KEY_ANYWHERE)[0] == 200  # the other key may, from there
-    assert len(mock_posts(mock)) == before + 3
+    assert len(mock_posts(mock_vllm)) == before + 3
     # The security rules come first: a refused address is refused before any key is looked at.
     assert forwarded(behind_lb, ["1.2.3.4"], "sk-not-a-key-at-all-000000")[0] == 403
     assert denied(behind_lb, 'check="key"') == 3
@@ -161,11 +153,11 @@ def refused_at_accept(port: int, host: str = "127.0.0.1") -> tuple[int, dict]:
     return reader.status, json.loads(body)
 
 
-def test_the_guides_lists_refuse_an_unlisted_client_at_accept(mock, tmp_path):
+def test_the_guides_lists_refuse_an_unlisted_client_at_accept(mock_vllm, tmp_path):
     # The guide's config as is: 127.0.0.1 is in neither list, and no trusted proxy speaks for anyone.
-    proxy = start_proxy(tmp_path, [{"url": mock.url, "type": "vllm"}], security=GUIDE)
+    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url, "type": "vllm"}], security=GUIDE)
     try:
-        before = len(mock_posts(mock))
+        before = len(mock_posts(mock_vllm))
         status, body = refused_at_accept(proxy.port)
         assert status == 403 and body["error"]["code"] == "ip_not_allowed"
         # A client that sends its request at once gets the same answer (the lingering close keeps the
@@ -176,16 +168,16 @@ def test_the_guides_lists_refuse_an_unlisted_client_at_accept(mock, tmp_path):
                 sock.sendall(post_request(PATH, CHAT, {"X-Forwarded-For": "10.0.0.5"}))
                 reader = ResponseReader(sock).read_head()
                 assert reader.status == 403
-        assert len(mock_posts(mock)) == before
+        assert len(mock_posts(mock_vllm)) == before
         wait_for(lambda: len([r for r in access_log(tmp_path) if r["status"] == 403]) == 6)
         assert {r["client"] for r in access_log(tmp_path)} == {"127.0.0.1"}
     finally:
         proxy.stop()
 
 
-def test_untrusted_peers_forwarded_for_is_ignored(mock, tmp_path):
+def test_untrusted_peers_forwarded_for_is_ignored(mock_vllm, tmp_path):
     # The peer (127.0.0.1) is whitelisted and no proxy is trusted: a blacklisted X-Forwarded-For is a claim.
-    proxy = start_proxy(tmp_path, [{"url": mock.url, "type": "vllm"}],
+    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url, "type": "vllm"}],
                         server={"listen": "127.0.0.1:0", "trusted_proxies": ["10.9.9.9"]},
                         security={"ip_whitelist": ["127.0.0.0/8"], "ip_blacklist": ["1.2.3.4"]})
     try:
@@ -196,9 +188,9 @@ def test_untrusted_peers_forwarded_for_is_ignored(mock, tmp_path):
         proxy.stop()
 
 
-def test_ipv6_peer_at_accept_and_reload(mock, tmp_path):
+def test_ipv6_peer_at_accept_and_reload(mock_vllm, tmp_path):
     port = free_port()
-    proxy = start_proxy(tmp_path, [{"url": mock.url, "type": "vllm"}], server={"listen": f"[::1]:{port}"},
+    proxy = start_proxy(tmp_path, [{"url": mock_vllm.url, "type": "vllm"}], server={"listen": f"[::1]:{port}"},
                         security={"ip_whitelist": ["::1"]})
     try:
         with socket.create_connection(("::1", proxy.port), timeout=5) as sock:
@@ -221,8 +213,8 @@ def test_ipv6_peer_at_accept_and_reload(mock, tmp_path):
         proxy.stop()
 
 
-def test_a_reload_that_blacklists_an_open_keep_alive_connections_peer_refuses_its_next_request(mock, tmp_path):
-    backends = [{"url": mock.url, "type": "vllm"}]
+def test_a_reload_that_blacklists_an_open_keep_alive_connections_peer_refuses_its_next_request(mock_vllm, tmp_path):
+    backends = [{"url": mock_vllm.url, "type": "vllm"}]
     proxy = start_proxy(tmp_path, backends, security={"ip_whitelist": ["127.0.0.0/8"]})
     try:
         with raw_connect(proxy.port) as sock:
@@ -232,12 +224,12 @@ def test_a_reload_that_blacklists_an_open_keep_alive_connections_peer_refuses_it
             assert reader.status == 200 and reader.headers.get("connection") != "close"
             write_config(tmp_path, backends, security={"ip_blacklist": ["127.0.0.1"]})
             sighup(proxy)
-            before = len(mock_posts(mock))
+            before = len(mock_posts(mock_vllm))
             sock.sendall(post_request(PATH, CHAT))
             reader = ResponseReader(sock).read_head()
             body, _ = reader.read_body()
             assert reader.status == 403 and json.loads(body)["error"]["code"] == "ip_not_allowed"
             assert reader.headers["connection"] == "close"
-            assert len(mock_posts(mock)) == before
+            assert len(mock_posts(mock_vllm)) == before
     finally:
         proxy.stop()
