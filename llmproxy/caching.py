@@ -25,6 +25,7 @@ from llmproxy.cache import BYPASS, HIT, MISS, asks_no_cache
 from llmproxy.cache.entry import Entry
 from llmproxy.cache.flight import CUT, FALLBACK, FOLLOWED, GONE, TRUNCATED, Flight, FlightHead, Follower
 from llmproxy.http11.headers import connection_line, response_head
+from llmproxy.http11.wire import LAST_CHUNK, chunk
 from llmproxy.metering.dialects import (
     ANTHROPIC_MESSAGES_SSE,
     OPENAI_CHAT_SSE,
@@ -110,9 +111,9 @@ async def _replay(services: Services, ctx: RequestContext, entry: Entry) -> None
         follower.begin(FlightHead(entry.status, headers, entry.streaming))
         for start in range(0, len(body), REPLAY_SLICE):
             piece = body[start:start + REPLAY_SLICE]
-            follower.send(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+            follower.send(chunk(piece) if chunked else piece)
         if chunked:
-            follower.send(b"0\r\n\r\n")
+            follower.send(LAST_CHUNK)
         follower.end_of_stream()
         outcome = await follower.done
     finally:

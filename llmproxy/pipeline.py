@@ -31,7 +31,7 @@ import random
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from llmproxy.caching import land, serve_from_cache, served_record
+from llmproxy.caching import charges, land, serve_from_cache, served_record
 from llmproxy.errors import ProxyError, drop_traceback, error_body
 from llmproxy.fleet.auto import AUTO_MODEL
 from llmproxy.fleet.tokenizer import can_count, count_prompt_tokens
@@ -314,8 +314,7 @@ def finish(services: Services, ctx: RequestContext) -> None:
         if ctx.flight is not None:
             _land(services, ctx, record)
         # A hit's (or follower's) tokens and cost count against the limits only with caching.bill_hits.
-        charged = not ctx.cache_role or services.cache.config.bill_hits
-        _settle(ctx, record if charged else None, counting)
+        _settle(ctx, record if charges(services, ctx) else None, counting)
         ctx.conn.request_finished(ctx)
 
 

@@ -27,7 +27,7 @@ from time import perf_counter
 from typing import Protocol
 
 from llmproxy.cache.entry import Usage
-from llmproxy.http11.wire import LAST_CHUNK
+from llmproxy.http11.wire import LAST_CHUNK, chunk
 
 LIVE, COMPLETE, FAILED = "live", "complete", "failed"
 # How a follower's stream ended: the whole of it; cut for falling behind (or not reading in time); the flight
@@ -57,7 +57,7 @@ class FlightHead:
 
 def chunk_frames(chunks: list[bytes]) -> bytes:
     """`chunks` in HTTP/1.1 chunked framing, as one write."""
-    return b"".join([b"%x\r\n%b\r\n" % (len(chunk), chunk) for chunk in chunks if chunk])
+    return b"".join([chunk(piece) for piece in chunks if piece])
 
 
 class Flight:
