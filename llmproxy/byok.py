@@ -104,7 +104,6 @@ class CredentialsFile:
         else:
             stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp is None or stamp == self._stamp:
-            self._stamp = stamp if stamp is not None else self._stamp
             return
         self._stamp = stamp
         try:

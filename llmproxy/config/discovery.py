@@ -147,10 +147,6 @@ def check_discovery_files(config: Config, base_dir: Path) -> None:
         read_endpoints_file(discovery.file, f"backends[{i}].discovery.file")
 
 
-def discovered_entries(config: Config) -> list[BackendConfig]:
-    return [backend for backend in config.backends if backend.discovery is not None]
-
-
 # The endpoints file ------------------------------------------------------------------------------------------
 
 

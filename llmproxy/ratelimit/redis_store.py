@@ -302,7 +302,7 @@ class RedisStore:
         init = getattr(self._redis, "initialize", None) if self._cluster else None
         try:
             await asyncio.wait_for(init() if init is not None else self._redis.ping(), PREPARE_TIMEOUT)
-        except (*self._errors, asyncio.TimeoutError) as error:
+        except self._errors as error:  # asyncio.TimeoutError among them
             log.warning("rate-limit store: redis not reachable yet (%s); admissions will try again", error)
 
     async def release(self, leases: Sequence[tuple[str, str]]) -> None:
