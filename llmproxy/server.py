@@ -114,18 +114,26 @@ class ProxyServer:
         old = self.services
         await self.discovery.configure(config.backends)
         services = await build_services(config, self.lasting, previous=old, discovered=self.discovery.members())
-        if self.lasting.traffic.draining:
-            services.fleet.stop()
+        if not self._swap_in(old, services):
             return False
-        self.clients.services = services  # the swap: every request from now on starts with this generation
-        retire_removed(old.fleet, services.fleet)
-        gc.unfreeze()  # the old fleet was frozen with the start-up heap: let a full pass free what it left
-        settle_heap()
         for section in ("server", "logging", "metrics", "usage", "tracing", "caching"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("reload: changes to %s need a restart; they are not applied", section)
         log.info("reloaded %s: %d backends, %s", self.config_path, len(services.fleet.backends),
                  config.routing.load_balance)
+        return True
+
+    def _swap_in(self, old: Services, services: Services) -> bool:
+        """Make `services` the generation every request from now on starts with (a reload's, or a fleet that
+        discovery changed), retiring the backends `old` had and it has not; False, and `services` stopped, if
+        the proxy began draining while they were built."""
+        if self.lasting.traffic.draining:
+            services.fleet.stop()
+            return False
+        self.clients.services = services
+        retire_removed(old.fleet, services.fleet)
+        gc.unfreeze()  # the old fleet was frozen with the start-up heap: let a full pass free what it left
+        settle_heap()
         return True
 
     def _discovery_changed(self) -> None:
@@ -142,13 +150,8 @@ class ProxyServer:
                 self._fleet_stale = False
                 old = self.services
                 services = await with_new_fleet(old, self.discovery.members())
-                if self.lasting.traffic.draining:
-                    services.fleet.stop()
+                if not self._swap_in(old, services):
                     return
-                self.clients.services = services
-                retire_removed(old.fleet, services.fleet)
-                gc.unfreeze()  # as after a reload: the old fleet may have been frozen with the start-up heap
-                settle_heap()
                 log.info("discovery: the fleet has %d backends now", len(services.fleet.backends))
 
     async def drain(self) -> None:
