@@ -27,7 +27,6 @@ from llmproxy.config.model import (
     RateLimitConfig,
     SecurityConfig,
 )
-from llmproxy.config.redis_url import parse_redis_url
 from llmproxy.config.values import (
     ConfigError,
     _api_key,
@@ -46,6 +45,7 @@ from llmproxy.config.values import (
     _show,
     _string_list,
     _trusted_proxies,
+    check_redis_store,
 )
 
 MIN_KEY_LENGTH = 16  # shorter keys can be guessed; `llmproxy keygen` makes 43-character ones
@@ -187,15 +187,7 @@ def parse_rate_limit(value: Any, path: str) -> RateLimitConfig:
     if "global" in values:
         values["global_limits"] = values.pop("global")
     config = RateLimitConfig(**values)
-    if config.store == "redis" and not config.redis_url:
-        raise ConfigError(_join(path, "redis_url"), "is required with store: redis")
-    if config.store == "redis":
-        try:
-            parse_redis_url(config.redis_url, config.cluster)
-        except ValueError as error:
-            raise ConfigError(_join(path, "redis_url"), str(error)) from None
-    elif config.cluster:
-        raise ConfigError(_join(path, "cluster"), "applies to store: redis only")
+    check_redis_store(config.store, config.redis_url, config.cluster, path, "is required with store: redis")
     return config
 
 

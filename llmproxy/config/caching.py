@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from llmproxy.config.model import CACHE_STORES, CacheStrategyConfig, CachingConfig, Config
-from llmproxy.config.redis_url import parse_redis_url
 from llmproxy.config.routes import _match
 from llmproxy.config.values import (
     ConfigError,
@@ -24,6 +23,7 @@ from llmproxy.config.values import (
     _parse_fields,
     _Parser,
     _show,
+    check_redis_store,
 )
 
 
@@ -89,16 +89,8 @@ def parse_caching(value: Any, path: str) -> CachingConfig:
 def check_caching(config: Config) -> None:
     """With store: redis, the URL (caching's own, else rate_limit's) must be there and valid."""
     caching = config.caching
-    if caching.store != "redis":
-        if caching.cluster:
-            raise ConfigError("caching.cluster", "applies to store: redis only")
-        return
-    if caching.redis_url is None:
+    if caching.store == "redis" and caching.redis_url is None:
         caching.redis_url = config.rate_limit.redis_url
         caching.cluster = caching.cluster or config.rate_limit.cluster
-    if not caching.redis_url:
-        raise ConfigError("caching.redis_url", "is required with store: redis (or set rate_limit.redis_url)")
-    try:
-        parse_redis_url(caching.redis_url, caching.cluster)
-    except ValueError as error:
-        raise ConfigError("caching.redis_url", str(error)) from None
+    check_redis_store(caching.store, caching.redis_url, caching.cluster, "caching",
+                      "is required with store: redis (or set rate_limit.redis_url)")

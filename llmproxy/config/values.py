@@ -16,6 +16,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from llmproxy.config.redis_url import parse_redis_url
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -433,3 +435,17 @@ def _format_size(size: int) -> str:
             return f"{size // factor}{unit}"
     return f"{size}B"
 
+
+def check_redis_store(store: str, url: str | None, cluster: bool, path: str, missing: str) -> None:
+    """A section's store settings (rate_limit, caching): with store: redis, a valid `redis_url` (`missing` says
+    what is needed without one); with any other store, no `cluster`. Raises ConfigError naming the key."""
+    if store != "redis":
+        if cluster:
+            raise ConfigError(_join(path, "cluster"), "applies to store: redis only")
+        return
+    if not url:
+        raise ConfigError(_join(path, "redis_url"), missing)
+    try:
+        parse_redis_url(url, cluster)
+    except ValueError as error:
+        raise ConfigError(_join(path, "redis_url"), str(error)) from None
