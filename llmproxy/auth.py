@@ -21,13 +21,10 @@ import hashlib
 import hmac
 from typing import TYPE_CHECKING
 
-from llmproxy.byok import BackendKeys
-from llmproxy.config.model import ApiKeyConfig, AuthConfig, LimitConfig, RateLimitConfig
+from llmproxy.config.model import AuthConfig, RateLimitConfig
 from llmproxy.errors import ProxyError, Unauthorized
 from llmproxy.http11.request import RequestHead
-from llmproxy.iprules import IpList
-from llmproxy.ratelimit import limits_for
-from llmproxy.tenant import Tenant
+from llmproxy.tenant import Tenant, tenant_from
 
 if TYPE_CHECKING:
     from llmproxy.jwtauth import JwtVerifier
@@ -43,7 +40,8 @@ class KeyRing:
         self.header_names = {name.lower().encode(): name.lower() == "authorization" for name in auth.header_names}
         refuse_missing = auth.byok_missing == "refuse"
         # digest -> (digest, tenant): the stored digest is what the lookup result is compared with
-        self._keys = {k.key_sha256: (k.key_sha256, _tenant(k, rate_limit.per_key, refuse_missing)) for k in auth.keys}
+        self._keys = {k.key_sha256: (k.key_sha256, tenant_from(k, k.key_sha256[:KEY_ID_LENGTH], rate_limit.per_key,
+                                                               refuse_missing)) for k in auth.keys}
         self.jwt: JwtVerifier | None = None
         if auth.jwt is not None:
             from llmproxy.jwtauth import JwtVerifier  # PyJWT is an extra: imported only when configured
@@ -105,14 +103,3 @@ def looks_like_jwt(token: bytes) -> bool:
     """A JSON header ("eyJ" is `{"` in base64url) and three dot-separated parts: what a JWT is, and what no
     `llmproxy keygen` key is."""
     return token.startswith(b"eyJ") and token.count(b".") == 2
-
-
-def _tenant(config: ApiKeyConfig, per_key: LimitConfig, refuse_missing: bool) -> Tenant:
-    return Tenant(
-        key_id=config.key_sha256[:KEY_ID_LENGTH],
-        user_id=config.user_id,
-        models=None if config.models is None else frozenset(config.models),
-        limits=limits_for(per_key, config.rate_limit),
-        allowed_ips=IpList(config.allowed_ips) if config.allowed_ips else None,
-        backend_keys=BackendKeys(config.backend_keys, refuse_missing) if config.backend_keys else None,
-    )

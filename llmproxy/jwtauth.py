@@ -33,13 +33,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from llmproxy.byok import BackendKeys, CredentialsFile, FileBackendKeys
+from llmproxy.byok import CredentialsFile, FileBackendKeys
 from llmproxy.config.jwt import TENANT_ID_CHARS
 from llmproxy.config.model import JwtConfig, JwtTenantConfig, LimitConfig
 from llmproxy.errors import KeyRefresh, Unauthorized
-from llmproxy.iprules import IpList
-from llmproxy.ratelimit import limits_for
-from llmproxy.tenant import Tenant
+from llmproxy.tenant import Tenant, tenant_from
 
 log = logging.getLogger("llmproxy")
 UNKNOWN_KID_REFETCH = 60.0  # a kid not in the set fetches the set again at most this often
@@ -70,8 +68,9 @@ class JwtVerifier:
         self._claims = config.claims
         self._issuer, self._audience, self._leeway = config.issuer, config.audience, config.leeway
         self._refuse_missing = refuse_missing
-        self._default = _Template(None, per_key, refuse_missing)
-        self._tenants = {tid: _Template(t, per_key, refuse_missing) for tid, t in config.tenants.items()}
+        # Templates: what every token of a tenant (or of any other) gets; each token's Tenant is made from one.
+        self._default = tenant_from(JwtTenantConfig(), "", per_key, refuse_missing)
+        self._tenants = {tid: tenant_from(t, "", per_key, refuse_missing) for tid, t in config.tenants.items()}
         old = previous.keys if previous is not None else None
         self.keys = _key_source(config, old)
         self._file = CredentialsFile(config.credentials_file) if config.credentials_file else None
@@ -151,20 +150,6 @@ class JwtVerifier:
                 backend_keys = FileBackendKeys(self._file, name, self._refuse_missing)
         return Tenant(key_id=f"tenant:{tid}", user_id=user_id, models=models, limits=template.limits,
                       allowed_ips=template.allowed_ips, backend_keys=backend_keys)
-
-
-class _Template:
-    """What every token of one tenant of auth.jwt.tenants (or of any other tenant) gets."""
-
-    __slots__ = ("allowed_ips", "backend_keys", "limits", "models", "user_id")
-
-    def __init__(self, config: JwtTenantConfig | None, per_key: LimitConfig, refuse_missing: bool) -> None:
-        config = config or JwtTenantConfig()
-        self.user_id = config.user_id
-        self.models = frozenset(config.models) if config.models is not None else None
-        self.limits = limits_for(per_key, config.rate_limit)
-        self.allowed_ips = IpList(config.allowed_ips) if config.allowed_ips else None
-        self.backend_keys = BackendKeys(config.backend_keys, refuse_missing) if config.backend_keys else None
 
 
 def _refusal(error: Exception) -> Unauthorized:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llmproxy.byok import BackendKeys
+from llmproxy.iprules import IpList
+from llmproxy.ratelimit import limits_for
 from llmproxy.ratelimit.store import Limits
 
 if TYPE_CHECKING:
-    from llmproxy.byok import BackendKeys
-    from llmproxy.iprules import IpList
+    from llmproxy.config.model import ApiKeyConfig, JwtTenantConfig, LimitConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +37,17 @@ class Tenant:
         """True if it may use a model known by any of these names (the requested one, an alias's target)."""
         allowed = self.models
         return allowed is None or any(m in allowed for m in models if m is not None)
+
+
+def tenant_from(config: ApiKeyConfig | JwtTenantConfig, key_id: str, per_key: LimitConfig,
+                refuse_missing: bool) -> Tenant:
+    """The caller an API key (or a JWT tenant's entry, as the template of its tokens) describes: its models,
+    its limits (`per_key` with its overrides), its addresses and its own backend credentials."""
+    return Tenant(
+        key_id=key_id,
+        user_id=config.user_id,
+        models=None if config.models is None else frozenset(config.models),
+        limits=limits_for(per_key, config.rate_limit),
+        allowed_ips=IpList(config.allowed_ips) if config.allowed_ips else None,
+        backend_keys=BackendKeys(config.backend_keys, refuse_missing) if config.backend_keys else None,
+    )
