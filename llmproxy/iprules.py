@@ -56,10 +56,11 @@ class IpRules:
 
     __slots__ = ("_trusted", "blacklist", "whitelist")
 
-    def __init__(self, whitelist: Iterable[str], blacklist: Iterable[str], trusted_proxies: Iterable[str]) -> None:
+    def __init__(self, whitelist: Iterable[str], blacklist: Iterable[str], trusted_proxies: IpList) -> None:
+        """`trusted_proxies`: the generation's one list of them, which the gate reads too."""
         self.whitelist = IpList(whitelist)
         self.blacklist = IpList(blacklist)
-        self._trusted = IpList(trusted_proxies)
+        self._trusted = trusted_proxies
 
     def allows(self, address: str) -> bool:
         """The blacklist wins; an empty whitelist lets in everyone else."""

@@ -142,6 +142,7 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
     keys = KeyRing(config.auth, config.rate_limit, previous.keys if previous is not None else None)
     await keys.start()
     security = config.security
+    trusted_proxies = IpList(lasting.trusted_proxies)  # one list (and one lookup cache) for the gate and the rules
     fleet = await build_fleet(config, lasting.metrics, previous=previous.fleet if previous is not None else None,
                               discovered=discovered)
     return Services(
@@ -155,9 +156,9 @@ async def build_services(config: Config, lasting: Lasting, previous: Services | 
         translation=config.translation,
         auto=AutoRules(config.routing.auto) if config.routing.auto else None,
         headers=HeaderRules(frozenset(keys.header_names), lasting.trusted_proxies),
-        ip_rules=IpRules(security.ip_whitelist, security.ip_blacklist, lasting.trusted_proxies)
+        ip_rules=IpRules(security.ip_whitelist, security.ip_blacklist, trusted_proxies)
         if security.ip_whitelist or security.ip_blacklist else None,
-        trusted_proxies=IpList(lasting.trusted_proxies),
+        trusted_proxies=trusted_proxies,
         metrics=lasting.metrics,
         access_log=lasting.access_log,
         outbox=lasting.outbox,

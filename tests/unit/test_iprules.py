@@ -35,9 +35,9 @@ def test_ip_list_membership(entries, address, inside):
 
 
 def test_blacklist_wins_and_an_empty_whitelist_lets_in_everyone_else():
-    rules = IpRules([], ["203.0.113.7"], [])
+    rules = IpRules([], ["203.0.113.7"], IpList([]))
     assert rules.allows("198.51.100.1") and not rules.allows("203.0.113.7")
-    rules = IpRules(["198.51.100.0/24"], ["198.51.100.66"], [])
+    rules = IpRules(["198.51.100.0/24"], ["198.51.100.66"], IpList([]))
     assert rules.allows("198.51.100.65") and not rules.allows("198.51.100.66") and not rules.allows("10.0.0.1")
 
 
@@ -59,7 +59,7 @@ def test_client_address(peer, forwarded_for, client):
 
 
 def test_a_trusted_proxys_requests_are_judged_by_the_client_it_forwards_for():
-    rules = IpRules(["203.0.113.0/24"], [], ["127.0.0.1"])
+    rules = IpRules(["203.0.113.0/24"], [], IpList(["127.0.0.1"]))
     assert not rules.judged_at_accept("127.0.0.1") and rules.judged_at_accept("203.0.113.1")
     rules.check_request("127.0.0.1", head("203.0.113.9"))
     with pytest.raises(ProxyError) as refused:
