@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from llmproxy.config.model import BackendConfig, Config, RouteConfig, ServerConfig
-from llmproxy.config.values import _format_duration, _format_host, _format_size
+from llmproxy.config.values import _format_duration, _format_size, format_host
 
 # ---------------------------------------------------------------------------------------------------------
 # Dumping (`llmproxy check-config`): the config-file shape, so the output is itself a loadable config.
@@ -87,7 +87,7 @@ def _without_nones(node: Any) -> Any:
 
 def _dump_server(server: ServerConfig) -> dict[str, Any]:
     return {
-        "listen": f"{_format_host(server.host)}:{server.port}",
+        "listen": f"{format_host(server.host)}:{server.port}",
         "max_connections": server.max_connections,
         "max_header_size": _format_size(server.max_header_size),
         "max_request_line": _format_size(server.max_request_line),

@@ -46,7 +46,6 @@ from llmproxy.config.values import (
     _choice,
     _clean_string,
     _dataclass_from,
-    _format_host,
     _int_at_least,
     _is_visible_ascii,
     _join,
@@ -63,6 +62,7 @@ from llmproxy.config.values import (
     _size_at_least,
     _string_list,
     _trusted_proxies,
+    format_host,
     parse_duration,
     parse_listen,
 )
@@ -255,7 +255,7 @@ def _check_keys(values: dict[str, Any], path: str) -> None:
 
 
 def _default_name(backend: BackendConfig) -> str:
-    return f"{_format_host(backend.host)}:{backend.port}"
+    return f"{format_host(backend.host)}:{backend.port}"
 
 
 def _parse_backends(value: Any, path: str) -> list[BackendConfig]:

@@ -414,7 +414,8 @@ def _percent(value: Any, path: str) -> int:
     return number
 
 
-def _format_host(host: str) -> str:
+def format_host(host: str) -> str:
+    """A host as it goes before ":port" (an IPv6 address in brackets)."""
     return f"[{host}]" if ":" in host else host
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from llmproxy.config.discovery import Endpoint
 from llmproxy.config.model import BackendConfig
+from llmproxy.config.values import format_host
 
 
 def expand(backends: list[BackendConfig], members: Mapping[str, tuple[Endpoint, ...]]) -> list[BackendConfig]:
@@ -25,7 +26,7 @@ def member_config(entry: BackendConfig, endpoint: Endpoint) -> BackendConfig:
     """The backend `endpoint` is: the entry's settings, plain http to its address, named
     <entry>@<address>:<port> (its identity: a backend kept across changes keeps its pool and health); the
     weight and models of the endpoints file when it gives them."""
-    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    host = format_host(endpoint.host)
     return dataclasses.replace(
         entry, name=f"{entry.name}@{host}:{endpoint.port}", url=f"http://{host}:{endpoint.port}", scheme="http",
         host=endpoint.host, port=endpoint.port, base_path="", discovery=None,

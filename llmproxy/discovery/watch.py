@@ -18,7 +18,7 @@ from typing import Protocol
 
 from llmproxy.config.discovery import Endpoint, read_endpoints_file, resolver_address
 from llmproxy.config.model import BackendConfig, DiscoveryConfig
-from llmproxy.config.values import ConfigError
+from llmproxy.config.values import ConfigError, format_host
 from llmproxy.discovery.resolve import ResolveError, resolve
 
 log = logging.getLogger("llmproxy")
@@ -169,4 +169,4 @@ class _Watcher:
 
 
 def _show(addresses: list[tuple[str, int]]) -> str:
-    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses) or "none"
+    return ", ".join(f"{format_host(host)}:{port}" for host, port in addresses) or "none"
