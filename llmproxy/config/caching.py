@@ -7,6 +7,7 @@ Redis for the state replicas share); check_caching fills it in once every sectio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from llmproxy.config.model import CACHE_STORES, CacheStrategyConfig, CachingConfig, Config
@@ -27,16 +28,17 @@ from llmproxy.config.values import (
 )
 
 
-def _seconds(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(path, f"must be a number of seconds above 0, got {_show(value)}")
-    return float(value)
+def _above_zero(what: str) -> Callable[[Any, str], float]:
+    """A parser of a plain number above 0 (no unit suffix), `what` naming it in the error."""
+    def parse(value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(path, f"must be {what} above 0, got {_show(value)}")
+        return float(value)
+    return parse
 
 
-def _megabytes(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(path, f"must be a size in megabytes above 0, got {_show(value)}")
-    return float(value)
+_seconds = _above_zero("a number of seconds")
+_megabytes = _above_zero("a size in megabytes")
 
 
 def _field_name(value: Any, path: str) -> str:
